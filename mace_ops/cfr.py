@@ -1,0 +1,173 @@
+"""CFR: closed-form cross-attention refinement (MACE stage 1).
+
+For every erased phrase and template, the concept prompt and the anchor prompt are encoded and
+aligned (``alignment.align``). With contexts c (concept prompt, shared positions) and anchor-side
+inputs e, and preserve vectors p, each K/V weight W0 becomes
+
+    W' = argmin  sum ||W'c - W0 e||^2 + s sum ||W'p - W0 p||^2 + lamb ||W' - W0||_F^2
+       = W0 (lamb I + G + s P) (lamb I + B + s P)^-1  =  W0 M
+
+so one d x d matrix M, from one Cholesky factorisation, serves every weight of input width d
+(all 32 attn2 K/V weights of SD1.x). ``s = preserve_scale * n_pairs / n_preserve``: a
+preserve_scale of 1 gives the preserve set the same total weight as the erase pairs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .alignment import align
+from .concepts import Concept
+from .covariance import PairStats
+from .interfaces import KVWeights, TextEncoder
+from .ridge import solve_right
+from .templates import fill
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CFRConfig:
+    lamb: float = 1.0
+    """Ridge toward the original weights, in the reference's raw units (sum over token vectors)."""
+    preserve_scale: float = 1.0
+    """Weight of the preserve prompts relative to the erase pairs (scale free)."""
+
+
+@dataclass
+class CFRResult:
+    weights: KVWeights
+    deltas: KVWeights
+    stats: PairStats
+    transforms: dict[int, torch.Tensor] = field(default_factory=dict)  # input width -> M
+    condition: dict[int, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _encode_checked(encoder: TextEncoder, prompts: Sequence[str], what: str):
+    try:
+        return encoder.encode(list(prompts))
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+def check_concepts(encoder: TextEncoder, concepts: Iterable[Concept], default_anchor: str, field_name: str) -> None:
+    """Every phrase must tokenize to at least one token and differ from its anchor."""
+    for concept in concepts:
+        anchor = default_anchor if concept.anchor is None else concept.anchor
+        for phrase in concept.phrases:
+            try:
+                ids = encoder.tokenize(phrase)
+            except ValueError as err:
+                raise ValueError(f"{field_name}, line {concept.line}: {err}") from None
+            if not ids:
+                raise ValueError(f"{field_name}, line {concept.line}: {phrase!r} gives no tokens; use words")
+            if phrase == anchor:
+                raise ValueError(
+                    f"{field_name}, line {concept.line}: {phrase!r} equals its anchor; choose another anchor"
+                )
+
+
+def add_concept_pairs(
+    stats: PairStats, encoder: TextEncoder, concept: Concept, templates: Sequence[str], anchor: str
+) -> None:
+    """Accumulate the aligned (context, anchor-input) pairs of one concept over all templates."""
+    anchor_prompts = [fill(t, anchor) for t in templates]
+    new = _encode_checked(encoder, anchor_prompts, f"anchor {anchor!r}")
+    for phrase in concept.phrases:
+        old = _encode_checked(encoder, [fill(t, phrase) for t in templates], f"concept line {concept.line}")
+        for o, n in zip(old, new):
+            a = align(o.ids, o.length, n.ids, n.length)
+            stats.add_pairs(o.features[list(a.old)], n.features[list(a.new)])
+
+
+def add_preserve_prompts(stats: PairStats, encoder: TextEncoder, prompts: Sequence[str], batch: int = 64) -> None:
+    """Every position of every preserve prompt (padding included) is a preserve vector."""
+    for i in range(0, len(prompts), batch):
+        for enc in _encode_checked(encoder, prompts[i : i + batch], "preserve"):
+            stats.add_preserve(enc.features)
+
+
+def build_stats(
+    encoder: TextEncoder,
+    concepts: Sequence[Concept],
+    templates: Sequence[str],
+    default_anchor: str = "",
+    preserve_prompts: Sequence[str] = (),
+    progress: Progress | None = None,
+    field_name: str = "concepts",
+) -> PairStats:
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates: every template needs one '{}' where the concept goes")
+    check_concepts(encoder, concepts, default_anchor, field_name)
+    dim = encoder.encode([fill(templates[0], default_anchor)])[0].features.shape[1]
+    stats = PairStats(dim)
+    total = len(concepts) + 1
+    for k, concept in enumerate(concepts):
+        anchor = default_anchor if concept.anchor is None else concept.anchor
+        add_concept_pairs(stats, encoder, concept, templates, anchor)
+        if progress:
+            progress(k + 1, total)
+    add_preserve_prompts(stats, encoder, list(preserve_prompts))
+    if progress:
+        progress(total, total)
+    return stats
+
+
+def preserve_weight(stats: PairStats, preserve_scale: float) -> float:
+    if preserve_scale < 0:
+        raise ValueError(f"preserve_scale must be >= 0, got {preserve_scale}")
+    return preserve_scale * stats.n_pairs / stats.n_preserve if stats.n_preserve else 0.0
+
+
+def cfr_transform(stats: PairStats, config: CFRConfig) -> tuple[torch.Tensor, float]:
+    """M = (lamb I + G + sP)(lamb I + B + sP)^-1, the right factor every weight is multiplied by."""
+    if config.lamb < 0:
+        raise ValueError(f"lambda must be >= 0, got {config.lamb}")
+    s = preserve_weight(stats, config.preserve_scale)
+    eye = torch.eye(stats.dim, dtype=torch.float64)
+    A = config.lamb * eye + stats.B + s * stats.P
+    R = config.lamb * eye + stats.G + s * stats.P
+    return solve_right(R, A, hint="raise lambda or add preserve prompts")
+
+
+def apply_transform(weights: KVWeights, transforms: dict[int, torch.Tensor]) -> tuple[KVWeights, KVWeights]:
+    """W' = W M per weight (float64 math); returns (new weights, deltas), both float32."""
+    new, deltas = {}, {}
+    for name, w in weights.items():
+        M = transforms[w.shape[1]].to(w.device)
+        w64 = w.detach().to(torch.float64)
+        delta = w64 @ M - w64
+        deltas[name] = delta.to(torch.float32)
+        new[name] = (w64 + delta).to(torch.float32)
+    return new, deltas
+
+
+def refine_cross_attention(
+    encoder: TextEncoder,
+    weights: KVWeights,
+    concepts: Sequence[Concept],
+    templates: Sequence[str],
+    default_anchor: str = "",
+    preserve_prompts: Sequence[str] = (),
+    config: CFRConfig = CFRConfig(),
+    progress: Progress | None = None,
+    field_name: str = "concepts",
+) -> CFRResult:
+    """Run CFR for all concepts at once; the input weights are never modified."""
+    if not weights:
+        raise ValueError("model: no cross-attention to_k/to_v weights found")
+    start = time.perf_counter()
+    stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name)
+    widths = sorted({w.shape[1] for w in weights.values()})
+    if widths != [stats.dim]:
+        raise ValueError(
+            f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {stats.dim}; "
+            "connect the CLIP that belongs to this model"
+        )
+    M, cond = cfr_transform(stats, config)
+    new, deltas = apply_transform(weights, {stats.dim: M})
+    return CFRResult(new, deltas, stats, {stats.dim: M}, {stats.dim: cond}, time.perf_counter() - start)

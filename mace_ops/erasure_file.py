@@ -1,0 +1,143 @@
+"""Save and load an erasure as a small safetensors patch that stock LoRA loaders read.
+
+Each changed weight ``<module>.weight`` is stored as ``<module>.diff`` (the full delta, which
+ComfyUI's LoraLoader / LoraLoaderModelOnly add to the model with the chosen strength). Metadata
+under ``mace.*`` records what was erased, the settings, the pack version and a fingerprint of the
+base model's original K/V weights, so a loader can refuse a mismatched base model.
+Files are written to a temporary file and renamed, so an interrupted save leaves nothing behind.
+Loading never unpickles: safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .interfaces import KVWeights
+
+FORMAT_VERSION = "1"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class ErasureFile:
+    deltas: KVWeights  # keyed by weight name ("...to_k.weight")
+    metadata: dict[str, str]
+
+    @property
+    def info(self) -> dict:
+        return {k[len("mace."):]: _maybe_json(v) for k, v in self.metadata.items() if k.startswith("mace.")}
+
+
+def _maybe_json(value: str):
+    try:
+        return json.loads(value)
+    except (ValueError, TypeError):
+        return value
+
+
+def weights_fingerprint(weights: KVWeights) -> str:
+    """sha256 over names, shapes and fp16 bytes of the weights (same for fp16/fp32 storage)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name].detach().to(device="cpu", dtype=torch.float16).contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def diff_key(weight_name: str) -> str:
+    if not weight_name.endswith(".weight"):
+        raise ValueError(f"weight name must end with '.weight': {weight_name!r}")
+    return weight_name[: -len(".weight")] + ".diff"
+
+
+def weight_name(file_key: str) -> str:
+    if not file_key.endswith(".diff"):
+        raise ValueError(f"not a MACE diff key: {file_key!r}")
+    return file_key[: -len(".diff")] + ".weight"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write a safetensors file via a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".mace-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_erasure(
+    path: str,
+    deltas: KVWeights,
+    base_fingerprint: str,
+    info: dict,
+    dtype: str = "fp16",
+) -> dict[str, str]:
+    """Save ``deltas`` (weight name -> delta) with metadata; returns the metadata written.
+
+    ``base_fingerprint`` is ``weights_fingerprint`` of the weights the deltas were computed from.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}; choose one of {sorted(DTYPES)}")
+    if not deltas:
+        raise ValueError("nothing to save: the erasure changed no weight")
+    tensors = {diff_key(k): v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in deltas.items()}
+    metadata = {"mace.format": FORMAT_VERSION, "mace.pack_version": __version__, "mace.dtype": dtype}
+    metadata["mace.base_model_hash"] = base_fingerprint
+    for key, value in info.items():
+        metadata[f"mace.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    atomic_save(tensors, path, metadata)
+    return metadata
+
+
+def load_erasure(path: str) -> ErasureFile:
+    """Load a MACE erasure file; raise ValueError naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"erasure file not found: {path}")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: MACE erasures are .safetensors files (no pickle is ever loaded)")
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        if metadata.get("mace.format") is None:
+            raise ValueError(f"{path}: not a MACE erasure (no mace.format metadata); load it with a LoRA loader")
+        if metadata["mace.format"] != FORMAT_VERSION:
+            raise ValueError(f"{path}: MACE format {metadata['mace.format']} is not supported by this version")
+        deltas = {weight_name(k): f.get_tensor(k) for k in f.keys()}
+    return ErasureFile(deltas, metadata)
+
+
+def check_base(erasure: ErasureFile, base_weights: KVWeights, path: str = "erasure") -> None:
+    """Raise ValueError when the base model is not the one the erasure was made for."""
+    missing = sorted(set(erasure.deltas) - set(base_weights))
+    if missing:
+        raise ValueError(
+            f"{path}: the model lacks {len(missing)} weight(s) this erasure changes (e.g. {missing[0]}); "
+            "it was made for another architecture"
+        )
+    for name, delta in erasure.deltas.items():
+        if tuple(delta.shape) != tuple(base_weights[name].shape):
+            raise ValueError(f"{path}: shape of {name} is {tuple(delta.shape)}, model has {tuple(base_weights[name].shape)}")
+    expected = erasure.metadata.get("mace.base_model_hash")
+    actual = weights_fingerprint({k: base_weights[k] for k in erasure.deltas})
+    if expected != actual:
+        raise ValueError(
+            f"{path}: made for a different base model (fingerprint {str(expected)[:12]}, this model {actual[:12]}); "
+            "load it onto the checkpoint it was made from, or set allow_other_base to apply it anyway"
+        )

@@ -1,0 +1,104 @@
+"""The small interfaces every MACE algorithm works on.
+
+mace_ops never imports ComfyUI. A model reaches the algorithms through three adapters:
+
+* ``TextEncoder`` turns prompts into the per-token features that the cross-attention
+  ``to_k``/``to_v`` projections read, together with the token ids of each position.
+* ``KVWeights`` is a plain ``dict[str, Tensor]``: the cross-attention key/value projection
+  weights by name, each of shape ``(out_features, in_features)``.
+* ``CrossAttentionDenoiser`` (LoRA training) runs the denoiser and reports the cross-attention
+  probabilities of every cross-attention layer.
+
+The ComfyUI adapters live in ``nodes/``; the toy-world adapters live in ``toyworld/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Protocol, Sequence, runtime_checkable
+
+import torch
+
+KVWeights = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt encoded in one context window.
+
+    ids:      every position of the window (start token, words, end token, padding), length L.
+    length:   number of real positions, start and end token included (ids[:length]).
+    features: (L, d) float tensor, what the cross-attention K/V projections read at each position.
+    """
+
+    ids: tuple[int, ...]
+    length: int
+    features: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2 or self.features.shape[0] != len(self.ids):
+            raise ValueError(
+                f"EncodedPrompt: features must be (L, d) with L={len(self.ids)}, got {tuple(self.features.shape)}"
+            )
+        if not 2 <= self.length <= len(self.ids):
+            raise ValueError(f"EncodedPrompt: length {self.length} outside [2, {len(self.ids)}]")
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What CFR, fusion and LoRA training need from a text encoder.
+
+    ``tokenize`` returns the content token ids of a phrase (no start/end/padding). It raises
+    ``ValueError`` naming the phrase when a word cannot be tokenized (closed vocabularies).
+    ``encode`` encodes whole prompts; every prompt must fit in one window, else ``ValueError``.
+    """
+
+    end_id: int
+    """id of the end-of-text token (SD1 pads with it; SD2/SDXL-G pad with another id)."""
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]: ...
+
+
+@dataclass
+class AttentionProbe:
+    """Cross-attention probabilities of one layer in one forward pass.
+
+    probs: (batch, heads, queries, keys) softmax probabilities, with autograd history when the
+           forward ran with gradients. queries = H*W of that layer's feature map.
+    height, width: the spatial size of the layer's feature map (queries = height*width).
+    layer: a stable name for the cross-attention layer.
+    """
+
+    layer: str
+    probs: torch.Tensor
+    height: int
+    width: int
+
+
+@runtime_checkable
+class CrossAttentionDenoiser(Protocol):
+    """A denoiser whose cross-attention maps can be read (LoRA erasure training).
+
+    ``kv_weights`` names the cross-attention ``to_k``/``to_v`` weights the LoRAs attach to.
+    ``forward_with_attention`` runs one denoising forward of noisy latents ``x_t`` at integer
+    timesteps ``t`` (0..num_train_timesteps-1) with text ``context`` (B, L, d); it returns the
+    model output and calls ``on_attention`` for every cross-attention layer, in order.
+    ``weight_transform(name, weight) -> weight`` lets the caller substitute an effective weight
+    (e.g. W + up @ down) for any K/V weight during that forward, keeping autograd history.
+    """
+
+    num_train_timesteps: int
+
+    def kv_weights(self) -> KVWeights: ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_with_attention(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        on_attention: Callable[[AttentionProbe], None],
+        weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor: ...

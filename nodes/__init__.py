@@ -1,0 +1,18 @@
+"""ComfyUI nodes of the MACE pack: thin V3 adapters over ``mace_ops``."""
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from .cfr_node import MaceRefineCrossAttention
+from .erasure_io_nodes import MaceLoadErasure, MaceSaveErasure
+
+NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure]
+
+
+class MaceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> MaceExtension:
+    return MaceExtension()

@@ -1,0 +1,76 @@
+"""Adapter: read a ComfyUI MODEL's cross-attention K/V weights and apply MACE edits as patches.
+
+Weights are read as the model currently computes them (original + any patches already on it),
+in float32, without touching the shared module. Edits go onto a ``clone()`` as ``diff`` patches,
+and an ``ErasureRecord`` attachment carries the accumulated deltas and the base fingerprint so
+the save node can write exactly what was erased.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+
+from ..mace_ops.erasure_file import weights_fingerprint
+from ..mace_ops.interfaces import KVWeights
+
+ATTACHMENT = "mace_erasure"
+PREFIX = "diffusion_model."
+KV_PATTERN = re.compile(r"\.attn2\.to_[kv]\.weight$")
+
+
+@dataclass(frozen=True)
+class ErasureRecord:
+    deltas: KVWeights  # float32, CPU, keyed by BaseModel state-dict key
+    base_fingerprint: str
+    stages: tuple = field(default_factory=tuple)  # one info dict per MACE stage applied
+
+
+def kv_keys(model) -> list[str]:
+    keys = [k for k in model.model_state_dict(PREFIX) if KV_PATTERN.search(k)]
+    if not keys:
+        raise ValueError("model: no cross-attention (attn2) to_k/to_v weights found; MACE needs a UNet text-to-image model")
+    return sorted(keys)
+
+
+def effective_kv_weights(model) -> KVWeights:
+    """Current K/V weights (original + existing patches) in float32 on CPU; the model is not modified."""
+    entries = model.get_key_patches(PREFIX)
+    out = {}
+    for key in kv_keys(model):
+        (weight, convert), *patches = entries[key]
+        w = comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
+        w = convert(w, inplace=True)
+        if patches:
+            w = comfy.lora.calculate_weight(patches, w, key)
+        out[key] = w.detach().to(torch.float32)
+    return out
+
+
+def get_record(model) -> ErasureRecord | None:
+    return model.get_attachment(ATTACHMENT)
+
+
+def apply_erasure(model, deltas: KVWeights, base_weights: KVWeights, info: dict, strength: float = 1.0):
+    """A clone of ``model`` with ``deltas`` added as diff patches and the record extended."""
+    out = model.clone()
+    patches = {k: ("diff", (d.to(torch.float32),)) for k, d in deltas.items()}
+    accepted = set(out.add_patches(patches, strength))
+    missing = sorted(set(deltas) - accepted)
+    if missing:
+        raise ValueError(f"model: {len(missing)} weight(s) to patch are missing, e.g. {missing[0]}")
+    previous = get_record(model)
+    scaled = {k: (strength * d).to(torch.float32) for k, d in deltas.items()}
+    if previous is None:
+        record = ErasureRecord(scaled, weights_fingerprint({k: base_weights[k] for k in deltas}), (info,))
+    else:
+        merged = dict(previous.deltas)
+        for k, d in scaled.items():
+            merged[k] = merged[k] + d if k in merged else d
+        record = ErasureRecord(merged, previous.base_fingerprint, previous.stages + (info,))
+    out.set_attachments(ATTACHMENT, record)
+    return out
