@@ -135,14 +135,23 @@ def cfr_transform(stats: PairStats, config: CFRConfig) -> tuple[torch.Tensor, fl
 
 
 def apply_transform(weights: KVWeights, transforms: dict[int, torch.Tensor]) -> tuple[KVWeights, KVWeights]:
-    """W' = W M per weight (float64 math); returns (new weights, deltas), both float32."""
+    """W' = W M per weight; returns (new weights, deltas), both float32.
+
+    The delta is W (M - I) with M - I formed in float64 and the product taken in float32: the
+    delta is small next to W, so this keeps its relative error at float32 level at a quarter
+    of the cost of a float64 product.
+    """
     new, deltas = {}, {}
+    steps: dict[tuple, torch.Tensor] = {}
     for name, w in weights.items():
-        M = transforms[w.shape[1]].to(w.device)
-        w64 = w.detach().to(torch.float64)
-        delta = w64 @ M - w64
-        deltas[name] = delta.to(torch.float32)
-        new[name] = (w64 + delta).to(torch.float32)
+        key = (w.shape[1], w.device)
+        if key not in steps:
+            M = transforms[w.shape[1]]
+            steps[key] = (M - torch.eye(M.shape[0], dtype=M.dtype)).to(device=w.device, dtype=torch.float32)
+        w32 = w.detach().to(torch.float32)
+        delta = w32 @ steps[key]
+        deltas[name] = delta
+        new[name] = w32 + delta
     return new, deltas
 
 

@@ -1,0 +1,123 @@
+"""Benchmark CFR: our shared d x d factorisation vs a straightforward per-layer solve.
+
+Both methods get the same encoded prompts (30 object templates, anchor 'ground', full 77 x 768
+windows) and the same 32 SD1.5-shaped K/V weights. The per-layer baseline does what the reference
+code does: it keeps every layer's target values W0 e and contexts c for all concepts, sums
+W0 e c^T and c c^T per layer and inverts each layer's 768 x 768 matrix in float32. Each case runs
+in its own subprocess so peak memory is measured cleanly. Encoding with a real random-weight
+CLIP-L is timed separately (same cost for both methods) when ComfyUI is importable.
+
+    python -m bench.cfr [--concepts 1 10 100] [--out bench/results/cfr.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.common import HashTextEncoder, environment, peak_rss_mb, print_table, rss_mb, sd15_kv_weights, write_json
+from mace_ops.alignment import align
+from mace_ops.cfr import CFRConfig, refine_cross_attention
+from mace_ops.concepts import Concept
+from mace_ops.templates import OBJECT_TEMPLATES, fill
+
+BASELINE_MAX_CONCEPTS = 10  # the per-layer baseline holds ~225 MB per concept; 100 would need ~22 GB
+
+
+def concepts(n: int) -> list[Concept]:
+    return [Concept((f"concept{i} thing{i}",), "ground", i + 1) for i in range(n)]
+
+
+def per_layer_baseline(encoder, weights, cs, templates, lamb):
+    """Reference-style CFR: per-layer value tensors held in memory, one float32 inverse per layer."""
+    values = {k: [] for k in weights}
+    contexts = []
+    for c in cs:
+        new = encoder.encode([fill(t, c.anchor) for t in templates])
+        old = encoder.encode([fill(t, c.phrases[0]) for t in templates])
+        for o, n in zip(old, new):
+            a = align(o.ids, o.length, n.ids, n.length)
+            ctx, emb = o.features[list(a.old)], n.features[list(a.new)]
+            contexts.append(ctx)
+            for k, w in weights.items():
+                values[k].append(emb @ w.T)
+    out = {}
+    for k, w in weights.items():
+        mat1 = lamb * w + sum(v.T @ c for v, c in zip(values[k], contexts))
+        mat2 = lamb * torch.eye(w.shape[1]) + sum(c.T @ c for c in contexts)
+        out[k] = mat1 @ torch.inverse(mat2)
+    return out
+
+
+def run_case(method: str, n: int) -> dict:
+    torch.manual_seed(0)
+    encoder, weights, cs = HashTextEncoder(), sd15_kv_weights(), concepts(n)
+    before = rss_mb()
+    start = time.perf_counter()
+    if method == "shared":
+        res = refine_cross_attention(encoder, weights, cs, OBJECT_TEMPLATES, config=CFRConfig(lamb=1.0))
+        new = res.weights
+    else:
+        new = per_layer_baseline(encoder, weights, cs, OBJECT_TEMPLATES, 1.0)
+    seconds = time.perf_counter() - start
+    checksum = float(sum(v.double().sum() for v in new.values()))
+    return {"method": method, "concepts": n, "seconds": round(seconds, 3),
+            "peak_mb": round(peak_rss_mb() - before, 1), "checksum": checksum}
+
+
+def clip_encode_rate(n_prompts: int = 32) -> dict | None:
+    """Prompts/s of a full-size random-weight CLIP-L (ComfyUI's implementation), if importable."""
+    try:
+        from tests.comfy_harness import random_clip_l  # type: ignore
+    except Exception as err:  # ComfyUI absent: report why, keep the algebra table
+        return {"skipped": f"no ComfyUI CLIP-L: {err}"}
+    enc = random_clip_l()
+    prompts = [fill(t, "ship") for t in OBJECT_TEMPLATES][:n_prompts]
+    enc.encode(prompts[:2])
+    start = time.perf_counter()
+    enc.encode(prompts)
+    dt = time.perf_counter() - start
+    return {"prompts": len(prompts), "seconds": round(dt, 3), "prompts_per_s": round(len(prompts) / dt, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concepts", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--out", default="bench/results/cfr.json")
+    ap.add_argument("--case", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-clip", action="store_true", help="skip timing the CLIP-L encoder")
+    args = ap.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case[0], int(args.case[1]))))
+        return
+    rows = []
+    for n in args.concepts:
+        for method in ("shared", "per_layer"):
+            if method == "per_layer" and n > BASELINE_MAX_CONCEPTS:
+                rows.append({"method": method, "concepts": n, "seconds": "skipped",
+                             "peak_mb": f"~{n * 225} (projected)"})
+                continue
+            out = subprocess.run([sys.executable, "-m", "bench.cfr", "--case", method, str(n)],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for n in args.concepts:
+        a = next(r for r in rows if r["method"] == "shared" and r["concepts"] == n)
+        b = next(r for r in rows if r["method"] == "per_layer" and r["concepts"] == n)
+        if isinstance(b["seconds"], float):
+            a["speedup_vs_per_layer"] = round(b["seconds"] / a["seconds"], 2)
+            a["memory_ratio"] = round(b["peak_mb"] / max(a["peak_mb"], 1.0), 1)
+            a["max_rel_diff"] = abs(a["checksum"] - b["checksum"]) / abs(b["checksum"])
+    print_table(rows, ["method", "concepts", "seconds", "peak_mb", "speedup_vs_per_layer", "memory_ratio"])
+    clip = None if args.no_clip else clip_encode_rate()
+    if clip:
+        print("CLIP-L encoding (same for both methods; 30 templates x (phrases + anchor) per concept):", clip)
+    write_json(args.out, {"bench": "cfr", "env": environment(), "rows": rows, "clip_encoding": clip,
+                          "notes": "algebra measured with a 77x768 hash encoder; encoding timed separately"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Shared bench helpers: SD1.5-shaped random K/V weights, a cheap 77x768 encoder, timing, JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+
+import torch
+
+from mace_ops.interfaces import EncodedPrompt
+
+# attn2 output widths of the 16 SD1.x cross-attention layers (input 1,2,4,5,7,8; middle; output 3..11)
+SD15_ATTN2_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)
+
+
+def sd15_kv_weights(seed: int = 0, dim: int = 768) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"layer{i:02d}.attn2.to_{kind}.weight": torch.randn(c, dim, generator=g) * 0.02
+        for i, c in enumerate(SD15_ATTN2_WIDTHS)
+        for kind in ("k", "v")
+    }
+
+
+class HashTextEncoder:
+    """77-token, 768-d features from a word hash and a causal mix: cheap, deterministic, CLIP-shaped."""
+
+    end_id = 1
+
+    def __init__(self, dim: int = 768, window: int = 77):
+        self.dim, self.window = dim, window
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.randn(4096, dim, generator=g)
+        self.pos = 0.3 * torch.randn(window, dim, generator=g)
+
+    def tokenize(self, text: str) -> list[int]:
+        import zlib
+
+        return [2 + zlib.crc32(w.encode()) % 4000 for w in text.split()]
+
+    def encode(self, prompts):
+        out = []
+        for p in prompts:
+            content = self.tokenize(p)
+            ids = [0] + content + [self.end_id] * (self.window - len(content) - 1)
+            x = self.table[ids] + self.pos
+            x = torch.cumsum(x, 0) / torch.arange(1, self.window + 1)[:, None] + x
+            out.append(EncodedPrompt(tuple(ids), len(content) + 2, torch.layer_norm(x, (self.dim,))))
+        return out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
