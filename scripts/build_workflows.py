@@ -1,0 +1,118 @@
+"""Write the pack's UI-format workflow JSONs (workflows/ and its copy example_workflows/).
+
+Each workflow is declared compactly below (nodes with their widget values, and links by socket
+name); this script lays them out and emits the JSON the ComfyUI frontend saves and loads.
+Socket lists mirror the nodes' declared schemas; tests/test_workflows.py checks every JSON
+against the real node definitions, so a drift is caught.
+
+    python scripts/build_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# node type -> (input sockets [(name, type)], output sockets [(name, type)])
+SOCKETS: dict[str, tuple[list, list]] = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "CLIPTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "PreviewAny": ([("source", "*")], []),
+    "LoraLoaderModelOnly": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "CheckpointSave": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], []),
+    "MaceRefineCrossAttention": ([("model", "MODEL"), ("clip", "CLIP")],
+                                 [("model", "MODEL"), ("summary", "STRING")]),
+    "MaceSaveErasure": ([("model", "MODEL")], [("path", "STRING")]),
+    "MaceLoadErasure": ([("model", "MODEL")], [("model", "MODEL"), ("info", "STRING")]),
+}
+
+
+def sampler_nodes(prefix: str, model: str, prompt: str, x: int, y: int, seed: int = 42) -> dict:
+    """Positive/negative prompts, an empty 512 latent, KSampler, decode and save."""
+    return {
+        f"{prefix}pos": ("CLIPTextEncode", [prompt], {"clip": ("ckpt", "CLIP")}, (x, y)),
+        f"{prefix}neg": ("CLIPTextEncode", ["blurry, low quality"], {"clip": ("ckpt", "CLIP")}, (x, y + 220)),
+        f"{prefix}latent": ("EmptyLatentImage", [512, 512, 1], {}, (x, y + 440)),
+        f"{prefix}sample": ("KSampler", [seed, "fixed", 20, 7.0, "euler", "normal", 1.0],
+                            {"model": model, "positive": (f"{prefix}pos", "CONDITIONING"),
+                             "negative": (f"{prefix}neg", "CONDITIONING"),
+                             "latent_image": (f"{prefix}latent", "LATENT")}, (x + 420, y)),
+        f"{prefix}decode": ("VAEDecode", [], {"samples": (f"{prefix}sample", "LATENT"), "vae": ("ckpt", "VAE")},
+                            (x + 780, y)),
+        f"{prefix}save": ("SaveImage", [f"mace/{prefix.rstrip('_') or 'image'}"],
+                          {"images": (f"{prefix}decode", "IMAGE")}, (x + 1000, y)),
+    }
+
+
+WORKFLOWS = {
+    "erase_style_cfr": {
+        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "cfr": ("MaceRefineCrossAttention",
+                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
+                 1.0, 1.0, True],
+                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh", "fp16"], {"model": ("cfr", "model")},
+                         (820, -260)),
+        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
+        **sampler_nodes("erased_", ("cfr", "model"), "a painting of a starry night in the style of van gogh",
+                        820, 60),
+    },
+}
+
+
+def build(spec: dict) -> dict:
+    ids = {key: i + 1 for i, key in enumerate(spec)}
+    nodes, links = [], []
+    outputs_links: dict[tuple[str, str], list[int]] = {}
+    for key, (typ, widgets, ins, pos) in spec.items():
+        for sock_name, (src, src_out) in ins.items():
+            link_id = len(links) + 1
+            src_type = spec[src][0]
+            out_names = [o[0] for o in SOCKETS[src_type][1]]
+            slot = out_names.index(src_out)
+            in_names = [i[0] for i in SOCKETS[typ][0]]
+            typ_name = SOCKETS[src_type][1][slot][1]
+            links.append([link_id, ids[src], slot, ids[key], in_names.index(sock_name), typ_name])
+            outputs_links.setdefault((src, src_out), []).append(link_id)
+    link_into = {(l[3], l[4]): l[0] for l in links}
+    for order, (key, (typ, widgets, ins, pos)) in enumerate(spec.items()):
+        in_socks, out_socks = SOCKETS[typ]
+        nodes.append({
+            "id": ids[key], "type": typ, "pos": list(pos), "size": [360, 200], "flags": {}, "order": order,
+            "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_into.get((ids[key], i))} for i, (n, t) in enumerate(in_socks)],
+            "outputs": [{"name": n, "type": t, "links": outputs_links.get((key, n), []), "slot_index": i}
+                        for i, (n, t) in enumerate(out_socks)],
+            "properties": {"Node name for S&R": typ},
+            "widgets_values": widgets,
+        })
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-mace/" + json.dumps(spec, sort_keys=True, default=str))),
+        "revision": 0, "last_node_id": len(nodes), "last_link_id": len(links),
+        "nodes": nodes, "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        "version": 0.4,
+    }
+
+
+def main() -> None:
+    for folder in ("workflows", "example_workflows"):
+        os.makedirs(os.path.join(ROOT, folder), exist_ok=True)
+    for name, spec in WORKFLOWS.items():
+        path = os.path.join(ROOT, "workflows", f"{name}.json")
+        with open(path, "w") as f:
+            json.dump(build(spec), f, indent=1)
+            f.write("\n")
+        shutil.copyfile(path, os.path.join(ROOT, "example_workflows", f"{name}.json"))
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
