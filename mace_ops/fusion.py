@@ -1,0 +1,236 @@
+"""MACE stage 3: fuse many concept LoRAs into one K/V weight per matrix, in closed form.
+
+With W' the current (CFR-refined) weight, W0 the original weight, ΔW_i concept i's LoRA delta,
+C_i = sum c c^T over every window position of concept i's template prompts (all phrases), and P
+the covariance of the preserve prompts, fusion solves
+
+    min_W  sum_i sum_{c in E_i} ||W c - (W' + ΔW_i) c||^2 + s sum_p ||W p - W0 p||^2 + lamb ||W - W'||^2
+    W* = [W'(lamb I + sum C_i) + sum ΔW_i C_i + s W0 P] [lamb I + sum C_i + s P]^-1
+       = W' + [sum ΔW_i C_i + s (W0 - W') P] [lamb I + sum C_i + s P]^-1
+
+The concepts are streamed one at a time into a ``FusionAccumulator``: a shared d x d sum of C_i
+and, per weight, the (out, d) sum of ΔW_i C_i (computed in low-rank form as up (down C_i)). Its
+size does not depend on the number of concepts. The right-hand sides of all weights are stacked
+into one (sum of out, d) matrix and solved with one factorisation (``ridge.solve_right``).
+``s = preserve_scale * n_vectors / n_preserve``, the convention of ``cfr.preserve_weight``: a
+preserve_scale of 1 gives the preserve prompts the same total weight as all concept vectors.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence, Union
+
+import torch
+
+from .cfr import add_preserve_prompts, preserve_weight
+from .concepts import Concept
+from .covariance import PairStats
+from .interfaces import KVWeights, TextEncoder
+from .lora import KVLora, LoraFactors
+from .ridge import solve_right
+from .templates import fill
+
+LoraLike = Union[KVLora, Mapping[str, LoraFactors], Mapping[str, torch.Tensor]]
+Templates = Union[Sequence[str], Callable[[Concept], Sequence[str]]]
+Progress = Callable[[int, int], None]
+HINT = "raise lambda, add templates or add preserve prompts"
+
+
+@dataclass
+class FusionResult:
+    weights: KVWeights  # fused weights, float32
+    deltas: KVWeights  # fused - current, float32
+    condition: dict[int, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    n_concepts: int = 0
+    n_vectors: int = 0
+
+
+def concept_covariance(
+    encoder: TextEncoder, concept: Concept, templates: Sequence[str], batch: int = 64
+) -> tuple[torch.Tensor, int]:
+    """C = sum c c^T over every position of every template filled with every phrase (float64)."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates: every template needs one '{}' where the concept goes")
+    prompts = [fill(t, phrase) for phrase in concept.phrases for t in templates]
+    C, n = None, 0
+    for i in range(0, len(prompts), batch):
+        try:
+            encoded = encoder.encode(prompts[i : i + batch])
+        except ValueError as err:
+            raise ValueError(f"concept line {concept.line}: {err}") from None
+        for enc in encoded:
+            f = enc.features.detach().to(device="cpu", dtype=torch.float64)
+            C = f.T @ f if C is None else C + f.T @ f
+            n += f.shape[0]
+    return C, n
+
+
+def _as_deltas_times(lora: LoraLike, C: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ΔW C per weight name (float64), using the low-rank form when factors are given."""
+    items = lora.factors() if isinstance(lora, KVLora) else lora
+    out = {}
+    for name, item in items.items():
+        if isinstance(item, LoraFactors):
+            width = item.down.shape[1]
+        elif isinstance(item, torch.Tensor) and item.ndim == 2:
+            width = item.shape[1]
+        else:
+            raise TypeError(f"LoRA {name}: expected LoraFactors or a 2-D delta tensor, got {type(item).__name__}")
+        if width != C.shape[0]:
+            raise ValueError(
+                f"model/clip mismatch: LoRA {name} reads width {width}, the text encoder gives {C.shape[0]}"
+            )
+        if isinstance(item, LoraFactors):
+            up = item.up.detach().to(device="cpu", dtype=torch.float64)
+            down = item.down.detach().to(device="cpu", dtype=torch.float64)
+            out[name] = item.scale * (up @ (down @ C))
+        else:
+            out[name] = item.detach().to(device="cpu", dtype=torch.float64) @ C
+    return out
+
+
+class FusionAccumulator:
+    """Running sums for fusion: sum C_i (d x d) and, per weight, sum ΔW_i C_i (out x d)."""
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self.C_sum = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        self.targets: dict[str, torch.Tensor] = {}
+        self.n_concepts = 0
+        self.n_vectors = 0
+
+    def add_concept(self, lora: LoraLike, C: torch.Tensor, n_vectors: int = 0) -> None:
+        """Add one concept: its LoRA (factors, KVLora or full deltas) and its covariance C_i."""
+        C = C.detach().to(device="cpu", dtype=torch.float64)
+        if C.shape != (self.dim, self.dim):
+            raise ValueError(f"fusion: covariance must be {self.dim}x{self.dim}, got {tuple(C.shape)}")
+        products = _as_deltas_times(lora, C)
+        for name, dc in products.items():
+            if name in self.targets:
+                if self.targets[name].shape != dc.shape:
+                    raise ValueError(
+                        f"fusion: LoRA {name} has shape {tuple(dc.shape)}, earlier {tuple(self.targets[name].shape)}"
+                    )
+                self.targets[name] += dc
+            else:
+                self.targets[name] = dc
+        self.C_sum += C
+        self.n_concepts += 1
+        self.n_vectors += int(n_vectors)
+
+    def state_numel(self) -> int:
+        return self.C_sum.numel() + sum(t.numel() for t in self.targets.values())
+
+    def deltas64(
+        self,
+        current: KVWeights,
+        original: KVWeights | None = None,
+        lamb: float = 1.0,
+        preserve: PairStats | None = None,
+        preserve_scale: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """W* - W' per weight in float64, and the condition number of the system matrix."""
+        if lamb < 0:
+            raise ValueError(f"lambda must be >= 0, got {lamb}")
+        unknown = sorted(set(self.targets) - set(current))
+        if unknown:
+            raise ValueError(f"fusion: the model lacks {len(unknown)} LoRA weight(s), e.g. {unknown[0]}")
+        widths = sorted({w.shape[1] for w in current.values()})
+        if widths != [self.dim]:
+            raise ValueError(
+                f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {self.dim}"
+            )
+        s = 0.0
+        if preserve is not None and preserve.n_preserve:
+            counts = PairStats(self.dim)
+            counts.n_pairs, counts.n_preserve = self.n_vectors, preserve.n_preserve
+            s = preserve_weight(counts, preserve_scale)
+        if s > 0 and original is None:
+            raise ValueError("fusion: preservation needs the original weights")
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        A = lamb * eye + self.C_sum
+        if s > 0:
+            A = A + s * preserve.P
+        names = list(current)
+        R = torch.empty(sum(current[k].shape[0] for k in names), self.dim, dtype=torch.float64)
+        row = 0
+        for name in names:  # stack every weight's right-hand side: one solve for this width
+            w = current[name]
+            block = R[row : row + w.shape[0]]
+            if name in self.targets:
+                block.copy_(self.targets[name])
+            else:
+                block.zero_()
+            if s > 0:
+                w0 = original[name].detach().to(device="cpu", dtype=torch.float64)
+                block += s * ((w0 - w.detach().to(device="cpu", dtype=torch.float64)) @ preserve.P)
+            row += w.shape[0]
+        X, cond = solve_right(R, A, hint=HINT)
+        deltas, row = {}, 0
+        for name in names:
+            n = current[name].shape[0]
+            deltas[name] = X[row : row + n]
+            row += n
+        return deltas, cond
+
+    def solve(
+        self,
+        current: KVWeights,
+        original: KVWeights | None = None,
+        lamb: float = 1.0,
+        preserve: PairStats | None = None,
+        preserve_scale: float = 0.0,
+    ) -> tuple[KVWeights, KVWeights, float]:
+        """(fused weights, deltas vs current, condition number), float32 on the weights' devices."""
+        deltas64, cond = self.deltas64(current, original, lamb, preserve, preserve_scale)
+        weights, deltas = {}, {}
+        for name, w in current.items():
+            w64 = w.detach().to(device="cpu", dtype=torch.float64)
+            deltas[name] = deltas64[name].to(device=w.device, dtype=torch.float32)
+            weights[name] = (w64 + deltas64[name]).to(device=w.device, dtype=torch.float32)
+        return weights, deltas, cond
+
+
+def fuse_loras(
+    encoder: TextEncoder,
+    current_weights: KVWeights,
+    original_weights: KVWeights | None,
+    concept_loras: Iterable[tuple[Concept, LoraLike]],
+    templates: Templates,
+    preserve_prompts: Sequence[str] = (),
+    lamb: float = 1.0,
+    preserve_scale: float = 1.0,
+    progress: Progress | None = None,
+    total: int | None = None,
+) -> FusionResult:
+    """Fuse the LoRAs (streamed one concept at a time); the input weights are never modified.
+
+    ``templates`` is one list for every concept or a function concept -> templates.
+    ``total`` (defaults to len(concept_loras) when it has one) is what ``progress`` counts to.
+    """
+    if not current_weights:
+        raise ValueError("model: no cross-attention to_k/to_v weights found")
+    start = time.perf_counter()
+    if total is None:
+        total = len(concept_loras) if hasattr(concept_loras, "__len__") else 0
+    acc: FusionAccumulator | None = None
+    done = 0
+    for concept, lora in concept_loras:
+        tpl = templates(concept) if callable(templates) else templates
+        C, n = concept_covariance(encoder, concept, tpl)
+        if acc is None:
+            acc = FusionAccumulator(C.shape[0])
+        acc.add_concept(lora, C, n)
+        done += 1
+        if progress:
+            progress(done, max(total, done) + 1)
+    if acc is None:
+        raise ValueError("fusion: no concept LoRA given")
+    preserve = PairStats(acc.dim)
+    add_preserve_prompts(preserve, encoder, list(preserve_prompts))
+    weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
+    if progress:
+        progress(max(total, done) + 1, max(total, done) + 1)
+    return FusionResult(weights, deltas, {acc.dim: cond}, time.perf_counter() - start, acc.n_concepts, acc.n_vectors)

@@ -1,0 +1,137 @@
+"""Save and load one concept's LoRA as a safetensors file that ComfyUI's stock LoRA loaders read.
+
+For a K/V weight ``X.weight`` (e.g. ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight``)
+the file holds ``X.lora_up.weight`` (out, r), ``X.lora_down.weight`` (r, in) and ``X.alpha`` (a
+scalar); LoraLoaderModelOnly adds ``strength * alpha / r * up @ down`` to the weight, which is the
+same delta ``KVLora`` trains. Metadata under ``mace.*`` records the format, the concept phrases,
+steps, rank, learning rate, seed, the fingerprint of the K/V weights the LoRA was trained on, the
+pack version and the full settings as JSON. Writes are atomic (``erasure_file.atomic_save``);
+loading is safetensors only, never pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+
+from . import __version__
+from .erasure_file import DTYPES, atomic_save
+from .interfaces import KVWeights
+from .lora import KVLora, LoraFactors
+
+LORA_FORMAT = "concept-lora/1"
+REQUIRED_INFO = ("concept", "steps", "lr", "seed", "settings")
+_SUFFIXES = {"up": ".lora_up.weight", "down": ".lora_down.weight", "alpha": ".alpha"}
+
+
+@dataclass
+class LoraFile:
+    factors: dict[str, LoraFactors]  # by weight name ("...to_k.weight")
+    metadata: dict[str, str]
+
+    @property
+    def info(self) -> dict:
+        out = {}
+        for key, value in self.metadata.items():
+            if key.startswith("mace."):
+                try:
+                    out[key[len("mace."):]] = json.loads(value)
+                except (ValueError, TypeError):
+                    out[key[len("mace."):]] = value
+        return out
+
+    def deltas(self) -> KVWeights:
+        return {name: f.delta() for name, f in self.factors.items()}
+
+    def to_lora(self) -> KVLora:
+        return KVLora.from_factors(self.factors)
+
+
+def lora_keys(weight_name: str) -> dict[str, str]:
+    """File keys of one weight: {"up": ..., "down": ..., "alpha": ...}."""
+    if not weight_name.endswith(".weight"):
+        raise ValueError(f"weight name must end with '.weight': {weight_name!r}")
+    stem = weight_name[: -len(".weight")]
+    return {part: stem + suffix for part, suffix in _SUFFIXES.items()}
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    for part, suffix in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + ".weight", part
+    raise ValueError(f"unexpected key {key!r} (expected .lora_up.weight, .lora_down.weight or .alpha)")
+
+
+def save_concept_lora(
+    path: str,
+    lora: KVLora | Mapping[str, LoraFactors],
+    base_fingerprint: str,
+    info: Mapping,
+    dtype: str = "fp32",
+) -> dict[str, str]:
+    """Write the LoRA; ``info`` needs concept (phrases), steps, lr, seed, settings. Returns the metadata."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}; choose one of {sorted(DTYPES)}")
+    missing = [k for k in REQUIRED_INFO if k not in info]
+    if missing:
+        raise ValueError(f"LoRA metadata lacks {missing}")
+    factors = lora.factors() if isinstance(lora, KVLora) else dict(lora)
+    if not factors:
+        raise ValueError("nothing to save: the LoRA has no weight")
+    ranks = sorted({f.rank for f in factors.values()})
+    tensors: dict[str, torch.Tensor] = {}
+    for name, f in factors.items():
+        keys = lora_keys(name)
+        tensors[keys["up"]] = f.up.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous()
+        tensors[keys["down"]] = f.down.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous()
+        tensors[keys["alpha"]] = torch.tensor(float(f.alpha), dtype=torch.float32)
+    metadata = {
+        "mace.format": LORA_FORMAT,
+        "mace.pack_version": __version__,
+        "mace.dtype": dtype,
+        "mace.base_model_hash": base_fingerprint,
+        "mace.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks),
+    }
+    for key, value in info.items():
+        metadata[f"mace.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    atomic_save(tensors, path, metadata)
+    return metadata
+
+
+def load_concept_lora(path: str) -> LoraFile:
+    """Load a MACE concept LoRA; ValueError naming the file when it is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"LoRA file not found: {path}")
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: MACE LoRAs are .safetensors files (no pickle is ever loaded)")
+    with safe_open(path, framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        fmt = metadata.get("mace.format")
+        if fmt is None:
+            raise ValueError(f"{path}: not a MACE concept LoRA (no mace.format metadata)")
+        if fmt != LORA_FORMAT:
+            raise ValueError(f"{path}: MACE format {fmt!r} is not a concept LoRA this version reads ({LORA_FORMAT})")
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key in f.keys():
+            try:
+                name, part = _split_key(key)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+            parts.setdefault(name, {})[part] = f.get_tensor(key)
+    factors = {}
+    for name, p in parts.items():
+        if set(p) != set(_SUFFIXES):
+            raise ValueError(f"{path}: {name} lacks {sorted(set(_SUFFIXES) - set(p))}")
+        if p["alpha"].numel() != 1:
+            raise ValueError(f"{path}: {name} alpha must be a scalar")
+        try:
+            factors[name] = LoraFactors(p["up"], p["down"], float(p["alpha"]))
+        except ValueError as err:
+            raise ValueError(f"{path}: {name}: {err}") from None
+    if not factors:
+        raise ValueError(f"{path}: the file holds no LoRA weight")
+    return LoraFile(factors, metadata)

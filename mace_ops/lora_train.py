@@ -1,0 +1,291 @@
+"""MACE stage 2: train one concept's K/V LoRA so the concept's tokens lose their attention mass.
+
+Each step picks a random template prompt filled with a random phrase of the concept (encodings are
+computed once and cached), finds the concept positions (the phrase's tokens plus, by default,
+the end/padding tokens, as the reference does), picks a latent and its mask, draws t (CFIS or
+uniform), noises the latent with ``denoiser.add_noise`` and runs one denoiser forward through the
+LoRA's weight transform. The loss is the attention loss (``attention_loss``); AdamW updates only
+the LoRA factors, after a grad-norm clip. The denoiser output is not used (no denoising loss).
+
+ComfyUI runs nodes under ``torch.inference_mode()``. Training therefore runs inside
+``torch.inference_mode(False)`` and ``torch.enable_grad()``, and clones the latents, masks and
+text features first, so no inference tensor is ever saved for backward. Gradients are taken with
+``torch.autograd.grad`` on the LoRA factors only, so the (shared) model's parameters never get a
+``.grad``. Everything random comes from generators seeded by ``config.seed``: a run on CPU is
+reproducible. ``should_stop()`` is called before every step; whatever it raises propagates (a
+truthy return raises ``InterruptedError``). ``attention_masks`` derives masks from the base model's
+own cross-attention when the user gives none.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .alignment import concept_positions
+from .attention_loss import AttentionLossCollector
+from .cfis import SAMPLER_KINDS, TimestepSampler
+from .concepts import Concept
+from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
+from .lora import KVLora
+from .templates import fill
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    steps: int = 50
+    lr: float = 1e-5
+    rank: int = 1
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    seed: int = 2024
+    sampler: str = "cfis"  # "cfis" or "uniform"
+    t1: float = 200.0
+    t2: float = 400.0
+    gamma: float = 0.05
+    include_end_tokens: bool = True
+    use_masks: bool = True
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # <= 0: no clipping
+    batch_size: int = 1
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.sampler not in SAMPLER_KINDS:
+            raise ValueError(f"timestep sampler: unknown {self.sampler!r}; choose one of {list(SAMPLER_KINDS)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
+
+    def settings(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULTS_BY_TYPE: dict[str, LoraTrainConfig] = {
+    "object": LoraTrainConfig(steps=50, lr=1e-5, sampler="cfis"),
+    "person": LoraTrainConfig(steps=50, lr=1e-4, sampler="cfis"),
+    "style": LoraTrainConfig(steps=50, lr=1e-4, sampler="cfis", use_masks=False),
+    "nudity": LoraTrainConfig(steps=120, lr=1e-5, sampler="uniform"),
+}
+
+
+def config_for(kind: str, **overrides) -> LoraTrainConfig:
+    """The reference's defaults for a concept type, with overrides."""
+    try:
+        base = DEFAULTS_BY_TYPE[kind]
+    except KeyError:
+        raise ValueError(f"concept_type: unknown {kind!r}; choose one of {sorted(DEFAULTS_BY_TYPE)}") from None
+    return dataclasses.replace(base, **overrides)
+
+
+@dataclass
+class TrainedLora:
+    lora: KVLora
+    losses: list[float]
+    metadata: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def info(self) -> dict:
+        """What ``lora_file.save_concept_lora`` records (concept, steps, lr, seed, settings, ...)."""
+        return dict(self.metadata)
+
+
+@dataclass
+class _Prompts:
+    texts: list[str]
+    contexts: torch.Tensor  # (P, L, d)
+    positions: torch.Tensor  # (P, L) bool
+    skipped: list[str]
+
+
+def _prepare_prompts(
+    encoder: TextEncoder, concept: Concept, templates: Sequence[str], include_end: bool, device: torch.device
+) -> _Prompts:
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates: every template needs one '{}' where the concept goes")
+    texts, feats, pos, skipped = [], [], [], []
+    for phrase in concept.phrases:
+        try:
+            phrase_ids = encoder.tokenize(phrase)
+        except ValueError as err:
+            raise ValueError(f"concept line {concept.line}: {err}") from None
+        if not phrase_ids:
+            raise ValueError(f"concept line {concept.line}: {phrase!r} gives no tokens; use words")
+        prompts = [fill(t, phrase) for t in templates]
+        try:
+            encoded = encoder.encode(prompts)
+        except ValueError as err:
+            raise ValueError(f"concept line {concept.line}: {err}") from None
+        for prompt, enc in zip(prompts, encoded):
+            if not concept_positions(enc.ids, enc.length, phrase_ids, encoder.end_id, False):
+                skipped.append(prompt)  # the phrase tokenizes differently inside this prompt
+                continue
+            where = concept_positions(enc.ids, enc.length, phrase_ids, encoder.end_id, include_end)
+            mask = torch.zeros(len(enc.ids), dtype=torch.bool)
+            mask[where] = True
+            texts.append(prompt)
+            feats.append(enc.features.detach().to(torch.float32))
+            pos.append(mask)
+    if not texts:
+        raise ValueError(
+            f"concept line {concept.line}: no template prompt contains the tokens of {list(concept.phrases)}"
+        )
+    contexts = torch.stack(feats).to(device).clone()
+    return _Prompts(texts, contexts, torch.stack(pos).to(device), skipped)
+
+
+def _check_inputs(latents: torch.Tensor, masks: torch.Tensor | None) -> None:
+    if latents.ndim != 4 or latents.shape[0] < 1:
+        raise ValueError(f"latents must be (N, C, H, W) with N >= 1, got {tuple(latents.shape)}")
+    if masks is not None:
+        if masks.ndim != 3 or masks.shape[0] != latents.shape[0]:
+            raise ValueError(
+                f"masks must be (N={latents.shape[0]}, H, W) to pair with the latents, got {tuple(masks.shape)}"
+            )
+
+
+def _kv_weights(denoiser: CrossAttentionDenoiser) -> tuple[dict, torch.device]:
+    weights = denoiser.kv_weights()
+    if not weights:
+        raise ValueError("model: no cross-attention to_k/to_v weights found")
+    return weights, next(iter(weights.values())).device
+
+
+def train_concept_lora(
+    denoiser: CrossAttentionDenoiser,
+    encoder: TextEncoder,
+    concept: Concept,
+    templates: Sequence[str],
+    latents: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    config: LoraTrainConfig = LoraTrainConfig(),
+    progress: Progress | None = None,
+    should_stop: Callable[[], object] | None = None,
+) -> TrainedLora:
+    """Train a fresh K/V LoRA for one concept; the denoiser and its weights are never modified."""
+    config.validate()
+    _check_inputs(latents, masks)
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        weights, device = _kv_weights(denoiser)
+        prompts = _prepare_prompts(encoder, concept, templates, config.include_end_tokens, device)
+        x0_all = latents.detach().to(device).clone()
+        use_masks = config.use_masks and masks is not None
+        m_all = masks.detach().to(device=device, dtype=torch.float32).clone() if use_masks else None
+        lora = KVLora({k: tuple(w.shape) for k, w in weights.items()}, config.rank, config.alpha, config.seed, device)
+        params = lora.parameters()
+        opt = torch.optim.AdamW(
+            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
+        )
+        gen = torch.Generator().manual_seed(int(config.seed) + 1)
+        sampler = TimestepSampler(
+            config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, config.seed + 2, device
+        )
+        losses: list[float] = []
+        n_prompts, n_latents, batch = len(prompts.texts), x0_all.shape[0], config.batch_size
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                raise InterruptedError(f"LoRA training for {concept.name!r} stopped at step {step}")
+            pi = torch.randint(n_prompts, (batch,), generator=gen).to(device)
+            li = torch.randint(n_latents, (batch,), generator=gen).to(device)
+            x0 = x0_all[li]
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+            t = sampler.sample(batch)
+            x_t = denoiser.add_noise(x0, noise, t)
+            collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
+            denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
+            loss = collector.loss()
+            losses.append(float(loss.detach()))
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = torch.zeros_like(p) if g is None else g
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                opt.step()
+                for p in params:
+                    p.grad = None
+            elif losses[-1] > 0:
+                raise RuntimeError(
+                    "the attention loss does not depend on the LoRA: the denoiser ignored weight_transform"
+                )
+            if progress is not None:
+                progress(step + 1, config.steps)
+    seconds = time.perf_counter() - start
+    metadata = {
+        "concept": list(concept.phrases),
+        "steps": config.steps,
+        "lr": config.lr,
+        "seed": config.seed,
+        "settings": {**config.settings(), "masks_used": use_masks, "prompts": n_prompts, "images": n_latents},
+        "skipped_prompts": prompts.skipped,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    return TrainedLora(lora, losses, metadata, seconds)
+
+
+def attention_masks(
+    denoiser: CrossAttentionDenoiser,
+    encoder: TextEncoder,
+    concept: Concept,
+    templates: Sequence[str],
+    latents: torch.Tensor,
+    t: int = 300,
+    threshold: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> torch.Tensor:
+    """(N, H, W) {0, 1} float masks where the base model attends to the concept's own tokens.
+
+    Latent n is noised to timestep t and paired with template n (cycling) filled with the
+    concept's first phrase; the attention mass on the phrase's tokens (end tokens excluded) is
+    averaged over heads and layers, upsampled (bilinear) to the latent size, scaled to [0, 1]
+    per image and thresholded (> threshold).
+    """
+    _check_inputs(latents, None)
+    if not 0 <= t < denoiser.num_train_timesteps:
+        raise ValueError(f"t must be in [0, {denoiser.num_train_timesteps}), got {t}")
+    n, _, height, width = latents.shape
+    with torch.no_grad():
+        _, device = _kv_weights(denoiser)
+        one = Concept(concept.phrases[:1], concept.anchor, concept.line)
+        prompts = _prepare_prompts(encoder, one, templates, include_end=False, device=device)
+        gen = torch.Generator().manual_seed(int(seed))
+        out = []
+        for s in range(0, n, batch_size):
+            x0 = latents[s : s + batch_size].detach().to(device)
+            b = x0.shape[0]
+            pi = torch.arange(s, s + b) % len(prompts.texts)
+            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+            tt = torch.full((b,), int(t), dtype=torch.long, device=device)
+            positions = prompts.positions[pi.to(device)]
+            maps: list[torch.Tensor] = []
+
+            def collect(probe: AttentionProbe, positions=positions, maps=maps) -> None:
+                p = probe.probs.detach().float()
+                mass = (p * positions[:, None, None, :].float()).sum(-1).mean(1)  # (B, HW)
+                grid = mass.reshape(p.shape[0], 1, probe.height, probe.width)
+                maps.append(F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[:, 0])
+
+            x_t = denoiser.add_noise(x0, noise, tt)
+            denoiser.forward_with_attention(x_t, tt, prompts.contexts[pi.to(device)], collect)
+            if not maps:
+                raise ValueError("attention masks: the denoiser reported no cross-attention layer")
+            avg = torch.stack(maps).mean(0)
+            lo = avg.flatten(1).min(1).values[:, None, None]
+            hi = avg.flatten(1).max(1).values[:, None, None]
+            norm = (avg - lo) / (hi - lo).clamp_min(1e-12)
+            out.append((norm > threshold).float().cpu())
+        return torch.cat(out)
