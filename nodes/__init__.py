@@ -5,8 +5,9 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .cfr_node import MaceRefineCrossAttention
 from .erasure_io_nodes import MaceLoadErasure, MaceSaveErasure
+from .fusion_node import MaceFuseLoras
 
-NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure]
+NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras]
 
 
 class MaceExtension(ComfyExtension):

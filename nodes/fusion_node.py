@@ -1,0 +1,106 @@
+"""Node ``MACE Fuse LoRAs``: merge per-concept MACE LoRAs into the K/V weights in one closed-form solve."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..mace_ops.concepts import Concept, parse_concepts
+from ..mace_ops.fusion import fuse_loras
+from ..mace_ops.lora_file import load_concept_lora
+from ..mace_ops.templates import TEMPLATES, templates_for
+from .cfr_node import preserve_prompts
+from .comfy_model import apply_erasure, effective_kv_weights, get_record
+from .comfy_text_encoder import ComfyTextEncoder
+from .progress import NodeProgress
+
+
+def resolve_lora_files(text: str) -> list[str]:
+    """Lines of LoRA names (from the loras folders), absolute files, or folders of .safetensors."""
+    paths: list[str] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        candidates = [line] + [os.path.join(d, line) for d in folder_paths.get_folder_paths("loras")]
+        found = next((c for c in candidates if os.path.exists(c)), None)
+        if found is None:
+            raise ValueError(f"lora_files, line {number}: {line!r} is neither a file nor a folder in the loras folders")
+        if os.path.isdir(found):
+            inside = sorted(os.path.join(found, f) for f in os.listdir(found) if f.endswith(".safetensors"))
+            if not inside:
+                raise ValueError(f"lora_files, line {number}: folder {found} holds no .safetensors file")
+            paths += inside
+        else:
+            paths.append(found)
+    if not paths:
+        raise ValueError("lora_files: no LoRA given; one file name or folder per line")
+    return paths
+
+
+def original_weights(model, current):
+    """The weights before any MACE stage: current minus the MACE deltas the model carries."""
+    record = get_record(model)
+    if record is None:
+        return current
+    return {k: (w - record.deltas[k]) if k in record.deltas else w for k, w in current.items()}
+
+
+class MaceFuseLoras(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MaceFuseLoras",
+            display_name="MACE Fuse LoRAs",
+            category="MACE",
+            description="Closed-form fusion of many per-concept MACE LoRAs into the cross-attention K/V weights, "
+            "so concepts do not interfere and preserved prompts keep the original model's outputs.",
+            inputs=[
+                io.Model.Input("model", tooltip="Usually the output of MACE Refine Cross-Attention (CFR)."),
+                io.Clip.Input("clip"),
+                io.String.Input("lora_files", multiline=True, default="mace_lora/",
+                                tooltip="One LoRA file name (from the loras folders) or folder per line."),
+                io.Combo.Input("concept_type", options=sorted(TEMPLATES), default="style",
+                               tooltip="Templates for LoRAs whose file does not record a concept type."),
+                io.String.Input("preserve", multiline=True, default=""),
+                io.Float.Input("lambda_", display_name="lambda", default=1.0, min=0.0, max=1e6, step=0.1),
+                io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
+                io.Boolean.Input("builtin_preserve", default=True),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, lora_files, concept_type, preserve, lambda_, preserve_scale,
+                builtin_preserve) -> io.NodeOutput:
+        paths = resolve_lora_files(lora_files)
+        current = effective_kv_weights(model)
+        original = original_weights(model, current)
+        encoder = ComfyTextEncoder(clip)
+        kinds: dict[tuple, str] = {}
+
+        def stream():
+            for i, path in enumerate(paths, start=1):
+                lora = load_concept_lora(path)
+                phrases = tuple(lora.info.get("concept") or ())
+                if not phrases:
+                    raise ValueError(f"{os.path.basename(path)}: records no concept; train it with MACE Train Concept LoRA")
+                concept = Concept(phrases, None, i)
+                kinds[phrases] = lora.info.get("concept_type", concept_type)
+                yield concept, lora.factors
+
+        def templates(concept: Concept):
+            kind = kinds[concept.phrases]
+            return templates_for("person" if kind == "nudity" else kind)
+
+        keep = preserve_prompts(preserve, templates_for(concept_type), builtin_preserve)
+        result = fuse_loras(encoder, current, original, stream(), templates, keep, lambda_, preserve_scale,
+                            NodeProgress(len(paths) + 1), total=len(paths))
+        info = {"method": "fusion", "loras": [os.path.basename(p) for p in paths], "lambda": lambda_,
+                "preserve_scale": preserve_scale,
+                "preserve": [p for c in parse_concepts(preserve, "preserve", False) for p in c.phrases]}
+        out = apply_erasure(model, result.deltas, current, info)
+        summary = (f"fused {result.n_concepts} LoRA(s) into {len(result.deltas)} K/V weights in {result.seconds:.2f}s "
+                   f"(condition {max(result.condition.values()):.3g})")
+        return io.NodeOutput(out, summary)

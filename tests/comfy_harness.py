@@ -1,0 +1,899 @@
+"""In-process real-ComfyUI harness for the integration tests (not a test module).
+
+What it does, in order (see :func:`init_comfyui`):
+
+* finds a ComfyUI checkout (``$COMFYUI_PATH``, else ``~/ComfyUI``; it must contain ``comfy/``
+  and ``nodes.py``), or skips with one loud line (:func:`require_comfyui`);
+* applies the torchvision shim (``tests/_tvshim.py``) so PyPI's +cu130 torchvision imports
+  next to the CPU torch;
+* points ComfyUI's ``--base-directory`` at a temp dir *before* ``folder_paths`` is imported, so
+  models/, output/, temp/, input/, user/ and custom_nodes/ all live there and nothing is ever
+  written into the checkout;
+* sets ``args.cpu = True`` before ``comfy.model_management`` is imported (it crashes at import
+  on a CPU-only torch otherwise);
+* imports ``utils.extra_config`` and ``server`` before ``nodes`` (``nodes.py`` puts
+  ``<ComfyUI>/comfy`` on ``sys.path``, after which a top-level ``utils`` would be
+  ``comfy/utils.py``);
+* symlinks the repository root into ``<base>/custom_nodes/comfyui-mace`` (the only entry of the
+  ``custom_nodes`` folder list) and runs ``nodes.init_extra_nodes(init_custom_nodes=True,
+  init_api_nodes=False)`` so ComfyUI's own loader imports the pack exactly as it would in a
+  user's install;
+* installs a progress hook (like ``main.py``'s) and a stub server, so workflows can be executed
+  with ``execution.PromptExecutor`` without the HTTP server (:func:`run_workflow`).
+
+The working directory is changed to the checkout only while ComfyUI is imported and
+initialised, and restored afterwards.  ComfyUI keeps global state, so the harness is a
+per-process singleton: the first :func:`init_comfyui` call decides the base directory.
+
+Also here: :func:`ui_workflow_to_api` / :func:`check_ui_workflow` (run and lint the UI-format
+``workflows/*.json``) and :func:`make_tiny_sd15_checkpoint` (a 25.8 M-parameter UNet with the
+SD1.5 key layout, a reduced CLIP-L and a TAESD VAE, built at test time).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_DIR_NAME = "comfyui-mace"
+"""Name of the symlink under ``<base>/custom_nodes``; it decides the pack's web path
+(``/extensions/comfyui-mace/``) and ``RELATIVE_PYTHON_MODULE`` (``custom_nodes.comfyui-mace``)."""
+
+SKIP_MESSAGE = (
+    "ComfyUI not found: set COMFYUI_PATH or extract ComfyUI to ~/ComfyUI; integration tests SKIPPED"
+)
+
+# Top-level module names that must resolve inside the ComfyUI checkout.
+_COMFY_TOPLEVEL = ("nodes", "utils", "server", "execution", "folder_paths", "comfy", "comfy_api",
+                   "comfy_execution", "comfy_extras", "app", "node_helpers", "latent_preview",
+                   "protocol", "comfyui_version")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding ComfyUI
+# --------------------------------------------------------------------------------------------
+
+def _is_comfyui(path: Path) -> bool:
+    return (path / "comfy").is_dir() and (path / "nodes.py").is_file()
+
+
+def find_comfyui() -> Path | None:
+    """``$COMFYUI_PATH`` if set, else ``~/ComfyUI``; ``None`` unless it looks like a checkout."""
+    env = os.environ.get("COMFYUI_PATH")
+    cand = Path(env).expanduser() if env else Path.home() / "ComfyUI"
+    try:
+        cand = cand.resolve()
+    except OSError:
+        return None
+    return cand if _is_comfyui(cand) else None
+
+
+def require_comfyui() -> Path:
+    """The checkout, or ``pytest.skip`` with one loud line."""
+    path = find_comfyui()
+    if path is None:
+        import pytest
+
+        # Also print it: pytest's -q summary may hide skip reasons in some setups.
+        sys.stderr.write("\n" + SKIP_MESSAGE + "\n")
+        pytest.skip(SKIP_MESSAGE)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The stub server and progress hook
+# --------------------------------------------------------------------------------------------
+
+class StubServer:
+    """The attributes and methods of ``server.PromptServer`` that the executor, the progress
+    handlers and common nodes touch.  Every event is recorded in :attr:`messages`."""
+
+    def __init__(self) -> None:
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict = {}
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    async def send(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.messages.append(("progress_text", {"text": text, "node": node_id}))
+
+    def queue_updated(self):
+        pass
+
+
+def _install_progress_hook(h: "ComfyHarness") -> None:
+    """Like ``main.py:hijack_progress``: every ProgressBar update is an interrupt point and is
+    reported as a ``progress`` message to the current stub server."""
+    import comfy.model_management
+    import comfy.utils
+    from comfy_execution.progress import get_progress_state
+    from comfy_execution.utils import get_executing_context
+
+    def hook(value, total, preview_image, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        if ctx is not None:
+            prompt_id = prompt_id if prompt_id is not None else ctx.prompt_id
+            node_id = node_id if node_id is not None else ctx.node_id
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        srv = h.server
+        if srv is not None:
+            prompt_id = prompt_id if prompt_id is not None else srv.last_prompt_id
+            node_id = node_id if node_id is not None else srv.last_node_id
+        try:
+            get_progress_state().update_progress(node_id, value, total, preview_image)
+        except Exception:  # no prompt in progress (a node called outside the executor)
+            pass
+        if srv is not None:
+            srv.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id,
+                                       "node": node_id}, srv.client_id)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ComfyHarness:
+    comfy_root: Path
+    base_dir: Path
+    custom_nodes_dir: Path
+    pack_link: Path | None
+    pack_loaded: bool = False
+    pack_error: str | None = None
+    pack_module_name: str | None = None
+    pack_node_ids: list[str] = field(default_factory=list)
+    import_failed: list[str] = field(default_factory=list)
+    server: StubServer | None = None
+    last_executor: Any = None
+    init_seconds: float = 0.0
+
+    # Convenience accessors for the ComfyUI modules (imported by then).
+    @property
+    def nodes(self):
+        import nodes
+
+        return nodes
+
+    @property
+    def execution(self):
+        import execution
+
+        return execution
+
+    @property
+    def folder_paths(self):
+        import folder_paths
+
+        return folder_paths
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.folder_paths.get_output_directory())
+
+    @property
+    def temp_dir(self) -> Path:
+        return Path(self.folder_paths.get_temp_directory())
+
+    @property
+    def input_dir(self) -> Path:
+        return Path(self.folder_paths.get_input_directory())
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.base_dir / "models" / "checkpoints"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.base_dir / "models" / "loras"
+
+    @property
+    def pack_module(self):
+        return sys.modules.get(self.pack_module_name) if self.pack_module_name else None
+
+    def node_classes(self) -> dict[str, type]:
+        return dict(self.nodes.NODE_CLASS_MAPPINGS)
+
+    def require_pack(self) -> None:
+        """Fail (not skip) if the pack under test did not load."""
+        if not self.pack_loaded:
+            raise AssertionError(f"comfyui-mace did not load into ComfyUI: {self.pack_error}")
+
+    def add_model_dir(self, folder_name: str, path: os.PathLike | str) -> None:
+        """Register an extra model folder (e.g. a tmp dir with a generated checkpoint)."""
+        self.folder_paths.add_model_folder_path(folder_name, str(path))
+
+    def run_workflow(self, api_prompt: Mapping, **kw):
+        return run_workflow(api_prompt, harness=self, **kw)
+
+    def node_output(self, node_id: str | int, slot: int = 0, executor=None):
+        """The cached Python output (e.g. an IMAGE tensor) of a node after :meth:`run_workflow`."""
+        ex = executor or self.last_executor
+        if ex is None:
+            raise RuntimeError("no workflow has been run yet")
+        out = ex.caches.outputs.get(str(node_id))
+        if out is None:
+            raise KeyError(f"node {node_id} has no cached output (not executed, or cache_type=none)")
+        # Newer ComfyUI versions wrap outputs in a CacheEntry-like object.
+        out = getattr(out, "outputs", out)
+        value = out[slot]
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+_HARNESS: ComfyHarness | None = None
+
+
+def _check_no_shadowing(comfy_root: Path) -> None:
+    """Refuse to start if a top-level ComfyUI module name is already bound to something else
+    (e.g. the repo's own ``nodes/`` package imported as ``nodes`` by a unit test)."""
+    bad = []
+    root = str(comfy_root)
+    for name in _COMFY_TOPLEVEL:
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        places = [getattr(mod, "__file__", None) or ""] + list(getattr(mod, "__path__", []) or [])
+        places = [os.path.realpath(p) for p in places if p]
+        if places and not any(p == root or p.startswith(root + os.sep) for p in places):
+            bad.append(f"{name} -> {places[0]}")
+    if bad:
+        raise RuntimeError(
+            "cannot import ComfyUI: these top-level module names are already bound to other "
+            "modules: " + "; ".join(bad) + ". Import the pack's own modules through the package "
+            "(relative imports), never as top-level 'nodes'/'utils'.")
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def init_comfyui(base_dir: os.PathLike | str | None = None, *, load_pack: bool = True,
+                 use_checkout_models: bool = False) -> ComfyHarness:
+    """Import and initialise ComfyUI in this process (once); return the harness.
+
+    ``base_dir``: ComfyUI's ``--base-directory`` (default: a new temp dir).  ``load_pack``: link
+    the repo root into ``<base>/custom_nodes`` and let ComfyUI load it.  ``use_checkout_models``:
+    also register the checkout's ``models/{checkpoints,loras,vae,embeddings}`` (read-only use,
+    for demos with real weights).
+    """
+    global _HARNESS
+    if _HARNESS is not None:
+        return _HARNESS
+
+    import time
+
+    t0 = time.perf_counter()
+    comfy_root = find_comfyui()
+    if comfy_root is None:
+        raise RuntimeError(SKIP_MESSAGE)
+    _check_no_shadowing(comfy_root)
+
+    base = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="mace-comfy-"))
+    base = base.resolve()
+    for sub in ("models/checkpoints", "models/loras", "models/vae", "models/embeddings",
+                "output", "temp", "input", "user", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    custom_nodes = base / "custom_nodes"
+    pack_link = None
+    if load_pack:
+        pack_link = custom_nodes / PACK_DIR_NAME
+        if pack_link.is_symlink() or pack_link.exists():
+            if pack_link.resolve() != REPO_ROOT:
+                raise RuntimeError(f"{pack_link} exists and is not a link to {REPO_ROOT}")
+        else:
+            pack_link.symlink_to(REPO_ROOT, target_is_directory=True)
+
+    # 1. torchvision shim, before anything imports torchvision.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import _tvshim  # noqa: E402  (tests/_tvshim.py)
+    finally:
+        sys.path.pop(0)
+    _tvshim.install_now()
+
+    if str(comfy_root) in sys.path:
+        sys.path.remove(str(comfy_root))
+    sys.path.insert(0, str(comfy_root))
+
+    capture = _LogCapture()
+    root_logger = logging.getLogger()
+    root_logger.addHandler(capture)
+    old_level = root_logger.level
+    if root_logger.level > logging.INFO or root_logger.level == logging.NOTSET:
+        root_logger.setLevel(logging.INFO)
+    try:
+        with _cwd(comfy_root):
+            # 2. CLI args: argv is not parsed (comfy.options.args_parsing is False by default).
+            from comfy.cli_args import args
+
+            args.cpu = True
+            args.base_directory = str(base)
+            args.output_directory = str(base / "output")
+            args.disable_auto_launch = True
+
+            # 3. `utils` must be ComfyUI's package before nodes.py puts comfy/ on sys.path.
+            import utils.extra_config  # noqa: F401
+            import folder_paths
+
+            if Path(folder_paths.base_path).resolve() != base:
+                raise RuntimeError(
+                    f"folder_paths was imported before the harness (base_path="
+                    f"{folder_paths.base_path}); cannot redirect it to {base}")
+            folder_paths.set_output_directory(str(base / "output"))
+            folder_paths.set_temp_directory(str(base / "temp"))
+            folder_paths.set_input_directory(str(base / "input"))
+            folder_paths.set_user_directory(str(base / "user"))
+            # Only our temp custom_nodes dir: nothing from the checkout's custom_nodes/ loads.
+            folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
+            # Like main.py apply_custom_paths(): saved models are loadable again.
+            out = folder_paths.get_output_directory()
+            for name in ("checkpoints", "clip", "vae", "diffusion_models", "loras"):
+                folder_paths.add_model_folder_path(name, os.path.join(out, name))
+            if use_checkout_models:
+                for name, sub in (("checkpoints", "checkpoints"), ("loras", "loras"),
+                                  ("vae", "vae"), ("embeddings", "embeddings")):
+                    folder_paths.add_model_folder_path(name, str(comfy_root / "models" / sub))
+
+            import server  # noqa: F401  (before `nodes`, as main.py does)
+            import execution  # noqa: F401
+            import nodes
+
+            h = ComfyHarness(comfy_root=comfy_root, base_dir=base, custom_nodes_dir=custom_nodes,
+                             pack_link=pack_link)
+            base_ids = set(nodes.NODE_CLASS_MAPPINGS)
+            failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=load_pack,
+                                                        init_api_nodes=False))
+            h.import_failed = [str(x) for x in (failed or [])]
+            _install_progress_hook(h)
+    finally:
+        root_logger.removeHandler(capture)
+        root_logger.setLevel(old_level)
+
+    if load_pack:
+        rel = f"custom_nodes.{PACK_DIR_NAME}"
+        h.pack_module_name = str(pack_link).replace(".", "_x_")
+        h.pack_node_ids = sorted(
+            k for k, v in nodes.NODE_CLASS_MAPPINGS.items()
+            if k not in base_ids and getattr(v, "RELATIVE_PYTHON_MODULE", None) == rel)
+        if not (REPO_ROOT / "__init__.py").is_file():
+            h.pack_error = f"{REPO_ROOT / '__init__.py'} does not exist"
+        elif h.pack_module_name not in sys.modules or PACK_DIR_NAME not in nodes.LOADED_MODULE_DIRS:
+            h.pack_error = _pack_log(capture.records, str(pack_link)) or "module not imported"
+        elif not h.pack_node_ids:
+            h.pack_error = ("the pack imported but registered no nodes: "
+                            + (_pack_log(capture.records, str(pack_link)) or "no log output"))
+        else:
+            h.pack_loaded = True
+    h.init_seconds = time.perf_counter() - t0
+    _HARNESS = h
+    return h
+
+
+def _pack_log(records: Iterable[logging.LogRecord], needle: str) -> str:
+    lines = []
+    for r in records:
+        msg = r.getMessage()
+        if r.levelno >= logging.WARNING and (needle in msg or "comfy_entrypoint" in msg
+                                            or "Traceback" in msg):
+            lines.append(msg)
+    return "\n".join(lines)
+
+
+def get_harness() -> ComfyHarness:
+    if _HARNESS is None:
+        raise RuntimeError("init_comfyui() has not been called")
+    return _HARNESS
+
+
+# --------------------------------------------------------------------------------------------
+# Running workflows
+# --------------------------------------------------------------------------------------------
+
+def _format_node_errors(err, node_errors) -> str:
+    lines = [f"prompt validation failed: {json.dumps(err, default=str)}"]
+    for nid, ne in (node_errors or {}).items():
+        cls = ne.get("class_type")
+        for e in ne.get("errors", []):
+            lines.append(f"  node {nid} ({cls}): {e.get('type')}: {e.get('message')}: "
+                         f"{e.get('details')}")
+    return "\n".join(lines)
+
+
+def run_workflow(api_prompt: Mapping, *, harness: ComfyHarness | None = None,
+                 cache_type: str = "classic", executor=None, extra_data: dict | None = None,
+                 check: bool = True, prompt_id: str | None = None):
+    """Validate and execute an API-format prompt in-process.
+
+    Returns ``(history, messages)``: ``history`` is the executor's ``history_result``
+    (``{"outputs": {node_id: ui_dict}, "meta": ...}``) plus ``"status"`` (``"success"`` or
+    ``"error"``) and ``"prompt_id"``; ``messages`` is the ordered list of ``(event, data)`` a
+    websocket client would have seen (execution_start, executing, progress, executed,
+    execution_success / execution_error ...).
+
+    Validation failures raise ``AssertionError`` with the node errors.  With ``check=True``
+    (default) an execution error also raises, with the exception text and traceback.
+    ``cache_type``: "classic" (default), "lru" or "none" (dependency-aware, no intermediate
+    cache).  Pass ``executor=`` to reuse one across calls (its cache then persists); the
+    executor used is kept in ``harness.last_executor`` (see :meth:`ComfyHarness.node_output`).
+    """
+    h = harness or get_harness()
+    import execution
+
+    prompt = {str(k): copy.deepcopy(dict(v)) for k, v in api_prompt.items()}
+    pid = prompt_id or str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
+    ok, err, outputs, node_errors = valid[0], valid[1], valid[2], valid[3]
+    if not ok:
+        raise AssertionError(_format_node_errors(err, node_errors))
+
+    server = StubServer()
+    server.last_prompt_id = pid
+    if executor is None:
+        ct = {"classic": execution.CacheType.CLASSIC, "lru": execution.CacheType.LRU,
+              "none": execution.CacheType.DEPENDENCY_AWARE}[cache_type]
+        executor = execution.PromptExecutor(server, cache_type=ct,
+                                            cache_size=8 if cache_type == "lru" else None)
+    else:
+        executor.server = server
+    h.server = server
+    h.last_executor = executor
+    data = {"client_id": "mace-harness"}
+    data.update(extra_data or {})
+    try:
+        executor.execute(prompt, pid, data, outputs)
+    finally:
+        h.server = None
+
+    events = [e for e, _ in server.messages]
+    success = executor.success and "execution_success" in events
+    history = dict(getattr(executor, "history_result", {}) or {})
+    history["status"] = "success" if success else "error"
+    history["prompt_id"] = pid
+    if check and not success:
+        details = []
+        for ev, d in server.messages:
+            if ev in ("execution_error", "execution_interrupted"):
+                details.append(
+                    f"{ev} in node {d.get('node_id')} ({d.get('node_type')}): "
+                    f"{d.get('exception_type', '')}: {d.get('exception_message', '')}\n"
+                    + "".join(d.get("traceback", []) or []))
+        raise AssertionError("workflow execution failed:\n" + ("\n".join(details) or
+                             f"no execution_success; events={events}"))
+    return history, server.messages
+
+
+# --------------------------------------------------------------------------------------------
+# UI-format workflow -> API format
+# --------------------------------------------------------------------------------------------
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+_UPLOAD_OPTS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
+MODE_MUTED, MODE_BYPASS = 2, 4
+
+
+@dataclass
+class _Spec:
+    inputs: list[tuple[str, Any, dict]]      # (name, type, options) in required+optional order
+    outputs: list[str]
+
+
+def _node_specs(node_info) -> dict[str, _Spec]:
+    """Accept NODE_CLASS_MAPPINGS-like ``{name: cls}`` or ``/object_info`` JSON."""
+    if node_info is None:
+        node_info = get_harness().node_classes()
+    specs = {}
+    for name, v in node_info.items():
+        if isinstance(v, Mapping):  # /object_info entry
+            inp = v.get("input", {})
+            order = v.get("input_order")
+            items = []
+            for sec in ("required", "optional"):
+                d = inp.get(sec, {}) or {}
+                keys = (order or {}).get(sec, list(d.keys()))
+                for k in keys:
+                    if k in d:
+                        items.append((k,) + _split(d[k]))
+            specs[name] = _Spec(items, list(v.get("output", [])))
+        else:
+            it = v.INPUT_TYPES()
+            items = []
+            for sec in ("required", "optional"):
+                for k, spec in (it.get(sec) or {}).items():
+                    items.append((k,) + _split(spec))
+            specs[name] = _Spec(items, list(getattr(v, "RETURN_TYPES", ()) or ()))
+    return specs
+
+
+def _split(spec) -> tuple[Any, dict]:
+    if isinstance(spec, (list, tuple)):
+        typ = spec[0] if spec else "*"
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+        return typ, dict(opts)
+    return spec, {}
+
+
+def _type_name(typ) -> str:
+    return "COMBO" if isinstance(typ, (list, tuple)) else str(typ)
+
+
+def _is_widget(typ, opts) -> bool:
+    if opts.get("forceInput"):
+        return False
+    return _type_name(typ) in WIDGET_TYPES
+
+
+def _n_widget_values(name, typ, opts) -> int:
+    tn = _type_name(typ)
+    n = 1
+    if tn == "INT":
+        if opts.get("control_after_generate", name in ("seed", "noise_seed")):
+            n += 1
+    elif tn == "COMBO":
+        if opts.get("control_after_generate"):
+            n += 1
+        if any(opts.get(k) for k in _UPLOAD_OPTS):
+            n += 1
+    return n
+
+
+def _links_by_id(ui) -> dict[int, tuple]:
+    out = {}
+    for l in ui.get("links", []) or []:
+        if isinstance(l, Mapping):
+            t = (l["id"], l["origin_id"], l["origin_slot"], l["target_id"], l["target_slot"],
+                 l.get("type"))
+        else:
+            t = tuple(l[:6])
+        out[int(t[0])] = t
+    return out
+
+
+def _types_match(a, b) -> bool:
+    a, b = str(a), str(b)
+    if a == b or "*" in (a, b):
+        return True
+    return bool(set(a.split(",")) & set(b.split(",")))
+
+
+def ui_workflow_to_api(ui_json: Mapping | str | os.PathLike, node_info=None) -> dict:
+    """Convert a UI-format workflow (what the frontend saves) to an API-format prompt.
+
+    ``node_info``: ``{class_name: node_class}`` (e.g. ``nodes.NODE_CLASS_MAPPINGS``; default:
+    the initialised harness's) or ``/object_info`` JSON.  Widget values are mapped onto the
+    widget inputs in INPUT_TYPES order (required, then optional), skipping socket-only inputs
+    and the extra ``control_after_generate`` value after ``seed``/``noise_seed`` INT widgets.
+    Linked inputs (including widgets converted to sockets) become ``[from_node, from_slot]``.
+    Muted nodes (mode 2) and Notes are dropped; bypassed nodes (mode 4) and Reroutes are
+    passed through; PrimitiveNode values are copied into their targets.
+    Subgraphs/group nodes are not supported (:func:`check_ui_workflow` reports them).
+    """
+    ui = _load_ui(ui_json)
+    specs = _node_specs(node_info)
+    links = _links_by_id(ui)
+    by_id = {int(n["id"]): n for n in ui.get("nodes", [])}
+
+    def resolve(from_node: int, from_slot: int, want_type=None, seen=None):
+        """Follow Reroute / bypassed nodes back to a real source; None for a Primitive."""
+        seen = seen or set()
+        n = by_id.get(int(from_node))
+        if n is None or int(from_node) in seen:
+            return None
+        seen.add(int(from_node))
+        typ = n.get("type")
+        if typ == "PrimitiveNode":
+            return ("primitive", n)
+        if typ == "Reroute" or n.get("mode") == MODE_BYPASS:
+            ins = n.get("inputs") or []
+            out_type = None
+            outs = n.get("outputs") or []
+            if from_slot < len(outs):
+                out_type = outs[from_slot].get("type")
+            cands = [i for i in ins if i.get("link") is not None]
+            if typ != "Reroute":
+                cands = [i for i in cands if _types_match(i.get("type"), out_type or want_type)]
+            if not cands:
+                return None
+            l = links[int(cands[0]["link"])]
+            return resolve(l[1], l[2], want_type, seen)
+        if n.get("mode") == MODE_MUTED:
+            return None
+        return (str(int(from_node)), int(from_slot))
+
+    api: dict[str, dict] = {}
+    for n in ui.get("nodes", []):
+        typ = n.get("type")
+        if typ in FRONTEND_ONLY or n.get("mode") in (MODE_MUTED, MODE_BYPASS):
+            continue
+        if typ not in specs:
+            raise KeyError(f"node {n.get('id')}: unknown node type {typ!r}")
+        spec = specs[typ]
+        inputs: dict[str, Any] = {}
+        wv = n.get("widgets_values")
+        if isinstance(wv, Mapping):
+            for name, t, o in spec.inputs:
+                if _is_widget(t, o) and name in wv:
+                    inputs[name] = wv[name]
+        else:
+            wv = list(wv or [])
+            i = 0
+            for name, t, o in spec.inputs:
+                if not _is_widget(t, o):
+                    continue
+                if i < len(wv):
+                    inputs[name] = wv[i]
+                i += _n_widget_values(name, t, o)
+        for inp in n.get("inputs") or []:
+            if inp.get("link") is None:
+                continue
+            l = links.get(int(inp["link"]))
+            if l is None:
+                continue
+            src = resolve(l[1], l[2], inp.get("type"))
+            if src is None:  # muted / dangling source: a widget keeps its own value
+                continue
+            if src[0] == "primitive":
+                pv = src[1].get("widgets_values") or []
+                if pv:
+                    inputs[inp["name"]] = pv[0]
+                continue
+            inputs[inp["name"]] = [src[0], src[1]]
+        entry = {"class_type": typ, "inputs": inputs}
+        if n.get("title"):
+            entry["_meta"] = {"title": n["title"]}
+        api[str(int(n["id"]))] = entry
+    return api
+
+
+def _load_ui(ui_json) -> dict:
+    if isinstance(ui_json, (str, os.PathLike)) and not str(ui_json).lstrip().startswith("{"):
+        with open(ui_json, encoding="utf-8") as fh:
+            return json.load(fh)
+    if isinstance(ui_json, str):
+        return json.loads(ui_json)
+    return dict(ui_json)
+
+
+def check_ui_workflow(ui_json, node_info=None) -> list[str]:
+    """Problems in a UI-format workflow: unknown node types, links whose type does not match
+    the declared output/input type, dangling links, wrong widget-value counts, unconnected
+    required sockets, subgraphs.  An empty list means it looks loadable and runnable."""
+    ui = _load_ui(ui_json)
+    specs = _node_specs(node_info)
+    problems: list[str] = []
+    by_id = {int(n["id"]): n for n in ui.get("nodes", [])}
+    links = _links_by_id(ui)
+    if (ui.get("definitions") or {}).get("subgraphs"):
+        problems.append("workflow contains subgraphs (not supported by ui_workflow_to_api)")
+
+    for n in ui.get("nodes", []):
+        nid, typ = n.get("id"), n.get("type")
+        if typ in FRONTEND_ONLY:
+            continue
+        if typ not in specs:
+            problems.append(f"node {nid}: unknown node type {typ!r}")
+            continue
+        spec = specs[typ]
+        names = {nm for nm, _, _ in spec.inputs}
+        wv = n.get("widgets_values")
+        if wv is not None and not isinstance(wv, Mapping):
+            want = sum(_n_widget_values(nm, t, o) for nm, t, o in spec.inputs if _is_widget(t, o))
+            if len(wv) != want:
+                problems.append(f"node {nid} ({typ}): {len(wv)} widgets_values, expected {want}")
+        linked = set()
+        for inp in n.get("inputs") or []:
+            if inp.get("name") not in names:
+                problems.append(f"node {nid} ({typ}): input {inp.get('name')!r} is not declared")
+            if inp.get("link") is not None:
+                linked.add(inp.get("name"))
+        if n.get("mode") in (MODE_MUTED, MODE_BYPASS):
+            continue
+        for nm, t, o in spec.inputs:
+            if nm in linked or _is_widget(t, o):
+                continue
+            if any(nm == k for k in _required_names(spec, node_info, typ)):
+                problems.append(f"node {nid} ({typ}): required input {nm!r} is not connected")
+
+    for lid, (_, fn, fs, tn, ts, ltype) in links.items():
+        src, dst = by_id.get(int(fn)), by_id.get(int(tn))
+        if src is None or dst is None:
+            problems.append(f"link {lid}: refers to a missing node ({fn} -> {tn})")
+            continue
+        if src.get("type") in specs:
+            outs = specs[src["type"]].outputs
+            if fs >= len(outs):
+                problems.append(f"link {lid}: node {fn} ({src['type']}) has no output slot {fs}")
+            elif ltype is not None and not _types_match(outs[fs], ltype):
+                problems.append(f"link {lid}: type {ltype} but node {fn} ({src['type']}) output "
+                                f"{fs} is {outs[fs]}")
+        if dst.get("type") in specs:
+            dins = dst.get("inputs") or []
+            if ts >= len(dins):
+                problems.append(f"link {lid}: node {tn} ({dst['type']}) has no input slot {ts}")
+                continue
+            iname = dins[ts].get("name")
+            decl = {nm: t for nm, t, _ in specs[dst["type"]].inputs}
+            if iname in decl:
+                dt = _type_name(decl[iname])
+                if ltype is not None and not _types_match(dt, ltype):
+                    problems.append(f"link {lid}: type {ltype} into node {tn} ({dst['type']}) "
+                                    f"input {iname!r} of type {dt}")
+                if src.get("type") in specs and fs < len(specs[src["type"]].outputs):
+                    st = specs[src["type"]].outputs[fs]
+                    if not _types_match(st, dt):
+                        problems.append(f"link {lid}: {src['type']} output {st} -> {dst['type']}"
+                                        f".{iname} ({dt})")
+            if dins[ts].get("link") != lid:
+                problems.append(f"link {lid}: node {tn} input slot {ts} points at link "
+                                f"{dins[ts].get('link')}")
+    return problems
+
+
+def _required_names(spec: _Spec, node_info, typ) -> list[str]:
+    if node_info is None:
+        node_info = get_harness().node_classes()
+    v = node_info[typ]
+    if isinstance(v, Mapping):
+        return list((v.get("input", {}).get("required") or {}).keys())
+    return list((v.INPUT_TYPES().get("required") or {}).keys())
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny SD1.5-layout checkpoint
+# --------------------------------------------------------------------------------------------
+
+TINY_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+    transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1,
+    use_spatial_transformer=True, use_linear_in_transformer=False, legacy=False,
+    adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+
+def _init_tensor(key: str, shape, gen, torch):
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "vae_scale":
+        return torch.ones(shape)
+    if leaf == "vae_shift":
+        return torch.zeros(shape)
+    if leaf == "bias":
+        return torch.zeros(shape)
+    if leaf == "weight" and len(shape) == 1:   # GroupNorm / LayerNorm
+        return torch.ones(shape)
+    return torch.randn(tuple(shape), generator=gen) * 0.02
+
+
+def make_tiny_sd15_checkpoint(path: os.PathLike | str, clip_layers: int = 1, seed: int = 0) -> Path:
+    """Write a deterministic tiny SD1.5-layout checkpoint (fp16 safetensors) to ``path``.
+
+    UNet: ComfyUI's ``UNetModel`` with one 320-channel level (25.8 M params; detected as SD15:
+    4 cross-attention layers = 8 attn2 to_k/to_v tensors).  CLIP-L: ``clip_layers`` encoder
+    layers, hidden 768, vocab 49408.  VAE: TAESD under ``first_stage_model.taesd_*``.  Weights
+    N(0, 0.02), norm weights 1, biases 0.  ComfyUI classes are instantiated on the ``meta``
+    device only to get the key layout.  Needs :func:`init_comfyui` first.
+    """
+    get_harness()
+    import torch
+    from safetensors.torch import save_file
+
+    import comfy.clip_model
+    import comfy.ops
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    ops = comfy.ops.disable_weight_init
+    shapes: dict[str, tuple] = {}
+    with torch.device("meta"):
+        unet = UNetModel(dtype=torch.float32, device="meta", operations=ops, **TINY_UNET_CONFIG)
+        for k, v in unet.state_dict().items():
+            shapes["model.diffusion_model." + k] = tuple(v.shape)
+        del unet
+
+        cfg_path = Path(comfy.clip_model.__file__).with_name("sd1_clip_config.json")
+        cfg = json.loads(cfg_path.read_text())
+        cfg["num_hidden_layers"] = int(clip_layers)
+        clip = comfy.clip_model.CLIPTextModel(cfg, dtype=torch.float32, device="meta",
+                                              operations=ops)
+        for k, v in clip.state_dict().items():
+            if k.startswith("text_model."):
+                shapes["cond_stage_model.transformer." + k] = tuple(v.shape)
+        del clip
+
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+        for k, v in taesd.state_dict().items():
+            shapes["first_stage_model." + k] = tuple(v.shape)
+        del taesd
+
+    gen = torch.Generator().manual_seed(int(seed))
+    sd = {}
+    for k in sorted(shapes):
+        sd[k] = _init_tensor(k, shapes[k], gen, torch).to(torch.float16).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", "mace_tiny_sd15_clip_layers": str(clip_layers)})
+    return path
+
+
+def load_tiny_checkpoint(path: os.PathLike | str, clip_layers: int = 1):
+    """``comfy.sd.load_checkpoint_guess_config`` with the CLIP depth the file was built with.
+    Returns ``(model_patcher, clip, vae)``."""
+    get_harness()
+    import comfy.sd
+
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=True, output_clip=True,
+        te_model_options={"clip_l_model_config": {"num_hidden_layers": int(clip_layers)}})
+    return out[0], out[1], out[2]
+
+
+def stock_t2i_prompt(ckpt_name: str, *, positive="a photo of a cat", negative="",
+                     width=64, height=64, steps=2, cfg=7.0, seed=0, sampler="euler",
+                     scheduler="normal", save=False, prefix="mace_test") -> dict:
+    """API prompt: CheckpointLoaderSimple -> CLIPTextEncode x2 -> EmptyLatentImage -> KSampler
+    -> VAEDecode -> PreviewImage (or SaveImage).  Node ids are "1".."7" (VAEDecode is "6")."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage",
+              "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "5": {"class_type": "KSampler",
+              "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                         "latent_image": ["4", 0], "seed": seed, "steps": steps, "cfg": cfg,
+                         "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": ({"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}}
+              if save else {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}),
+    }
+
+
+def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64,
+                      max_steps: int = 2) -> dict:
+    """Copy of an API prompt made cheap enough for CI: every ``ckpt_name`` input points at
+    ``ckpt_name`` (e.g. the tiny checkpoint), latent sizes are capped at ``max_side`` and
+    sampler ``steps`` at ``max_steps``.  Other inputs are untouched."""
+    out = copy.deepcopy(dict(api_prompt))
+    for node in out.values():
+        inputs = node.get("inputs", {})
+        if isinstance(inputs.get("ckpt_name"), str):
+            inputs["ckpt_name"] = ckpt_name
+        for key in ("width", "height"):
+            if isinstance(inputs.get(key), int) and node.get("class_type", "").startswith("Empty"):
+                inputs[key] = min(inputs[key], max_side)
+        if isinstance(inputs.get("steps"), int):
+            inputs["steps"] = min(inputs["steps"], max_steps)
+    return out

@@ -1,0 +1,71 @@
+"""Shared pytest fixtures.
+
+* ``comfy`` (session): real ComfyUI imported and initialised in-process with the repo loaded
+  as the custom-node pack ``comfyui-mace`` (see ``tests/comfy_harness.py``); skipped with one
+  loud line when no checkout is found ($COMFYUI_PATH, else ~/ComfyUI).
+* ``tiny_ckpt`` (session): path of a generated tiny SD1.5-layout checkpoint (12-layer CLIP,
+  TAESD VAE, fp16, ~300 MB) in a tmp dir registered as a ``checkpoints`` folder, so
+  ``CheckpointLoaderSimple`` can load it by ``tiny_ckpt.name``.
+
+Any test that uses ``comfy`` (directly or through ``tiny_ckpt``) is marked ``integration``
+automatically.
+"""
+from __future__ import annotations
+
+import pytest
+
+from comfy_harness import (SKIP_MESSAGE, find_comfyui, init_comfyui,
+                           make_tiny_sd15_checkpoint, require_comfyui)
+
+TINY_CKPT_NAME = "mace_tiny_sd15.safetensors"
+
+
+def pytest_report_header(config):
+    path = find_comfyui()
+    if path is None:
+        return [SKIP_MESSAGE]
+    version = "?"
+    try:
+        ns: dict = {}
+        exec((path / "comfyui_version.py").read_text(), ns)
+        version = ns.get("__version__", "?")
+    except OSError:
+        pass
+    return [f"ComfyUI: {path} (version {version}); integration tests enabled"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselection sees the markers
+def pytest_collection_modifyitems(config, items):
+    missing = find_comfyui() is None
+    for item in items:
+        if "comfy" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+        if missing and item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.skip(reason=SKIP_MESSAGE))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if find_comfyui() is None:
+        terminalreporter.write_line(SKIP_MESSAGE, yellow=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """The initialised :class:`comfy_harness.ComfyHarness` (or skip)."""
+    require_comfyui()
+    base = tmp_path_factory.mktemp("comfy_base")
+    return init_comfyui(base)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(comfy, tmp_path_factory):
+    """Path to the tiny checkpoint; ``CheckpointLoaderSimple`` knows it as ``tiny_ckpt.name``.
+
+    It carries all 12 CLIP-L layers because the stock loader always builds a 12-layer CLIP and
+    leaves missing layers uninitialised (NaN conditioning).  For direct-API tests that want a
+    faster text encoder: ``comfy_harness.load_tiny_checkpoint(tiny_ckpt, clip_layers=1)``.
+    """
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    path = make_tiny_sd15_checkpoint(d / TINY_CKPT_NAME, clip_layers=12, seed=0)
+    comfy.add_model_dir("checkpoints", d)
+    return path
