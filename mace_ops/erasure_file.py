@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from safetensors import safe_open
@@ -83,6 +84,14 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
         raise
 
 
+def mace_metadata(fixed: dict[str, str], info: Mapping) -> dict[str, str]:
+    """``fixed`` plus every ``info`` item as ``mace.<key>`` (strings as they are, the rest as JSON)."""
+    metadata = dict(fixed)
+    for key, value in info.items():
+        metadata[f"mace.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return metadata
+
+
 def save_erasure(
     path: str,
     deltas: KVWeights,
@@ -99,10 +108,8 @@ def save_erasure(
     if not deltas:
         raise ValueError("nothing to save: the erasure changed no weight")
     tensors = {diff_key(k): v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in deltas.items()}
-    metadata = {"mace.format": FORMAT_VERSION, "mace.pack_version": __version__, "mace.dtype": dtype}
-    metadata["mace.base_model_hash"] = base_fingerprint
-    for key, value in info.items():
-        metadata[f"mace.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    metadata = mace_metadata({"mace.format": FORMAT_VERSION, "mace.pack_version": __version__, "mace.dtype": dtype,
+                              "mace.base_model_hash": base_fingerprint}, info)
     atomic_save(tensors, path, metadata)
     return metadata
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
-from .erasure_file import DTYPES, atomic_save
+from .erasure_file import DTYPES, atomic_save, mace_metadata
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
 
@@ -89,15 +89,13 @@ def save_concept_lora(
         tensors[keys["up"]] = f.up.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous()
         tensors[keys["down"]] = f.down.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous()
         tensors[keys["alpha"]] = torch.tensor(float(f.alpha), dtype=torch.float32)
-    metadata = {
+    metadata = mace_metadata({
         "mace.format": LORA_FORMAT,
         "mace.pack_version": __version__,
         "mace.dtype": dtype,
         "mace.base_model_hash": base_fingerprint,
         "mace.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks),
-    }
-    for key, value in info.items():
-        metadata[f"mace.{key}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    }, info)
     atomic_save(tensors, path, metadata)
     return metadata
 
