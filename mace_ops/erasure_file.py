@@ -73,6 +73,9 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".mace-", suffix=".tmp", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     try:
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as f:

@@ -26,14 +26,18 @@ initialised, and restored afterwards.  ComfyUI keeps global state, so the harnes
 per-process singleton: the first :func:`init_comfyui` call decides the base directory.
 
 Also here: :func:`ui_workflow_to_api` / :func:`check_ui_workflow` (run and lint the UI-format
-``workflows/*.json``) and :func:`make_tiny_sd15_checkpoint` (a 25.8 M-parameter UNet with the
-SD1.5 key layout, a reduced CLIP-L and a TAESD VAE, built at test time).
+``workflows/*.json``; re-exported from the pack's ``headless/ui_to_api.py``, which
+:func:`load_pack_package` makes importable as ``comfyui_mace.headless.ui_to_api``) and
+:func:`make_tiny_sd15_checkpoint` (a 25.8 M-parameter UNet with the SD1.5 key layout, a reduced
+CLIP-L and a TAESD VAE, built at test time).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -496,279 +500,39 @@ def run_workflow(api_prompt: Mapping, *, harness: ComfyHarness | None = None,
 
 
 # --------------------------------------------------------------------------------------------
-# UI-format workflow -> API format
+# UI-format workflow -> API format: one copy, in the pack (headless/ui_to_api.py)
 # --------------------------------------------------------------------------------------------
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-_UPLOAD_OPTS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload")
-MODE_MUTED, MODE_BYPASS = 2, 4
+PACK_PACKAGE = "comfyui_mace"
+"""Name under which the repository root is importable as a package in the test process (the
+folder name need not be a valid module name)."""
 
 
-@dataclass
-class _Spec:
-    inputs: list[tuple[str, Any, dict]]      # (name, type, options) in required+optional order
-    outputs: list[str]
+def load_pack_package(name: str = PACK_PACKAGE):
+    """The repository root as the package ``name`` (``importlib``, from its path).
+
+    Its ``__init__.py`` is not executed: it would import the ComfyUI nodes (and ComfyUI's
+    ``folder_paths``) as soon as ComfyUI is importable.  Submodules (``headless``,
+    ``mace_ops``) import normally.  This is a different module tree from the one ComfyUI loads
+    as the custom-node pack (see :attr:`ComfyHarness.pack_module`)."""
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+    return mod
 
 
-def _node_specs(node_info) -> dict[str, _Spec]:
-    """Accept NODE_CLASS_MAPPINGS-like ``{name: cls}`` or ``/object_info`` JSON."""
-    if node_info is None:
-        node_info = get_harness().node_classes()
-    specs = {}
-    for name, v in node_info.items():
-        if isinstance(v, Mapping):  # /object_info entry
-            inp = v.get("input", {})
-            order = v.get("input_order")
-            items = []
-            for sec in ("required", "optional"):
-                d = inp.get(sec, {}) or {}
-                keys = (order or {}).get(sec, list(d.keys()))
-                for k in keys:
-                    if k in d:
-                        items.append((k,) + _split(d[k]))
-            specs[name] = _Spec(items, list(v.get("output", [])))
-        else:
-            it = v.INPUT_TYPES()
-            items = []
-            for sec in ("required", "optional"):
-                for k, spec in (it.get(sec) or {}).items():
-                    items.append((k,) + _split(spec))
-            specs[name] = _Spec(items, list(getattr(v, "RETURN_TYPES", ()) or ()))
-    return specs
-
-
-def _split(spec) -> tuple[Any, dict]:
-    if isinstance(spec, (list, tuple)):
-        typ = spec[0] if spec else "*"
-        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
-        return typ, dict(opts)
-    return spec, {}
-
-
-def _type_name(typ) -> str:
-    return "COMBO" if isinstance(typ, (list, tuple)) else str(typ)
-
-
-def _is_widget(typ, opts) -> bool:
-    if opts.get("forceInput"):
-        return False
-    return _type_name(typ) in WIDGET_TYPES
-
-
-def _n_widget_values(name, typ, opts) -> int:
-    tn = _type_name(typ)
-    n = 1
-    if tn == "INT":
-        if opts.get("control_after_generate", name in ("seed", "noise_seed")):
-            n += 1
-    elif tn == "COMBO":
-        if opts.get("control_after_generate"):
-            n += 1
-        if any(opts.get(k) for k in _UPLOAD_OPTS):
-            n += 1
-    return n
-
-
-def _links_by_id(ui) -> dict[int, tuple]:
-    out = {}
-    for l in ui.get("links", []) or []:
-        if isinstance(l, Mapping):
-            t = (l["id"], l["origin_id"], l["origin_slot"], l["target_id"], l["target_slot"],
-                 l.get("type"))
-        else:
-            t = tuple(l[:6])
-        out[int(t[0])] = t
-    return out
-
-
-def _types_match(a, b) -> bool:
-    a, b = str(a), str(b)
-    if a == b or "*" in (a, b):
-        return True
-    return bool(set(a.split(",")) & set(b.split(",")))
-
-
-def ui_workflow_to_api(ui_json: Mapping | str | os.PathLike, node_info=None) -> dict:
-    """Convert a UI-format workflow (what the frontend saves) to an API-format prompt.
-
-    ``node_info``: ``{class_name: node_class}`` (e.g. ``nodes.NODE_CLASS_MAPPINGS``; default:
-    the initialised harness's) or ``/object_info`` JSON.  Widget values are mapped onto the
-    widget inputs in INPUT_TYPES order (required, then optional), skipping socket-only inputs
-    and the extra ``control_after_generate`` value after ``seed``/``noise_seed`` INT widgets.
-    Linked inputs (including widgets converted to sockets) become ``[from_node, from_slot]``.
-    Muted nodes (mode 2) and Notes are dropped; bypassed nodes (mode 4) and Reroutes are
-    passed through; PrimitiveNode values are copied into their targets.
-    Subgraphs/group nodes are not supported (:func:`check_ui_workflow` reports them).
-    """
-    ui = _load_ui(ui_json)
-    specs = _node_specs(node_info)
-    links = _links_by_id(ui)
-    by_id = {int(n["id"]): n for n in ui.get("nodes", [])}
-
-    def resolve(from_node: int, from_slot: int, want_type=None, seen=None):
-        """Follow Reroute / bypassed nodes back to a real source; None for a Primitive."""
-        seen = seen or set()
-        n = by_id.get(int(from_node))
-        if n is None or int(from_node) in seen:
-            return None
-        seen.add(int(from_node))
-        typ = n.get("type")
-        if typ == "PrimitiveNode":
-            return ("primitive", n)
-        if typ == "Reroute" or n.get("mode") == MODE_BYPASS:
-            ins = n.get("inputs") or []
-            out_type = None
-            outs = n.get("outputs") or []
-            if from_slot < len(outs):
-                out_type = outs[from_slot].get("type")
-            cands = [i for i in ins if i.get("link") is not None]
-            if typ != "Reroute":
-                cands = [i for i in cands if _types_match(i.get("type"), out_type or want_type)]
-            if not cands:
-                return None
-            l = links[int(cands[0]["link"])]
-            return resolve(l[1], l[2], want_type, seen)
-        if n.get("mode") == MODE_MUTED:
-            return None
-        return (str(int(from_node)), int(from_slot))
-
-    api: dict[str, dict] = {}
-    for n in ui.get("nodes", []):
-        typ = n.get("type")
-        if typ in FRONTEND_ONLY or n.get("mode") in (MODE_MUTED, MODE_BYPASS):
-            continue
-        if typ not in specs:
-            raise KeyError(f"node {n.get('id')}: unknown node type {typ!r}")
-        spec = specs[typ]
-        inputs: dict[str, Any] = {}
-        wv = n.get("widgets_values")
-        if isinstance(wv, Mapping):
-            for name, t, o in spec.inputs:
-                if _is_widget(t, o) and name in wv:
-                    inputs[name] = wv[name]
-        else:
-            wv = list(wv or [])
-            i = 0
-            for name, t, o in spec.inputs:
-                if not _is_widget(t, o):
-                    continue
-                if i < len(wv):
-                    inputs[name] = wv[i]
-                i += _n_widget_values(name, t, o)
-        for inp in n.get("inputs") or []:
-            if inp.get("link") is None:
-                continue
-            l = links.get(int(inp["link"]))
-            if l is None:
-                continue
-            src = resolve(l[1], l[2], inp.get("type"))
-            if src is None:  # muted / dangling source: a widget keeps its own value
-                continue
-            if src[0] == "primitive":
-                pv = src[1].get("widgets_values") or []
-                if pv:
-                    inputs[inp["name"]] = pv[0]
-                continue
-            inputs[inp["name"]] = [src[0], src[1]]
-        entry = {"class_type": typ, "inputs": inputs}
-        if n.get("title"):
-            entry["_meta"] = {"title": n["title"]}
-        api[str(int(n["id"]))] = entry
-    return api
-
-
-def _load_ui(ui_json) -> dict:
-    if isinstance(ui_json, (str, os.PathLike)) and not str(ui_json).lstrip().startswith("{"):
-        with open(ui_json, encoding="utf-8") as fh:
-            return json.load(fh)
-    if isinstance(ui_json, str):
-        return json.loads(ui_json)
-    return dict(ui_json)
-
-
-def check_ui_workflow(ui_json, node_info=None) -> list[str]:
-    """Problems in a UI-format workflow: unknown node types, links whose type does not match
-    the declared output/input type, dangling links, wrong widget-value counts, unconnected
-    required sockets, subgraphs.  An empty list means it looks loadable and runnable."""
-    ui = _load_ui(ui_json)
-    specs = _node_specs(node_info)
-    problems: list[str] = []
-    by_id = {int(n["id"]): n for n in ui.get("nodes", [])}
-    links = _links_by_id(ui)
-    if (ui.get("definitions") or {}).get("subgraphs"):
-        problems.append("workflow contains subgraphs (not supported by ui_workflow_to_api)")
-
-    for n in ui.get("nodes", []):
-        nid, typ = n.get("id"), n.get("type")
-        if typ in FRONTEND_ONLY:
-            continue
-        if typ not in specs:
-            problems.append(f"node {nid}: unknown node type {typ!r}")
-            continue
-        spec = specs[typ]
-        names = {nm for nm, _, _ in spec.inputs}
-        wv = n.get("widgets_values")
-        if wv is not None and not isinstance(wv, Mapping):
-            want = sum(_n_widget_values(nm, t, o) for nm, t, o in spec.inputs if _is_widget(t, o))
-            if len(wv) != want:
-                problems.append(f"node {nid} ({typ}): {len(wv)} widgets_values, expected {want}")
-        linked = set()
-        for inp in n.get("inputs") or []:
-            if inp.get("name") not in names:
-                problems.append(f"node {nid} ({typ}): input {inp.get('name')!r} is not declared")
-            if inp.get("link") is not None:
-                linked.add(inp.get("name"))
-        if n.get("mode") in (MODE_MUTED, MODE_BYPASS):
-            continue
-        for nm, t, o in spec.inputs:
-            if nm in linked or _is_widget(t, o):
-                continue
-            if any(nm == k for k in _required_names(spec, node_info, typ)):
-                problems.append(f"node {nid} ({typ}): required input {nm!r} is not connected")
-
-    for lid, (_, fn, fs, tn, ts, ltype) in links.items():
-        src, dst = by_id.get(int(fn)), by_id.get(int(tn))
-        if src is None or dst is None:
-            problems.append(f"link {lid}: refers to a missing node ({fn} -> {tn})")
-            continue
-        if src.get("type") in specs:
-            outs = specs[src["type"]].outputs
-            if fs >= len(outs):
-                problems.append(f"link {lid}: node {fn} ({src['type']}) has no output slot {fs}")
-            elif ltype is not None and not _types_match(outs[fs], ltype):
-                problems.append(f"link {lid}: type {ltype} but node {fn} ({src['type']}) output "
-                                f"{fs} is {outs[fs]}")
-        if dst.get("type") in specs:
-            dins = dst.get("inputs") or []
-            if ts >= len(dins):
-                problems.append(f"link {lid}: node {tn} ({dst['type']}) has no input slot {ts}")
-                continue
-            iname = dins[ts].get("name")
-            decl = {nm: t for nm, t, _ in specs[dst["type"]].inputs}
-            if iname in decl:
-                dt = _type_name(decl[iname])
-                if ltype is not None and not _types_match(dt, ltype):
-                    problems.append(f"link {lid}: type {ltype} into node {tn} ({dst['type']}) "
-                                    f"input {iname!r} of type {dt}")
-                if src.get("type") in specs and fs < len(specs[src["type"]].outputs):
-                    st = specs[src["type"]].outputs[fs]
-                    if not _types_match(st, dt):
-                        problems.append(f"link {lid}: {src['type']} output {st} -> {dst['type']}"
-                                        f".{iname} ({dt})")
-            if dins[ts].get("link") != lid:
-                problems.append(f"link {lid}: node {tn} input slot {ts} points at link "
-                                f"{dins[ts].get('link')}")
-    return problems
-
-
-def _required_names(spec: _Spec, node_info, typ) -> list[str]:
-    if node_info is None:
-        node_info = get_harness().node_classes()
-    v = node_info[typ]
-    if isinstance(v, Mapping):
-        return list((v.get("input", {}).get("required") or {}).keys())
-    return list((v.INPUT_TYPES().get("required") or {}).keys())
+load_pack_package()
+_ui = importlib.import_module(f"{PACK_PACKAGE}.headless.ui_to_api")
+WIDGET_TYPES = _ui.WIDGET_TYPES
+FRONTEND_ONLY = _ui.FRONTEND_ONLY
+MODE_MUTED, MODE_BYPASS = _ui.MODE_MUTED, _ui.MODE_BYPASS
+ui_workflow_to_api = _ui.ui_workflow_to_api
+check_ui_workflow = _ui.check_ui_workflow
+check_api_prompt = _ui.check_api_prompt
+load_workflow = _ui.load_workflow
 
 
 # --------------------------------------------------------------------------------------------
