@@ -18,11 +18,18 @@ class Alignment:
     new: tuple[int, ...]  # paired positions in the anchor prompt
 
 
-def align(old_ids: Sequence[int], old_len: int, new_ids: Sequence[int], new_len: int) -> Alignment:
+def align(
+    old_ids: Sequence[int], old_len: int, new_ids: Sequence[int], new_len: int, include_concept: bool = False
+) -> Alignment:
     """Pair positions of two prompts of equal window length (ids include padding).
 
     ``old_len``/``new_len`` count the real tokens (start and end included). The result has
     length ``L - max(n_concept, n_anchor)`` where n_* are the differing middle token counts.
+
+    ``include_concept`` also pairs the concept's own tokens (MACE leaves them to the LoRA stage;
+    a CFR-only erasure needs them): concept token i of n_c goes to anchor token
+    floor(i * n_a / n_c), or, for an empty anchor, to the first position after the anchor slot
+    (what the model reads when the concept is simply left out).
     """
     window = len(old_ids)
     if len(new_ids) != window:
@@ -40,6 +47,11 @@ def align(old_ids: Sequence[int], old_len: int, new_ids: Sequence[int], new_len:
     pads = window - max(len(a), len(b))
     old += range(len(a), len(a) + pads)
     new += range(len(b), len(b) + pads)
+    if include_concept:
+        n_c, n_a = len(a) - suffix - prefix, len(b) - suffix - prefix
+        for i in range(n_c):
+            old.append(prefix + i)
+            new.append(prefix + (i * n_a) // n_c if n_a else prefix)
     return Alignment(tuple(old), tuple(new))
 
 

@@ -35,6 +35,9 @@ class CFRConfig:
     """Ridge toward the original weights, in the reference's raw units (sum over token vectors)."""
     preserve_scale: float = 1.0
     """Weight of the preserve prompts relative to the erase pairs (scale free)."""
+    concept_tokens: bool = False
+    """Also map the concept's own tokens onto the anchor's (needed when CFR runs without the
+    LoRA stage; MACE proper leaves the concept tokens to the LoRAs)."""
 
 
 @dataclass
@@ -72,7 +75,8 @@ def check_concepts(encoder: TextEncoder, concepts: Iterable[Concept], default_an
 
 
 def add_concept_pairs(
-    stats: PairStats, encoder: TextEncoder, concept: Concept, templates: Sequence[str], anchor: str
+    stats: PairStats, encoder: TextEncoder, concept: Concept, templates: Sequence[str], anchor: str,
+    concept_tokens: bool = False,
 ) -> None:
     """Accumulate the aligned (context, anchor-input) pairs of one concept over all templates."""
     anchor_prompts = [fill(t, anchor) for t in templates]
@@ -80,7 +84,7 @@ def add_concept_pairs(
     for phrase in concept.phrases:
         old = _encode_checked(encoder, [fill(t, phrase) for t in templates], f"concept line {concept.line}")
         for o, n in zip(old, new):
-            a = align(o.ids, o.length, n.ids, n.length)
+            a = align(o.ids, o.length, n.ids, n.length, concept_tokens)
             stats.add_pairs(o.features[list(a.old)], n.features[list(a.new)])
 
 
@@ -99,6 +103,7 @@ def build_stats(
     preserve_prompts: Sequence[str] = (),
     progress: Progress | None = None,
     field_name: str = "concepts",
+    concept_tokens: bool = False,
 ) -> PairStats:
     if not templates or any("{}" not in t for t in templates):
         raise ValueError("templates: every template needs one '{}' where the concept goes")
@@ -108,7 +113,7 @@ def build_stats(
     total = len(concepts) + 1
     for k, concept in enumerate(concepts):
         anchor = default_anchor if concept.anchor is None else concept.anchor
-        add_concept_pairs(stats, encoder, concept, templates, anchor)
+        add_concept_pairs(stats, encoder, concept, templates, anchor, concept_tokens)
         if progress:
             progress(k + 1, total)
     add_preserve_prompts(stats, encoder, list(preserve_prompts))
@@ -170,7 +175,8 @@ def refine_cross_attention(
     if not weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
     start = time.perf_counter()
-    stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name)
+    stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name,
+                        config.concept_tokens)
     widths = sorted({w.shape[1] for w in weights.values()})
     if widths != [stats.dim]:
         raise ValueError(

@@ -50,13 +50,16 @@ class MaceRefineCrossAttention(io.ComfyNode):
                                tooltip="Weight of the preserve prompts relative to the erase prompts."),
                 io.Boolean.Input("builtin_preserve", default=True,
                                  tooltip="Also preserve a built-in set of 20 everyday prompts."),
+                io.Boolean.Input("erase_concept_tokens", default=True, optional=True,
+                                 tooltip="Also remap the concept's own tokens (needed when CFR is used alone). "
+                                 "Turn off before MACE LoRA training + fusion, which handle those tokens."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
-                builtin_preserve) -> io.NodeOutput:
+                builtin_preserve, erase_concept_tokens=True) -> io.NodeOutput:
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
         templates = templates_for(concept_type)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
@@ -65,7 +68,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
         default_anchor = " ".join(anchor.lower().split())
         result = refine_cross_attention(
             encoder, base, parsed, templates, default_anchor, keep,
-            CFRConfig(lamb=lambda_, preserve_scale=preserve_scale), NodeProgress(len(parsed) + 1),
+            CFRConfig(lambda_, preserve_scale, erase_concept_tokens), NodeProgress(len(parsed) + 1),
         )
         info = {
             "method": "cfr",
@@ -76,6 +79,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
             "preserve_scale": preserve_scale,
             "preserve": [p for c in parse_concepts(preserve, "preserve", False) for p in c.phrases],
             "builtin_preserve": builtin_preserve,
+            "erase_concept_tokens": erase_concept_tokens,
         }
         out = apply_erasure(model, result.deltas, base, info)
         summary = (

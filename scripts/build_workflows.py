@@ -32,6 +32,12 @@ SOCKETS: dict[str, tuple[list, list]] = {
                                  [("model", "MODEL"), ("summary", "STRING")]),
     "MaceSaveErasure": ([("model", "MODEL")], [("path", "STRING")]),
     "MaceLoadErasure": ([("model", "MODEL")], [("model", "MODEL"), ("info", "STRING")]),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "MaceTrainingImages": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
+                           [("images", "IMAGE"), ("prompts", "STRING")]),
+    "MaceTrainConceptLora": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("images", "IMAGE"),
+                              ("masks", "MASK")],
+                             [("model", "MODEL"), ("lora_path", "STRING"), ("summary", "STRING")]),
 }
 
 
@@ -57,13 +63,38 @@ WORKFLOWS = {
         "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
         "cfr": ("MaceRefineCrossAttention",
                 ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
-                 1.0, 1.0, True],
+                 1.0, 1.0, True, True],
                 {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
         "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh", "fp16"], {"model": ("cfr", "model")},
                          (820, -260)),
         "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
         **sampler_nodes("erased_", ("cfr", "model"), "a painting of a starry night in the style of van gogh",
                         820, 60),
+    },
+    # MACE stages 1 + 2 for one concept: images of the concept from the original model, CFR, then the
+    # concept's LoRA trained on the CFR model (the LoRA file is saved by the training node; the
+    # combined CFR + LoRA edit is saved by MACE Save Erasure), then a sample from the erased model.
+    "erase_style_lora": {
+        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "images": ("MaceTrainingImages",
+                   ["van gogh, vincent van gogh", "style", 8, 30, 7.5, 0, "fixed", 512, 512, "dpmpp_2m", "karras",
+                    "blurry, low quality"],
+                   {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE")}, (380, 0)),
+        "images_preview": ("PreviewImage", [], {"images": ("images", "images")}, (780, -360)),
+        "cfr": ("MaceRefineCrossAttention",
+                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
+                 1.0, 1.0, True, False],
+                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 420)),
+        "lora": ("MaceTrainConceptLora",
+                 ["van gogh, vincent van gogh", "style", "auto", 50, 1e-4, 1, 2024, "fixed", "cfis", True,
+                  "loras/mace_lora/{concept}"],
+                 {"model": ("cfr", "model"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE"),
+                  "images": ("images", "images")}, (780, 0)),
+        "summary": ("PreviewAny", [], {"source": ("lora", "summary")}, (1180, -260)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_cfr_lora", "fp16"], {"model": ("lora", "model")},
+                         (1180, -120)),
+        **sampler_nodes("erased_", ("lora", "model"), "a painting of a starry night in the style of van gogh",
+                        1180, 60),
     },
 }
 

@@ -203,3 +203,32 @@ def test_ill_conditioned_system_is_refused():
 def test_model_clip_width_mismatch():
     with pytest.raises(ValueError, match="model/clip mismatch"):
         refine_cross_attention(ENC, fake_kv_weights(dim=16), parse_concepts("ship"), OBJECT_TEMPLATES, "ground")
+
+
+@pytest.mark.parametrize("concept,anchor", [("ship", "ground"), ("van gogh", "art"), ("ship", ""), ("van gogh", "a person")])
+def test_alignment_with_concept_tokens(concept, anchor):
+    tpl = "a photo of a {} at night"
+    o, n = enc1(fill(tpl, concept)), enc1(fill(tpl, anchor))
+    nc, na = len(ENC.tokenize(concept)), len(ENC.tokenize(anchor))
+    plain = align(o.ids, o.length, n.ids, n.length)
+    full = align(o.ids, o.length, n.ids, n.length, include_concept=True)
+    assert full.old[: len(plain.old)] == plain.old and full.new[: len(plain.new)] == plain.new
+    extra = list(zip(full.old[len(plain.old):], full.new[len(plain.new):]))
+    assert [i for i, _ in extra] == list(range(5, 5 + nc))  # every concept token, once
+    targets = [j for _, j in extra]
+    assert targets == sorted(targets)
+    if na:
+        assert set(targets) <= set(range(5, 5 + na))
+    else:
+        assert targets == [5] * nc and n.ids[5] == ENC.tokenize("at")[0]
+
+
+def test_concept_tokens_option_moves_concept_token_outputs():
+    tpl = ["a photo of a {}"]
+    o, n = enc1("a photo of a ship"), enc1("a photo of a ground")
+    c, e = o.features[5], n.features[5]
+    for flag in (False, True):
+        res = refine_cross_attention(ENC, W0, parse_concepts("ship"), tpl, "ground", config=CFRConfig(1e-6, 0, flag))
+        w = W0["block.0.attn2.to_k.weight"]
+        err = float((res.weights["block.0.attn2.to_k.weight"] @ c - w @ e).norm() / (w @ e).norm())
+        assert (err < 1e-3) == flag, (flag, err)
