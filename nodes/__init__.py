@@ -6,8 +6,12 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .cfr_node import MaceRefineCrossAttention
 from .erasure_io_nodes import MaceLoadErasure, MaceSaveErasure
 from .fusion_node import MaceFuseLoras
+from .mass_erase_node import MaceMassErase
+from .lora_train_node import MaceTrainConceptLora
+from .training_images_node import MaceTrainingImages
 
-NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras]
+NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras,
+                                  MaceTrainingImages, MaceTrainConceptLora, MaceMassErase]
 
 
 class MaceExtension(ComfyExtension):

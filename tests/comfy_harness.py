@@ -648,16 +648,20 @@ def stock_t2i_prompt(ckpt_name: str, *, positive="a photo of a cat", negative=""
 def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64,
                       max_steps: int = 2) -> dict:
     """Copy of an API prompt made cheap enough for CI: every ``ckpt_name`` input points at
-    ``ckpt_name`` (e.g. the tiny checkpoint), latent sizes are capped at ``max_side`` and
-    sampler ``steps`` at ``max_steps``.  Other inputs are untouched."""
+    ``ckpt_name`` (e.g. the tiny checkpoint), image/latent sizes are capped at ``max_side``,
+    sampler and training steps at ``max_steps`` and image counts at 2.  Other inputs are untouched."""
     out = copy.deepcopy(dict(api_prompt))
     for node in out.values():
         inputs = node.get("inputs", {})
         if isinstance(inputs.get("ckpt_name"), str):
             inputs["ckpt_name"] = ckpt_name
-        for key in ("width", "height"):
-            if isinstance(inputs.get(key), int) and node.get("class_type", "").startswith("Empty"):
+        for key in ("width", "height", "image_size"):
+            if isinstance(inputs.get(key), int):
                 inputs[key] = min(inputs[key], max_side)
-        if isinstance(inputs.get("steps"), int):
-            inputs["steps"] = min(inputs["steps"], max_steps)
+        for key in ("steps", "lora_steps", "sampling_steps"):
+            if isinstance(inputs.get(key), int):
+                inputs[key] = min(inputs[key], max_steps)
+        for key in ("count", "images_per_concept"):
+            if isinstance(inputs.get(key), int):
+                inputs[key] = min(inputs[key], 2)
     return out

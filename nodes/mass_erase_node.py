@@ -1,0 +1,108 @@
+"""Node ``MACE Mass Erase``: the whole MACE pipeline from a concept list, resumable.
+
+CFR on every concept at once -> for each concept: images from the original model, VAE encode,
+a LoRA trained on the CFR model and saved at once (a later run with the same base model,
+concept and settings reuses the file, so an interrupted 100-concept run resumes) -> closed-form
+fusion of all LoRAs. One progress bar covers the run; the summary says what was done.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.model_management
+import comfy.samplers
+import folder_paths
+from comfy_api.v0_0_2 import io
+
+from ..mace_ops.cfr import CFRConfig
+from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
+from ..mace_ops.pipeline import PipelineSettings, load_concept_list, run_mass_erasure, slug
+from ..mace_ops.templates import fill
+from .cfr_node import preserve_prompts
+from .comfy_denoiser import ComfyDenoiser
+from .comfy_model import apply_erasure, effective_kv_weights
+from .comfy_text_encoder import ComfyTextEncoder
+from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
+from .progress import NodeProgress
+from .training_images_node import sample_images
+
+
+class MaceMassErase(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MaceMassErase",
+            display_name="MACE Mass Erase",
+            category="MACE",
+            description="Runs CFR, one LoRA per concept (images made by the model itself) and closed-form fusion "
+            "for a list of concepts. Finished concepts are kept in loras/mace_mass/<run_name>/ and reused, so "
+            "re-queueing an interrupted run resumes it.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.String.Input("concepts", multiline=True, default="",
+                                tooltip="One concept per line, synonyms comma separated (or use concept_file)."),
+                io.String.Input("concept_file", default="",
+                                tooltip="Optional .txt/.csv file with the same format; overrides 'concepts'."),
+                io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="person"),
+                io.String.Input("anchor", default="a person"),
+                io.String.Input("preserve", multiline=True, default=""),
+                io.Boolean.Input("builtin_preserve", default=True),
+                io.String.Input("run_name", default="mass_erase"),
+                io.Float.Input("cfr_lambda", default=1.0, min=0.0, max=1e6, step=0.1),
+                io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
+                io.Int.Input("lora_steps", default=0, min=0, max=10000, tooltip="0 = default for the concept type."),
+                io.Float.Input("lora_lr", default=0.0, min=0.0, max=1.0, step=1e-5,
+                               tooltip="0 = default for the concept type."),
+                io.Int.Input("images_per_concept", default=8, min=1, max=64),
+                io.Int.Input("image_size", default=512, min=64, max=2048, step=64),
+                io.Int.Input("sampling_steps", default=20, min=1, max=200),
+                io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF),
+                io.Float.Input("fusion_lambda", default=1e-3, min=0.0, max=1e6, step=1e-3),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, concepts, concept_file, concept_type, anchor, preserve, builtin_preserve,
+                run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
+                sampling_steps, seed, fusion_lambda) -> io.NodeOutput:
+        parsed = load_concept_list(concepts, concept_file.strip())
+        templates = concept_templates(concept_type)
+        defaults = DEFAULTS_BY_TYPE[concept_type]
+        lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
+                          seed=int(seed), use_masks=False)
+        anchor = " ".join(anchor.lower().split())
+        settings = PipelineSettings(concept_type, anchor, CFRConfig(cfr_lambda, preserve_scale, False), lora,
+                                    fusion_lambda, preserve_scale)
+        keep = preserve_prompts(preserve, templates, builtin_preserve)
+        folder = os.path.join(folder_paths.get_output_directory(), "loras", "mace_mass", slug(run_name))
+        encoder = ComfyTextEncoder(clip)
+        original = effective_kv_weights(model)
+        sampler = comfy.samplers.KSampler.SAMPLERS[0] if "dpmpp_2m" not in comfy.samplers.KSampler.SAMPLERS \
+            else "dpmpp_2m"
+
+        def training_data(concept):
+            prompts = [fill(templates[i % len(templates)], concept.phrases[i % len(concept.phrases)])
+                       for i in range(int(images_per_concept))]
+            images = sample_images(model, clip, vae, prompts, int(sampling_steps), 7.5, int(seed), int(image_size),
+                                   int(image_size), sampler, "karras", "")
+            return encode_images(vae, model, images), None
+
+        denoiser = ComfyDenoiser(model)
+        try:
+            result = run_mass_erasure(
+                encoder, denoiser, original, parsed, templates, settings, folder, training_data, keep,
+                NodeProgress(1 + len(parsed) * lora.steps + 1),
+                comfy.model_management.throw_exception_if_processing_interrupted, logging.info)
+        finally:
+            denoiser.release()
+        info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,
+                "anchor": anchor, "settings": settings.as_dict(), "loras": [os.path.basename(p) for p in
+                                                                           result.lora_files]}
+        out = apply_erasure(model, result.deltas, original, info)
+        summary = result.summary() + f"\nLoRAs in {folder}"
+        return io.NodeOutput(out, summary, ui={"text": [summary]})

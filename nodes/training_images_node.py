@@ -1,0 +1,99 @@
+"""Node ``MACE Training Images``: the concept's training images, sampled by the model itself.
+
+MACE trains each concept's LoRA on a handful of images of the concept made by the model being
+erased. This node fills the concept's prompt templates (image i uses template i and synonym i,
+cycling) and samples them with ComfyUI's own sampler (``comfy.sample.sample``, the KSampler
+path: same noise for a seed as a stock KSampler with seed + i), then decodes with the VAE. No
+dataset, downloader or segmenter is needed; masks can come from ``MACE Train Concept LoRA``'s
+"from attention" mode. Progress covers all images; every sampling step is an interrupt point.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+from comfy_api.v0_0_2 import io
+
+from ..mace_ops.templates import fill
+from .lora_train_node import CONCEPT_TYPES, concept_templates, one_concept
+from .progress import NodeProgress
+
+
+def training_prompts(concept_text: str, concept_type: str, count: int) -> list[str]:
+    concept = one_concept(concept_text)
+    templates = concept_templates(concept_type)
+    phrases = concept.phrases
+    return [fill(templates[i % len(templates)], phrases[i % len(phrases)]) for i in range(count)]
+
+
+def sample_images(model, clip, vae, prompts, steps: int, cfg: float, seed: int, width: int, height: int,
+                  sampler_name: str, scheduler: str, negative: str = "", progress=None) -> torch.Tensor:
+    """One decoded image per prompt with ComfyUI's KSampler path; image i uses seed + i. IMAGE (N, H, W, C)."""
+    negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
+    images = []
+    for i, prompt in enumerate(prompts):
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        latent = torch.zeros([1, 4, height // 8, width // 8])
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        image_seed = seed + i
+        noise = comfy.sample.prepare_noise(latent, image_seed)
+
+        def callback(step, x0, x, total_steps, i=i):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if progress is not None:
+                progress(i * steps + min(step + 1, steps), len(prompts) * steps)
+
+        samples = comfy.sample.sample(
+            model, noise, steps, cfg, sampler_name, scheduler, positive, negative_cond, latent,
+            denoise=1.0, callback=callback, disable_pbar=True, seed=image_seed,
+        )
+        decoded = vae.decode(samples)
+        if decoded.ndim == 5:  # video VAEs return (B, T, H, W, C)
+            decoded = decoded.reshape(-1, *decoded.shape[-3:])
+        images.append(decoded.to(torch.float32).cpu())
+    return torch.cat(images, 0)
+
+
+class MaceTrainingImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MaceTrainingImages",
+            display_name="MACE Training Images",
+            category="MACE",
+            description="Samples images of a concept with the model itself (from the concept's prompt templates), "
+            "to train its MACE LoRA. Use the model before any erasure.",
+            inputs=[
+                io.Model.Input("model", tooltip="The original model (before CFR), so the images show the concept."),
+                io.Clip.Input("clip"),
+                io.Vae.Input("vae"),
+                io.String.Input("concept", default="van gogh, vincent van gogh",
+                                tooltip="One concept; synonyms on the same line separated by commas."),
+                io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="style"),
+                io.Int.Input("count", default=8, min=1, max=256, tooltip="Number of images (the reference uses 8)."),
+                io.Int.Input("steps", default=20, min=1, max=1000),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Image i uses seed + i."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="dpmpp_2m"),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
+                io.String.Input("negative", default="", tooltip="Negative prompt for every image."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="prompts")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, concept, concept_type, count, steps, cfg, seed, width, height, sampler_name,
+                scheduler, negative) -> io.NodeOutput:
+        if clip is None:
+            raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
+        if vae is None:
+            raise ValueError("vae: no VAE connected; connect the VAE output of your checkpoint loader")
+        prompts = training_prompts(concept, concept_type, int(count))
+        images = sample_images(model, clip, vae, prompts, int(steps), float(cfg), int(seed), int(width), int(height),
+                               sampler_name, scheduler, negative, NodeProgress(len(prompts) * int(steps)))
+        return io.NodeOutput(images, "\n".join(prompts))

@@ -1,0 +1,92 @@
+"""Integration: MACE Mass Erase (CFR -> LoRA per concept -> fusion) and MACE Fuse LoRAs in ComfyUI.
+
+Tiny random-weight SD1.5-layout model with a 1-layer CLIP, 64x64 images, 2 concepts, a few steps:
+checks the run finishes, saves one LoRA per concept, resumes (a second run trains nothing and
+gives the same weights), honours interrupts, and that fusing the saved LoRAs with the Fuse node
+on the CFR model gives the same K/V weights as the pipeline.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from comfy_harness import load_tiny_checkpoint, make_tiny_sd15_checkpoint
+
+pytestmark = pytest.mark.integration
+CONCEPTS = "ship, boat\ncar"
+
+
+@pytest.fixture(scope="module")
+def env(comfy, tmp_path_factory):
+    comfy.require_pack()
+    path = make_tiny_sd15_checkpoint(tmp_path_factory.mktemp("tiny_mass") / "mace_tiny_mass.safetensors",
+                                     clip_layers=1, seed=1)
+    with torch.inference_mode():
+        model, clip, vae = load_tiny_checkpoint(path, clip_layers=1)
+    return SimpleNamespace(model=model, clip=clip, vae=vae, pack=comfy.pack_module, comfy=comfy)
+
+
+def mass_erase(env, run_name, concepts=CONCEPTS):
+    node = env.pack.nodes.mass_erase_node.MaceMassErase
+    with torch.inference_mode():
+        return node.execute(env.model, env.clip, env.vae, concepts, "", "object", "", "", False, run_name,
+                            1.0, 1.0, 3, 3e-2, 1, 64, 2, 5, 1e-3)
+
+
+def test_mass_erase_runs_resumes_and_matches_fuse_node(env):
+    cm = env.pack.nodes.comfy_model
+    first = mass_erase(env, "t1")
+    folder = os.path.join(env.comfy.output_dir, "loras", "mace_mass", "t1")
+    files = sorted(os.listdir(folder))
+    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)
+    assert "2 trained, 0 reused" in first.result[1]
+    rec1 = cm.get_record(first.result[0])
+    base = cm.effective_kv_weights(env.model)
+    assert set(rec1.deltas) == set(base) and all(float(d.abs().max()) > 0 for d in rec1.deltas.values())
+
+    again = mass_erase(env, "t1")
+    assert "0 trained, 2 reused" in again.result[1]
+    rec2 = cm.get_record(again.result[0])
+    for k in rec1.deltas:
+        assert torch.equal(rec1.deltas[k], rec2.deltas[k])
+
+    # the Fuse node on the CFR model with the saved LoRAs reproduces the pipeline's fusion
+    cfr = env.pack.nodes.cfr_node.MaceRefineCrossAttention
+    fuse = env.pack.nodes.fusion_node.MaceFuseLoras
+    with torch.inference_mode():
+        cfr_model = cfr.execute(env.model, env.clip, CONCEPTS, "object", "", "", 1.0, 1.0, False, False).result[0]
+        fused = fuse.execute(cfr_model, env.clip, folder, "object", "", 1e-3, 1.0, False).result[0]
+    rec3 = cm.get_record(fused)
+    for k in rec1.deltas:
+        assert torch.allclose(rec3.deltas[k], rec1.deltas[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_mass_erase_interrupt_keeps_finished_concepts(env):
+    import comfy.model_management as mm
+
+    real = mm.throw_exception_if_processing_interrupted
+    folder = os.path.join(env.comfy.output_dir, "loras", "mace_mass", "t2")
+
+    def interrupt_late():  # the user presses stop once the first concept's LoRA is on disk
+        if os.path.isdir(folder) and os.listdir(folder):
+            raise mm.InterruptProcessingException()
+        return real()
+
+    mm.throw_exception_if_processing_interrupted = interrupt_late
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            mass_erase(env, "t2")
+    finally:
+        mm.throw_exception_if_processing_interrupted = real
+    done = os.listdir(folder)
+    assert len(done) == 1 and not [f for f in done if f.endswith(".tmp")]
+    resumed = mass_erase(env, "t2")
+    assert "1 trained, 1 reused" in resumed.result[1]
+
+
+def test_malformed_concept_list_names_the_line(env):
+    with pytest.raises(ValueError, match="concepts, line 2"):
+        mass_erase(env, "t3", "ship\n,\n")
