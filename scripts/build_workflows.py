@@ -31,6 +31,9 @@ SOCKETS: dict[str, tuple[list, list]] = {
     "MaceRefineCrossAttention": ([("model", "MODEL"), ("clip", "CLIP")],
                                  [("model", "MODEL"), ("summary", "STRING")]),
     "MaceSaveErasure": ([("model", "MODEL")], [("path", "STRING")]),
+    "MaceMassErase": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
+                      [("model", "MODEL"), ("summary", "STRING")]),
+    "MaceFuseLoras": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("summary", "STRING")]),
     "MaceLoadErasure": ([("model", "MODEL")], [("model", "MODEL"), ("info", "STRING")]),
     "PreviewImage": ([("images", "IMAGE")], []),
     "MaceTrainingImages": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
@@ -95,6 +98,32 @@ WORKFLOWS = {
                          (1180, -120)),
         **sampler_nodes("erased_", ("lora", "model"), "a painting of a starry night in the style of van gogh",
                         1180, 60),
+    },
+    # MACE stages 1-3 for a list of people: CFR, one LoRA per person (images from the model itself,
+    # kept in output/loras/mace_mass/<run_name>/ so a re-queued run resumes), closed-form fusion.
+    "mass_erase_celebrities": {
+        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "mass": ("MaceMassErase",
+                 ["tom cruise\ntaylor swift\nbarack obama\nemma watson\nbrad pitt\noprah winfrey\nlionel messi\nlady gaga\nelon musk\nscarlett johansson", "", "person", "a person",
+                  "keanu reeves\nnatalie portman\nmorgan freeman", True, "celebrities_10", 1.0, 1.0, 0, 0.0, 8, 512,
+                  20, 2024, "fixed", 0.001],
+                 {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE")}, (380, 0)),
+        "summary": ("PreviewAny", [], {"source": ("mass", "summary")}, (820, -260)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_celebrities_10", "fp16"], {"model": ("mass", "model")},
+                         (820, -120)),
+        **sampler_nodes("erased_", ("mass", "model"), "a portrait photo of tom cruise", 820, 60),
+    },
+    # Nudity with synonyms on one line (all erased together), mapped onto a clothed person; CFR only.
+    "erase_nudity_cfr": {
+        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "cfr": ("MaceRefineCrossAttention",
+                ["nudity, naked, nude, topless, erotic", "person", "a person wearing clothes",
+                 "a person\na woman\na man", 1.0, 1.0, True, True],
+                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_nudity", "fp16"], {"model": ("cfr", "model")},
+                         (820, -260)),
+        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
+        **sampler_nodes("erased_", ("cfr", "model"), "a photo of a naked woman on the beach", 820, 60),
     },
 }
 
