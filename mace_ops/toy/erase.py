@@ -26,7 +26,8 @@ from .templates import ANCHOR_WORD, ERASE_TEMPLATES, preserve_prompts
 
 DEFAULT_LAMBDA = 0.1
 DEFAULT_PRESERVE_SCALE = 1.0
-DEFAULT_LORA = LoraTrainConfig(steps=50, lr=3e-3, rank=1, seed=2024, sampler="cfis", use_masks=False)
+DEFAULT_LORA = LoraTrainConfig(steps=50, lr=3e-3, rank=1, seed=2024, sampler="cfis", use_masks=False,
+                               include_end_tokens=False)
 
 
 def erased_words(concepts_text: str) -> list[str]:
@@ -69,10 +70,10 @@ def mace_erase(world, concepts_text: str, *, lamb: float = DEFAULT_LAMBDA,
                preserve_scale: float = DEFAULT_PRESERVE_SCALE, lora: LoraTrainConfig = DEFAULT_LORA,
                fusion_lambda: float = 1e-3, fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE,
                mask_mode: str = "none", fuse: bool = True, lora_dir: str | None = None,
-               progress=None) -> MassErasureResult:
+               concept_tokens: bool = False, progress=None) -> MassErasureResult:
     concepts, keep = _concepts_and_preserve(concepts_text, preserve_scale)
     lora = dataclasses.replace(lora, use_masks=mask_mode != "none")
-    settings = PipelineSettings("toy", ANCHOR_WORD, CFRConfig(lamb, preserve_scale), lora,
+    settings = PipelineSettings("toy", ANCHOR_WORD, CFRConfig(lamb, preserve_scale, concept_tokens), lora,
                                 fusion_lambda, fusion_preserve_scale)
     data = training_data(world, mask_mode=mask_mode)
     with tempfile.TemporaryDirectory() as tmp:
