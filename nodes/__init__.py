@@ -9,9 +9,11 @@ from .fusion_node import MaceFuseLoras
 from .mass_erase_node import MaceMassErase
 from .lora_train_node import MaceTrainConceptLora
 from .training_images_node import MaceTrainingImages
+from .preview_nodes import MaceBeforeAfterGrid, MaceConceptProbe
 
 NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras,
-                                  MaceTrainingImages, MaceTrainConceptLora, MaceMassErase]
+                                  MaceTrainingImages, MaceTrainConceptLora, MaceMassErase, MaceBeforeAfterGrid,
+                                  MaceConceptProbe]
 
 
 class MaceExtension(ComfyExtension):
