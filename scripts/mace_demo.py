@@ -20,7 +20,7 @@ import torch
 
 
 def toy_demo(args) -> None:
-    from mace_ops.toy import diffusion, vocab
+    from mace_ops.toy import vocab
     from mace_ops.toy.erase import cfr_erase, erased_words
     from mace_ops.toy.evaluate import load_toyworld, mace_metrics
     from mace_ops.toy.templates import colour_of

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 
-import torch
 
 from ..cfr import CFRConfig, CFRResult, refine_cross_attention
 from ..concepts import Concept, parse_concepts, require_concepts

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint, diffusion, scorer, vocab
 from .adapters import ToyDenoiser, ToyTextEncoder, toy_kv_weights
 from .model import T2I
-from .templates import colour_of, synonyms_of
+from .templates import colour_of
 
 DEFAULT_STEPS = 10
 DEFAULT_CFG = 7.0
