@@ -24,7 +24,7 @@ from .concepts import Concept
 from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
 from .ridge import solve_right
-from .templates import fill
+from .templates import check_templates, fill
 
 Progress = Callable[[int, int], None]
 
@@ -105,8 +105,7 @@ def build_stats(
     field_name: str = "concepts",
     concept_tokens: bool = False,
 ) -> PairStats:
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("templates: every template needs one '{}' where the concept goes")
+    check_templates(templates)
     check_concepts(encoder, concepts, default_anchor, field_name)
     dim = encoder.encode([fill(templates[0], default_anchor)])[0].features.shape[1]
     stats = PairStats(dim)

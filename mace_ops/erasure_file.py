@@ -117,20 +117,28 @@ def save_erasure(
     return metadata
 
 
-def load_erasure(path: str) -> ErasureFile:
-    """Load a MACE erasure file; raise ValueError naming the file when it is not one."""
+def read_mace_file(path: str, expected_format: str, what: str, hint: str = "") -> tuple[dict[str, str], dict]:
+    """(metadata, tensors) of a MACE safetensors file of ``expected_format``; ValueError naming the
+    file otherwise. ``what`` names the kind of file in messages ("erasure", "concept LoRA")."""
     if not os.path.isfile(path):
-        raise ValueError(f"erasure file not found: {path}")
+        raise ValueError(f"{what} file not found: {path}")
     if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: MACE erasures are .safetensors files (no pickle is ever loaded)")
+        raise ValueError(f"{path}: MACE {what} files must be .safetensors (no pickle is ever loaded)")
     with safe_open(path, framework="pt") as f:
         metadata = dict(f.metadata() or {})
-        if metadata.get("mace.format") is None:
-            raise ValueError(f"{path}: not a MACE erasure (no mace.format metadata); load it with a LoRA loader")
-        if metadata["mace.format"] != FORMAT_VERSION:
-            raise ValueError(f"{path}: MACE format {metadata['mace.format']} is not supported by this version")
-        deltas = {weight_name(k): f.get_tensor(k) for k in f.keys()}
-    return ErasureFile(deltas, metadata)
+        fmt = metadata.get("mace.format")
+        if fmt is None:
+            raise ValueError(f"{path}: not a MACE {what} (no mace.format metadata){hint}")
+        if fmt != expected_format:
+            raise ValueError(f"{path}: MACE format {fmt!r} is not a {what} this version reads ({expected_format})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return metadata, tensors
+
+
+def load_erasure(path: str) -> ErasureFile:
+    """Load a MACE erasure file; raise ValueError naming the file when it is not one."""
+    metadata, tensors = read_mace_file(path, FORMAT_VERSION, "erasure", "; load it with a LoRA loader")
+    return ErasureFile({weight_name(k): t for k, t in tensors.items()}, metadata)
 
 
 def check_base(erasure: ErasureFile, base_weights: KVWeights, path: str = "erasure") -> None:

@@ -29,7 +29,7 @@ from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
 from .lora import KVLora, LoraFactors
 from .ridge import solve_right
-from .templates import fill
+from .templates import check_templates, fill
 
 LoraLike = Union[KVLora, Mapping[str, LoraFactors], Mapping[str, torch.Tensor]]
 Templates = Union[Sequence[str], Callable[[Concept], Sequence[str]]]
@@ -51,8 +51,7 @@ def concept_covariance(
     encoder: TextEncoder, concept: Concept, templates: Sequence[str], batch: int = 64
 ) -> tuple[torch.Tensor, int]:
     """C = sum c c^T over every position of every template filled with every phrase (float64)."""
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("templates: every template needs one '{}' where the concept goes")
+    check_templates(templates)
     prompts = [fill(t, phrase) for phrase in concept.phrases for t in templates]
     C, n = None, 0
     for i in range(0, len(prompts), batch):

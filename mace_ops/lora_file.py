@@ -11,15 +11,13 @@ loading is safetensors only, never pickle.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 
 from . import __version__
-from .erasure_file import DTYPES, atomic_save, mace_metadata
+from .erasure_file import DTYPES, atomic_save, mace_metadata, read_mace_file
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
 
@@ -102,24 +100,14 @@ def save_concept_lora(
 
 def load_concept_lora(path: str) -> LoraFile:
     """Load a MACE concept LoRA; ValueError naming the file when it is not one."""
-    if not os.path.isfile(path):
-        raise ValueError(f"LoRA file not found: {path}")
-    if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: MACE LoRAs are .safetensors files (no pickle is ever loaded)")
-    with safe_open(path, framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        fmt = metadata.get("mace.format")
-        if fmt is None:
-            raise ValueError(f"{path}: not a MACE concept LoRA (no mace.format metadata)")
-        if fmt != LORA_FORMAT:
-            raise ValueError(f"{path}: MACE format {fmt!r} is not a concept LoRA this version reads ({LORA_FORMAT})")
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key in f.keys():
-            try:
-                name, part = _split_key(key)
-            except ValueError as err:
-                raise ValueError(f"{path}: {err}") from None
-            parts.setdefault(name, {})[part] = f.get_tensor(key)
+    metadata, tensors = read_mace_file(path, LORA_FORMAT, "concept LoRA")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        try:
+            name, part = _split_key(key)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        parts.setdefault(name, {})[part] = tensor
     factors = {}
     for name, p in parts.items():
         if set(p) != set(_SUFFIXES):

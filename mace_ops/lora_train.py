@@ -32,7 +32,7 @@ from .cfis import SAMPLER_KINDS, TimestepSampler
 from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
 from .lora import KVLora
-from .templates import fill
+from .templates import check_templates, fill
 
 Progress = Callable[[int, int], None]
 
@@ -112,8 +112,7 @@ class _Prompts:
 def _prepare_prompts(
     encoder: TextEncoder, concept: Concept, templates: Sequence[str], include_end: bool, device: torch.device
 ) -> _Prompts:
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("templates: every template needs one '{}' where the concept goes")
+    check_templates(templates)
     texts, feats, pos, skipped = [], [], [], []
     for phrase in concept.phrases:
         try:

@@ -144,6 +144,12 @@ def templates_for(kind: str) -> tuple[str, ...]:
         raise ValueError(f"concept_type: unknown {kind!r}; choose one of {sorted(TEMPLATES)}") from None
 
 
+def check_templates(templates) -> None:
+    """ValueError unless there is at least one template and each has a '{}'."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates: every template needs one '{}' where the concept goes")
+
+
 def fill(template: str, phrase: str) -> str:
     """Fill a template; an empty phrase (the neutral anchor) leaves no double spaces."""
     return " ".join(template.replace("{}", phrase).split())
