@@ -142,7 +142,8 @@ def find_comfyui(explicit: os.PathLike | str | None = None) -> Path:
                           f"inside a ComfyUI custom_nodes folder, no ~/ComfyUI): {HOW_TO_POINT}")
 
 
-def _check_no_shadowing(comfy_root: Path) -> None:
+def check_no_shadowing(comfy_root: Path) -> None:
+    """Refuse to start if a top-level ComfyUI module name is already bound to something else."""
     bad = []
     root = str(comfy_root)
     for name in _COMFY_TOPLEVEL:
@@ -157,7 +158,8 @@ def _check_no_shadowing(comfy_root: Path) -> None:
         raise RuntimeError(
             "cannot import ComfyUI: these top-level module names are already bound to other "
             "modules: " + "; ".join(bad) + " (is the pack folder itself on sys.path before the "
-            "ComfyUI checkout?)")
+            "ComfyUI checkout, or was the pack's own nodes/ imported as top-level 'nodes'? Import "
+            "the pack's modules through the package, never as top-level 'nodes'/'utils')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +228,7 @@ def torch_has_accelerator() -> bool:
 # --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _cwd(path: Path):
+def working_directory(path: Path):
     old = os.getcwd()
     os.chdir(path)
     try:
@@ -466,7 +468,7 @@ def bootstrap(comfyui: os.PathLike | str | None = None, *, base_directory=None,
         return _ENV
 
     comfy_root = find_comfyui(comfyui)
-    _check_no_shadowing(comfy_root)
+    check_no_shadowing(comfy_root)
     base = os.path.abspath(os.path.expanduser(str(base_directory))) if base_directory else None
     out_dir = os.path.abspath(os.path.expanduser(str(output_directory))) if output_directory else None
     configs = [os.path.abspath(os.path.expanduser(str(c))) for c in extra_model_paths_config or ()]
@@ -480,7 +482,7 @@ def bootstrap(comfyui: os.PathLike | str | None = None, *, base_directory=None,
         sys.path.remove(str(comfy_root))
     sys.path.insert(0, str(comfy_root))
     try:
-        with _quiet_start(verbose), _cwd(comfy_root):
+        with _quiet_start(verbose), working_directory(comfy_root):
             from comfy.cli_args import args
 
             if cpu:

@@ -34,7 +34,6 @@ CLIP-L and a TAESD VAE, built at test time).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import importlib
 import importlib.util
@@ -53,23 +52,41 @@ PACK_DIR_NAME = "comfyui-mace"
 """Name of the symlink under ``<base>/custom_nodes``; it decides the pack's web path
 (``/extensions/comfyui-mace/``) and ``RELATIVE_PYTHON_MODULE`` (``custom_nodes.comfyui-mace``)."""
 
+PACK_PACKAGE = "comfyui_mace"
+"""Name under which the repository root is importable as a package in the test process (the
+folder name need not be a valid module name)."""
+
+
+def load_pack_package(name: str = PACK_PACKAGE):
+    """The repository root as the package ``name`` (``importlib``, from its path).
+
+    Its ``__init__.py`` is not executed: it would import the ComfyUI nodes (and ComfyUI's
+    ``folder_paths``) as soon as ComfyUI is importable.  Submodules (``headless``,
+    ``mace_ops``) import normally.  This is a different module tree from the one ComfyUI loads
+    as the custom-node pack (see :attr:`ComfyHarness.pack_module`)."""
+    mod = sys.modules.get(name)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+    return mod
+
+
+load_pack_package()
+_bootstrap = importlib.import_module(f"{PACK_PACKAGE}.headless.bootstrap")
+_is_comfyui = _bootstrap.is_comfyui
+_check_no_shadowing = _bootstrap.check_no_shadowing
+_cwd = _bootstrap.working_directory
+
+
 SKIP_MESSAGE = (
     "ComfyUI not found: set COMFYUI_PATH or extract ComfyUI to ~/ComfyUI; integration tests SKIPPED"
 )
 
-# Top-level module names that must resolve inside the ComfyUI checkout.
-_COMFY_TOPLEVEL = ("nodes", "utils", "server", "execution", "folder_paths", "comfy", "comfy_api",
-                   "comfy_execution", "comfy_extras", "app", "node_helpers", "latent_preview",
-                   "protocol", "comfyui_version")
-
-
 # --------------------------------------------------------------------------------------------
 # Finding ComfyUI
 # --------------------------------------------------------------------------------------------
-
-def _is_comfyui(path: Path) -> bool:
-    return (path / "comfy").is_dir() and (path / "nodes.py").is_file()
-
 
 def find_comfyui() -> Path | None:
     """``$COMFYUI_PATH`` if set, else ``~/ComfyUI``; ``None`` unless it looks like a checkout."""
@@ -243,36 +260,6 @@ class ComfyHarness:
 
 
 _HARNESS: ComfyHarness | None = None
-
-
-def _check_no_shadowing(comfy_root: Path) -> None:
-    """Refuse to start if a top-level ComfyUI module name is already bound to something else
-    (e.g. the repo's own ``nodes/`` package imported as ``nodes`` by a unit test)."""
-    bad = []
-    root = str(comfy_root)
-    for name in _COMFY_TOPLEVEL:
-        mod = sys.modules.get(name)
-        if mod is None:
-            continue
-        places = [getattr(mod, "__file__", None) or ""] + list(getattr(mod, "__path__", []) or [])
-        places = [os.path.realpath(p) for p in places if p]
-        if places and not any(p == root or p.startswith(root + os.sep) for p in places):
-            bad.append(f"{name} -> {places[0]}")
-    if bad:
-        raise RuntimeError(
-            "cannot import ComfyUI: these top-level module names are already bound to other "
-            "modules: " + "; ".join(bad) + ". Import the pack's own modules through the package "
-            "(relative imports), never as top-level 'nodes'/'utils'.")
-
-
-@contextlib.contextmanager
-def _cwd(path: Path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 class _LogCapture(logging.Handler):
@@ -503,28 +490,6 @@ def run_workflow(api_prompt: Mapping, *, harness: ComfyHarness | None = None,
 # UI-format workflow -> API format: one copy, in the pack (headless/ui_to_api.py)
 # --------------------------------------------------------------------------------------------
 
-PACK_PACKAGE = "comfyui_mace"
-"""Name under which the repository root is importable as a package in the test process (the
-folder name need not be a valid module name)."""
-
-
-def load_pack_package(name: str = PACK_PACKAGE):
-    """The repository root as the package ``name`` (``importlib``, from its path).
-
-    Its ``__init__.py`` is not executed: it would import the ComfyUI nodes (and ComfyUI's
-    ``folder_paths``) as soon as ComfyUI is importable.  Submodules (``headless``,
-    ``mace_ops``) import normally.  This is a different module tree from the one ComfyUI loads
-    as the custom-node pack (see :attr:`ComfyHarness.pack_module`)."""
-    mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(
-            name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-    return mod
-
-
-load_pack_package()
 _ui = importlib.import_module(f"{PACK_PACKAGE}.headless.ui_to_api")
 WIDGET_TYPES = _ui.WIDGET_TYPES
 FRONTEND_ONLY = _ui.FRONTEND_ONLY
