@@ -16,9 +16,9 @@ import time
 import torch
 
 from bench.common import environment, print_table, write_json
-from mace_ops.toy import vocab
-from mace_ops.toy.erase import cfr_erase, mace_erase
-from mace_ops.toy.evaluate import load_toyworld, mace_metrics
+from toyworld.v1 import vocab
+from toyworld.v1.erase import cfr_erase, mace_erase
+from toyworld.v1.evaluate import load_toyworld, mace_metrics
 
 ORDER = ("red", "green", "blue", "yellow", "cyan", "purple", "orange", "pink")
 METHODS = ("none", "cfr", "cfr_syn", "cfr_lora", "full")

@@ -1,6 +1,6 @@
 """The main job: erase a concept and show what changed.
 
-Without a checkpoint it uses the built-in toy world (mace_ops/toy): erases the given colour
+Without a checkpoint it uses the built-in toy world (toyworld/v1): erases the given colour
 concept(s) with CFR, prints the MACE before/after table (efficacy, generality, specificity, H)
 and writes a before/after image grid PNG. With ``--checkpoint`` it erases the concepts from a
 real SD checkpoint through ComfyUI (needs a ComfyUI checkout: $COMFYUI_PATH or ~/ComfyUI) and
@@ -20,10 +20,10 @@ import torch
 
 
 def toy_demo(args) -> None:
-    from mace_ops.toy import vocab
-    from mace_ops.toy.erase import cfr_erase, erased_words
-    from mace_ops.toy.evaluate import load_toyworld, mace_metrics
-    from mace_ops.toy.templates import colour_of
+    from toyworld.v1 import vocab
+    from toyworld.v1.erase import cfr_erase, erased_words
+    from toyworld.v1.evaluate import load_toyworld, mace_metrics
+    from toyworld.v1.templates import colour_of
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     world = load_toyworld()
@@ -56,7 +56,7 @@ def toy_demo(args) -> None:
 def write_grid(world, words, kv_weights, path, per_row: int = 4) -> None:
     from PIL import Image
 
-    from mace_ops.toy import diffusion
+    from toyworld.v1 import diffusion
 
     prompts = [f"a {w} {s} in plain style" for w in words for s in ("circle", "square", "triangle", "cross")[:per_row]]
     before = diffusion.sample(world.model, prompts, seed=7)
@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     if args.checkpoint:
         checkpoint_demo(args)
         return
-    from mace_ops.toy.erase import DEFAULT_LAMBDA, DEFAULT_PRESERVE_SCALE
+    from toyworld.v1.erase import DEFAULT_LAMBDA, DEFAULT_PRESERVE_SCALE
 
     args.lamb = DEFAULT_LAMBDA if args.lamb is None else args.lamb
     args.preserve_scale = DEFAULT_PRESERVE_SCALE if args.preserve_scale is None else args.preserve_scale

@@ -4,7 +4,7 @@
 Reproducible for a given ``--seed`` and number of steps (``--steps``); with ``--minutes`` the
 run stops on wall time, and the steps reached are recorded in the metadata. One CPU thread.
 
-Writes (atomically) into ``mace_ops/toy/weights/``:
+Writes (atomically) into ``toyworld/v1/weights/``:
   toyworld.safetensors  EMA generator weights (fp16, cast back to fp32 on load) + metadata
   probe.safetensors     shape/style/colour CNN probe (fp16) + metadata
   train_log.txt         loss curve and periodic evaluations
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mace_ops.toy import checkpoint, data, diffusion, scorer, vocab  # noqa: E402
-from mace_ops.toy.model import T2I  # noqa: E402
+from toyworld.v1 import checkpoint, data, diffusion, scorer, vocab  # noqa: E402
+from toyworld.v1.model import T2I  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -9,15 +9,15 @@ with light preservation (0.1) generality over both synonyms is 0.55 for "red" an
 import pytest
 import torch
 
-from mace_ops.toy.erase import cfr_erase
+from toyworld.v1.erase import cfr_erase
 
 SYNONYMS = ["crimson", "scarlet"]
 
 
 @pytest.fixture(scope="module")
 def world():
-    from mace_ops.toy.checkpoint import GENERATOR_FILE, WEIGHTS_DIR
-    from mace_ops.toy.evaluate import load_toyworld
+    from toyworld.v1.checkpoint import GENERATOR_FILE, WEIGHTS_DIR
+    from toyworld.v1.evaluate import load_toyworld
 
     if not (WEIGHTS_DIR / GENERATOR_FILE).is_file():
         pytest.fail(f"shipped toy-world weights missing: {WEIGHTS_DIR / GENERATOR_FILE}")
@@ -25,14 +25,14 @@ def world():
 
 
 def metrics(world, weights):
-    from mace_ops.toy.evaluate import mace_metrics
+    from toyworld.v1.evaluate import mace_metrics
 
     return mace_metrics(world, ["red"], kv_weights=weights, synonyms=SYNONYMS, n_erased=32, n_synonym=32,
                         n_other=4)
 
 
 def test_base_model_follows_prompts(world):
-    from mace_ops.toy.evaluate import prompt_following
+    from toyworld.v1.evaluate import prompt_following
 
     pf = prompt_following(world, per_color=8)
     assert pf["color_main"] >= 0.9 and pf["color_syn"] >= 0.9, pf

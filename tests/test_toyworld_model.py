@@ -1,16 +1,16 @@
-"""Fast tests of the toy text-to-image world (mace_ops/toy): vocabulary and token layout,
+"""Fast tests of the toy text-to-image world (toyworld/v1): vocabulary and token layout,
 renderer and hue rule, model shapes, adapters vs. the mace_ops protocols, K/V weight
 substitution, and deterministic DDIM sampling. Tests that need the trained weights skip when
-mace_ops/toy/weights/ lacks them."""
+toyworld/v1/weights/ lacks them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from mace_ops.interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
-from mace_ops.toy import checkpoint, data, diffusion, evaluate, scorer, templates, vocab
-from mace_ops.toy.adapters import ToyDenoiser, ToyTextEncoder, toy_kv_weights
-from mace_ops.toy.model import T2I, kv_weight_names
+from toyworld.v1 import checkpoint, data, diffusion, evaluate, scorer, templates, vocab
+from toyworld.v1.adapters import ToyDenoiser, ToyTextEncoder, toy_kv_weights
+from toyworld.v1.model import T2I, kv_weight_names
 
 torch.set_num_threads(1)
 

@@ -15,11 +15,11 @@ import dataclasses
 import tempfile
 
 
-from ..cfr import CFRConfig, CFRResult, refine_cross_attention
-from ..concepts import Concept, parse_concepts, require_concepts
-from ..lora_file import load_concept_lora
-from ..lora_train import LoraTrainConfig, attention_masks
-from ..pipeline import MassErasureResult, PipelineSettings, run_mass_erasure
+from mace_ops.cfr import CFRConfig, CFRResult, refine_cross_attention
+from mace_ops.concepts import Concept, parse_concepts, require_concepts
+from mace_ops.lora_file import load_concept_lora
+from mace_ops.lora_train import LoraTrainConfig, attention_masks
+from mace_ops.pipeline import MassErasureResult, PipelineSettings, run_mass_erasure
 from . import diffusion
 from .templates import ANCHOR_WORD, ERASE_TEMPLATES, preserve_prompts
 

@@ -1,6 +1,6 @@
 """MACE-style measurement of concept erasure in the toy world, and loading the shipped world.
 
-* ``load_toyworld()`` loads the shipped generator and probe from ``mace_ops/toy/weights/``.
+* ``load_toyworld()`` loads the shipped generator and probe from ``toyworld/v1/weights/``.
 * ``prompt_set`` builds fixed, seeded evaluation prompts for some colour words.
 * ``score_prompt_set`` samples (DDIM, CFG, fixed noise per set) and scores colour by the hue
   rule, shape/style by the probe; K/V weights can be overridden (``kv_weights``) so an erased

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..interfaces import AttentionProbe, EncodedPrompt, KVWeights
+from mace_ops.interfaces import AttentionProbe, EncodedPrompt, KVWeights
 from . import diffusion, vocab
 from .model import Hooks, T2I
 
