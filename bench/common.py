@@ -88,3 +88,36 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("-+-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+class PeakRSS:
+    """Context manager: the peak resident memory above the level at entry (MB), sampled every 5 ms."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_mb = interval, 0.0
+
+    def __enter__(self):
+        import threading
+        self._start = rss_mb()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                self.peak_mb = max(self.peak_mb, rss_mb() - self._start)
+                self._stop.wait(self.interval)
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb() - self._start)
+        return False
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """A GitHub markdown table of ``rows`` (README tables come from the JSON, not by hand)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -29,19 +29,19 @@ def toy_kv_weights(model: T2I) -> KVWeights:
 class ToyTextEncoder:
     """``TextEncoder`` over the toy model's causal text encoder (SD1-like token layout)."""
 
-    end_id: int = vocab.EOT_ID
-    start_id: int = vocab.SOS_ID
-    context_length: int = vocab.CONTEXT_LENGTH
-
     def __init__(self, model: T2I):
         self.model = model
+        self.vocab = model.vocab
+        self.end_id: int = self.vocab.EOT_ID
+        self.start_id: int = self.vocab.SOS_ID
+        self.context_length: int = self.vocab.CONTEXT_LENGTH
 
     def tokenize(self, text: str) -> list[int]:
-        return vocab.tokenize(text)
+        return self.vocab.tokenize(text)
 
     def ids(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, L) token ids of whole prompts."""
-        return diffusion.ids_tensor(prompts)
+        return diffusion.ids_tensor(prompts, self.vocab)
 
     @torch.no_grad()
     def context(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -52,7 +52,7 @@ class ToyTextEncoder:
         prompts = list(prompts)
         if not prompts:
             return []
-        encoded = [vocab.encode_ids(p) for p in prompts]
+        encoded = [self.vocab.encode_ids(p) for p in prompts]
         feats = self.context(prompts)
         return [EncodedPrompt(ids=tuple(ids), length=n, features=feats[i])
                 for i, (ids, n) in enumerate(encoded)]

@@ -35,8 +35,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
-def ids_tensor(prompts: Sequence[str]) -> torch.Tensor:
-    return torch.tensor(vocab.batch_ids(prompts), dtype=torch.long)
+def ids_tensor(prompts: Sequence[str], vocabulary=vocab) -> torch.Tensor:
+    """(B, L) window ids of prompts in a world's vocabulary (default: v1's)."""
+    return torch.tensor(vocabulary.batch_ids(prompts), dtype=torch.long)
 
 
 def kv_hooks(kv_weights: Optional[Mapping[str, torch.Tensor]]) -> Optional[Hooks]:
@@ -83,7 +84,7 @@ def sample_from_context(model: T2I, ctx: torch.Tensor, uncond: torch.Tensor, *, 
 
 @torch.no_grad()
 def encode_prompts(model: T2I, prompts: Sequence[str]) -> torch.Tensor:
-    return model.encode_text(ids_tensor(prompts))
+    return model.encode_text(ids_tensor(prompts, model.vocab))
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -198,15 +199,25 @@ class UNet(nn.Module):
 
 # ----------------------------------------------------------------------------- full model
 class T2I(nn.Module):
-    """Text encoder + UNet on pixel-unshuffled images. ``forward`` predicts eps."""
+    """Text encoder + UNet on pixel-unshuffled images. ``forward`` predicts eps.
 
-    def __init__(self):
+    ``vocabulary`` is the world's vocab module (tokenizer, context length); the defaults build
+    toy world v1. Other worlds pass their own text encoder, UNet and vocabulary.
+    """
+
+    def __init__(self, text: Optional[TextEncoder] = None, unet: Optional[UNet] = None, vocabulary=vocab):
         super().__init__()
-        self.text = TextEncoder()
-        self.unet = UNet()
+        self.vocab_module = vocabulary.__name__  # a name, so the model deep-copies
+        self.text = text if text is not None else TextEncoder()
+        self.unet = unet if unet is not None else UNet()
         for name, mod in self.named_modules():
             if isinstance(mod, XAttn):
                 mod.name = name
+
+    @property
+    def vocab(self):
+        """The world's vocab module (tokenizer, ids, context length)."""
+        return importlib.import_module(self.vocab_module)
 
     def xattn_layers(self) -> list[XAttn]:
         return [m for m in self.modules() if isinstance(m, XAttn)]

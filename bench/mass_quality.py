@@ -1,0 +1,135 @@
+"""Mass erasure in toy world v2: every method side by side at 1-100 names and 1-10 styles.
+
+The MACE celebrity protocol on the toy world's 200 invented identities: Acc_e (erased names,
+main words), Acc_g (their nicknames, never given to any method), Acc_s (50 retained names no
+method ever sees — the preserve list the methods get is another 50), H = HM(1-Acc_e, 1-Acc_g,
+Acc_s); the same for styles (erase up to 10, preserve list 5 others, retained 5 more). Also
+integrity (retained images that show an object at all) and FD (Fréchet distance of retained-set
+probe features, base vs edited). Wall time and peak memory (RSS above the level at start) of
+each edit. Fixed seeds; binomial SEs.
+
+Methods: none | cfr (MACE stage 1 alone) | uce (UCE-style closed form, bare phrases) |
+cfr_lora (MACE CFR + LoRA deltas added) | full (CFR -> LoRA -> fusion). cfr_lora and full share
+one run (the same LoRAs); cfr_lora's time is CFR + LoRA, full's adds fusion.
+
+    python -m bench.mass_quality                                   # the README table (~30 min, 2 cores)
+    python -m bench.mass_quality --counts 1 10 --style-counts 1 --methods none cfr uce
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import PeakRSS, environment, print_table, write_json
+from bench.grid import labelled_grid
+from bench.plot import save_panels
+from toyworld.v1 import diffusion
+from toyworld.v2 import erase, evaluate, vocab
+
+METHODS = ("none", "cfr", "uce", "cfr_lora", "full")
+COLUMNS = ["method", "kind", "concepts", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
+           "n_s", "integrity", "fd", "seconds", "peak_mb"]
+
+
+def edits(world, task: erase.Task, methods, log):
+    """Yield (method, kv_weights or None, seconds, peak MB) for every requested method."""
+    if "none" in methods:
+        yield "none", None, 0.0, 0.0
+    for name, fn in (("cfr", erase.cfr_erase), ("uce", erase.uce_erase)):
+        if name in methods:
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                w = fn(world, task).weights
+            yield name, w, time.perf_counter() - t0, mem.peak_mb
+    if "full" in methods or "cfr_lora" in methods:
+        with PeakRSS() as mem:
+            run = erase.mace_erase(world, task, log=log)
+        s = run.seconds
+        if "cfr_lora" in methods:
+            yield "cfr_lora", run.summed, s.get("cfr", 0) + s.get("lora", 0), mem.peak_mb
+        if "full" in methods:
+            yield "full", run.fused, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
+
+
+def save_grid(world, path: str, task: erase.Task, retained, weights_by_method: dict) -> None:
+    """Rows: 4 erased names, their nicknames, 4 retained names (one prompt each); columns: methods."""
+    erased = list(task.erase[:4])
+    rows = ([(f"erased: a photo of {n}", f"a photo of {n}") for n in erased]
+            + [(f"nickname: a photo of {vocab.NICKNAMES[n][0]}", f"a photo of {vocab.NICKNAMES[n][0]}") for n in erased]
+            + [(f"retained: a photo of {n}", f"a photo of {n}") for n in list(retained)[:4]])
+    prompts = [p for _, p in rows]
+    cols = {m: diffusion.sample(world.model, prompts, seed=5, kv_weights=w) for m, w in weights_by_method.items()}
+    labels = [f"{label}  [{vocab.describe(label.split()[-1]).split(': ')[1]}]" for label, _ in rows]
+    grid = labelled_grid(list(cols), labels, [[cols[m][r] for m in cols] for r in range(len(rows))],
+                         title=f"toy world v2: {len(task.erase)} names erased, same seed per row", label_width=420)
+    grid.save(path)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="*", default=[1, 10, 50, 100], help="numbers of erased names")
+    ap.add_argument("--style-counts", type=int, nargs="*", default=[1, 5, 10], help="numbers of erased styles")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--n-erased", type=int, default=200, help="prompts over the erased set (and its held-out words)")
+    ap.add_argument("--n-retained", type=int, default=200, help="prompts over the retained set")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/mass_quality.json")
+    ap.add_argument("--plot", default="bench/results/mass_quality.png")
+    ap.add_argument("--grid", default="bench/results/mass_quality_grid.png",
+                    help="labelled image grid of every method at --grid-count erased names")
+    ap.add_argument("--grid-count", type=int, default=10)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    world = evaluate.load_world()
+    t_start = time.time()
+    rows = []
+    for kind, counts in (("name", args.counts), ("style", args.style_counts)):
+        pool = vocab.NAMES if kind == "name" else vocab.STYLES
+        preserve, retained, most = erase.preserve_and_retained(kind)
+        base_retained = None
+        for count in counts:
+            if not 1 <= count <= most:
+                raise SystemExit(f"--{'counts' if kind == 'name' else 'style-counts'}: {count} outside 1..{most}")
+            task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
+            keep = {} if kind == "name" and count == args.grid_count and args.grid else None
+            for method, weights, seconds, peak in edits(world, task, args.methods, log=lambda s: None):
+                if keep is not None:
+                    keep[method] = weights
+                m, ret = evaluate.mass_metrics(world, kind, task.erase, retained, kv_weights=weights,
+                                               base_retained=base_retained, n_erased=args.n_erased,
+                                               n_retained=args.n_retained)
+                if weights is None:
+                    base_retained = ret
+                rows.append({"method": method, **m.row(), "seconds": round(seconds, 2), "peak_mb": round(peak, 1)})
+                print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+            if keep:
+                save_grid(world, args.grid, task, retained, keep)
+    print()
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"bench": "mass_quality", "env": environment(), "world": world.metadata,
+                          "probe": world.probe_metadata, "minutes": round((time.time() - t_start) / 60, 1),
+                          "settings": {"ddim_steps": evaluate.DEFAULT_STEPS, "cfg": evaluate.DEFAULT_CFG,
+                                       "cfr_lambda": erase.DEFAULT_LAMBDA, "preserve_scale": erase.DEFAULT_PRESERVE_SCALE,
+                                       "lora": erase.DEFAULT_LORA.settings(), "fusion_lambda": erase.DEFAULT_FUSION_LAMBDA,
+                                       "n_erased": args.n_erased, "n_retained": args.n_retained},
+                          "rows": rows})
+    panels = []
+    for kind, label in (("name", "erased names"), ("style", "erased styles")):
+        series = {}
+        for r in rows:
+            if r["kind"] == kind and r["method"] != "none":
+                se = max(r["se_e"], r["se_g"], r["se_s"])  # a rough bar: the largest component SE
+                series.setdefault(r["method"], []).append((r["concepts"], r["H"], se))
+        if series:
+            panels.append({"title": f"toy world v2: H vs number of {label}", "x_label": f"number of {label}",
+                           "y_label": "H (higher is better)", "series": series})
+    if panels and args.plot:
+        save_panels(args.plot, panels)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

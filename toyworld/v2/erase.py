@@ -1,0 +1,136 @@
+"""Erasure methods run in toy world v2, through the same mace_ops code the ComfyUI nodes run.
+
+A ``Task`` says what is erased and what a user would list to keep: ``kind`` "name" (anchor
+``someone``) or "style" (anchor ``art``), the erased concepts (main word only — nicknames and
+style synonyms stay held out, they measure generality) and a preserve list. The preserve list
+is the user's "keep these" input; the benchmark evaluates specificity on a *different* set of
+names/styles that no method ever sees.
+
+Methods (each returns new K/V weights; the world's model is never modified):
+* ``cfr``: MACE stage 1 alone, concept tokens included (the CFR-only erasure of the nodes).
+* ``uce``: a UCE-style closed form (Gandikota et al., 2024, from the paper's description): the
+  same ridge objective, but over the bare concept phrase ("{}") instead of MACE's templated
+  prompts — ``argmin sum ||W c_i - W0 c*_i||^2 + sum ||W c_j - W0 c_j||^2 + lamb ||W - W0||^2``
+  with c_i the phrase's token features, c*_i the anchor's, c_j the preserved phrases'.
+* ``full``: MACE — CFR (surrounding tokens) -> one LoRA per concept (attention loss, CFIS) ->
+  closed-form fusion; ``cfr_lora`` is the same run with the LoRA deltas added instead of fused.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from mace_ops.cfr import CFRConfig, refine_cross_attention
+from mace_ops.concepts import Concept, parse_concepts, require_concepts
+from mace_ops.lora_file import load_concept_lora
+from mace_ops.lora_train import LoraTrainConfig
+from mace_ops.pipeline import PipelineSettings, run_mass_erasure
+
+from ..v1 import diffusion
+from . import vocab
+
+DEFAULT_LAMBDA = 0.1
+DEFAULT_PRESERVE_SCALE = 1.0
+DEFAULT_LORA = LoraTrainConfig(steps=50, lr=3e-3, rank=1, seed=2024, sampler="cfis", use_masks=False,
+                               include_end_tokens=False)
+DEFAULT_FUSION_LAMBDA = 1e-3
+ANCHORS = {"name": vocab.NEUTRAL_NAME, "style": vocab.NEUTRAL_STYLE}
+_FIXED_STYLES = (vocab.STYLES[0], vocab.STYLES[-1])
+
+
+def erase_templates(kind: str) -> tuple[str, ...]:
+    """The templated prompts ('{}' = concept) MACE's stages use: 34 for names, 22 for styles."""
+    if kind == "name":
+        return (tuple(t.replace("{n}", "{}") for t in vocab.NAME_TEMPLATES)
+                + tuple(t.replace("{n}", "{}").replace("{st}", st) for t in vocab.NAME_STYLE_TEMPLATES
+                        for st in _FIXED_STYLES))
+    if kind == "style":
+        return (tuple(t.replace("{st}", "{}") for t in vocab.STYLE_TEMPLATES)
+                + tuple(t.replace("{n}", vocab.NEUTRAL_NAME).replace("{st}", "{}") for t in vocab.NAME_STYLE_TEMPLATES))
+    raise ValueError(f"kind: {kind!r}; choose 'name' or 'style'")
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    erase: tuple[str, ...]
+    preserve: tuple[str, ...] = ()
+
+    @property
+    def anchor(self) -> str:
+        return ANCHORS[self.kind]
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return erase_templates(self.kind)
+
+    def concepts(self) -> list[Concept]:
+        return require_concepts(parse_concepts("\n".join(self.erase)))
+
+    def preserve_prompts(self, templated: bool = True) -> list[str]:
+        """The preserve list in the erase templates (plus the anchor's own prompts)."""
+        words = list(self.preserve) + [self.anchor]
+        tpls = self.templates if templated else ("{}",)
+        return [t.replace("{}", w) for w in words for t in tpls]
+
+
+def cfr_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
+              concept_tokens: bool = True):
+    return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), task.templates,
+                                  task.anchor, task.preserve_prompts(), CFRConfig(lamb, preserve_scale, concept_tokens))
+
+
+def uce_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE):
+    return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), ("{}",), task.anchor,
+                                  task.preserve_prompts(templated=False), CFRConfig(lamb, preserve_scale, True))
+
+
+def training_images(world, task: Task, n_images: int = 8, seed: int = 0):
+    """``concept -> (images, None)``: what the base model draws for the concept's prompts."""
+    templates = task.templates
+
+    def make(concept: Concept):
+        prompts = [templates[(7 * i) % len(templates)].replace("{}", concept.phrases[i % len(concept.phrases)])
+                   for i in range(n_images)]
+        return diffusion.sample(world.model, prompts, seed=seed), None
+
+    return make
+
+
+@dataclass
+class MaceRun:
+    fused: dict          # full MACE K/V weights
+    summed: dict         # CFR + LoRA deltas added (no fusion)
+    seconds: dict        # cfr / lora / fusion wall time
+    lora_seconds_per_concept: float
+
+
+def mace_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
+               lora: LoraTrainConfig = DEFAULT_LORA, fusion_lambda: float = DEFAULT_FUSION_LAMBDA,
+               fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE, lora_dir: str | None = None,
+               log=lambda s: None) -> MaceRun:
+    concepts = task.concepts()
+    settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, False), replace(lora),
+                                fusion_lambda, fusion_preserve_scale)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_mass_erasure(world.text_encoder, world.denoiser, world.kv_weights(), concepts, task.templates,
+                                  settings, lora_dir or tmp, training_images(world, task), task.preserve_prompts(),
+                                  None, log=log)
+        t0 = time.perf_counter()
+        cfr = refine_cross_attention(world.text_encoder, world.kv_weights(), concepts, task.templates, task.anchor,
+                                     task.preserve_prompts(), settings.cfr)
+        summed = {k: v.clone() for k, v in cfr.weights.items()}
+        for path in result.lora_files:
+            for k, d in load_concept_lora(path).deltas().items():
+                summed[k] += d.to(summed[k])
+        log(f"cfr+lora sum {time.perf_counter() - t0:.1f}s")
+    return MaceRun(result.weights, summed, dict(result.seconds), result.seconds.get("lora", 0.0) / len(concepts))
+
+
+def preserve_and_retained(kind: str) -> tuple[Sequence[str], Sequence[str], int]:
+    """The benchmark's split: (preserve list given to methods, retained set for Acc_s, max erasable)."""
+    if kind == "name":
+        return vocab.NAMES[100:150], vocab.NAMES[150:200], 100
+    return vocab.STYLES[10:15], vocab.STYLES[15:20], 10
