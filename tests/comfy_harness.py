@@ -614,7 +614,11 @@ def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64
                       max_steps: int = 2) -> dict:
     """Copy of an API prompt made cheap enough for CI: every ``ckpt_name`` input points at
     ``ckpt_name`` (e.g. the tiny checkpoint), image/latent sizes are capped at ``max_side``,
-    sampler and training steps at ``max_steps`` and image counts at 2.  Other inputs are untouched."""
+    sampler and training steps at ``max_steps`` and image counts at 2.  Other inputs are untouched.
+
+    A step count of 0 means "the default for the concept type" to the MACE training nodes
+    (50-120 LoRA steps per concept): it becomes an explicit ``max_steps`` too, so a test never
+    trains the full default by accident."""
     out = copy.deepcopy(dict(api_prompt))
     for node in out.values():
         inputs = node.get("inputs", {})
@@ -625,7 +629,7 @@ def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64
                 inputs[key] = min(inputs[key], max_side)
         for key in ("steps", "lora_steps", "sampling_steps"):
             if isinstance(inputs.get(key), int):
-                inputs[key] = min(inputs[key], max_steps)
+                inputs[key] = max_steps if inputs[key] == 0 else min(inputs[key], max_steps)
         for key in ("count", "images_per_concept"):
             if isinstance(inputs.get(key), int):
                 inputs[key] = min(inputs[key], 2)

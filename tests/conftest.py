@@ -9,8 +9,14 @@
 
 Any test that uses ``comfy`` (directly or through ``tiny_ckpt``) is marked ``integration``
 automatically.
+
+``--require-comfyui`` (or ``MACE_REQUIRE_COMFYUI=1``, which ``.ci/run`` sets when it has
+extracted the vendored ComfyUI): a missing checkout is a usage error, and any *integration*
+test that ends up skipped is reported as a failure, with its skip reason.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -18,6 +24,25 @@ from comfy_harness import (SKIP_MESSAGE, find_comfyui, init_comfyui,
                            make_tiny_sd15_checkpoint, require_comfyui)
 
 TINY_CKPT_NAME = "mace_tiny_sd15.safetensors"
+REQUIRE_ENV = "MACE_REQUIRE_COMFYUI"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-comfyui", action="store_true", default=False,
+                     help="fail (instead of skip) integration tests when ComfyUI is missing or an "
+                          f"integration test skips; also set by {REQUIRE_ENV}=1")
+
+
+def _comfyui_required(config) -> bool:
+    env = os.environ.get(REQUIRE_ENV, "").strip().lower()
+    return bool(config.getoption("--require-comfyui")) or env not in ("", "0", "false", "no")
+
+
+def pytest_configure(config):
+    if _comfyui_required(config) and find_comfyui() is None:
+        raise pytest.UsageError(
+            f"ComfyUI is required ({REQUIRE_ENV}=1 or --require-comfyui) but no checkout was "
+            f"found at $COMFYUI_PATH={os.environ.get('COMFYUI_PATH', '(unset)')} or ~/ComfyUI")
 
 
 def pytest_report_header(config):
@@ -44,9 +69,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=SKIP_MESSAGE))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") \
+            and item.get_closest_marker("integration") is not None \
+            and _comfyui_required(item.config):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"integration test skipped although ComfyUI is required "
+                           f"({REQUIRE_ENV}=1 / --require-comfyui): {reason}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if find_comfyui() is None:
         terminalreporter.write_line(SKIP_MESSAGE, yellow=True, bold=True)
+    elif _comfyui_required(config):
+        terminalreporter.write_line(
+            f"ComfyUI required ({REQUIRE_ENV}=1 / --require-comfyui): a skipped integration "
+            f"test counts as a failure", bold=True)
 
 
 @pytest.fixture(scope="session")

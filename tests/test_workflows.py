@@ -310,3 +310,18 @@ def test_cli_run_subprocess_python_m(comfy, tiny_ckpt, tmp_path):
     assert "running node 5 (KSampler)" in r.stderr and "node 5 (KSampler): 1/1" in r.stderr
     assert "MaceRefineCrossAttention" in r.stderr  # the pack was loaded
     assert not list((tmp_path / "base").glob("custom_nodes/*")), "wrote into the base dir"
+
+
+def test_retarget_for_test_makes_default_steps_explicit():
+    """0 means "the default" (50-120 LoRA steps) to the MACE training nodes; a test run must
+    train ``max_steps``, never the default."""
+    api = {"1": {"class_type": "MaceMassErase", "inputs": {"lora_steps": 0, "sampling_steps": 20,
+                                                           "images_per_concept": 8,
+                                                           "image_size": 512}},
+           "2": {"class_type": "MaceTrainConceptLora", "inputs": {"steps": 0}},
+           "3": {"class_type": "KSampler", "inputs": {"steps": 1}}}
+    out = ch.retarget_for_test(api, "tiny.safetensors", max_steps=2)
+    assert out["1"]["inputs"] == {"lora_steps": 2, "sampling_steps": 2, "images_per_concept": 2,
+                                  "image_size": 64}
+    assert out["2"]["inputs"]["steps"] == 2 and out["3"]["inputs"]["steps"] == 1
+    assert api["1"]["inputs"]["lora_steps"] == 0  # the input is not modified
