@@ -13,7 +13,7 @@ import os
 import comfy.model_management
 import comfy.samplers
 import folder_paths
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
