@@ -1,4 +1,5 @@
-"""Write the pack's UI-format workflow JSONs (workflows/ and its copy example_workflows/).
+"""Write the pack's UI-format workflow JSONs into workflows/ (the one folder ComfyUI's template
+browser lists for the pack; a second copy, e.g. example_workflows/, would list every template twice).
 
 Each workflow is declared compactly below (nodes with their widget values, and links by socket
 name); this script lays them out and emits the JSON the ComfyUI frontend saves and loads.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,14 +163,12 @@ def build(spec: dict) -> dict:
 
 
 def main() -> None:
-    for folder in ("workflows", "example_workflows"):
-        os.makedirs(os.path.join(ROOT, folder), exist_ok=True)
+    os.makedirs(os.path.join(ROOT, "workflows"), exist_ok=True)
     for name, spec in WORKFLOWS.items():
         path = os.path.join(ROOT, "workflows", f"{name}.json")
         with open(path, "w") as f:
             json.dump(build(spec), f, indent=1)
             f.write("\n")
-        shutil.copyfile(path, os.path.join(ROOT, "example_workflows", f"{name}.json"))
         print("wrote", path)
 
 

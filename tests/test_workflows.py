@@ -1,7 +1,8 @@
 """The shipped workflows and the headless runner (``python -m comfyui_mace run/check``).
 
 Plain tests (no ComfyUI needed):
-* ``example_workflows/`` holds byte-identical copies of ``workflows/`` (same file set);
+* ``workflows/`` is the pack's only template folder (ComfyUI's template browser lists every
+  folder it knows, so a copy would show each workflow twice);
 * every workflow JSON parses, is UI format with self-consistent links, and uses only stock
   ComfyUI nodes and this pack's nodes (stock names are looked up in the ComfyUI checkout's
   source text when there is one, else in a static list);
@@ -31,7 +32,6 @@ import comfy_harness as ch
 
 REPO = ch.REPO_ROOT
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-EXAMPLES = REPO / "example_workflows"
 IDS = [p.name for p in WORKFLOWS]
 
 ch.load_pack_package()
@@ -78,15 +78,26 @@ def test_there_are_workflows():
     assert WORKFLOWS, "workflows/ holds no *.json"
 
 
-def test_example_workflows_are_identical_copies():
-    ours = {p.name for p in WORKFLOWS}
-    examples = {p.name for p in EXAMPLES.glob("*.json")}
-    assert examples == ours, (f"example_workflows/ and workflows/ differ: only in workflows/ "
-                              f"{sorted(ours - examples)}, only in example_workflows/ "
-                              f"{sorted(examples - ours)} (run scripts/build_workflows.py)")
-    for p in WORKFLOWS:
-        assert (EXAMPLES / p.name).read_bytes() == p.read_bytes(), \
-            f"example_workflows/{p.name} is not a byte-identical copy of workflows/{p.name}"
+# The folder names ComfyUI's template route scans (app/custom_node_manager.py, 0.3.64).
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def _template_folder_names() -> tuple[str, ...]:
+    """From the ComfyUI checkout when there is one (so a newer ComfyUI's list is used)."""
+    comfy = ch.find_comfyui()
+    src = comfy / "app" / "custom_node_manager.py" if comfy else None
+    if src is not None and src.is_file():
+        m = re.search(r"example_workflow_folder_names\s*=\s*\[([^\]]*)\]", src.read_text())
+        if m:
+            return tuple(re.findall(r"[\"']([^\"']+)[\"']", m.group(1)))
+    return TEMPLATE_FOLDERS
+
+
+def test_template_browser_lists_each_workflow_once():
+    names = _template_folder_names()
+    assert "workflows" in names
+    listed = [f"{d}/{p.name}" for d in names for p in sorted((REPO / d).glob("*.json"))]
+    assert len(listed) == len(WORKFLOWS) and all(x.startswith("workflows/") for x in listed), listed
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
