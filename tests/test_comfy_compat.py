@@ -141,3 +141,21 @@ def test_stock_lora_key_map_still_reads_our_erasure_keys(comfy, tiny_ckpt):
     sd = {module + ".diff": torch.zeros(shape)}
     patches = comfy.lora.load_lora(sd, {module: kv[0]})
     assert patches[kv[0]][0] == "diff"
+
+
+def test_locale_labels_every_renamed_input(comfy):
+    """The frontend (1.27) shows an input's id, not its ``display_name``; locales/en/nodeDefs.json
+    (served by ComfyUI's /i18n) gives the label for every input whose display name differs."""
+    import json
+
+    comfy.require_pack()
+    labels = json.loads((ch.REPO_ROOT / "locales" / "en" / "nodeDefs.json").read_text())
+    want = {}
+    for node_id in comfy.pack_node_ids:
+        schema = comfy.nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+        for inp in schema.inputs:
+            if inp.display_name and inp.display_name != inp.id:
+                want[(node_id, inp.id)] = inp.display_name
+    assert want, "no renamed inputs found (lambda_ -> lambda expected)"
+    have = {(n, i): v.get("name") for n, d in labels.items() for i, v in d.get("inputs", {}).items()}
+    assert have == want

@@ -336,3 +336,16 @@ def test_retarget_for_test_makes_default_steps_explicit():
                                   "image_size": 64}
     assert out["2"]["inputs"]["steps"] == 2 and out["3"]["inputs"]["steps"] == 1
     assert api["1"]["inputs"]["lora_steps"] == 0  # the input is not modified
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_workflow_nodes_do_not_overlap(path):
+    """Node rectangles as saved (title bar above ``pos``) are pairwise disjoint; the frontend
+    only grows a node to fit its widgets, and tests/test_browser.py measures the real boxes."""
+    title_h = 30
+    nodes = json.loads(path.read_text())["nodes"]
+    rects = [(n["id"], n["type"], n["pos"][0], n["pos"][1] - title_h, n["pos"][0] + n["size"][0],
+              n["pos"][1] + n["size"][1]) for n in nodes]
+    overlaps = [f"{a[1]} #{a[0]} / {b[1]} #{b[0]}" for i, a in enumerate(rects) for b in rects[i + 1:]
+                if a[2] < b[4] and b[2] < a[4] and a[3] < b[5] and b[3] < a[5]]
+    assert not overlaps, overlaps
