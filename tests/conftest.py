@@ -12,7 +12,9 @@ automatically.
 
 ``--require-comfyui`` (or ``MACE_REQUIRE_COMFYUI=1``, which ``.ci/run`` sets when it has
 extracted the vendored ComfyUI): a missing checkout is a usage error, and any *integration*
-test that ends up skipped is reported as a failure, with its skip reason.
+test that ends up skipped is reported as a failure, with its skip reason.  Tests marked
+``browser`` (tests/test_browser.py) follow ``MACE_REQUIRE_BROWSER=1`` instead, which ``.ci/run``
+sets when Chromium is installed.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from comfy_harness import (SKIP_MESSAGE, find_comfyui, init_comfyui,
 
 TINY_CKPT_NAME = "mace_tiny_sd15.safetensors"
 REQUIRE_ENV = "MACE_REQUIRE_COMFYUI"
+BROWSER_ENV = "MACE_REQUIRE_BROWSER"  # set by .ci/run when Chromium is installed
 
 
 def pytest_addoption(parser):
@@ -33,9 +36,12 @@ def pytest_addoption(parser):
                           f"integration test skips; also set by {REQUIRE_ENV}=1")
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _comfyui_required(config) -> bool:
-    env = os.environ.get(REQUIRE_ENV, "").strip().lower()
-    return bool(config.getoption("--require-comfyui")) or env not in ("", "0", "false", "no")
+    return bool(config.getoption("--require-comfyui")) or _flag(REQUIRE_ENV)
 
 
 def pytest_configure(config):
@@ -73,10 +79,15 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail") \
-            and item.get_closest_marker("integration") is not None \
-            and _comfyui_required(item.config):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if item.get_closest_marker("browser") is not None:
+        if _flag(BROWSER_ENV):
+            report.outcome = "failed"
+            report.longrepr = (f"browser test skipped although Chromium is required "
+                               f"({BROWSER_ENV}=1): {reason}")
+    elif item.get_closest_marker("integration") is not None and _comfyui_required(item.config):
         report.outcome = "failed"
         report.longrepr = (f"integration test skipped although ComfyUI is required "
                            f"({REQUIRE_ENV}=1 / --require-comfyui): {reason}")
