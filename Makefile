@@ -14,8 +14,11 @@ ARGS   ?=
 venv:
 	@PYTHON="$(PYTHON)" VENV="$(VENV)" bash .ci/setup-venv.sh
 
+# pytest exit 5 = no tests collected/selected: a failure, said in words (make itself exits 2).
 test: venv
-	$(PY) -m pytest -q
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected or selected NO tests (exit 5): check pytest.ini's testpaths and -m" >&2; fi; \
+	exit $$rc
 
 demo: venv
 	$(PY) -m scripts.mace_demo $(ARGS)

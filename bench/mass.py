@@ -36,6 +36,7 @@ import tempfile
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from bench.common import HashTextEncoder, environment, print_table, rss_mb, sd15_kv_weights, write_json
 from bench.train import hwm_mb, reset_peak, trim
@@ -126,13 +127,13 @@ def run_case(method: str, n: int, dump: str | None = None) -> dict:
         new, fuse_s, fuse_mb = _stage(lambda: per_layer_fusion(encoder, current, cs, OBJECT_TEMPLATES, LAMB))
     row.update({"fusion_s": round(fuse_s, 2), "fusion_peak_mb": round(fuse_mb, 1), **_checksums(new, current)})
     if dump:  # the fused deltas, for the parent to compare the two methods
-        torch.save({k: new[k] - current[k] for k in current}, dump)
+        save_file({k: (new[k] - current[k]).contiguous() for k in current}, dump)
     return row
 
 
 def delta_rel_err(path_a: str, path_ref: str) -> float:
     """||dW_a - dW_ref||_F / ||dW_ref||_F over all 32 weights."""
-    a, ref = torch.load(path_a), torch.load(path_ref)
+    a, ref = load_file(path_a), load_file(path_ref)
     num = sum(float((a[k].double() - ref[k].double()).norm() ** 2) for k in ref)
     return (num / sum(float(ref[k].double().norm() ** 2) for k in ref)) ** 0.5
 
@@ -166,7 +167,7 @@ def main() -> None:
             if method == "per_layer" and n > BASELINE_MAX_CONCEPTS:
                 rows.append({"method": method, "concepts": n, "fusion_s": "skipped"})
                 continue
-            dump = os.path.join(tmp, f"{method}_{n}.pt") if n <= BASELINE_MAX_CONCEPTS else None
+            dump = os.path.join(tmp, f"{method}_{n}.safetensors") if n <= BASELINE_MAX_CONCEPTS else None
             cmd = [sys.executable, "-m", "bench.mass", "--case", method, str(n)] + (["--dump", dump] if dump else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -191,8 +192,8 @@ def main() -> None:
         if r["method"] == "per_layer" and ours and isinstance(r.get("fusion_s"), float):
             r["fusion_time_ratio"] = round(r["fusion_s"] / max(ours["fusion_s"], 1e-3), 1)
             r["fusion_memory_ratio"] = round(r["fusion_peak_mb"] / max(ours["fusion_peak_mb"], 1.0), 1)
-            r["delta_rel_err_vs_ours"] = round(delta_rel_err(os.path.join(tmp, f"per_layer_{r['concepts']}.pt"),
-                                                             os.path.join(tmp, f"ours_{r['concepts']}.pt")), 4)
+            r["delta_rel_err_vs_ours"] = round(delta_rel_err(os.path.join(tmp, f"per_layer_{r['concepts']}.safetensors"),
+                                                             os.path.join(tmp, f"ours_{r['concepts']}.safetensors")), 4)
         if r["method"] == "ours" and train:
             r["train_s_extrap"] = round(train["seconds"] * r["concepts"], 0)
             r["total_s_extrap"] = round(r["train_s_extrap"] + r["cfr_s"] + r["fusion_s"], 0)

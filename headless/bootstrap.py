@@ -74,6 +74,14 @@ class ComfyEnv:
     device: str = "?"
     reused: bool = False
     version: str = "?"
+    nodes_dir: str | None = None
+    """The copy of the pack whose node classes ComfyUI registered (``NODE_CLASS_MAPPINGS``).
+    Differs from :attr:`pack_dir` when another copy in ``custom_nodes`` registered them first."""
+
+    @property
+    def other_copy_in_use(self) -> bool:
+        return self.nodes_dir is not None and \
+            os.path.realpath(self.nodes_dir) != os.path.realpath(str(self.pack_dir))
 
     @property
     def nodes(self):
@@ -550,6 +558,21 @@ def _reuse(comfy_root: Path) -> ComfyEnv:
     return _make_env(comfy_root, pack_path, reused=True)
 
 
+PROBE_NODE = "MaceRefineCrossAttention"
+
+
+def registered_pack_dir() -> str | None:
+    """The folder of the pack copy whose MACE nodes ComfyUI registered (None: none are)."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS.get(PROBE_NODE)
+    mod = sys.modules.get(getattr(cls, "__module__", "") or "")
+    f = getattr(mod, "__file__", None)
+    if not f:
+        return None
+    return str(Path(f).resolve().parents[1])  # <pack>/nodes/cfr_node.py -> <pack>
+
+
 def _make_env(comfy_root: Path, pack_path: str, reused: bool) -> ComfyEnv:
     import nodes
 
@@ -574,7 +597,7 @@ def _make_env(comfy_root: Path, pack_path: str, reused: bool) -> ComfyEnv:
         version = comfyui_version.__version__
     return ComfyEnv(comfy_root=comfy_root, pack_dir=PACK_DIR, pack_module=mod,
                     pack_module_name=name, pack_path=str(pack_path), pack_node_ids=ids,
-                    device=device, reused=reused, version=version)
+                    device=device, reused=reused, version=version, nodes_dir=registered_pack_dir())
 
 
 def _apply_late_options(env: ComfyEnv, base_directory, output_directory, extra_model_dirs,

@@ -174,6 +174,12 @@ def _start(args) -> _bootstrap.ComfyEnv:
         cpu=True if args.cpu else None, verbose=args.verbose)
     _err(f"ComfyUI {env.version} at {env.comfy_root} (device: {env.device}); comfyui-mace "
          f"nodes: {', '.join(env.pack_node_ids) or 'none'}")
+    if env.other_copy_in_use:
+        _err(f"comfyui-mace: this run uses the copy installed at {env.nodes_dir} (ComfyUI "
+             f"registered its nodes first), NOT {env.pack_dir}; to run this copy instead, add "
+             f"--no-custom-nodes")
+    else:
+        _err(f"comfyui-mace: using the copy at {env.nodes_dir or env.pack_dir}")
     return env
 
 

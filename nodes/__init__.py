@@ -1,7 +1,9 @@
 """ComfyUI nodes of the MACE pack: thin V3 adapters over ``mace_ops``."""
 from __future__ import annotations
 
-from comfy_api.v0_0_2 import ComfyExtension, io
+from .comfy_compat import ComfyExtension, check_core, io
+
+check_core()  # an incompatible ComfyUI: one clear ImportError here, not a traceback mid-run
 
 from .cfr_node import MaceRefineCrossAttention
 from .erasure_io_nodes import MaceLoadErasure, MaceSaveErasure

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import parse_concepts, require_concepts

@@ -16,6 +16,7 @@ import comfy.lora
 import comfy.model_management
 
 from ..mace_ops.erasure_file import weights_fingerprint
+from .comfy_compat import split_key_patch_entry
 from ..mace_ops.interfaces import KVWeights
 
 ATTACHMENT = "mace_erasure"
@@ -42,7 +43,7 @@ def effective_kv_weights(model) -> KVWeights:
     entries = model.get_key_patches(PREFIX)
     out = {}
     for key in kv_keys(model):
-        (weight, convert), *patches = entries[key]
+        weight, convert, patches = split_key_patch_entry(entries[key])
         w = comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
         w = convert(w, inplace=True)
         if patches:

@@ -5,7 +5,7 @@ import json
 import os
 
 import folder_paths
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.erasure_file import check_base, load_erasure, save_erasure
 from .comfy_model import apply_erasure, effective_kv_weights, get_record

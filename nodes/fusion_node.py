@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.concepts import Concept, parse_concepts
 from ..mace_ops.fusion import fuse_loras

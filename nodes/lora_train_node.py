@@ -20,7 +20,7 @@ import torch
 
 import comfy.model_management
 import folder_paths
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.concepts import parse_concepts, require_concepts
 from ..mace_ops.erasure_file import weights_fingerprint

@@ -13,7 +13,7 @@ import os
 import comfy.model_management
 import comfy.samplers
 import folder_paths
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
@@ -36,7 +36,8 @@ class MaceMassErase(io.ComfyNode):
             display_name="MACE Mass Erase",
             category="MACE",
             description="Runs CFR, one LoRA per concept (images made by the model itself) and closed-form fusion "
-            "for a list of concepts. Finished concepts are kept in loras/mace_mass/<run_name>/ and reused, so "
+            "for a list of concepts. Finished concepts are kept in a folder named after run_name under "
+            "loras/mace_mass/ and reused, so "
             "re-queueing an interrupted run resumes it.",
             inputs=[
                 io.Model.Input("model"),

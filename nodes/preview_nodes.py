@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import comfy.model_management
 import comfy.samplers
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.alignment import concept_positions
 from ..mace_ops.attention_loss import concept_attention_mass

@@ -14,7 +14,7 @@ import torch
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.templates import fill
 from .lora_train_node import CONCEPT_TYPES, concept_templates, one_concept

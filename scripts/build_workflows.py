@@ -1,4 +1,5 @@
-"""Write the pack's UI-format workflow JSONs (workflows/ and its copy example_workflows/).
+"""Write the pack's UI-format workflow JSONs into workflows/ (the one folder ComfyUI's template
+browser lists for the pack; a second copy, e.g. example_workflows/, would list every template twice).
 
 Each workflow is declared compactly below (nodes with their widget values, and links by socket
 name); this script lays them out and emits the JSON the ComfyUI frontend saves and loads.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,9 +61,15 @@ def sampler_nodes(prefix: str, model: str, prompt: str, x: int, y: int, seed: in
     }
 
 
+# The SD1.5 checkpoint ComfyUI's own templates use (and offer to download: the "models" property).
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SD15_MODEL = {"name": SD15, "directory": "checkpoints",
+              "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                     "v1-5-pruned-emaonly-fp16.safetensors?download=true"}
+
 WORKFLOWS = {
     "erase_style_cfr": {
-        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "cfr": ("MaceRefineCrossAttention",
                 ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
                  1.0, 1.0, True, True],
@@ -78,7 +84,7 @@ WORKFLOWS = {
     # concept's LoRA trained on the CFR model (the LoRA file is saved by the training node; the
     # combined CFR + LoRA edit is saved by MACE Save Erasure), then a sample from the erased model.
     "erase_style_lora": {
-        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "images": ("MaceTrainingImages",
                    ["van gogh, vincent van gogh", "style", 8, 30, 7.5, 0, "fixed", 512, 512, "dpmpp_2m", "karras",
                     "blurry, low quality"],
@@ -102,7 +108,7 @@ WORKFLOWS = {
     # MACE stages 1-3 for a list of people: CFR, one LoRA per person (images from the model itself,
     # kept in output/loras/mace_mass/<run_name>/ so a re-queued run resumes), closed-form fusion.
     "mass_erase_celebrities": {
-        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "mass": ("MaceMassErase",
                  ["tom cruise\ntaylor swift\nbarack obama\nemma watson\nbrad pitt\noprah winfrey\nlionel messi\nlady gaga\nelon musk\nscarlett johansson", "", "person", "a person",
                   "keanu reeves\nnatalie portman\nmorgan freeman", True, "celebrities_10", 1.0, 1.0, 0, 0.0, 8, 512,
@@ -115,7 +121,7 @@ WORKFLOWS = {
     },
     # Nudity with synonyms on one line (all erased together), mapped onto a clothed person; CFR only.
     "erase_nudity_cfr": {
-        "ckpt": ("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], {}, (0, 0)),
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "cfr": ("MaceRefineCrossAttention",
                 ["nudity, naked, nude, topless, erotic", "person", "a person wearing clothes",
                  "a person\na woman\na man", 1.0, 1.0, True, True],
@@ -128,7 +134,44 @@ WORKFLOWS = {
 }
 
 
+# Layout: nodes keep their declared (x, y) only as an ordering -- columns by x, top to bottom by
+# y -- and get sizes estimated from their sockets and widgets, so that no two nodes overlap in
+# the frontend (a test checks the rectangles; tests/test_browser.py measures the real ones).
+MULTILINE = {"CLIPTextEncode": 1, "MaceRefineCrossAttention": 2, "MaceMassErase": 2, "MaceFuseLoras": 2,
+             "MaceTrainingImages": 0, "MaceTrainConceptLora": 0, "PreviewAny": 1}
+TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 110
+COL_GAP, ROW_GAP = 60, 50
+
+
+def node_size(typ: str, n_widgets: int) -> list[int]:
+    ins, outs = SOCKETS[typ]
+    multi = MULTILINE.get(typ, 0)
+    h = 16 + max(len(ins), len(outs)) * SLOT_H + (n_widgets - multi) * WIDGET_H + multi * MULTILINE_H
+    if typ in ("SaveImage", "PreviewImage"):
+        h = max(h, 300)  # image preview area
+    w = 420 if multi > 1 or typ.startswith("Mace") else 340
+    return [w, h]
+
+
+def layout(spec: dict) -> dict[str, tuple[list[int], list[int]]]:
+    """key -> (pos, size) with non-overlapping columns (each as wide as its widest node)."""
+    sizes = {k: node_size(typ, len(widgets)) for k, (typ, widgets, _ins, _pos) in spec.items()}
+    xs = sorted({pos[0] for (_t, _w, _i, pos) in spec.values()})
+    col_x, x = {}, 0
+    for cx in xs:
+        col_x[cx] = x
+        x += max(sizes[k][0] for k, v in spec.items() if v[3][0] == cx) + COL_GAP
+    out = {}
+    for cx in xs:
+        y = 0
+        for k in sorted((k for k, v in spec.items() if v[3][0] == cx), key=lambda k: spec[k][3][1]):
+            out[k] = ([col_x[cx], y + TITLE_H], sizes[k])
+            y += TITLE_H + sizes[k][1] + ROW_GAP
+    return out
+
+
 def build(spec: dict) -> dict:
+    placed = layout(spec)
     ids = {key: i + 1 for i, key in enumerate(spec)}
     nodes, links = [], []
     outputs_links: dict[tuple[str, str], list[int]] = {}
@@ -146,12 +189,14 @@ def build(spec: dict) -> dict:
     for order, (key, (typ, widgets, ins, pos)) in enumerate(spec.items()):
         in_socks, out_socks = SOCKETS[typ]
         nodes.append({
-            "id": ids[key], "type": typ, "pos": list(pos), "size": [360, 200], "flags": {}, "order": order,
+            "id": ids[key], "type": typ, "pos": placed[key][0], "size": placed[key][1], "flags": {},
+            "order": order,
             "mode": 0,
             "inputs": [{"name": n, "type": t, "link": link_into.get((ids[key], i))} for i, (n, t) in enumerate(in_socks)],
             "outputs": [{"name": n, "type": t, "links": outputs_links.get((key, n), []), "slot_index": i}
                         for i, (n, t) in enumerate(out_socks)],
-            "properties": {"Node name for S&R": typ},
+            "properties": {"Node name for S&R": typ,
+                           **({"models": [SD15_MODEL]} if typ == "CheckpointLoaderSimple" else {})},
             "widgets_values": widgets,
         })
     return {
@@ -163,14 +208,12 @@ def build(spec: dict) -> dict:
 
 
 def main() -> None:
-    for folder in ("workflows", "example_workflows"):
-        os.makedirs(os.path.join(ROOT, folder), exist_ok=True)
+    os.makedirs(os.path.join(ROOT, "workflows"), exist_ok=True)
     for name, spec in WORKFLOWS.items():
         path = os.path.join(ROOT, "workflows", f"{name}.json")
         with open(path, "w") as f:
             json.dump(build(spec), f, indent=1)
             f.write("\n")
-        shutil.copyfile(path, os.path.join(ROOT, "example_workflows", f"{name}.json"))
         print("wrote", path)
 
 

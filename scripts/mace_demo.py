@@ -1,22 +1,80 @@
 """The main job: erase a concept and show what changed.
 
-Without a checkpoint it uses the built-in toy world (toyworld/v1): erases the given colour
-concept(s) with CFR, prints the MACE before/after table (efficacy, generality, specificity, H)
-and writes a before/after image grid PNG. With ``--checkpoint`` it erases the concepts from a
-real SD checkpoint through ComfyUI (needs a ComfyUI checkout: $COMFYUI_PATH or ~/ComfyUI) and
-writes the erasure file that stock LoRA loaders read.
+Without a checkpoint it uses the built-in toy world (toyworld/v1, coloured shapes): erases the
+given colour word(s) with CFR, prints the MACE before/after table (efficacy, generality,
+specificity, H) and writes a labelled before/after PNG (columns: original | erased; rows: the
+erased words, their held-out synonyms, colours that must stay). With ``--checkpoint`` it erases
+the concepts from a real SD checkpoint through ComfyUI and writes the erasure file that stock
+LoRA loaders read.
 
-    python -m scripts.mace_demo                         # toy world, erase "red"
-    python -m scripts.mace_demo --concepts "red, crimson" --out out/
-    python -m scripts.mace_demo --checkpoint path/to/sd15.safetensors --concepts "van gogh" --type style
+    .venv/bin/python -m scripts.mace_demo                       # toy world, erase "red"
+    .venv/bin/python -m scripts.mace_demo --concepts "red, crimson; blue" --out out/
+    .venv/bin/python -m scripts.mace_demo --checkpoint path/to/sd15.safetensors \\
+        --concepts "van gogh; picasso" --type style [--comfyui path/to/ComfyUI]
+
+Concepts: ``;`` separates concepts, ``,`` separates synonyms of one concept.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 import time
 
 import torch
+
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def concept_text(concepts: str) -> str:
+    """``"red, crimson; blue"`` -> one concept per line (what ``parse_concepts`` reads)."""
+    return "\n".join(p.strip() for p in str(concepts).replace(";", "\n").splitlines() if p.strip())
+
+
+def toy_vocabulary() -> str:
+    from toyworld.v1 import vocab
+
+    return "; ".join(f"{c} ({', '.join(vocab.SYNONYMS[c])})" for c in vocab.COLORS)
+
+
+def check_toy_words(words) -> None:
+    """SystemExit(2) with the valid words when a word is not a toy colour word."""
+    from toyworld.v1 import vocab
+
+    unknown = [w for w in words if w not in vocab.COLOR_WORD_INDEX]
+    if not words or unknown:
+        what = (f"{', '.join(repr(w) for w in unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                f"a colour word of the toy world" if unknown else "no concept given")
+        print(f"mace_demo: {what}.\nValid words (colour, then its synonyms): "
+              f"{toy_vocabulary()}.\nExample: --concepts \"red, crimson; blue\"", file=sys.stderr)
+        raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def sampling_progress(total_sets: int):
+    """Print one line per sampled prompt set while ``mace_metrics`` runs (it samples through
+    ``toyworld.v1.evaluate.score_prompt_set``)."""
+    from toyworld.v1 import evaluate
+
+    real = evaluate.score_prompt_set
+    count = [0]
+
+    def wrapped(model, ps, *a, **kw):
+        count[0] += 1
+        edited = "erased" if kw.get("kv_weights") is not None else "original"
+        print(f"  [{count[0]}/{total_sets}] sampling {len(ps.prompts)} images with the {edited} "
+              f"model ...", end="", flush=True)
+        t0 = time.perf_counter()
+        out = real(model, ps, *a, **kw)
+        print(f" {time.perf_counter() - t0:.1f} s", flush=True)
+        return out
+
+    evaluate.score_prompt_set = wrapped
+    try:
+        yield
+    finally:
+        evaluate.score_prompt_set = real
 
 
 def toy_demo(args) -> None:
@@ -25,17 +83,25 @@ def toy_demo(args) -> None:
     from toyworld.v1.evaluate import load_toyworld, mace_metrics
     from toyworld.v1.templates import colour_of
 
+    text = concept_text(args.concepts)
+    words = erased_words(text) if text else []
+    check_toy_words(words)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     world = load_toyworld()
-    words = erased_words(args.concepts)
-    for w in words:
-        colour_of(w)  # clear error for a word that is not a toy colour
     start = time.perf_counter()
-    result = cfr_erase(world, args.concepts, lamb=args.lamb, preserve_scale=args.preserve_scale)
+    result = cfr_erase(world, text, lamb=args.lamb, preserve_scale=args.preserve_scale)
     print(f"CFR erased {words} from {len(result.deltas)} K/V weights in {time.perf_counter() - start:.2f}s")
-    before = mace_metrics(world, words, n_erased=args.n, n_synonym=args.n // 2, n_other=args.n // 4)
-    after = mace_metrics(world, words, kv_weights=result.weights, n_erased=args.n, n_synonym=args.n // 2,
-                         n_other=args.n // 4)
+    n_syn, n_other = max(1, args.n // 2), max(1, args.n // 4)
+    gone = {colour_of(w) for w in words}
+    has_syn = any(s not in words for c in gone for s in (c,) + vocab.SYNONYMS[c])
+    sets = 1 + int(has_syn) + int(len(gone) < len(vocab.COLORS))
+    print(f"sampling the prompt sets (DDIM 10 steps each), before and after the erasure:")
+    t0 = time.perf_counter()
+    with sampling_progress(2 * sets):
+        before = mace_metrics(world, words, n_erased=args.n, n_synonym=n_syn, n_other=n_other)
+        after = mace_metrics(world, words, kv_weights=result.weights, n_erased=args.n,
+                             n_synonym=n_syn, n_other=n_other)
+    print(f"sampled in {time.perf_counter() - t0:.0f} s")
     print(f"\nerased {before.erased_words}; held-out synonyms {before.synonym_words}; "
           f"DDIM 10 steps, CFG 7, fixed seeds")
     print(f"{'model':8} | {'efficacy (acc on erased, lower better)':38} | {'generality (synonyms, lower)':28} | "
@@ -47,34 +113,74 @@ def toy_demo(args) -> None:
               + f"| {m.H:.3f}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "before_after.png")
-    rows = list(dict.fromkeys(words + before.synonym_words + [c for c in vocab.COLORS if c not in
-                                                               {colour_of(w) for w in words}][:3]))
-    write_grid(world, rows, result.weights, path)
-    print(f"\nwrote {path} (left: original, right: erased; one row per colour word)")
+    rows = [("erased word", w) for w in dict.fromkeys(words)]
+    rows += [("held-out synonym", w) for w in dict.fromkeys(before.synonym_words)]
+    rows += [("kept colour", c) for c in [c for c in vocab.COLORS if c not in gone][:3]]
+    print(f"\nsampling the before/after grid ({len(rows)} rows x {len(SHAPES)} shapes, 2 models) ...",
+          flush=True)
+    write_grid(world, rows, result.weights, path, title=f"CFR erased: {', '.join(words)}")
+    print(f"wrote {path}: columns original | erased, one row per word "
+          f"(erased words, held-out synonyms, kept colours)")
 
 
-def write_grid(world, words, kv_weights, path, per_row: int = 4) -> None:
-    from PIL import Image
+def write_grid(world, rows, kv_weights, path, per_row: int = len(SHAPES), title: str = "") -> None:
+    """A labelled PNG: header ``original | erased`` over the two halves, one labelled row per
+    ``(kind, word)`` in ``rows``, each row ``per_row`` shapes of "a <word> <shape> in plain
+    style", both models sampled from the same seed."""
+    from PIL import Image, ImageDraw, ImageFont
 
     from toyworld.v1 import diffusion
 
-    prompts = [f"a {w} {s} in plain style" for w in words for s in ("circle", "square", "triangle", "cross")[:per_row]]
+    prompts = [f"a {w} {s} in plain style" for _, w in rows for s in SHAPES[:per_row]]
     before = diffusion.sample(world.model, prompts, seed=7)
     after = diffusion.sample(world.model, prompts, seed=7, kv_weights=kv_weights)
+    font = _font(16)
+    small = _font(13)
     scale, gap = 3, 6
     cell = 32 * scale
-    width = 2 * per_row * cell + gap * (2 * per_row + 2)
-    img = Image.new("RGB", (width, len(words) * (cell + gap) + gap), (255, 255, 255))
+    label_w = 190
+    title_h = 28 if title else 0
+    header_h = 28
+    half = per_row * (cell + gap)
+    width = label_w + 2 * half + 3 * gap
+    height = title_h + header_h + len(rows) * (cell + gap) + gap
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((gap, 6), title, fill=(0, 0, 0), font=font)
+    for i, head in enumerate(("original", "erased")):
+        x0 = label_w + gap + i * (half + gap)
+        _centred(draw, head, x0, x0 + half - gap, title_h + 4, font)
     for i, batch in enumerate((before, after)):
         for j, x in enumerate(batch):
             r, c = divmod(j, per_row)
             arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
-            xoff = gap + i * (per_row * (cell + gap) + gap) + c * (cell + gap)
-            img.paste(tile, (xoff, gap + r * (cell + gap)))
+            xoff = label_w + gap + i * (half + gap) + c * (cell + gap)
+            img.paste(tile, (xoff, title_h + header_h + r * (cell + gap)))
+    for r, (kind, word) in enumerate(rows):
+        y = title_h + header_h + r * (cell + gap) + cell // 2 - 18
+        draw.text((gap, y), kind, fill=(90, 90, 90), font=small)
+        draw.text((gap, y + 18), f'"{word}"', fill=(0, 0, 0), font=font)
+    x_sep = label_w + half + gap + gap // 2
+    draw.line([(x_sep, title_h), (x_sep, height)], fill=(160, 160, 160), width=2)
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: scalable default font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _centred(draw, text, x0, x1, y, font) -> None:
+    w = draw.textlength(text, font=font)
+    draw.text((x0 + (x1 - x0 - w) / 2, y), text, fill=(0, 0, 0), font=font)
 
 
 def checkpoint_demo(args) -> None:
@@ -83,17 +189,43 @@ def checkpoint_demo(args) -> None:
     erase_checkpoint(args)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concepts", default="red", help="concepts to erase, synonyms comma separated (toy: colours)")
+def positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n}): it is the number of "
+                                         f"prompts sampled per erased word")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m scripts.mace_demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concepts", default="red",
+                    help="concepts to erase: ';' between concepts, ',' between synonyms of one "
+                         "(toy world: colour words, e.g. \"red, crimson; blue\")")
     ap.add_argument("--lamb", type=float, default=None, help="CFR ridge lambda (default: per model)")
     ap.add_argument("--preserve-scale", type=float, default=None, help="weight of preserve prompts")
-    ap.add_argument("--n", type=int, default=32, help="toy: erased-word prompts per word (others scale with it)")
+    ap.add_argument("--n", type=positive_int, default=32,
+                    help="toy: prompts per erased word (synonyms get n/2, other colours n/4; >= 1)")
     ap.add_argument("--out", default="out", help="folder for the image grid / erasure file")
-    ap.add_argument("--checkpoint", help="a real SD checkpoint (.safetensors); needs ComfyUI")
-    ap.add_argument("--type", default="style", choices=["object", "person", "style"], help="checkpoint: concept type")
-    args = ap.parse_args(argv)
+    ap.add_argument("--checkpoint", help="a real SD1.x checkpoint (.safetensors file, or a name in "
+                                         "ComfyUI's checkpoints folders); needs ComfyUI")
+    ap.add_argument("--type", default="style", choices=["object", "person", "style"],
+                    help="checkpoint: concept type")
+    ap.add_argument("--comfyui", metavar="PATH",
+                    help="checkpoint: the ComfyUI checkout to use (default: $COMFYUI_PATH, "
+                         "~/ComfyUI)")
+    ap.add_argument("--verbose", action="store_true", help="checkpoint: show ComfyUI's start-up log")
+    return ap
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     if args.checkpoint:
+        args.concepts = concept_text(args.concepts)
         checkpoint_demo(args)
         return
     from toyworld.v1.erase import DEFAULT_LAMBDA, DEFAULT_PRESERVE_SCALE

@@ -9,7 +9,8 @@ Writes (atomically) into ``toyworld/v1/weights/``:
   probe.safetensors     shape/style/colour CNN probe (fp16) + metadata
   train_log.txt         loss curve and periodic evaluations
 A resumable training state (model, EMA, optimizer, step) goes to ``--state`` (default
-``out/toyworld_train_state.pt``, git-ignored); ``--resume`` continues from it.
+``out/toyworld_train_state.safetensors``, git-ignored; tensors + JSON, no pickle, see
+``scripts/train_state.py``); ``--resume`` continues from it.
 
 Usage: python scripts/train_toyworld.py --minutes 40
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from toyworld.v1 import checkpoint, data, diffusion, scorer, vocab  # noqa: E402
 from toyworld.v1.model import T2I  # noqa: E402
+from scripts.train_state import load_state, save_state  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=float, default=5.0, help="minutes between evaluations/checkpoints")
     p.add_argument("--eval-prompts", type=int, default=8, help="prompts per colour in periodic evaluations")
     p.add_argument("--out", type=Path, default=checkpoint.WEIGHTS_DIR)
-    p.add_argument("--state", type=Path, default=ROOT / "out" / "toyworld_train_state.pt")
+    p.add_argument("--state", type=Path, default=ROOT / "out" / "toyworld_train_state.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from --state")
     p.add_argument("--skip-probe", action="store_true", help="keep an existing probe.safetensors")
     p.add_argument("--probe-only", action="store_true", help="(re)train only the probe, then stop")
@@ -135,7 +137,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     step, elapsed = 0, 0.0
     if args.resume:
-        st = torch.load(args.state, weights_only=False)
+        st = load_state(args.state)
         model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"])
         gen.set_state(st["gen"]), torch.set_rng_state(st["torch_rng"])
@@ -155,10 +157,10 @@ def main(argv=None) -> None:
                 "ema_decay": args.ema, "batch": args.batch, "lr": args.lr, "params": n_params,
                 "format": "toyworld-t2i-v1", "final": final}
         checkpoint.save_state_dict(ema.state_dict(), out / checkpoint.GENERATOR_FILE, meta)
-        checkpoint.atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(),
-                                      "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                      "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                                      "step": step, "elapsed": time.time() - t_start}, args.state)
+        save_state({"model": model.state_dict(), "ema": ema.state_dict(),
+                    "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "step": step, "elapsed": time.time() - t_start}, args.state)
 
     def done() -> bool:
         if args.steps is not None:

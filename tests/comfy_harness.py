@@ -1,29 +1,20 @@
 """In-process real-ComfyUI harness for the integration tests (not a test module).
 
-What it does, in order (see :func:`init_comfyui`):
+What it does (see :func:`init_comfyui`):
 
 * finds a ComfyUI checkout (``$COMFYUI_PATH``, else ``~/ComfyUI``; it must contain ``comfy/``
   and ``nodes.py``), or skips with one loud line (:func:`require_comfyui`);
-* applies the torchvision shim (``tests/_tvshim.py``) so PyPI's +cu130 torchvision imports
-  next to the CPU torch;
-* points ComfyUI's ``--base-directory`` at a temp dir *before* ``folder_paths`` is imported, so
-  models/, output/, temp/, input/, user/ and custom_nodes/ all live there and nothing is ever
-  written into the checkout;
-* sets ``args.cpu = True`` before ``comfy.model_management`` is imported (it crashes at import
-  on a CPU-only torch otherwise);
-* imports ``utils.extra_config`` and ``server`` before ``nodes`` (``nodes.py`` puts
-  ``<ComfyUI>/comfy`` on ``sys.path``, after which a top-level ``utils`` would be
-  ``comfy/utils.py``);
-* symlinks the repository root into ``<base>/custom_nodes/comfyui-mace`` (the only entry of the
-  ``custom_nodes`` folder list) and runs ``nodes.init_extra_nodes(init_custom_nodes=True,
-  init_api_nodes=False)`` so ComfyUI's own loader imports the pack exactly as it would in a
-  user's install;
-* installs a progress hook (like ``main.py``'s) and a stub server, so workflows can be executed
-  with ``execution.PromptExecutor`` without the HTTP server (:func:`run_workflow`).
+* makes a temp ``--base-directory`` (models/, output/, temp/, input/, user/, custom_nodes/ --
+  nothing is ever written into the checkout), symlinks the repository root into
+  ``<base>/custom_nodes/comfyui-mace`` and starts ComfyUI through the pack's own
+  ``headless.bootstrap.bootstrap()`` (torchvision shim, CPU, import order, ComfyUI's loader
+  importing the pack from that ``custom_nodes`` entry, progress hook): the tests start ComfyUI
+  exactly as ``python -m comfyui_mace run`` does;
+* executes workflows with ``execution.PromptExecutor`` and a stub server that records every
+  message (:func:`run_workflow`), without the HTTP server.
 
-The working directory is changed to the checkout only while ComfyUI is imported and
-initialised, and restored afterwards.  ComfyUI keeps global state, so the harness is a
-per-process singleton: the first :func:`init_comfyui` call decides the base directory.
+ComfyUI keeps global state, so the harness is a per-process singleton: the first
+:func:`init_comfyui` call decides the base directory.
 
 Also here: :func:`ui_workflow_to_api` / :func:`check_ui_workflow` (run and lint the UI-format
 ``workflows/*.json``; re-exported from the pack's ``headless/ui_to_api.py``, which
@@ -38,14 +29,13 @@ import copy
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_DIR_NAME = "comfyui-mace"
@@ -76,8 +66,6 @@ def load_pack_package(name: str = PACK_PACKAGE):
 load_pack_package()
 _bootstrap = importlib.import_module(f"{PACK_PACKAGE}.headless.bootstrap")
 _is_comfyui = _bootstrap.is_comfyui
-_check_no_shadowing = _bootstrap.check_no_shadowing
-_cwd = _bootstrap.working_directory
 
 
 SKIP_MESSAGE = (
@@ -139,35 +127,6 @@ class StubServer:
         pass
 
 
-def _install_progress_hook(h: "ComfyHarness") -> None:
-    """Like ``main.py:hijack_progress``: every ProgressBar update is an interrupt point and is
-    reported as a ``progress`` message to the current stub server."""
-    import comfy.model_management
-    import comfy.utils
-    from comfy_execution.progress import get_progress_state
-    from comfy_execution.utils import get_executing_context
-
-    def hook(value, total, preview_image, prompt_id=None, node_id=None):
-        ctx = get_executing_context()
-        if ctx is not None:
-            prompt_id = prompt_id if prompt_id is not None else ctx.prompt_id
-            node_id = node_id if node_id is not None else ctx.node_id
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        srv = h.server
-        if srv is not None:
-            prompt_id = prompt_id if prompt_id is not None else srv.last_prompt_id
-            node_id = node_id if node_id is not None else srv.last_node_id
-        try:
-            get_progress_state().update_progress(node_id, value, total, preview_image)
-        except Exception:  # no prompt in progress (a node called outside the executor)
-            pass
-        if srv is not None:
-            srv.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id,
-                                       "node": node_id}, srv.client_id)
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-
-
 # --------------------------------------------------------------------------------------------
 # Initialisation
 # --------------------------------------------------------------------------------------------
@@ -182,7 +141,6 @@ class ComfyHarness:
     pack_error: str | None = None
     pack_module_name: str | None = None
     pack_node_ids: list[str] = field(default_factory=list)
-    import_failed: list[str] = field(default_factory=list)
     server: StubServer | None = None
     last_executor: Any = None
     init_seconds: float = 0.0
@@ -262,23 +220,20 @@ class ComfyHarness:
 _HARNESS: ComfyHarness | None = None
 
 
-class _LogCapture(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-def init_comfyui(base_dir: os.PathLike | str | None = None, *, load_pack: bool = True,
+def init_comfyui(base_dir: os.PathLike | str | None = None, *,
                  use_checkout_models: bool = False) -> ComfyHarness:
-    """Import and initialise ComfyUI in this process (once); return the harness.
+    """Start ComfyUI in this process (once) through the pack's own
+    :func:`headless.bootstrap.bootstrap` -- the same start-up as ``python -m comfyui_mace run``
+    -- and return the harness.
 
-    ``base_dir``: ComfyUI's ``--base-directory`` (default: a new temp dir).  ``load_pack``: link
-    the repo root into ``<base>/custom_nodes`` and let ComfyUI load it.  ``use_checkout_models``:
-    also register the checkout's ``models/{checkpoints,loras,vae,embeddings}`` (read-only use,
-    for demos with real weights).
+    ``base_dir``: ComfyUI's ``--base-directory`` (default: a new temp dir): models/, output/,
+    temp/, input/, user/ and custom_nodes/ all live there, and the repository is linked in as
+    ``<base>/custom_nodes/comfyui-mace``, so ComfyUI's loader imports the pack from a
+    ``custom_nodes`` entry as in a user's install; nothing from the checkout's custom_nodes/
+    loads (``custom_nodes="pack"``).  ``use_checkout_models``: also register the checkout's
+    ``models/{checkpoints,loras,vae,embeddings}`` (read-only use, for demos with real weights).
+    A pack that fails to load is recorded (:meth:`ComfyHarness.require_pack` fails the tests
+    that need it) rather than raised.
     """
     global _HARNESS
     if _HARNESS is not None:
@@ -290,7 +245,6 @@ def init_comfyui(base_dir: os.PathLike | str | None = None, *, load_pack: bool =
     comfy_root = find_comfyui()
     if comfy_root is None:
         raise RuntimeError(SKIP_MESSAGE)
-    _check_no_shadowing(comfy_root)
 
     base = Path(base_dir) if base_dir is not None else Path(tempfile.mkdtemp(prefix="mace-comfy-"))
     base = base.resolve()
@@ -298,109 +252,41 @@ def init_comfyui(base_dir: os.PathLike | str | None = None, *, load_pack: bool =
                 "output", "temp", "input", "user", "custom_nodes"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     custom_nodes = base / "custom_nodes"
-    pack_link = None
-    if load_pack:
-        pack_link = custom_nodes / PACK_DIR_NAME
-        if pack_link.is_symlink() or pack_link.exists():
-            if pack_link.resolve() != REPO_ROOT:
-                raise RuntimeError(f"{pack_link} exists and is not a link to {REPO_ROOT}")
-        else:
-            pack_link.symlink_to(REPO_ROOT, target_is_directory=True)
+    pack_link = custom_nodes / PACK_DIR_NAME
+    if pack_link.is_symlink() or pack_link.exists():
+        if pack_link.resolve() != REPO_ROOT:
+            raise RuntimeError(f"{pack_link} exists and is not a link to {REPO_ROOT}")
+    else:
+        pack_link.symlink_to(REPO_ROOT, target_is_directory=True)
 
-    # 1. torchvision shim, before anything imports torchvision.
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    extra = {}
+    if use_checkout_models:
+        for kind in ("checkpoints", "loras", "vae", "embeddings"):
+            if (comfy_root / "models" / kind).is_dir():
+                extra[kind] = [str(comfy_root / "models" / kind)]
+
+    h = ComfyHarness(comfy_root=comfy_root, base_dir=base, custom_nodes_dir=custom_nodes,
+                     pack_link=pack_link)
+    if not (REPO_ROOT / "__init__.py").is_file():
+        h.pack_error = f"{REPO_ROOT / '__init__.py'} does not exist"
     try:
-        import _tvshim  # noqa: E402  (tests/_tvshim.py)
-    finally:
-        sys.path.pop(0)
-    _tvshim.install_now()
+        env = _bootstrap.bootstrap(comfy_root, base_directory=base, extra_model_dirs=extra,
+                                   custom_nodes="pack", cpu=True)
+    except _bootstrap.ComfyUINotFound:
+        raise
+    except RuntimeError as exc:  # the pack did not load
+        import nodes  # noqa: F401  (ComfyUI itself is initialised by then)
 
-    if str(comfy_root) in sys.path:
-        sys.path.remove(str(comfy_root))
-    sys.path.insert(0, str(comfy_root))
-
-    capture = _LogCapture()
-    root_logger = logging.getLogger()
-    root_logger.addHandler(capture)
-    old_level = root_logger.level
-    if root_logger.level > logging.INFO or root_logger.level == logging.NOTSET:
-        root_logger.setLevel(logging.INFO)
-    try:
-        with _cwd(comfy_root):
-            # 2. CLI args: argv is not parsed (comfy.options.args_parsing is False by default).
-            from comfy.cli_args import args
-
-            args.cpu = True
-            args.base_directory = str(base)
-            args.output_directory = str(base / "output")
-            args.disable_auto_launch = True
-
-            # 3. `utils` must be ComfyUI's package before nodes.py puts comfy/ on sys.path.
-            import utils.extra_config  # noqa: F401
-            import folder_paths
-
-            if Path(folder_paths.base_path).resolve() != base:
-                raise RuntimeError(
-                    f"folder_paths was imported before the harness (base_path="
-                    f"{folder_paths.base_path}); cannot redirect it to {base}")
-            folder_paths.set_output_directory(str(base / "output"))
-            folder_paths.set_temp_directory(str(base / "temp"))
-            folder_paths.set_input_directory(str(base / "input"))
-            folder_paths.set_user_directory(str(base / "user"))
-            # Only our temp custom_nodes dir: nothing from the checkout's custom_nodes/ loads.
-            folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
-            # Like main.py apply_custom_paths(): saved models are loadable again.
-            out = folder_paths.get_output_directory()
-            for name in ("checkpoints", "clip", "vae", "diffusion_models", "loras"):
-                folder_paths.add_model_folder_path(name, os.path.join(out, name))
-            if use_checkout_models:
-                for name, sub in (("checkpoints", "checkpoints"), ("loras", "loras"),
-                                  ("vae", "vae"), ("embeddings", "embeddings")):
-                    folder_paths.add_model_folder_path(name, str(comfy_root / "models" / sub))
-
-            import server  # noqa: F401  (before `nodes`, as main.py does)
-            import execution  # noqa: F401
-            import nodes
-
-            h = ComfyHarness(comfy_root=comfy_root, base_dir=base, custom_nodes_dir=custom_nodes,
-                             pack_link=pack_link)
-            base_ids = set(nodes.NODE_CLASS_MAPPINGS)
-            failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=load_pack,
-                                                        init_api_nodes=False))
-            h.import_failed = [str(x) for x in (failed or [])]
-            _install_progress_hook(h)
-    finally:
-        root_logger.removeHandler(capture)
-        root_logger.setLevel(old_level)
-
-    if load_pack:
-        rel = f"custom_nodes.{PACK_DIR_NAME}"
-        h.pack_module_name = str(pack_link).replace(".", "_x_")
-        h.pack_node_ids = sorted(
-            k for k, v in nodes.NODE_CLASS_MAPPINGS.items()
-            if k not in base_ids and getattr(v, "RELATIVE_PYTHON_MODULE", None) == rel)
-        if not (REPO_ROOT / "__init__.py").is_file():
-            h.pack_error = f"{REPO_ROOT / '__init__.py'} does not exist"
-        elif h.pack_module_name not in sys.modules or PACK_DIR_NAME not in nodes.LOADED_MODULE_DIRS:
-            h.pack_error = _pack_log(capture.records, str(pack_link)) or "module not imported"
-        elif not h.pack_node_ids:
-            h.pack_error = ("the pack imported but registered no nodes: "
-                            + (_pack_log(capture.records, str(pack_link)) or "no log output"))
-        else:
-            h.pack_loaded = True
+        h.pack_error = h.pack_error or str(exc)
+    else:
+        h.pack_module_name = env.pack_module_name
+        h.pack_node_ids = list(env.pack_node_ids)
+        if h.pack_error is None and not h.pack_node_ids:
+            h.pack_error = "the pack imported but registered no nodes"
+        h.pack_loaded = h.pack_error is None
     h.init_seconds = time.perf_counter() - t0
     _HARNESS = h
     return h
-
-
-def _pack_log(records: Iterable[logging.LogRecord], needle: str) -> str:
-    lines = []
-    for r in records:
-        msg = r.getMessage()
-        if r.levelno >= logging.WARNING and (needle in msg or "comfy_entrypoint" in msg
-                                            or "Traceback" in msg):
-            lines.append(msg)
-    return "\n".join(lines)
 
 
 def get_harness() -> ComfyHarness:
@@ -463,10 +349,12 @@ def run_workflow(api_prompt: Mapping, *, harness: ComfyHarness | None = None,
     h.last_executor = executor
     data = {"client_id": "mace-harness"}
     data.update(extra_data or {})
+    _bootstrap.set_progress_server(server)  # bootstrap's progress hook reports to it
     try:
         executor.execute(prompt, pid, data, outputs)
     finally:
         h.server = None
+        _bootstrap.set_progress_server(None)
 
     events = [e for e, _ in server.messages]
     success = executor.success and "execution_success" in events
@@ -614,7 +502,11 @@ def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64
                       max_steps: int = 2) -> dict:
     """Copy of an API prompt made cheap enough for CI: every ``ckpt_name`` input points at
     ``ckpt_name`` (e.g. the tiny checkpoint), image/latent sizes are capped at ``max_side``,
-    sampler and training steps at ``max_steps`` and image counts at 2.  Other inputs are untouched."""
+    sampler and training steps at ``max_steps`` and image counts at 2.  Other inputs are untouched.
+
+    A step count of 0 means "the default for the concept type" to the MACE training nodes
+    (50-120 LoRA steps per concept): it becomes an explicit ``max_steps`` too, so a test never
+    trains the full default by accident."""
     out = copy.deepcopy(dict(api_prompt))
     for node in out.values():
         inputs = node.get("inputs", {})
@@ -625,7 +517,7 @@ def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64
                 inputs[key] = min(inputs[key], max_side)
         for key in ("steps", "lora_steps", "sampling_steps"):
             if isinstance(inputs.get(key), int):
-                inputs[key] = min(inputs[key], max_steps)
+                inputs[key] = max_steps if inputs[key] == 0 else min(inputs[key], max_steps)
         for key in ("count", "images_per_concept"):
             if isinstance(inputs.get(key), int):
                 inputs[key] = min(inputs[key], 2)

@@ -9,8 +9,16 @@
 
 Any test that uses ``comfy`` (directly or through ``tiny_ckpt``) is marked ``integration``
 automatically.
+
+``--require-comfyui`` (or ``MACE_REQUIRE_COMFYUI=1``, which ``.ci/run`` sets when it has
+extracted the vendored ComfyUI): a missing checkout is a usage error, and any *integration*
+test that ends up skipped is reported as a failure, with its skip reason.  Tests marked
+``browser`` (tests/test_browser.py) follow ``MACE_REQUIRE_BROWSER=1`` instead, which ``.ci/run``
+sets when Chromium is installed.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -18,6 +26,29 @@ from comfy_harness import (SKIP_MESSAGE, find_comfyui, init_comfyui,
                            make_tiny_sd15_checkpoint, require_comfyui)
 
 TINY_CKPT_NAME = "mace_tiny_sd15.safetensors"
+REQUIRE_ENV = "MACE_REQUIRE_COMFYUI"
+BROWSER_ENV = "MACE_REQUIRE_BROWSER"  # set by .ci/run when Chromium is installed
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-comfyui", action="store_true", default=False,
+                     help="fail (instead of skip) integration tests when ComfyUI is missing or an "
+                          f"integration test skips; also set by {REQUIRE_ENV}=1")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _comfyui_required(config) -> bool:
+    return bool(config.getoption("--require-comfyui")) or _flag(REQUIRE_ENV)
+
+
+def pytest_configure(config):
+    if _comfyui_required(config) and find_comfyui() is None:
+        raise pytest.UsageError(
+            f"ComfyUI is required ({REQUIRE_ENV}=1 or --require-comfyui) but no checkout was "
+            f"found at $COMFYUI_PATH={os.environ.get('COMFYUI_PATH', '(unset)')} or ~/ComfyUI")
 
 
 def pytest_report_header(config):
@@ -44,9 +75,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=SKIP_MESSAGE))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if item.get_closest_marker("browser") is not None:
+        if _flag(BROWSER_ENV):
+            report.outcome = "failed"
+            report.longrepr = (f"browser test skipped although Chromium is required "
+                               f"({BROWSER_ENV}=1): {reason}")
+    elif item.get_closest_marker("integration") is not None and _comfyui_required(item.config):
+        report.outcome = "failed"
+        report.longrepr = (f"integration test skipped although ComfyUI is required "
+                           f"({REQUIRE_ENV}=1 / --require-comfyui): {reason}")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if find_comfyui() is None:
         terminalreporter.write_line(SKIP_MESSAGE, yellow=True, bold=True)
+    elif _comfyui_required(config):
+        terminalreporter.write_line(
+            f"ComfyUI required ({REQUIRE_ENV}=1 / --require-comfyui): a skipped integration "
+            f"test counts as a failure", bold=True)
 
 
 @pytest.fixture(scope="session")

@@ -167,8 +167,7 @@ def test_bypassed_and_rerouted_nodes(comfy):
     assert "9" not in api
 
 
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json")) + sorted(
-    (REPO / "example_workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 WORKFLOW_IDS = [f"{p.parent.name}/{p.name}" for p in WORKFLOWS]
 
 

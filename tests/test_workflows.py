@@ -1,7 +1,8 @@
 """The shipped workflows and the headless runner (``python -m comfyui_mace run/check``).
 
 Plain tests (no ComfyUI needed):
-* ``example_workflows/`` holds byte-identical copies of ``workflows/`` (same file set);
+* ``workflows/`` is the pack's only template folder (ComfyUI's template browser lists every
+  folder it knows, so a copy would show each workflow twice);
 * every workflow JSON parses, is UI format with self-consistent links, and uses only stock
   ComfyUI nodes and this pack's nodes (stock names are looked up in the ComfyUI checkout's
   source text when there is one, else in a static list);
@@ -31,7 +32,6 @@ import comfy_harness as ch
 
 REPO = ch.REPO_ROOT
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-EXAMPLES = REPO / "example_workflows"
 IDS = [p.name for p in WORKFLOWS]
 
 ch.load_pack_package()
@@ -78,15 +78,26 @@ def test_there_are_workflows():
     assert WORKFLOWS, "workflows/ holds no *.json"
 
 
-def test_example_workflows_are_identical_copies():
-    ours = {p.name for p in WORKFLOWS}
-    examples = {p.name for p in EXAMPLES.glob("*.json")}
-    assert examples == ours, (f"example_workflows/ and workflows/ differ: only in workflows/ "
-                              f"{sorted(ours - examples)}, only in example_workflows/ "
-                              f"{sorted(examples - ours)} (run scripts/build_workflows.py)")
-    for p in WORKFLOWS:
-        assert (EXAMPLES / p.name).read_bytes() == p.read_bytes(), \
-            f"example_workflows/{p.name} is not a byte-identical copy of workflows/{p.name}"
+# The folder names ComfyUI's template route scans (app/custom_node_manager.py, 0.3.64).
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def _template_folder_names() -> tuple[str, ...]:
+    """From the ComfyUI checkout when there is one (so a newer ComfyUI's list is used)."""
+    comfy = ch.find_comfyui()
+    src = comfy / "app" / "custom_node_manager.py" if comfy else None
+    if src is not None and src.is_file():
+        m = re.search(r"example_workflow_folder_names\s*=\s*\[([^\]]*)\]", src.read_text())
+        if m:
+            return tuple(re.findall(r"[\"']([^\"']+)[\"']", m.group(1)))
+    return TEMPLATE_FOLDERS
+
+
+def test_template_browser_lists_each_workflow_once():
+    names = _template_folder_names()
+    assert "workflows" in names
+    listed = [f"{d}/{p.name}" for d in names for p in sorted((REPO / d).glob("*.json"))]
+    assert len(listed) == len(WORKFLOWS) and all(x.startswith("workflows/") for x in listed), listed
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
@@ -310,3 +321,31 @@ def test_cli_run_subprocess_python_m(comfy, tiny_ckpt, tmp_path):
     assert "running node 5 (KSampler)" in r.stderr and "node 5 (KSampler): 1/1" in r.stderr
     assert "MaceRefineCrossAttention" in r.stderr  # the pack was loaded
     assert not list((tmp_path / "base").glob("custom_nodes/*")), "wrote into the base dir"
+
+
+def test_retarget_for_test_makes_default_steps_explicit():
+    """0 means "the default" (50-120 LoRA steps) to the MACE training nodes; a test run must
+    train ``max_steps``, never the default."""
+    api = {"1": {"class_type": "MaceMassErase", "inputs": {"lora_steps": 0, "sampling_steps": 20,
+                                                           "images_per_concept": 8,
+                                                           "image_size": 512}},
+           "2": {"class_type": "MaceTrainConceptLora", "inputs": {"steps": 0}},
+           "3": {"class_type": "KSampler", "inputs": {"steps": 1}}}
+    out = ch.retarget_for_test(api, "tiny.safetensors", max_steps=2)
+    assert out["1"]["inputs"] == {"lora_steps": 2, "sampling_steps": 2, "images_per_concept": 2,
+                                  "image_size": 64}
+    assert out["2"]["inputs"]["steps"] == 2 and out["3"]["inputs"]["steps"] == 1
+    assert api["1"]["inputs"]["lora_steps"] == 0  # the input is not modified
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_workflow_nodes_do_not_overlap(path):
+    """Node rectangles as saved (title bar above ``pos``) are pairwise disjoint; the frontend
+    only grows a node to fit its widgets, and tests/test_browser.py measures the real boxes."""
+    title_h = 30
+    nodes = json.loads(path.read_text())["nodes"]
+    rects = [(n["id"], n["type"], n["pos"][0], n["pos"][1] - title_h, n["pos"][0] + n["size"][0],
+              n["pos"][1] + n["size"][1]) for n in nodes]
+    overlaps = [f"{a[1]} #{a[0]} / {b[1]} #{b[0]}" for i, a in enumerate(rects) for b in rects[i + 1:]
+                if a[2] < b[4] and b[2] < a[4] and a[3] < b[5] and b[3] < a[5]]
+    assert not overlaps, overlaps

@@ -1,0 +1,91 @@
+"""The one place where the pack meets ComfyUI's versioned APIs.
+
+* :data:`io` / :data:`ComfyExtension`: the newest V3 API module that exists and has what the
+  nodes use: ``comfy_api.latest`` (today's ComfyUI), else ``comfy_api.v0_0_3``, else
+  ``comfy_api.v0_0_2`` (ComfyUI 0.3.64, the oldest supported). :data:`API_MODULE` names it.
+* :func:`check_core`: the ModelPatcher methods and ``comfy.lora`` functions the nodes call,
+  checked once at import so that an incompatible ComfyUI fails with one sentence in ComfyUI's
+  "Cannot import ... module for custom nodes" line, not a traceback in the middle of a run.
+* :func:`split_key_patch_entry`: ``ModelPatcher.get_key_patches()`` entries, in the
+  ``(weight, convert)`` / ``PatchWeightTuple`` form of 0.3.64 and later and the bare-tensor form
+  of older builds.
+"""
+from __future__ import annotations
+
+import importlib
+
+MIN_COMFYUI = "0.3.64"
+API_CANDIDATES = ("comfy_api.latest", "comfy_api.v0_0_3", "comfy_api.v0_0_2")
+# What the nodes take from the API module (io.X) -- checked before a candidate is accepted.
+IO_NAMES = ("ComfyNode", "Schema", "NodeOutput", "Model", "Clip", "Vae", "Image", "Mask", "String",
+            "Int", "Float", "Boolean", "Combo")
+PATCHER_METHODS = ("clone", "add_patches", "get_key_patches", "model_state_dict", "get_attachment",
+                   "set_attachments")
+LORA_FUNCTIONS = ("calculate_weight", "load_lora", "model_lora_keys_unet")
+
+
+class ComfyUIIncompatible(ImportError):
+    """This ComfyUI lacks something the pack needs."""
+
+
+def import_newest_api(candidates=API_CANDIDATES, importer=importlib.import_module):
+    """``(module name, module)`` of the first candidate that imports and has ``io`` with every
+    name in :data:`IO_NAMES` and ``ComfyExtension``."""
+    tried = []
+    for name in candidates:
+        try:
+            mod = importer(name)
+        except ImportError as exc:
+            tried.append(f"{name}: {exc.__class__.__name__}: {exc}")
+            continue
+        io_mod = getattr(mod, "io", None)
+        missing = [n for n in IO_NAMES if not hasattr(io_mod, n)]
+        if not hasattr(mod, "ComfyExtension"):
+            missing.append("ComfyExtension")
+        if missing:
+            tried.append(f"{name}: lacks {', '.join(missing)}")
+            continue
+        return name, mod
+    raise ComfyUIIncompatible(
+        f"comfyui-mace needs ComfyUI >= {MIN_COMFYUI} (its V3 node API, comfy_api.latest or "
+        f"comfy_api.v0_0_2); this ComfyUI has none that fits ({'; '.join(tried)}). Update ComfyUI.")
+
+
+def check_core() -> None:
+    """Raise :class:`ComfyUIIncompatible` naming what is missing from ``comfy``."""
+    problems = []
+    try:
+        import comfy.lora
+        import comfy.model_patcher
+    except ImportError as exc:
+        raise ComfyUIIncompatible(f"comfyui-mace: cannot import ComfyUI's comfy.lora / "
+                                  f"comfy.model_patcher ({exc})") from exc
+    patcher = getattr(comfy.model_patcher, "ModelPatcher", None)
+    if patcher is None:
+        problems.append("comfy.model_patcher.ModelPatcher")
+    else:
+        problems += [f"ModelPatcher.{m}" for m in PATCHER_METHODS if not callable(getattr(patcher, m, None))]
+    problems += [f"comfy.lora.{f}" for f in LORA_FUNCTIONS if not callable(getattr(comfy.lora, f, None))]
+    if problems:
+        raise ComfyUIIncompatible(
+            f"comfyui-mace needs ComfyUI >= {MIN_COMFYUI}: this ComfyUI lacks {', '.join(problems)} "
+            f"(MACE edits cross-attention weights through ModelPatcher 'diff' patches). Update "
+            f"ComfyUI, or report the ComfyUI version at the pack's issue tracker.")
+
+
+def split_key_patch_entry(entry):
+    """``(weight, convert, patches)`` from one ``get_key_patches()`` value."""
+    first, *patches = entry
+    if isinstance(first, tuple):  # (weight, convert_func) or PatchWeightTuple
+        weight, convert = first[0], first[1]
+    else:  # older ComfyUI: the bare weight tensor
+        weight, convert = first, None
+    if convert is None:
+        def convert(a, **_kw):
+            return a
+    return weight, convert, patches
+
+
+API_MODULE, _api = import_newest_api()
+io = _api.io
+ComfyExtension = _api.ComfyExtension
