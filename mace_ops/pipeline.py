@@ -28,6 +28,7 @@ from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
 from .lora_file import load_concept_lora, save_concept_lora
 from .lora_train import LoraTrainConfig, train_concept_lora
+from .safe_paths import read_text_file
 
 Progress = Callable[[int, int], None]
 TrainingData = Callable[[Concept], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -86,13 +87,16 @@ class OverrideDenoiser:
         return self.inner.forward_with_attention(x_t, t, context, on_attention, transform)
 
 
-def load_concept_list(text: str = "", path: str = "") -> list[Concept]:
-    """Concepts from multi-line text or a .txt/.csv file (same format; errors name file and line)."""
+def load_concept_list(text: str = "", path: str = "", roots: Sequence[tuple[str, str]] = ()) -> list[Concept]:
+    """Concepts from multi-line text or a .txt/.csv file (same format; errors name file and line).
+
+    ``path`` is resolved only inside ``roots`` ((label, folder) pairs; default: the current
+    folder) by ``safe_paths.read_text_file``: no absolute paths, no '..', size capped.
+    """
     if path:
-        if not os.path.isfile(path):
-            raise ValueError(f"concept_file: {path} not found")
-        with open(path, encoding="utf-8") as f:
-            return require_concepts(parse_concepts(f.read(), os.path.basename(path)), os.path.basename(path))
+        roots = list(roots) or [("the current folder", os.getcwd())]
+        name, text = read_text_file(path, roots, "concept_file")
+        return require_concepts(parse_concepts(text, name), name)
     return require_concepts(parse_concepts(text, "concepts"), "concepts")
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..mace_ops.concepts import Concept, parse_concepts
@@ -13,27 +12,18 @@ from ..mace_ops.templates import TEMPLATES, templates_for
 from .cfr_node import preserve_prompts
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
+from .paths import resolve_lora_line
 from .progress import NodeProgress
 
 
 def resolve_lora_files(text: str) -> list[str]:
-    """Lines of LoRA names (from the loras folders), absolute files, or folders of .safetensors."""
+    """Lines of LoRA file names or folders, relative to the loras folders (``nodes.paths`` policy)."""
     paths: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        candidates = [line] + [os.path.join(d, line) for d in folder_paths.get_folder_paths("loras")]
-        found = next((c for c in candidates if os.path.exists(c)), None)
-        if found is None:
-            raise ValueError(f"lora_files, line {number}: {line!r} is neither a file nor a folder in the loras folders")
-        if os.path.isdir(found):
-            inside = sorted(os.path.join(found, f) for f in os.listdir(found) if f.endswith(".safetensors"))
-            if not inside:
-                raise ValueError(f"lora_files, line {number}: folder {found} holds no .safetensors file")
-            paths += inside
-        else:
-            paths.append(found)
+        paths += resolve_lora_line(line, f"lora_files, line {number}")
     if not paths:
         raise ValueError("lora_files: no LoRA given; one file name or folder per line")
     return paths

@@ -24,6 +24,7 @@ from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
+from .paths import text_roots
 from .progress import NodeProgress
 from .training_images_node import sample_images
 
@@ -45,7 +46,8 @@ class MaceMassErase(io.ComfyNode):
                 io.String.Input("concepts", multiline=True, default="",
                                 tooltip="One concept per line, synonyms comma separated (or use concept_file)."),
                 io.String.Input("concept_file", default="",
-                                tooltip="Optional .txt/.csv file with the same format; overrides 'concepts'."),
+                                tooltip="Optional .txt/.csv file in ComfyUI's input (or output) folder, same format; overrides 'concepts'. "
+                                "Names are relative to that folder; absolute paths and '..' are refused."),
                 io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="person"),
                 io.String.Input("anchor", default="a person"),
                 io.String.Input("preserve", multiline=True, default=""),
@@ -70,7 +72,7 @@ class MaceMassErase(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, concept_file, concept_type, anchor, preserve, builtin_preserve,
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
                 sampling_steps, seed, fusion_lambda) -> io.NodeOutput:
-        parsed = load_concept_list(concepts, concept_file.strip())
+        parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
         defaults = DEFAULTS_BY_TYPE[concept_type]
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,

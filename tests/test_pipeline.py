@@ -102,9 +102,12 @@ def test_concept_list_errors_name_the_line(tmp_path):
         load_concept_list("ship\nboat,,vessel\n")
     f = tmp_path / "celebs.csv"
     f.write_text("ship\n\ncar\ncar\n")
+    roots = [("the test folder", str(tmp_path))]
     with pytest.raises(ValueError, match="celebs.csv, line 4: 'car' is already listed on line 3"):
-        load_concept_list(path=str(f))
-    with pytest.raises(ValueError, match="not found"):
-        load_concept_list(path=str(tmp_path / "missing.txt"))
+        load_concept_list(path="celebs.csv", roots=roots)
+    with pytest.raises(ValueError, match="is not a file in the test folder"):
+        load_concept_list(path="missing.txt", roots=roots)
+    with pytest.raises(ValueError, match="refused"):
+        load_concept_list(path=str(f), roots=roots)  # absolute paths are refused even inside the root
     with pytest.raises(ValueError, match="no concept given"):
         load_concept_list("# only a comment\n")
