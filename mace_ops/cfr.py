@@ -25,6 +25,7 @@ from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
 from .ridge import solve_right
 from .templates import check_templates, fill
+from .validation import check_number, require_finite
 
 Progress = Callable[[int, int], None]
 
@@ -38,6 +39,10 @@ class CFRConfig:
     concept_tokens: bool = False
     """Also map the concept's own tokens onto the anchor's (needed when CFR runs without the
     LoRA stage; MACE proper leaves the concept tokens to the LoRAs)."""
+
+    def validate(self) -> None:
+        check_number(self.lamb, "lambda", 0.0, 1e12)
+        check_number(self.preserve_scale, "preserve_scale", 0.0, 1e12)
 
 
 @dataclass
@@ -173,6 +178,8 @@ def refine_cross_attention(
     """Run CFR for all concepts at once; the input weights are never modified."""
     if not weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
+    config.validate()
+    require_finite(weights, "CFR: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
     stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name,
                         config.concept_tokens)
@@ -182,6 +189,9 @@ def refine_cross_attention(
             f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {stats.dim}; "
             "connect the CLIP that belongs to this model"
         )
+    require_finite({"G": stats.G, "B": stats.B, "P": stats.P}, "CFR: the text encoder's features",
+                   "the CLIP gives NaN/inf features; use the CLIP that belongs to the model")
     M, cond = cfr_transform(stats, config)
     new, deltas = apply_transform(weights, {stats.dim: M})
+    require_finite(deltas, "CFR", "raise lambda or add preserve prompts")
     return CFRResult(new, deltas, stats, {stats.dim: M}, {stats.dim: cond}, time.perf_counter() - start)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .interfaces import KVWeights
+from .validation import require_finite
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -110,6 +111,8 @@ def save_erasure(
         raise ValueError(f"dtype: unknown {dtype!r}; choose one of {sorted(DTYPES)}")
     if not deltas:
         raise ValueError("nothing to save: the erasure changed no weight")
+    require_finite(deltas, "save erasure", "the erasure holds NaN/inf; nothing was saved. Rerun the MACE "
+                   "stages with a larger lambda or lower learning rate")
     tensors = {diff_key(k): v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in deltas.items()}
     metadata = mace_metadata({"mace.format": FORMAT_VERSION, "mace.pack_version": __version__, "mace.dtype": dtype,
                               "mace.base_model_hash": base_fingerprint}, info)
@@ -138,6 +141,8 @@ def read_mace_file(path: str, expected_format: str, what: str, hint: str = "") -
 def load_erasure(path: str) -> ErasureFile:
     """Load a MACE erasure file; raise ValueError naming the file when it is not one."""
     metadata, tensors = read_mace_file(path, FORMAT_VERSION, "erasure", "; load it with a LoRA loader")
+    require_finite(tensors, f"{os.path.basename(path)}", "the file is damaged or was saved from a broken run; "
+                   "delete it and save the erasure again")
     return ErasureFile({weight_name(k): t for k, t in tensors.items()}, metadata)
 
 

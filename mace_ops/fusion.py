@@ -30,6 +30,7 @@ from .interfaces import KVWeights, TextEncoder
 from .lora import KVLora, LoraFactors
 from .ridge import solve_right
 from .templates import check_templates, fill
+from .validation import check_number, require_finite
 
 LoraLike = Union[KVLora, Mapping[str, LoraFactors], Mapping[str, torch.Tensor]]
 Templates = Union[Sequence[str], Callable[[Concept], Sequence[str]]]
@@ -90,6 +91,17 @@ def _as_deltas_times(lora: LoraLike, C: torch.Tensor) -> dict[str, torch.Tensor]
     return out
 
 
+def _lora_tensors(lora: LoraLike) -> dict[str, torch.Tensor]:
+    items = lora.factors() if isinstance(lora, KVLora) else lora
+    out = {}
+    for name, item in items.items():
+        if isinstance(item, LoraFactors):
+            out[name + ":up"], out[name + ":down"] = item.up, item.down
+        elif isinstance(item, torch.Tensor):
+            out[name] = item
+    return out
+
+
 class FusionAccumulator:
     """Running sums for fusion: sum C_i (d x d) and, per weight, sum ΔW_i C_i (out x d)."""
 
@@ -103,6 +115,9 @@ class FusionAccumulator:
     def add_concept(self, lora: LoraLike, C: torch.Tensor, n_vectors: int = 0) -> None:
         """Add one concept: its LoRA (factors, KVLora or full deltas) and its covariance C_i."""
         C = C.detach().to(device="cpu", dtype=torch.float64)
+        require_finite(C, "fusion: the text encoder's features", "use the CLIP that belongs to the model")
+        require_finite(_lora_tensors(lora), "fusion: a LoRA",
+                       "retrain that LoRA with a lower learning rate; nothing was fused")
         if C.shape != (self.dim, self.dim):
             raise ValueError(f"fusion: covariance must be {self.dim}x{self.dim}, got {tuple(C.shape)}")
         products = _as_deltas_times(lora, C)
@@ -211,6 +226,9 @@ def fuse_loras(
     """
     if not current_weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
+    check_number(lamb, "lambda", 0.0, 1e12)
+    check_number(preserve_scale, "preserve_scale", 0.0, 1e12)
+    require_finite(current_weights, "fusion: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
     if total is None:
         total = len(concept_loras) if hasattr(concept_loras, "__len__") else 0
@@ -230,6 +248,7 @@ def fuse_loras(
     preserve = PairStats(acc.dim)
     add_preserve_prompts(preserve, encoder, list(preserve_prompts))
     weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
+    require_finite(deltas, "fusion", "raise lambda or add preserve prompts")
     if progress:
         progress(max(total, done) + 1, max(total, done) + 1)
     return FusionResult(weights, deltas, {acc.dim: cond}, time.perf_counter() - start, acc.n_concepts, acc.n_vectors)

@@ -11,6 +11,7 @@ loading is safetensors only, never pickle.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -20,6 +21,7 @@ from . import __version__
 from .erasure_file import DTYPES, atomic_save, mace_metadata, read_mace_file
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
+from .validation import require_finite
 
 LORA_FORMAT = "concept-lora/1"
 REQUIRED_INFO = ("concept", "steps", "lr", "seed", "settings")
@@ -80,6 +82,8 @@ def save_concept_lora(
     factors = lora.factors() if isinstance(lora, KVLora) else dict(lora)
     if not factors:
         raise ValueError("nothing to save: the LoRA has no weight")
+    require_finite({f"{n}:{part}": getattr(f, part) for n, f in factors.items() for part in ("up", "down")},
+                   "save concept LoRA", "training diverged; lower the learning rate. Nothing was saved")
     ranks = sorted({f.rank for f in factors.values()})
     tensors: dict[str, torch.Tensor] = {}
     for name, f in factors.items():
@@ -101,6 +105,8 @@ def save_concept_lora(
 def load_concept_lora(path: str) -> LoraFile:
     """Load a MACE concept LoRA; ValueError naming the file when it is not one."""
     metadata, tensors = read_mace_file(path, LORA_FORMAT, "concept LoRA")
+    require_finite(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; "
+                   "delete it and train the LoRA again")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         try:

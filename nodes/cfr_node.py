@@ -11,6 +11,7 @@ from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, TEMPLATES, fill, temp
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .progress import NodeProgress
+from .validation import check_inputs
 
 
 def preserve_prompts(preserve_text: str, templates, builtin: bool) -> list[str]:
@@ -60,6 +61,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
                 builtin_preserve, erase_concept_tokens=True) -> io.NodeOutput:
+        check_inputs(cls, locals())
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
         templates = templates_for(concept_type)
         keep = preserve_prompts(preserve, templates, builtin_preserve)

@@ -14,6 +14,7 @@ from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
 from .paths import resolve_lora_line
 from .progress import NodeProgress
+from .validation import check_inputs
 
 
 def resolve_lora_files(text: str) -> list[str]:
@@ -64,6 +65,7 @@ class MaceFuseLoras(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, lora_files, concept_type, preserve, lambda_, preserve_scale,
                 builtin_preserve) -> io.NodeOutput:
+        check_inputs(cls, locals())
         paths = resolve_lora_files(lora_files)
         current = effective_kv_weights(model)
         original = original_weights(model, current)

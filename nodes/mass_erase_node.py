@@ -27,6 +27,7 @@ from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
 from .paths import text_roots
 from .progress import NodeProgress
 from .training_images_node import sample_images
+from .validation import check_inputs
 
 
 class MaceMassErase(io.ComfyNode):
@@ -72,6 +73,7 @@ class MaceMassErase(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, concept_file, concept_type, anchor, preserve, builtin_preserve,
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
                 sampling_steps, seed, fusion_lambda) -> io.NodeOutput:
+        check_inputs(cls, locals())
         parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
         defaults = DEFAULTS_BY_TYPE[concept_type]

@@ -82,3 +82,62 @@ def test_fuse_lora_files_outside_the_loras_folders_is_refused_alike(env):
         assert SECRET not in str(err.value) and "refused" in str(err.value)
         messages.append(str(err.value).replace(name, "NAME"))
     assert messages[0] == messages[1] and messages[2] == messages[3]  # existence is not revealed
+
+
+# ---- 2. numbers -------------------------------------------------------------------------------
+
+def cfr(env, **over):
+    node = env.pack.nodes.cfr_node.MaceRefineCrossAttention
+    args = dict(concepts="ship", concept_type="object", anchor="", preserve="", lambda_=1.0, preserve_scale=1.0,
+                builtin_preserve=False, erase_concept_tokens=True)
+    args.update(over)
+    with torch.inference_mode():
+        return node.execute(env.model, env.clip, **args)
+
+
+@pytest.mark.parametrize("over,field", [({"lambda_": float("nan")}, "lambda"), ({"lambda_": float("inf")}, "lambda"),
+                                        ({"preserve_scale": float("nan")}, "preserve_scale"),
+                                        ({"lambda_": -1.0}, "lambda")])
+def test_cfr_node_refuses_non_finite_numbers_naming_the_field(env, over, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        cfr(env, **over)
+
+
+@pytest.mark.parametrize("over,field", [({"lora_lr": float("nan")}, "lora_lr"), ({"seed": 2**64}, "seed"),
+                                        ({"fusion_lambda": float("inf")}, "fusion_lambda"),
+                                        ({"cfr_lambda": float("nan")}, "cfr_lambda")])
+def test_mass_erase_refuses_bad_numbers_before_any_work(env, over, field):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        mass_erase(env, "numbers", **over)
+    assert not (env.comfy.output_dir / "loras" / "mace_mass" / "numbers").exists()
+
+
+def test_node_maxima_work_end_to_end(env):
+    # CFR at its largest lambda / preserve_scale, training images at the largest seed (seed + i wraps)
+    model, summary = cfr(env, lambda_=1e6, preserve_scale=1e6, preserve="car").result
+    assert "CFR erased 1 concept" in summary
+    node = env.pack.nodes.training_images_node.MaceTrainingImages
+    with torch.inference_mode():
+        images, _ = node.execute(env.model, env.clip, env.vae, "ship", "object", 2, 1, 7.5, 0xFFFFFFFFFFFFFFFF,
+                                 64, 64, "euler", "normal", "").result
+    assert images.shape[0] == 2 and bool(torch.isfinite(images).all())
+
+
+def test_load_erasure_refuses_nan_strength_and_nan_files(env):
+    from safetensors.torch import save_file
+
+    model, _ = cfr(env).result
+    save = env.pack.nodes.erasure_io_nodes.MaceSaveErasure
+    load = env.pack.nodes.erasure_io_nodes.MaceLoadErasure
+    with torch.inference_mode():
+        path = save.execute(model, "loras/hard/nan_test", "fp32").result[0]
+    name = os.path.relpath(path, env.comfy.output_dir / "loras")
+    with pytest.raises(ValueError, match="^strength: "):
+        load.execute(env.model, name, float("nan"), False)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        load.execute(env.model, name, 1.0, True)
