@@ -11,6 +11,7 @@ loading is safetensors only, never pickle.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -18,7 +19,8 @@ from typing import Mapping
 import torch
 
 from . import __version__
-from .erasure_file import DTYPES, atomic_save, mace_metadata, read_mace_file
+from .erasure_file import DTYPES, atomic_save, base_fingerprint_of, check_fits, mace_metadata, read_mace_file
+from .fingerprint import mismatch
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
 from .validation import require_finite
@@ -46,6 +48,10 @@ class LoraFile:
 
     def deltas(self) -> KVWeights:
         return {name: f.delta() for name, f in self.factors.items()}
+
+    def deltas_shapes(self) -> dict[str, torch.Tensor]:
+        """Zero-size stand-ins with each delta's shape (for key and shape checks without the product)."""
+        return {name: torch.empty(f.up.shape[0], f.down.shape[1], device="meta") for name, f in self.factors.items()}
 
     def to_lora(self) -> KVLora:
         return KVLora.from_factors(self.factors)
@@ -95,7 +101,7 @@ def save_concept_lora(
         "mace.format": LORA_FORMAT,
         "mace.pack_version": __version__,
         "mace.dtype": dtype,
-        "mace.base_model_hash": base_fingerprint,
+        "mace.base_model": base_fingerprint,
         "mace.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks),
     }, info)
     atomic_save(tensors, path, metadata)
@@ -127,3 +133,19 @@ def load_concept_lora(path: str) -> LoraFile:
     if not factors:
         raise ValueError(f"{path}: the file holds no LoRA weight")
     return LoraFile(factors, metadata)
+
+
+def check_lora_fits(lora: LoraFile, weights: KVWeights, name: str, base_weights: KVWeights | None = None) -> None:
+    """The LoRA's keys and shapes fit ``weights`` (always); with ``base_weights`` (the model before any
+    MACE edit) also the base-model fingerprint recorded in the file (dtype independent)."""
+    check_fits(lora.deltas_shapes(), weights, name)
+    if base_weights is not None and "mace.base_model" not in lora.metadata:
+        # files from before the dtype-independent fingerprint recorded the weights they were trained
+        # on (for pipeline LoRAs: the CFR-refined ones), which cannot be checked against the base
+        logging.warning("%s: made by an older MACE version; its base model is not checked", name)
+    elif base_weights is not None:
+        reason = mismatch(base_fingerprint_of(lora.metadata), {k: base_weights[k] for k in lora.factors
+                                                               if k in base_weights})
+        if reason is not None:
+            raise ValueError(f"{name}: trained for a different base model ({reason}); use LoRAs made from "
+                             "this checkpoint (any dtype), or retrain them on it")

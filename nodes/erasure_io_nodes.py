@@ -71,8 +71,7 @@ class MaceLoadErasure(io.ComfyNode):
             raise ValueError(f"erasure_name: {erasure_name!r} not found in the loras folders; refresh the list (R)")
         erasure = load_erasure(path)
         base = effective_kv_weights(model)
-        if not allow_other_base:
-            check_base(erasure, base, erasure_name)
+        check_base(erasure, base, erasure_name, allow_other_base)  # keys and shapes always, base unless allowed
         deltas = {k: v.float() for k, v in erasure.deltas.items()}
         info = {"method": "load", "file": erasure_name, "strength": strength, "source": erasure.info}
         out = apply_erasure(model, deltas, base, info, strength)

@@ -29,7 +29,7 @@ from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, attention_masks, config_for,
 from ..mace_ops.templates import templates_for
 from ..mace_ops.validation import require_finite
 from .comfy_denoiser import ComfyDenoiser
-from .comfy_model import apply_erasure, effective_kv_weights
+from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
 from .progress import NodeProgress
 from .validation import check_inputs
@@ -195,7 +195,8 @@ class MaceTrainConceptLora(io.ComfyNode):
         pixel_masks = prepare_masks(masks, latents.shape[0]) if mode == "given" else None
         encoder = ComfyTextEncoder(clip)
         base = effective_kv_weights(model)
-        fingerprint = weights_fingerprint(base)
+        record = get_record(model)  # the base model before any MACE edit: what Fuse and Load check against
+        fingerprint = record.base_fingerprint if record is not None else weights_fingerprint(base)
         config = config_for(
             concept_type,
             steps=int(steps) or defaults.steps,
@@ -231,8 +232,7 @@ class MaceTrainConceptLora(io.ComfyNode):
             "mask_mode": mode,
             "templates": len(templates),
             "losses": [round(x, 6) for x in losses],
-            "seconds": round(result.seconds, 3),
-        })
+        })  # no timings: identical inputs give a byte-identical file
         save_concept_lora(path, result.lora, fingerprint, info)
 
         stage = {"method": "lora", "concept": list(parsed.phrases), "concept_type": concept_type,
