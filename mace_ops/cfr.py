@@ -28,6 +28,7 @@ from .templates import check_templates, fill
 from .validation import check_number, require_finite
 
 Progress = Callable[[int, int], None]
+PRESERVE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def add_concept_pairs(
 ) -> None:
     """Accumulate the aligned (context, anchor-input) pairs of one concept over all templates."""
     anchor_prompts = [fill(t, anchor) for t in templates]
-    new = _encode_checked(encoder, anchor_prompts, f"anchor {anchor!r}")
+    new = _encode_checked(encoder, anchor_prompts, f"anchor {anchor!r} (shorten the anchor to a few words)")
     for phrase in concept.phrases:
         old = _encode_checked(encoder, [fill(t, phrase) for t in templates], f"concept line {concept.line}")
         for o, n in zip(old, new):
@@ -93,11 +94,16 @@ def add_concept_pairs(
             stats.add_pairs(o.features[list(a.old)], n.features[list(a.new)])
 
 
-def add_preserve_prompts(stats: PairStats, encoder: TextEncoder, prompts: Sequence[str], batch: int = 64) -> None:
-    """Every position of every preserve prompt (padding included) is a preserve vector."""
+def add_preserve_prompts(stats: PairStats, encoder: TextEncoder, prompts: Sequence[str], batch: int = 64,
+                         on_batch: Callable[[], None] | None = None) -> None:
+    """Every position of every preserve prompt (padding included) is a preserve vector.
+
+    ``on_batch()`` runs after every batch of ``batch`` prompts (a progress / interrupt point)."""
     for i in range(0, len(prompts), batch):
         for enc in _encode_checked(encoder, prompts[i : i + batch], "preserve"):
             stats.add_preserve(enc.features)
+        if on_batch is not None:
+            on_batch()
 
 
 def build_stats(
@@ -112,15 +118,24 @@ def build_stats(
 ) -> PairStats:
     check_templates(templates)
     check_concepts(encoder, concepts, default_anchor, field_name)
-    dim = encoder.encode([fill(templates[0], default_anchor)])[0].features.shape[1]
+    dim = _encode_checked(encoder, [fill(templates[0], default_anchor)],
+                          f"anchor {default_anchor!r} (shorten the anchor to a few words)")[0].features.shape[1]
     stats = PairStats(dim)
-    total = len(concepts) + 1
-    for k, concept in enumerate(concepts):
+    batches = -(-len(preserve_prompts) // PRESERVE_BATCH)
+    total = len(concepts) + batches + 1
+    for k, concept in enumerate(concepts):  # progress (an interrupt point for callers) after every concept
         anchor = default_anchor if concept.anchor is None else concept.anchor
         add_concept_pairs(stats, encoder, concept, templates, anchor, concept_tokens)
         if progress:
             progress(k + 1, total)
-    add_preserve_prompts(stats, encoder, list(preserve_prompts))
+    done = [len(concepts)]
+
+    def preserve_batch() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    add_preserve_prompts(stats, encoder, list(preserve_prompts), PRESERVE_BATCH, preserve_batch)
     if progress:
         progress(total, total)
     return stats

@@ -80,7 +80,8 @@ def _as_deltas_times(lora: LoraLike, C: torch.Tensor) -> dict[str, torch.Tensor]
             raise TypeError(f"LoRA {name}: expected LoraFactors or a 2-D delta tensor, got {type(item).__name__}")
         if width != C.shape[0]:
             raise ValueError(
-                f"model/clip mismatch: LoRA {name} reads width {width}, the text encoder gives {C.shape[0]}"
+                f"model/clip mismatch: LoRA {name} reads width {width}, the text encoder gives {C.shape[0]}; "
+                "connect the CLIP that belongs to this model (clip input), or LoRAs made for this model"
             )
         if isinstance(item, LoraFactors):
             up = item.up.detach().to(device="cpu", dtype=torch.float64)
@@ -154,7 +155,8 @@ class FusionAccumulator:
         widths = sorted({w.shape[1] for w in current.values()})
         if widths != [self.dim]:
             raise ValueError(
-                f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {self.dim}"
+                f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {self.dim}; "
+                "connect the CLIP that belongs to this model (clip input)"
             )
         s = 0.0
         if preserve is not None and preserve.n_preserve:
@@ -246,7 +248,8 @@ def fuse_loras(
     if acc is None:
         raise ValueError("fusion: no concept LoRA given")
     preserve = PairStats(acc.dim)
-    add_preserve_prompts(preserve, encoder, list(preserve_prompts))
+    add_preserve_prompts(preserve, encoder, list(preserve_prompts),
+                         on_batch=(lambda: progress(done, max(total, done) + 1)) if progress else None)
     weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
     require_finite(deltas, "fusion", "raise lambda or add preserve prompts")
     if progress:

@@ -5,9 +5,9 @@ import os
 
 from comfy_api.v0_0_2 import io
 
-from ..mace_ops.concepts import Concept, parse_concepts
+from ..mace_ops.concepts import Concept, check_disjoint, parse_concepts
 from ..mace_ops.fusion import fuse_loras
-from ..mace_ops.lora_file import load_concept_lora
+from ..mace_ops.lora_file import check_lora_fits, load_concept_lora
 from ..mace_ops.templates import TEMPLATES, templates_for
 from .cfr_node import preserve_prompts
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
@@ -75,10 +75,12 @@ class MaceFuseLoras(io.ComfyNode):
         def stream():
             for i, path in enumerate(paths, start=1):
                 lora = load_concept_lora(path)
+                check_lora_fits(lora, current, os.path.basename(path), original)  # keys, shapes, base model
                 phrases = tuple(lora.info.get("concept") or ())
                 if not phrases:
                     raise ValueError(f"{os.path.basename(path)}: records no concept; train it with MACE Train Concept LoRA")
                 concept = Concept(phrases, None, i)
+                check_disjoint([concept], preserved, f"LoRA {os.path.basename(path)} (concept)")
                 kinds[phrases] = lora.info.get("concept_type", concept_type)
                 yield concept, lora.factors
 
@@ -86,6 +88,7 @@ class MaceFuseLoras(io.ComfyNode):
             kind = kinds[concept.phrases]
             return templates_for("person" if kind == "nudity" else kind)
 
+        preserved = parse_concepts(preserve, "preserve", False)
         keep = preserve_prompts(preserve, templates_for(concept_type), builtin_preserve)
         result = fuse_loras(encoder, current, original, stream(), templates, keep, lambda_, preserve_scale,
                             NodeProgress(len(paths) + 1), total=len(paths))

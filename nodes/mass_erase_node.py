@@ -16,6 +16,7 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..mace_ops.cfr import CFRConfig
+from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, run_mass_erasure, slug
 from ..mace_ops.templates import fill
@@ -79,7 +80,8 @@ class MaceMassErase(io.ComfyNode):
         defaults = DEFAULTS_BY_TYPE[concept_type]
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
                           seed=int(seed), use_masks=False)
-        anchor = " ".join(anchor.lower().split())
+        anchor = normalise_phrase(anchor)
+        check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         settings = PipelineSettings(concept_type, anchor, CFRConfig(cfr_lambda, preserve_scale, False), lora,
                                     fusion_lambda, preserve_scale)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
@@ -96,12 +98,15 @@ class MaceMassErase(io.ComfyNode):
                                    int(image_size), sampler, "karras", "")
             return encode_images(vae, model, images), None
 
+        data_settings = {"images": int(images_per_concept), "size": int(image_size), "steps": int(sampling_steps),
+                         "cfg": 7.5, "sampler": sampler, "scheduler": "karras", "seed": int(seed)}
+        n = len(parsed)
         denoiser = ComfyDenoiser(model)
         try:
             result = run_mass_erasure(
                 encoder, denoiser, original, parsed, templates, settings, folder, training_data, keep,
-                NodeProgress(1 + len(parsed) * lora.steps + 1),
-                comfy.model_management.throw_exception_if_processing_interrupted, logging.info)
+                NodeProgress(2 * n + n * lora.steps + 1),
+                comfy.model_management.throw_exception_if_processing_interrupted, logging.info, data_settings)
         finally:
             denoiser.release()
         info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,
