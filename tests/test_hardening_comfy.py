@@ -28,7 +28,8 @@ def env(comfy, tmp_path_factory):
     secret_dir = tmp_path_factory.mktemp("server_secrets")
     secret = secret_dir / "secrets.txt"
     secret.write_text(SECRET + "\n")
-    return SimpleNamespace(model=model, clip=clip, vae=vae, pack=comfy.pack_module, comfy=comfy, secret=secret)
+    return SimpleNamespace(model=model, clip=clip, vae=vae, pack=comfy.pack_module, comfy=comfy, secret=secret,
+                           ckpt=path, tmp=tmp_path_factory.mktemp("hard_other"))
 
 
 def mass_erase(env, run_name, concepts="ship", concept_file="", **over):
@@ -141,3 +142,142 @@ def test_load_erasure_refuses_nan_strength_and_nan_files(env):
     save_file(tensors, path, metadata=meta)
     with pytest.raises(ValueError, match="holds NaN or inf"):
         load.execute(env.model, name, 1.0, True)
+
+
+# ---- 3. cancel ----------------------------------------------------------------------------------
+
+def test_mass_erase_cancel_acts_during_cfr_encoding(env):
+    """Cancel pressed while CFR encodes the first concept stops the run at the next concept."""
+    import comfy.model_management as mm
+
+    enc_cls = env.pack.nodes.comfy_text_encoder.ComfyTextEncoder
+    real_encode = enc_cls.encode
+    calls = []
+
+    def encode(self, prompts):
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            mm.interrupt_current_processing(True)  # the user presses Cancel
+        return real_encode(self, prompts)
+
+    enc_cls.encode = encode
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            mass_erase(env, "cancel_cfr", concepts="ship\ncar\ndog\ncat\nhorse")
+    finally:
+        enc_cls.encode = real_encode
+        mm.interrupt_current_processing(False)
+    assert len(calls) <= 3  # dim probe + first concept's anchor and phrase prompts, then the interrupt point
+    folder = env.comfy.output_dir / "loras" / "mace_mass" / "cancel_cfr"
+    assert not folder.exists() or not [f for f in os.listdir(folder) if f.endswith((".safetensors", ".tmp"))]
+
+
+def test_cfr_and_fuse_nodes_report_progress_per_concept(env):
+    import comfy.utils
+
+    updates = []
+    real = comfy.utils.ProgressBar.update_absolute
+
+    def record(self, value, total=None, preview=None):
+        updates.append((value, total))
+        return real(self, value, total, preview)
+
+    comfy.utils.ProgressBar.update_absolute = record
+    try:
+        cfr(env, concepts="ship\ncar\ndog", preserve="cat")
+    finally:
+        comfy.utils.ProgressBar.update_absolute = real
+    assert len(updates) >= 4 and updates[-1][0] == updates[-1][1]
+
+
+# ---- 4. resume ----------------------------------------------------------------------------------
+
+def test_mass_erase_node_adds_and_reorders_without_retraining(env):
+    first = mass_erase(env, "resume_node", concepts="ship")
+    assert "1 trained, 0 reused" in first.result[1]
+    more = mass_erase(env, "resume_node", concepts="car\nship")  # one concept added, order changed
+    assert "1 trained, 1 reused" in more.result[1]
+    folder = env.comfy.output_dir / "loras" / "mace_mass" / "resume-node"  # run_name is slugged
+    assert sorted(f.split("-")[0] for f in os.listdir(folder)) == ["car", "ship"]
+
+
+# ---- 5. files and bases -------------------------------------------------------------------------
+
+def load_as(path, dtype):
+    import comfy.sd
+
+    out = comfy.sd.load_checkpoint_guess_config(
+        str(path), output_vae=False, output_clip=False, model_options={"dtype": dtype},
+        te_model_options={"clip_l_model_config": {"num_hidden_layers": 1}})
+    return out[0]
+
+
+def test_same_checkpoint_in_another_dtype_is_the_same_base_and_other_checkpoints_are_not(env):
+    model, _ = cfr(env).result
+    save = env.pack.nodes.erasure_io_nodes.MaceSaveErasure
+    load = env.pack.nodes.erasure_io_nodes.MaceLoadErasure
+    with torch.inference_mode():
+        path = save.execute(model, "loras/hard/dtype_test", "fp16").result[0]
+        name = os.path.relpath(path, env.comfy.output_dir / "loras")
+        for dtype in (torch.float16, torch.bfloat16):
+            other_dtype = load_as(env.ckpt, dtype)
+            out, info = load.execute(other_dtype, name, 1.0, False).result
+            assert env.pack.nodes.comfy_model.get_record(out) is not None
+        other = make_tiny_sd15_checkpoint(env.tmp / "other.safetensors", clip_layers=1, seed=7)
+        other_model = load_as(other, torch.float32)
+        with pytest.raises(ValueError, match="different base model"):
+            load.execute(other_model, name, 1.0, False)
+
+
+def test_saved_erasure_bytes_and_permissions(env):
+    model, _ = cfr(env).result
+    save = env.pack.nodes.erasure_io_nodes.MaceSaveErasure
+    with torch.inference_mode():
+        a = save.execute(model, "loras/hard/bytes", "fp16").result[0]
+        model2, _ = cfr(env).result
+        b = save.execute(model2, "loras/hard/bytes", "fp16").result[0]
+    assert a != b and open(a, "rb").read() == open(b, "rb").read()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(a).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_fuse_refuses_a_lora_of_another_base_and_a_damaged_file(env):
+    ops = env.pack.mace_ops
+    cm = env.pack.nodes.comfy_model
+    base = cm.effective_kv_weights(env.model)
+    lora = ops.lora.KVLora.for_weights(base, seed=0)
+    folder = env.comfy.output_dir / "loras" / "hard_fuse"
+    info = {"concept": ["ship"], "steps": 1, "lr": 0.1, "seed": 0, "settings": {}}
+    other = {k: torch.randn_like(v) for k, v in base.items()}
+    ops.lora_file.save_concept_lora(str(folder / "other.safetensors"), lora, ops.fingerprint.weights_fingerprint(other),
+                                    info)
+    with pytest.raises(ValueError, match="other.safetensors: trained for a different base model"):
+        fuse(env, "hard_fuse/other.safetensors")
+    ops.lora_file.save_concept_lora(str(folder / "mine.safetensors"), lora, ops.fingerprint.weights_fingerprint(base),
+                                    info)
+    fuse(env, "hard_fuse/mine.safetensors")
+    data = (folder / "mine.safetensors").read_bytes()
+    (folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors: damaged or truncated"):
+        fuse(env, "hard_fuse/cut.safetensors")
+
+
+# ---- 6. text ------------------------------------------------------------------------------------
+
+def test_phrase_erased_and_preserved_is_an_error(env):
+    with pytest.raises(ValueError, match="preserve, line 1: 'ship' is also erased"):
+        cfr(env, concepts="Ship, boat", preserve="SHIP")
+    with pytest.raises(ValueError, match="preserve, line 1: 'boat' is also erased"):
+        mass_erase(env, "overlap", concepts="ship, boat", preserve="boat")
+
+
+def test_grayscale_images_are_accepted_and_two_channel_images_named(env):
+    encode = env.pack.nodes.lora_train_node.encode_images
+    with torch.inference_mode():
+        lat = encode(env.vae, env.model, torch.rand(1, 64, 64, 1))
+        assert lat.shape[0] == 1 and bool(torch.isfinite(lat).all())
+        with pytest.raises(ValueError, match="images: 2 channels per pixel; give RGB"):
+            encode(env.vae, env.model, torch.rand(1, 64, 64, 2))
+        with pytest.raises(ValueError, match="images: holds NaN"):
+            encode(env.vae, env.model, torch.full((1, 64, 64, 3), float("nan")))
