@@ -25,8 +25,10 @@ from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
 from .ridge import solve_right
 from .templates import check_templates, fill
+from .validation import check_number, require_finite
 
 Progress = Callable[[int, int], None]
+PRESERVE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,10 @@ class CFRConfig:
     concept_tokens: bool = False
     """Also map the concept's own tokens onto the anchor's (needed when CFR runs without the
     LoRA stage; MACE proper leaves the concept tokens to the LoRAs)."""
+
+    def validate(self) -> None:
+        check_number(self.lamb, "lambda", 0.0, 1e12)
+        check_number(self.preserve_scale, "preserve_scale", 0.0, 1e12)
 
 
 @dataclass
@@ -80,7 +86,7 @@ def add_concept_pairs(
 ) -> None:
     """Accumulate the aligned (context, anchor-input) pairs of one concept over all templates."""
     anchor_prompts = [fill(t, anchor) for t in templates]
-    new = _encode_checked(encoder, anchor_prompts, f"anchor {anchor!r}")
+    new = _encode_checked(encoder, anchor_prompts, f"anchor {anchor!r} (shorten the anchor to a few words)")
     for phrase in concept.phrases:
         old = _encode_checked(encoder, [fill(t, phrase) for t in templates], f"concept line {concept.line}")
         for o, n in zip(old, new):
@@ -88,11 +94,16 @@ def add_concept_pairs(
             stats.add_pairs(o.features[list(a.old)], n.features[list(a.new)])
 
 
-def add_preserve_prompts(stats: PairStats, encoder: TextEncoder, prompts: Sequence[str], batch: int = 64) -> None:
-    """Every position of every preserve prompt (padding included) is a preserve vector."""
+def add_preserve_prompts(stats: PairStats, encoder: TextEncoder, prompts: Sequence[str], batch: int = 64,
+                         on_batch: Callable[[], None] | None = None) -> None:
+    """Every position of every preserve prompt (padding included) is a preserve vector.
+
+    ``on_batch()`` runs after every batch of ``batch`` prompts (a progress / interrupt point)."""
     for i in range(0, len(prompts), batch):
         for enc in _encode_checked(encoder, prompts[i : i + batch], "preserve"):
             stats.add_preserve(enc.features)
+        if on_batch is not None:
+            on_batch()
 
 
 def build_stats(
@@ -107,15 +118,24 @@ def build_stats(
 ) -> PairStats:
     check_templates(templates)
     check_concepts(encoder, concepts, default_anchor, field_name)
-    dim = encoder.encode([fill(templates[0], default_anchor)])[0].features.shape[1]
+    dim = _encode_checked(encoder, [fill(templates[0], default_anchor)],
+                          f"anchor {default_anchor!r} (shorten the anchor to a few words)")[0].features.shape[1]
     stats = PairStats(dim)
-    total = len(concepts) + 1
-    for k, concept in enumerate(concepts):
+    batches = -(-len(preserve_prompts) // PRESERVE_BATCH)
+    total = len(concepts) + batches + 1
+    for k, concept in enumerate(concepts):  # progress (an interrupt point for callers) after every concept
         anchor = default_anchor if concept.anchor is None else concept.anchor
         add_concept_pairs(stats, encoder, concept, templates, anchor, concept_tokens)
         if progress:
             progress(k + 1, total)
-    add_preserve_prompts(stats, encoder, list(preserve_prompts))
+    done = [len(concepts)]
+
+    def preserve_batch() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    add_preserve_prompts(stats, encoder, list(preserve_prompts), PRESERVE_BATCH, preserve_batch)
     if progress:
         progress(total, total)
     return stats
@@ -173,6 +193,8 @@ def refine_cross_attention(
     """Run CFR for all concepts at once; the input weights are never modified."""
     if not weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
+    config.validate()
+    require_finite(weights, "CFR: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
     stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name,
                         config.concept_tokens)
@@ -182,6 +204,9 @@ def refine_cross_attention(
             f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {stats.dim}; "
             "connect the CLIP that belongs to this model"
         )
+    require_finite({"G": stats.G, "B": stats.B, "P": stats.P}, "CFR: the text encoder's features",
+                   "the CLIP gives NaN/inf features; use the CLIP that belongs to the model")
     M, cond = cfr_transform(stats, config)
     new, deltas = apply_transform(weights, {stats.dim: M})
+    require_finite(deltas, "CFR", "raise lambda or add preserve prompts")
     return CFRResult(new, deltas, stats, {stats.dim: M}, {stats.dim: cond}, time.perf_counter() - start)

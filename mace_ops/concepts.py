@@ -1,12 +1,16 @@
-"""Parse the user's concept lists into ``Concept`` records, with errors that name the line.
+r"""Parse the user's concept lists into ``Concept`` records, with errors that name the line.
 
 Format, one concept per line::
 
     # comments and blank lines are ignored
     van gogh, vincent van gogh        <- synonyms of one concept, comma separated
     ship -> ground                    <- optional per-concept anchor after '->'
+    ac\-dc, r\#b                       <- '\,' '\#' '\-' write a literal comma, hash, hyphen
 
-The first phrase is the concept's name; the others are synonyms erased with it.
+The first phrase is the concept's name; the others are synonyms erased with it. Every phrase
+and anchor (erase, preserve, probe, the anchor input) goes through ``normalise_phrase``: lower
+case, hyphens and underscores become spaces (unless escaped), runs of whitespace become one
+space. ``check_disjoint`` refuses a phrase that is both erased and preserved.
 """
 from __future__ import annotations
 
@@ -24,9 +28,28 @@ class Concept:
         return self.phrases[0]
 
 
+_ESCAPES = {"\\,": "\x00c", "\\#": "\x00h", "\\-": "\x00d"}
+_UNESCAPE = {"\x00c": ",", "\x00h": "#", "\x00d": "-"}
+
+
+def _protect(text: str) -> str:
+    for k, v in _ESCAPES.items():
+        text = text.replace(k, v)
+    return text
+
+
+def _restore(text: str) -> str:
+    for k, v in _UNESCAPE.items():
+        text = text.replace(k, v)
+    return text
+
+
 def normalise_phrase(text: str) -> str:
-    """Lower-case, hyphens to spaces, single spaces (how MACE names concepts)."""
-    return " ".join(text.replace("-", " ").replace("_", " ").lower().split())
+    r"""Lower-case, hyphens/underscores to spaces, single spaces (how MACE names concepts).
+
+    Escaped characters (``\,`` ``\#`` ``\-``) come out literally."""
+    text = _protect(text)
+    return _restore(" ".join(text.replace("-", " ").replace("_", " ").lower().split()))
 
 
 def parse_concepts(text: str, field: str = "concepts", allow_anchor: bool = True) -> list[Concept]:
@@ -34,7 +57,7 @@ def parse_concepts(text: str, field: str = "concepts", allow_anchor: bool = True
     concepts: list[Concept] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+        line = _protect(raw).split("#", 1)[0].strip()
         if not line:
             continue
         anchor = None
@@ -44,8 +67,8 @@ def parse_concepts(text: str, field: str = "concepts", allow_anchor: bool = True
             line, anchor_text = line.split("->", 1)
             if "->" in anchor_text:
                 raise ValueError(f"{field}, line {number}: more than one '->' in {raw.strip()!r}")
-            anchor = normalise_phrase(anchor_text)
-        parts = [normalise_phrase(p) for p in line.split(",")]
+            anchor = _restore(normalise_phrase(anchor_text))
+        parts = [_restore(normalise_phrase(p)) for p in line.split(",")]
         if any(not p for p in parts):
             raise ValueError(
                 f"{field}, line {number}: empty phrase in {raw.strip()!r}; write 'a, b, c' with a word between commas"
@@ -64,3 +87,14 @@ def require_concepts(concepts: list[Concept], field: str = "concepts") -> list[C
     if not concepts:
         raise ValueError(f"{field}: no concept given; write one concept per line (synonyms comma separated)")
     return concepts
+
+
+def check_disjoint(erase: list[Concept], preserve: list[Concept], erase_field: str = "concepts",
+                   preserve_field: str = "preserve") -> None:
+    """ValueError when a phrase is both erased and preserved (the two goals contradict)."""
+    erased = {p: c.line for c in erase for p in c.phrases}
+    for c in preserve:
+        for p in c.phrases:
+            if p in erased:
+                raise ValueError(f"{preserve_field}, line {c.line}: {p!r} is also erased ({erase_field}, line "
+                                 f"{erased[p]}); a phrase cannot be erased and preserved: remove it from one list")

@@ -9,7 +9,6 @@ Loading never unpickles: safetensors only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -18,10 +17,11 @@ from typing import Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
+from .fingerprint import mismatch, weights_fingerprint  # noqa: F401  (re-exported)
 from .interfaces import KVWeights
+from .validation import require_finite
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -44,17 +44,6 @@ def _maybe_json(value: str):
         return value
 
 
-def weights_fingerprint(weights: KVWeights) -> str:
-    """sha256 over names, shapes and fp16 bytes of the weights (same for fp16/fp32 storage)."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        w = weights[name].detach().to(device="cpu", dtype=torch.float16).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(w.shape)).encode())
-        h.update(w.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
 def diff_key(weight_name: str) -> str:
     if not weight_name.endswith(".weight"):
         raise ValueError(f"weight name must end with '.weight': {weight_name!r}")
@@ -67,18 +56,47 @@ def weight_name(file_key: str) -> str:
     return file_key[: -len(".diff")] + ".weight"
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """safetensors bytes that depend only on the inputs: metadata keys and tensors in sorted order.
+
+    (safetensors' own writer keeps metadata in a hash map, so its key order, and the file's
+    bytes, change from run to run.) Readable by any safetensors reader."""
+    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}} if metadata else {}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be saved")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file in the same folder, then rename."""
+    """Write a safetensors file via a temporary file in the same folder, then rename.
+
+    The bytes are ``serialize``'s (identical inputs, identical file); the file gets the normal
+    permissions of a new file (0666 minus the umask), not mkstemp's 0600."""
+    data = serialize(tensors, metadata)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".mace-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        umask = os.umask(0)
+        os.umask(umask)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask)
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -110,11 +128,17 @@ def save_erasure(
         raise ValueError(f"dtype: unknown {dtype!r}; choose one of {sorted(DTYPES)}")
     if not deltas:
         raise ValueError("nothing to save: the erasure changed no weight")
+    require_finite(deltas, "save erasure", "the erasure holds NaN/inf; nothing was saved. Rerun the MACE "
+                   "stages with a larger lambda or lower learning rate")
     tensors = {diff_key(k): v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in deltas.items()}
     metadata = mace_metadata({"mace.format": FORMAT_VERSION, "mace.pack_version": __version__, "mace.dtype": dtype,
-                              "mace.base_model_hash": base_fingerprint}, info)
+                              "mace.base_model": base_fingerprint}, info)
     atomic_save(tensors, path, metadata)
     return metadata
+
+
+class DamagedFileError(ValueError):
+    """A MACE file that safetensors cannot read (truncated, corrupt)."""
 
 
 def read_mace_file(path: str, expected_format: str, what: str, hint: str = "") -> tuple[dict[str, str], dict]:
@@ -124,38 +148,60 @@ def read_mace_file(path: str, expected_format: str, what: str, hint: str = "") -
         raise ValueError(f"{what} file not found: {path}")
     if not path.endswith(".safetensors"):
         raise ValueError(f"{path}: MACE {what} files must be .safetensors (no pickle is ever loaded)")
-    with safe_open(path, framework="pt") as f:
-        metadata = dict(f.metadata() or {})
-        fmt = metadata.get("mace.format")
-        if fmt is None:
-            raise ValueError(f"{path}: not a MACE {what} (no mace.format metadata){hint}")
-        if fmt != expected_format:
-            raise ValueError(f"{path}: MACE format {fmt!r} is not a {what} this version reads ({expected_format})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            fmt = metadata.get("mace.format")
+            if fmt is None:
+                raise ValueError(f"{name}: not a MACE {what} (no mace.format metadata){hint}")
+            if fmt != expected_format:
+                raise ValueError(f"{name}: MACE format {fmt!r} is not a {what} this version reads ({expected_format})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors' SafetensorError, OSError, ...: a damaged or truncated file
+        raise DamagedFileError(f"{name}: damaged or truncated {what} file ({type(err).__name__}: "
+                               f"{str(err)[:120]}); delete it or make it again") from None
     return metadata, tensors
 
 
 def load_erasure(path: str) -> ErasureFile:
     """Load a MACE erasure file; raise ValueError naming the file when it is not one."""
     metadata, tensors = read_mace_file(path, FORMAT_VERSION, "erasure", "; load it with a LoRA loader")
+    require_finite(tensors, f"{os.path.basename(path)}", "the file is damaged or was saved from a broken run; "
+                   "delete it and save the erasure again")
     return ErasureFile({weight_name(k): t for k, t in tensors.items()}, metadata)
 
 
-def check_base(erasure: ErasureFile, base_weights: KVWeights, path: str = "erasure") -> None:
-    """Raise ValueError when the base model is not the one the erasure was made for."""
-    missing = sorted(set(erasure.deltas) - set(base_weights))
+def check_fits(deltas: KVWeights, base_weights: KVWeights, path: str = "erasure") -> None:
+    """Keys and shapes: every delta names a weight of the model, with the same shape (always checked)."""
+    missing = sorted(set(deltas) - set(base_weights))
     if missing:
         raise ValueError(
-            f"{path}: the model lacks {len(missing)} weight(s) this erasure changes (e.g. {missing[0]}); "
+            f"{path}: the model lacks {len(missing)} weight(s) this file changes (e.g. {missing[0]}); "
             "it was made for another architecture"
         )
-    for name, delta in erasure.deltas.items():
+    for name, delta in deltas.items():
         if tuple(delta.shape) != tuple(base_weights[name].shape):
-            raise ValueError(f"{path}: shape of {name} is {tuple(delta.shape)}, model has {tuple(base_weights[name].shape)}")
-    expected = erasure.metadata.get("mace.base_model_hash")
-    actual = weights_fingerprint({k: base_weights[k] for k in erasure.deltas})
-    if expected != actual:
+            raise ValueError(f"{path}: shape of {name} is {tuple(delta.shape)}, model has "
+                             f"{tuple(base_weights[name].shape)}; it was made for another architecture")
+
+
+def base_fingerprint_of(metadata: dict) -> str | None:
+    return metadata.get("mace.base_model") or metadata.get("mace.base_model_hash")
+
+
+def check_base(erasure: ErasureFile, base_weights: KVWeights, path: str = "erasure",
+               allow_other_base: bool = False) -> None:
+    """Raise ValueError when the file does not fit the model (keys/shapes, always) or was made for
+    another base model (fingerprint, unless ``allow_other_base``)."""
+    check_fits(erasure.deltas, base_weights, path)
+    if allow_other_base:
+        return
+    reason = mismatch(base_fingerprint_of(erasure.metadata), {k: base_weights[k] for k in erasure.deltas})
+    if reason is not None:
         raise ValueError(
-            f"{path}: made for a different base model (fingerprint {str(expected)[:12]}, this model {actual[:12]}); "
-            "load it onto the checkpoint it was made from, or set allow_other_base to apply it anyway"
+            f"{path}: made for a different base model ({reason}); load it onto the checkpoint it was made "
+            "from (any dtype), or set allow_other_base to apply it anyway"
         )

@@ -30,6 +30,7 @@ from .interfaces import KVWeights, TextEncoder
 from .lora import KVLora, LoraFactors
 from .ridge import solve_right
 from .templates import check_templates, fill
+from .validation import check_number, require_finite
 
 LoraLike = Union[KVLora, Mapping[str, LoraFactors], Mapping[str, torch.Tensor]]
 Templates = Union[Sequence[str], Callable[[Concept], Sequence[str]]]
@@ -79,7 +80,8 @@ def _as_deltas_times(lora: LoraLike, C: torch.Tensor) -> dict[str, torch.Tensor]
             raise TypeError(f"LoRA {name}: expected LoraFactors or a 2-D delta tensor, got {type(item).__name__}")
         if width != C.shape[0]:
             raise ValueError(
-                f"model/clip mismatch: LoRA {name} reads width {width}, the text encoder gives {C.shape[0]}"
+                f"model/clip mismatch: LoRA {name} reads width {width}, the text encoder gives {C.shape[0]}; "
+                "connect the CLIP that belongs to this model (clip input), or LoRAs made for this model"
             )
         if isinstance(item, LoraFactors):
             up = item.up.detach().to(device="cpu", dtype=torch.float64)
@@ -87,6 +89,17 @@ def _as_deltas_times(lora: LoraLike, C: torch.Tensor) -> dict[str, torch.Tensor]
             out[name] = item.scale * (up @ (down @ C))
         else:
             out[name] = item.detach().to(device="cpu", dtype=torch.float64) @ C
+    return out
+
+
+def _lora_tensors(lora: LoraLike) -> dict[str, torch.Tensor]:
+    items = lora.factors() if isinstance(lora, KVLora) else lora
+    out = {}
+    for name, item in items.items():
+        if isinstance(item, LoraFactors):
+            out[name + ":up"], out[name + ":down"] = item.up, item.down
+        elif isinstance(item, torch.Tensor):
+            out[name] = item
     return out
 
 
@@ -103,6 +116,9 @@ class FusionAccumulator:
     def add_concept(self, lora: LoraLike, C: torch.Tensor, n_vectors: int = 0) -> None:
         """Add one concept: its LoRA (factors, KVLora or full deltas) and its covariance C_i."""
         C = C.detach().to(device="cpu", dtype=torch.float64)
+        require_finite(C, "fusion: the text encoder's features", "use the CLIP that belongs to the model")
+        require_finite(_lora_tensors(lora), "fusion: a LoRA",
+                       "retrain that LoRA with a lower learning rate; nothing was fused")
         if C.shape != (self.dim, self.dim):
             raise ValueError(f"fusion: covariance must be {self.dim}x{self.dim}, got {tuple(C.shape)}")
         products = _as_deltas_times(lora, C)
@@ -139,7 +155,8 @@ class FusionAccumulator:
         widths = sorted({w.shape[1] for w in current.values()})
         if widths != [self.dim]:
             raise ValueError(
-                f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {self.dim}"
+                f"model/clip mismatch: K/V weights read width(s) {widths} but the text encoder gives {self.dim}; "
+                "connect the CLIP that belongs to this model (clip input)"
             )
         s = 0.0
         if preserve is not None and preserve.n_preserve:
@@ -211,6 +228,9 @@ def fuse_loras(
     """
     if not current_weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
+    check_number(lamb, "lambda", 0.0, 1e12)
+    check_number(preserve_scale, "preserve_scale", 0.0, 1e12)
+    require_finite(current_weights, "fusion: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
     if total is None:
         total = len(concept_loras) if hasattr(concept_loras, "__len__") else 0
@@ -228,8 +248,10 @@ def fuse_loras(
     if acc is None:
         raise ValueError("fusion: no concept LoRA given")
     preserve = PairStats(acc.dim)
-    add_preserve_prompts(preserve, encoder, list(preserve_prompts))
+    add_preserve_prompts(preserve, encoder, list(preserve_prompts),
+                         on_batch=(lambda: progress(done, max(total, done) + 1)) if progress else None)
     weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
+    require_finite(deltas, "fusion", "raise lambda or add preserve prompts")
     if progress:
         progress(max(total, done) + 1, max(total, done) + 1)
     return FusionResult(weights, deltas, {acc.dim: cond}, time.perf_counter() - start, acc.n_concepts, acc.n_vectors)

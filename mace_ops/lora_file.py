@@ -11,15 +11,19 @@ loading is safetensors only, never pickle.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from . import __version__
-from .erasure_file import DTYPES, atomic_save, mace_metadata, read_mace_file
+from .erasure_file import DTYPES, atomic_save, base_fingerprint_of, check_fits, mace_metadata, read_mace_file
+from .fingerprint import mismatch
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
+from .validation import require_finite
 
 LORA_FORMAT = "concept-lora/1"
 REQUIRED_INFO = ("concept", "steps", "lr", "seed", "settings")
@@ -44,6 +48,10 @@ class LoraFile:
 
     def deltas(self) -> KVWeights:
         return {name: f.delta() for name, f in self.factors.items()}
+
+    def deltas_shapes(self) -> dict[str, torch.Tensor]:
+        """Zero-size stand-ins with each delta's shape (for key and shape checks without the product)."""
+        return {name: torch.empty(f.up.shape[0], f.down.shape[1], device="meta") for name, f in self.factors.items()}
 
     def to_lora(self) -> KVLora:
         return KVLora.from_factors(self.factors)
@@ -80,6 +88,8 @@ def save_concept_lora(
     factors = lora.factors() if isinstance(lora, KVLora) else dict(lora)
     if not factors:
         raise ValueError("nothing to save: the LoRA has no weight")
+    require_finite({f"{n}:{part}": getattr(f, part) for n, f in factors.items() for part in ("up", "down")},
+                   "save concept LoRA", "training diverged; lower the learning rate. Nothing was saved")
     ranks = sorted({f.rank for f in factors.values()})
     tensors: dict[str, torch.Tensor] = {}
     for name, f in factors.items():
@@ -91,7 +101,7 @@ def save_concept_lora(
         "mace.format": LORA_FORMAT,
         "mace.pack_version": __version__,
         "mace.dtype": dtype,
-        "mace.base_model_hash": base_fingerprint,
+        "mace.base_model": base_fingerprint,
         "mace.rank": json.dumps(ranks[0] if len(ranks) == 1 else ranks),
     }, info)
     atomic_save(tensors, path, metadata)
@@ -101,6 +111,8 @@ def save_concept_lora(
 def load_concept_lora(path: str) -> LoraFile:
     """Load a MACE concept LoRA; ValueError naming the file when it is not one."""
     metadata, tensors = read_mace_file(path, LORA_FORMAT, "concept LoRA")
+    require_finite(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; "
+                   "delete it and train the LoRA again")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         try:
@@ -121,3 +133,19 @@ def load_concept_lora(path: str) -> LoraFile:
     if not factors:
         raise ValueError(f"{path}: the file holds no LoRA weight")
     return LoraFile(factors, metadata)
+
+
+def check_lora_fits(lora: LoraFile, weights: KVWeights, name: str, base_weights: KVWeights | None = None) -> None:
+    """The LoRA's keys and shapes fit ``weights`` (always); with ``base_weights`` (the model before any
+    MACE edit) also the base-model fingerprint recorded in the file (dtype independent)."""
+    check_fits(lora.deltas_shapes(), weights, name)
+    if base_weights is not None and "mace.base_model" not in lora.metadata:
+        # files from before the dtype-independent fingerprint recorded the weights they were trained
+        # on (for pipeline LoRAs: the CFR-refined ones), which cannot be checked against the base
+        logging.warning("%s: made by an older MACE version; its base model is not checked", name)
+    elif base_weights is not None:
+        reason = mismatch(base_fingerprint_of(lora.metadata), {k: base_weights[k] for k in lora.factors
+                                                               if k in base_weights})
+        if reason is not None:
+            raise ValueError(f"{name}: trained for a different base model ({reason}); use LoRAs made from "
+                             "this checkpoint (any dtype), or retrain them on it")

@@ -33,6 +33,7 @@ from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
 from .lora import KVLora
 from .templates import check_templates, fill
+from .validation import check_number, derive_seed, require_finite
 
 Progress = Callable[[int, int], None]
 
@@ -55,18 +56,21 @@ class LoraTrainConfig:
     batch_size: int = 1
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        """Every number finite and in range (ValueError naming the setting), before any work."""
+        check_number(self.steps, "LoRA steps", 1, None, integer=True)
+        check_number(self.lr, "LoRA learning rate", 0.0, 10.0, lo_open=True)
+        check_number(self.rank, "LoRA rank", 1, None, integer=True)
+        if self.alpha is not None:
+            check_number(self.alpha, "LoRA alpha", 0.0, None, lo_open=True)
+        check_number(self.seed, "seed", 0, 2**64 - 1, integer=True)
+        check_number(self.t1, "CFIS t1", 0.0, None)
+        check_number(self.t2, "CFIS t2", 0.0, None)
+        check_number(self.gamma, "CFIS gamma", 0.0, None)
+        check_number(self.grad_clip, "grad clip", None, None)
+        check_number(self.batch_size, "batch size", 1, None, integer=True)
         if self.sampler not in SAMPLER_KINDS:
             raise ValueError(f"timestep sampler: unknown {self.sampler!r}; choose one of {list(SAMPLER_KINDS)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
+        check_number(self.weight_decay, "weight decay", 0.0, None)
 
     def settings(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,6 +151,10 @@ def _prepare_prompts(
 def _check_inputs(latents: torch.Tensor, masks: torch.Tensor | None) -> None:
     if latents.ndim != 4 or latents.shape[0] < 1:
         raise ValueError(f"latents must be (N, C, H, W) with N >= 1, got {tuple(latents.shape)}")
+    require_finite(latents, "LoRA training images", "the images (or their VAE latents) hold NaN/inf; "
+                   "regenerate them, e.g. with another VAE dtype or fewer sampling steps")
+    if masks is not None:
+        require_finite(masks, "LoRA training masks", "give masks with finite values in [0, 1]")
     if masks is not None:
         if masks.ndim != 3 or masks.shape[0] != latents.shape[0]:
             raise ValueError(
@@ -187,9 +195,9 @@ def train_concept_lora(
         opt = torch.optim.AdamW(
             params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )
-        gen = torch.Generator().manual_seed(int(config.seed) + 1)
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
         sampler = TimestepSampler(
-            config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, config.seed + 2, device
+            config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
         )
         losses: list[float] = []
         n_prompts, n_latents, batch = len(prompts.texts), x0_all.shape[0], config.batch_size
@@ -206,6 +214,11 @@ def train_concept_lora(
             denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
             loss = collector.loss()
             losses.append(float(loss.detach()))
+            if not torch.isfinite(loss.detach()):
+                raise ValueError(
+                    f"LoRA training for {concept.name!r}: the loss became {losses[-1]} at step {step + 1}; "
+                    "lower the learning rate (lr) or check the images and model for NaN/inf values"
+                )
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):
@@ -221,6 +234,8 @@ def train_concept_lora(
                 )
             if progress is not None:
                 progress(step + 1, config.steps)
+        require_finite({name: t for name, t in lora.named_parameters()}, f"LoRA training for {concept.name!r}",
+                       "lower the learning rate (lr); nothing was saved")
     seconds = time.perf_counter() - start
     metadata = {
         "concept": list(concept.phrases),

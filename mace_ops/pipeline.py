@@ -2,11 +2,19 @@
 
 ``run_mass_erasure`` is model agnostic: it takes a TextEncoder, a CrossAttentionDenoiser, the
 original K/V weights and a ``training_data(concept) -> (latents, masks or None)`` callable.
-Every concept's LoRA is saved to ``lora_dir`` as soon as it is trained; a later run with the
-same base model, concept and settings finds that file and skips the training, so an
-interrupted 100-concept run resumes where it stopped. Memory stays flat in the number of
-concepts: CFR and fusion stream one concept at a time through d x d sums, and only one LoRA is
-held in memory at a time.
+Memory stays flat in the number of concepts: CFR and fusion stream one concept at a time
+through d x d sums, and only one LoRA is held in memory at a time.
+
+Resume. Every concept's LoRA is saved to ``lora_dir`` as soon as it is trained, named
+``<concept>-<key>.safetensors``. The key (``resume_inputs``) covers exactly that concept's own
+inputs: its phrases and anchor, the concept type (templates), the CFR settings, the preserve
+prompts, the LoRA settings and how its training images are made (count, size, sampling steps,
+seed: ``data_settings``); the base model is checked separately by its dtype-independent
+fingerprint. To make that honest, a LoRA is trained on base + the CFR of *its own* concept (with
+the shared preserve set), not on the CFR of the whole list: other concepts and the list order
+are not inputs, so adding, removing or reordering concepts retrains only new or changed ones.
+The list's CFR is still what fusion starts from. A damaged file in the run folder (truncated,
+corrupt, NaN) is named in the log, renamed to ``*.damaged`` and retrained.
 """
 from __future__ import annotations
 
@@ -17,19 +25,23 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .cfr import CFRConfig, refine_cross_attention
+from .cfr import CFRConfig, add_concept_pairs, apply_transform, cfr_transform, refine_cross_attention
 from .concepts import Concept, parse_concepts, require_concepts
-from .erasure_file import weights_fingerprint
+from .covariance import PairStats
+from .fingerprint import weights_fingerprint
 from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
-from .lora_file import load_concept_lora, save_concept_lora
+from .lora_file import check_lora_fits, load_concept_lora, save_concept_lora
 from .lora_train import LoraTrainConfig, train_concept_lora
+from .validation import check_number
+from .safe_paths import read_text_file
 
 Progress = Callable[[int, int], None]
+RESUME_VERSION = 2
 TrainingData = Callable[[Concept], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
@@ -53,6 +65,7 @@ class MassErasureResult:
     trained: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     lora_files: list[str] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -61,6 +74,7 @@ class MassErasureResult:
             f"MACE erased {len(self.lora_files)} concept(s): CFR {s.get('cfr', 0):.1f}s, "
             f"LoRA training {s.get('lora', 0):.1f}s ({len(self.trained)} trained, {len(self.reused)} reused from "
             f"earlier runs), fusion {s.get('fusion', 0):.1f}s."
+            + (f" Damaged file(s) set aside and retrained: {', '.join(self.set_aside)}." if self.set_aside else "")
         )
 
 
@@ -86,13 +100,16 @@ class OverrideDenoiser:
         return self.inner.forward_with_attention(x_t, t, context, on_attention, transform)
 
 
-def load_concept_list(text: str = "", path: str = "") -> list[Concept]:
-    """Concepts from multi-line text or a .txt/.csv file (same format; errors name file and line)."""
+def load_concept_list(text: str = "", path: str = "", roots: Sequence[tuple[str, str]] = ()) -> list[Concept]:
+    """Concepts from multi-line text or a .txt/.csv file (same format; errors name file and line).
+
+    ``path`` is resolved only inside ``roots`` ((label, folder) pairs; default: the current
+    folder) by ``safe_paths.read_text_file``: no absolute paths, no '..', size capped.
+    """
     if path:
-        if not os.path.isfile(path):
-            raise ValueError(f"concept_file: {path} not found")
-        with open(path, encoding="utf-8") as f:
-            return require_concepts(parse_concepts(f.read(), os.path.basename(path)), os.path.basename(path))
+        roots = list(roots) or [("the current folder", os.getcwd())]
+        name, text = read_text_file(path, roots, "concept_file")
+        return require_concepts(parse_concepts(text, name), name)
     return require_concepts(parse_concepts(text, "concepts"), "concepts")
 
 
@@ -100,19 +117,85 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "concept"
 
 
-def settings_key(concept: Concept, settings: PipelineSettings, base_fingerprint: str) -> str:
-    payload = {"concept": list(concept.phrases), "lora": settings.lora.settings(),
-               "type": settings.concept_type, "base": base_fingerprint}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _reusable(path: str, key: str) -> bool:
+def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Sequence[str],
+                  preserve_prompts: Sequence[str], data_settings: Mapping | None = None) -> dict:
+    """Everything one concept's LoRA depends on, besides the base model (checked by fingerprint).
+
+    The LoRA is trained on base + the concept's *own* CFR (its pairs, the shared preserve set),
+    so neither the other concepts nor the list order are inputs: adding, removing or reordering
+    concepts reuses every other concept's LoRA.
+    """
+    anchor = settings.default_anchor if concept.anchor is None else concept.anchor
+    return {
+        "version": RESUME_VERSION,
+        "phrases": list(concept.phrases),
+        "anchor": anchor,
+        "concept_type": settings.concept_type,
+        "templates": _digest(list(templates)),
+        "cfr": dataclasses.asdict(settings.cfr),
+        "preserve": _digest(list(preserve_prompts)),
+        "lora": settings.lora.settings(),
+        "training_data": dict(data_settings or {}),
+    }
+
+
+def settings_key(concept: Concept, settings: PipelineSettings, templates: Sequence[str] = (),
+                 preserve_prompts: Sequence[str] = (), data_settings: Mapping | None = None) -> str:
+    """The resume key: sha256 of ``resume_inputs`` (16 hex digits)."""
+    return _digest(resume_inputs(concept, settings, templates, preserve_prompts, data_settings))[:16]
+
+
+def lora_file_name(concept: Concept, key: str) -> str:
+    return f"{slug(concept.name)}-{key[:12]}.safetensors"
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged file to ``<name>.damaged[-n]`` (never loaded again, kept for inspection)."""
+    target, n = path + ".damaged", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.damaged-{n}"
+    os.replace(path, target)
+    return target
+
+
+def _reusable(path: str, key: str, original: KVWeights, log: Callable[[str], None],
+              aside: list[str]) -> bool:
+    """True when ``path`` is a readable, finite LoRA with ``key`` for this base model.
+
+    A damaged file (truncated, corrupt, NaN) is named in the log, set aside and retrained."""
     if not os.path.isfile(path):
         return False
+    name = os.path.basename(path)
     try:
-        return load_concept_lora(path).info.get("resume_key") == key
-    except ValueError:
+        lora = load_concept_lora(path)
+    except ValueError as err:  # truncated, corrupt, NaN, not a concept LoRA: unusable
+        moved = set_aside(path)
+        aside.append(os.path.basename(moved))
+        log(f"[mace] {err}; set aside as {os.path.basename(moved)} and retrained")
         return False
+    try:
+        check_lora_fits(lora, original, name, original)
+    except ValueError as err:  # made for another base model or architecture: retrained (and replaced)
+        log(f"[mace] not reused: {err}")
+        return False
+    return lora.info.get("resume_key") == key
+
+
+def own_cfr_weights(encoder: TextEncoder, original: KVWeights, concept: Concept, templates: Sequence[str],
+                    settings: PipelineSettings, preserve: PairStats) -> KVWeights:
+    """base + the CFR of this concept alone (with the shared preserve set): what its LoRA trains on."""
+    anchor = settings.default_anchor if concept.anchor is None else concept.anchor
+    own = PairStats(preserve.dim)
+    add_concept_pairs(own, encoder, concept, templates, anchor, settings.cfr.concept_tokens)
+    own.P, own.n_preserve = preserve.P, preserve.n_preserve
+    M, _ = cfr_transform(own, settings.cfr)
+    weights, _ = apply_transform(original, {own.dim: M})
+    return weights
 
 
 def run_mass_erasure(
@@ -128,51 +211,63 @@ def run_mass_erasure(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] = print,
+    data_settings: Mapping | None = None,
 ) -> MassErasureResult:
+    """CFR of the whole list -> one LoRA per concept (reused when its own inputs are unchanged) -> fusion.
+
+    ``progress(done, total)`` and ``should_stop()`` are called at least once per concept while
+    encoding (CFR), before every LoRA step and once per concept during fusion, so a caller that
+    raises from either stops the run within one concept's encoding or one training step.
+    ``data_settings`` describes how ``training_data`` makes its images (count, size, seed, ...):
+    it is part of every resume key.
+    """
+    settings.cfr.validate()
+    settings.lora.validate()
+    check_number(settings.fusion_lambda, "fusion_lambda", 0.0, 1e12)
+    check_number(settings.fusion_preserve_scale, "preserve_scale", 0.0, 1e12)
     n = len(concepts)
     steps = settings.lora.steps
-    total = 1 + n * steps + 1  # CFR, every training step, fusion
+    total = n + n * steps + n + 1  # CFR encoding per concept, every training step, fusion per concept, solve
     done = 0
 
-    def tick(k: int = 1) -> None:
+    def report(value: int) -> None:
         nonlocal done
-        done += k
+        done = value
+        if should_stop is not None and should_stop():
+            raise InterruptedError("mass erasure stopped")
         if progress:
             progress(done, total)
 
     result = MassErasureResult({}, {})
     t0 = time.perf_counter()
     cfr = refine_cross_attention(encoder, original, concepts, templates, settings.default_anchor,
-                                 preserve_prompts, settings.cfr)
+                                 preserve_prompts, settings.cfr, lambda k, _t: report(min(k, n)))
     result.seconds["cfr"] = time.perf_counter() - t0
-    tick()
+    report(n)
     refined = cfr.weights
-    base_fp = weights_fingerprint(refined)
-    trainer = OverrideDenoiser(denoiser, refined)
+    base_fp = weights_fingerprint(original)
+    preserve = PairStats(cfr.stats.dim)
+    preserve.P, preserve.n_preserve = cfr.stats.P, cfr.stats.n_preserve
     os.makedirs(lora_dir, exist_ok=True)
 
     t1 = time.perf_counter()
     for i, concept in enumerate(concepts):
-        key = settings_key(concept, settings, base_fp)
-        path = os.path.join(lora_dir, f"{i + 1:03d}-{slug(concept.name)}-{key[:8]}.safetensors")
+        key = settings_key(concept, settings, templates, preserve_prompts, data_settings)
+        path = os.path.join(lora_dir, lora_file_name(concept, key))
         result.lora_files.append(path)
-        if _reusable(path, key):
+        base_done = n + i * steps
+        if _reusable(path, key, original, log, result.set_aside):
             result.reused.append(concept.name)
             log(f"[mace] {concept.name}: reusing {os.path.basename(path)}")
-            tick(steps)
+            report(base_done + steps)
             continue
+        own = own_cfr_weights(encoder, original, concept, templates, settings, preserve)
+        report(base_done)
         latents, masks = training_data(concept)
-        base_done = done
-
-        def step_progress(step: int, _total: int, base_done=base_done) -> None:
-            nonlocal done
-            done = base_done + step
-            if progress:
-                progress(done, total)
-
-        trained = train_concept_lora(trainer, encoder, concept, templates, latents, masks, settings.lora,
-                                     step_progress, should_stop)
-        info = {**trained.info(), "resume_key": key, "concept_type": settings.concept_type}
+        trained = train_concept_lora(OverrideDenoiser(denoiser, own), encoder, concept, templates, latents, masks,
+                                     settings.lora, lambda step, _t, b=base_done: report(b + step), should_stop)
+        info = {**trained.info(), "resume_key": key, "concept_type": settings.concept_type,
+                "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings)}
         save_concept_lora(path, trained.lora, base_fp, info)
         result.trained.append(concept.name)
         log(f"[mace] {concept.name}: loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} "
@@ -180,11 +275,13 @@ def run_mass_erasure(
     result.seconds["lora"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
+    fuse_base = n + n * steps
     stream = ((c, load_concept_lora(p).factors) for c, p in zip(concepts, result.lora_files))
     fused = fuse_loras(encoder, refined, original, stream, templates, preserve_prompts,
-                       settings.fusion_lambda, settings.fusion_preserve_scale, total=n)
+                       settings.fusion_lambda, settings.fusion_preserve_scale,
+                       lambda k, _t: report(fuse_base + min(k, n)), total=n)
     result.seconds["fusion"] = time.perf_counter() - t2
-    tick()
+    report(total)
     result.weights = fused.weights
     result.deltas = {k: (fused.weights[k].double() - original[k].double().to(fused.weights[k].device)).float()
                      for k in original}

@@ -6,11 +6,12 @@ import json
 from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
-from ..mace_ops.concepts import parse_concepts, require_concepts
+from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, TEMPLATES, fill, templates_for
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .progress import NodeProgress
+from .validation import check_inputs
 
 
 def preserve_prompts(preserve_text: str, templates, builtin: bool) -> list[str]:
@@ -60,12 +61,14 @@ class MaceRefineCrossAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
                 builtin_preserve, erase_concept_tokens=True) -> io.NodeOutput:
+        check_inputs(cls, locals())
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
+        check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         templates = templates_for(concept_type)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
         encoder = ComfyTextEncoder(clip)
         base = effective_kv_weights(model)
-        default_anchor = " ".join(anchor.lower().split())
+        default_anchor = normalise_phrase(anchor)
         result = refine_cross_attention(
             encoder, base, parsed, templates, default_anchor, keep,
             CFRConfig(lambda_, preserve_scale, erase_concept_tokens), NodeProgress(len(parsed) + 1),

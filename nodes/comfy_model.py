@@ -15,9 +15,10 @@ import torch
 import comfy.lora
 import comfy.model_management
 
-from ..mace_ops.erasure_file import weights_fingerprint
+from ..mace_ops.erasure_file import check_fits, weights_fingerprint
 from .comfy_compat import split_key_patch_entry
 from ..mace_ops.interfaces import KVWeights
+from ..mace_ops.validation import check_number, require_finite
 
 ATTACHMENT = "mace_erasure"
 PREFIX = "diffusion_model."
@@ -57,7 +58,12 @@ def get_record(model) -> ErasureRecord | None:
 
 
 def apply_erasure(model, deltas: KVWeights, base_weights: KVWeights, info: dict, strength: float = 1.0):
-    """A clone of ``model`` with ``deltas`` added as diff patches and the record extended."""
+    """A clone of ``model`` with ``deltas`` added as diff patches and the record extended.
+
+    Non-finite deltas or strength are refused: nothing NaN is ever applied to a model."""
+    check_number(strength, "strength", None, None)
+    require_finite(deltas, "apply erasure", "the edit holds NaN/inf; nothing was applied")
+    check_fits(deltas, base_weights, "model")  # names and shapes, whatever the source of the deltas
     out = model.clone()
     patches = {k: ("diff", (d.to(torch.float32),)) for k, d in deltas.items()}
     accepted = set(out.add_patches(patches, strength))

@@ -5,22 +5,30 @@ CLIP exactly as sampling will see it (same clip-skip layer), so the features are
 cross-attention K/V projections read. Many prompts are encoded in one batched forward by passing
 their windows as the chunks of one token list; ComfyUI encodes chunks independently and
 concatenates them. SDXL's two encoders give concatenated features, as its UNet reads them.
+
+Every batch is an interrupt point (``comfy.model_management.throw_exception_if_processing_interrupted``):
+encoding is the longest loop of CFR and fusion (60 prompts per concept and phrase pair), so
+Cancel acts after at most one batch of ``batch_size`` (8) prompts, not one concept.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+
+import comfy.model_management
 
 from ..mace_ops.interfaces import EncodedPrompt
 
 
 class ComfyTextEncoder:
-    def __init__(self, clip, batch_size: int = 32):
+    def __init__(self, clip, batch_size: int = 8,
+                 check_interrupt: Callable[[], None] | None = comfy.model_management.throw_exception_if_processing_interrupted):
         if clip is None:
             raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
         self.clip = clip
         self.batch_size = batch_size
+        self.check_interrupt = check_interrupt
         keys = sorted(clip.tokenize("a", disable_weights=True).keys())
         self.key = "l" if "l" in keys else keys[0]
         sub = getattr(clip.tokenizer, f"clip_{self.key}", None) or getattr(clip.tokenizer, self.key, None)
@@ -51,6 +59,8 @@ class ComfyTextEncoder:
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         out: list[EncodedPrompt] = []
         for i in range(0, len(prompts), self.batch_size):
+            if self.check_interrupt is not None:
+                self.check_interrupt()
             part = list(prompts[i : i + self.batch_size])
             token_lists = [self._tokens(p) for p in part]
             merged = {k: [t[k][0] for t in token_lists] for k in token_lists[0]}

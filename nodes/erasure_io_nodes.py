@@ -9,6 +9,7 @@ from .comfy_compat import io
 
 from ..mace_ops.erasure_file import check_base, load_erasure, save_erasure
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
+from .validation import check_inputs
 
 
 class MaceSaveErasure(io.ComfyNode):
@@ -32,6 +33,7 @@ class MaceSaveErasure(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename_prefix, dtype) -> io.NodeOutput:
+        check_inputs(cls, locals())
         record = get_record(model)
         if record is None:
             raise ValueError("model: carries no MACE erasure; connect the MODEL output of a MACE node")
@@ -63,13 +65,13 @@ class MaceLoadErasure(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, erasure_name, strength, allow_other_base) -> io.NodeOutput:
+        check_inputs(cls, locals())
         path = folder_paths.get_full_path("loras", erasure_name)
         if path is None:
             raise ValueError(f"erasure_name: {erasure_name!r} not found in the loras folders; refresh the list (R)")
         erasure = load_erasure(path)
         base = effective_kv_weights(model)
-        if not allow_other_base:
-            check_base(erasure, base, erasure_name)
+        check_base(erasure, base, erasure_name, allow_other_base)  # keys and shapes always, base unless allowed
         deltas = {k: v.float() for k, v in erasure.deltas.items()}
         info = {"method": "load", "file": erasure_name, "strength": strength, "source": erasure.info}
         out = apply_erasure(model, deltas, base, info, strength)

@@ -3,37 +3,28 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
 from .comfy_compat import io
 
-from ..mace_ops.concepts import Concept, parse_concepts
+from ..mace_ops.concepts import Concept, check_disjoint, parse_concepts
 from ..mace_ops.fusion import fuse_loras
-from ..mace_ops.lora_file import load_concept_lora
+from ..mace_ops.lora_file import check_lora_fits, load_concept_lora
 from ..mace_ops.templates import TEMPLATES, templates_for
 from .cfr_node import preserve_prompts
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
+from .paths import resolve_lora_line
 from .progress import NodeProgress
+from .validation import check_inputs
 
 
 def resolve_lora_files(text: str) -> list[str]:
-    """Lines of LoRA names (from the loras folders), absolute files, or folders of .safetensors."""
+    """Lines of LoRA file names or folders, relative to the loras folders (``nodes.paths`` policy)."""
     paths: list[str] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        candidates = [line] + [os.path.join(d, line) for d in folder_paths.get_folder_paths("loras")]
-        found = next((c for c in candidates if os.path.exists(c)), None)
-        if found is None:
-            raise ValueError(f"lora_files, line {number}: {line!r} is neither a file nor a folder in the loras folders")
-        if os.path.isdir(found):
-            inside = sorted(os.path.join(found, f) for f in os.listdir(found) if f.endswith(".safetensors"))
-            if not inside:
-                raise ValueError(f"lora_files, line {number}: folder {found} holds no .safetensors file")
-            paths += inside
-        else:
-            paths.append(found)
+        paths += resolve_lora_line(line, f"lora_files, line {number}")
     if not paths:
         raise ValueError("lora_files: no LoRA given; one file name or folder per line")
     return paths
@@ -74,6 +65,7 @@ class MaceFuseLoras(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, lora_files, concept_type, preserve, lambda_, preserve_scale,
                 builtin_preserve) -> io.NodeOutput:
+        check_inputs(cls, locals())
         paths = resolve_lora_files(lora_files)
         current = effective_kv_weights(model)
         original = original_weights(model, current)
@@ -83,10 +75,12 @@ class MaceFuseLoras(io.ComfyNode):
         def stream():
             for i, path in enumerate(paths, start=1):
                 lora = load_concept_lora(path)
+                check_lora_fits(lora, current, os.path.basename(path), original)  # keys, shapes, base model
                 phrases = tuple(lora.info.get("concept") or ())
                 if not phrases:
                     raise ValueError(f"{os.path.basename(path)}: records no concept; train it with MACE Train Concept LoRA")
                 concept = Concept(phrases, None, i)
+                check_disjoint([concept], preserved, f"LoRA {os.path.basename(path)} (concept)")
                 kinds[phrases] = lora.info.get("concept_type", concept_type)
                 yield concept, lora.factors
 
@@ -94,6 +88,7 @@ class MaceFuseLoras(io.ComfyNode):
             kind = kinds[concept.phrases]
             return templates_for("person" if kind == "nudity" else kind)
 
+        preserved = parse_concepts(preserve, "preserve", False)
         keep = preserve_prompts(preserve, templates_for(concept_type), builtin_preserve)
         result = fuse_loras(encoder, current, original, stream(), templates, keep, lambda_, preserve_scale,
                             NodeProgress(len(paths) + 1), total=len(paths))

@@ -27,10 +27,12 @@ from ..mace_ops.erasure_file import weights_fingerprint
 from ..mace_ops.lora_file import save_concept_lora
 from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, attention_masks, config_for, train_concept_lora
 from ..mace_ops.templates import templates_for
+from ..mace_ops.validation import require_finite
 from .comfy_denoiser import ComfyDenoiser
-from .comfy_model import apply_erasure, effective_kv_weights
+from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
 from .progress import NodeProgress
+from .validation import check_inputs
 
 CONCEPT_TYPES = ("object", "person", "style", "nudity")
 MASK_MODES = ("auto", "given", "whole image", "from attention")
@@ -101,8 +103,17 @@ def encode_images(vae, model, images: torch.Tensor) -> torch.Tensor:
         raise ValueError("vae: no VAE connected; connect the VAE of your checkpoint loader")
     if images is None or images.ndim != 4 or images.shape[0] < 1:
         raise ValueError("images: expected an IMAGE batch (B, H, W, C) with at least one image")
+    require_finite(images, "images", "the IMAGE holds NaN/inf values; regenerate or reload the images")
+    channels_in = images.shape[-1]
+    if channels_in == 1:  # grayscale: the VAE reads RGB
+        images = images.expand(-1, -1, -1, 3)
+    elif channels_in < 3:
+        raise ValueError(f"images: {channels_in} channels per pixel; give RGB (3) or RGBA (4) images, e.g. "
+                         "convert them with an image-to-RGB node")
     raw = vae.encode(images[:, :, :, :3])
     latents = model.model.process_latent_in(raw.to(torch.float32))
+    require_finite(latents, "images: the VAE latents", "the VAE gives NaN/inf (common with fp16 VAEs); "
+                   "load the VAE in fp32/bf16 (--fp32-vae) or use another VAE")
     channels = getattr(model.model.latent_format, "latent_channels", latents.shape[1])
     if latents.ndim != 4 or latents.shape[1] != channels:
         raise ValueError(f"vae: latents of shape {tuple(latents.shape)} do not fit this model ({channels} channels); "
@@ -167,6 +178,7 @@ class MaceTrainConceptLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, concept, concept_type, mask_mode, steps, lr, rank, seed, sampler,
                 include_end_tokens, filename_prefix, masks=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
         if concept_type not in CONCEPT_TYPES:
             raise ValueError(f"concept_type: unknown {concept_type!r}; choose one of {list(CONCEPT_TYPES)}")
         if mask_mode not in MASK_MODES:
@@ -183,7 +195,8 @@ class MaceTrainConceptLora(io.ComfyNode):
         pixel_masks = prepare_masks(masks, latents.shape[0]) if mode == "given" else None
         encoder = ComfyTextEncoder(clip)
         base = effective_kv_weights(model)
-        fingerprint = weights_fingerprint(base)
+        record = get_record(model)  # the base model before any MACE edit: what Fuse and Load check against
+        fingerprint = record.base_fingerprint if record is not None else weights_fingerprint(base)
         config = config_for(
             concept_type,
             steps=int(steps) or defaults.steps,
@@ -219,8 +232,7 @@ class MaceTrainConceptLora(io.ComfyNode):
             "mask_mode": mode,
             "templates": len(templates),
             "losses": [round(x, 6) for x in losses],
-            "seconds": round(result.seconds, 3),
-        })
+        })  # no timings: identical inputs give a byte-identical file
         save_concept_lora(path, result.lora, fingerprint, info)
 
         stage = {"method": "lora", "concept": list(parsed.phrases), "concept_type": concept_type,

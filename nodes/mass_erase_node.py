@@ -16,6 +16,7 @@ import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
+from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, run_mass_erasure, slug
 from ..mace_ops.templates import fill
@@ -24,8 +25,10 @@ from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
+from .paths import text_roots
 from .progress import NodeProgress
 from .training_images_node import sample_images
+from .validation import check_inputs
 
 
 class MaceMassErase(io.ComfyNode):
@@ -46,7 +49,8 @@ class MaceMassErase(io.ComfyNode):
                 io.String.Input("concepts", multiline=True, default="",
                                 tooltip="One concept per line, synonyms comma separated (or use concept_file)."),
                 io.String.Input("concept_file", default="",
-                                tooltip="Optional .txt/.csv file with the same format; overrides 'concepts'."),
+                                tooltip="Optional .txt/.csv file in ComfyUI's input (or output) folder, same format; overrides 'concepts'. "
+                                "Names are relative to that folder; absolute paths and '..' are refused."),
                 io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="person"),
                 io.String.Input("anchor", default="a person"),
                 io.String.Input("preserve", multiline=True, default=""),
@@ -71,12 +75,14 @@ class MaceMassErase(io.ComfyNode):
     def execute(cls, model, clip, vae, concepts, concept_file, concept_type, anchor, preserve, builtin_preserve,
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
                 sampling_steps, seed, fusion_lambda) -> io.NodeOutput:
-        parsed = load_concept_list(concepts, concept_file.strip())
+        check_inputs(cls, locals())
+        parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
         defaults = DEFAULTS_BY_TYPE[concept_type]
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
                           seed=int(seed), use_masks=False)
-        anchor = " ".join(anchor.lower().split())
+        anchor = normalise_phrase(anchor)
+        check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         settings = PipelineSettings(concept_type, anchor, CFRConfig(cfr_lambda, preserve_scale, False), lora,
                                     fusion_lambda, preserve_scale)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
@@ -93,12 +99,15 @@ class MaceMassErase(io.ComfyNode):
                                    int(image_size), sampler, "karras", "")
             return encode_images(vae, model, images), None
 
+        data_settings = {"images": int(images_per_concept), "size": int(image_size), "steps": int(sampling_steps),
+                         "cfg": 7.5, "sampler": sampler, "scheduler": "karras", "seed": int(seed)}
+        n = len(parsed)
         denoiser = ComfyDenoiser(model)
         try:
             result = run_mass_erasure(
                 encoder, denoiser, original, parsed, templates, settings, folder, training_data, keep,
-                NodeProgress(1 + len(parsed) * lora.steps + 1),
-                comfy.model_management.throw_exception_if_processing_interrupted, logging.info)
+                NodeProgress(2 * n + n * lora.steps + 1),
+                comfy.model_management.throw_exception_if_processing_interrupted, logging.info, data_settings)
         finally:
             denoiser.release()
         info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,

@@ -23,12 +23,14 @@ from .comfy_compat import io
 from ..mace_ops.alignment import concept_positions
 from ..mace_ops.attention_loss import concept_attention_mass
 from ..mace_ops.pipeline import OverrideDenoiser
+from ..mace_ops.validation import derive_seed
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .lora_train_node import one_concept
 from .progress import NodeProgress
 from .training_images_node import sample_images
+from .validation import check_inputs
 
 GROUPS = ("target", "synonym", "preserved")
 PAD, HEADER, LABEL = 4, 18, 14
@@ -107,6 +109,7 @@ class MaceBeforeAfterGrid(io.ComfyNode):
     @classmethod
     def execute(cls, original, erased, clip, vae, target_prompts, synonym_prompts, preserved_prompts, seed, steps,
                 cfg, width, height, sampler_name, scheduler) -> io.NodeOutput:
+        check_inputs(cls, locals())
         if clip is None:
             raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
         if vae is None:
@@ -177,7 +180,7 @@ def probe_concept(original, erased, clip, concept: str, prompts_text: str, times
             positions[0, pos] = True
             masses = {"original": [], "erased": []}
             for ti, t in enumerate(steps):
-                gen = torch.Generator().manual_seed(int(seed) + 1000 * pi + ti)
+                gen = torch.Generator().manual_seed(derive_seed(seed, 1000 * pi + ti))
                 x0 = torch.randn(1, 4, side, side, generator=gen).to(device)
                 noise = torch.randn(1, 4, side, side, generator=gen).to(device)
                 tt = torch.full((1,), int(t), dtype=torch.long, device=device)
@@ -240,6 +243,7 @@ class MaceConceptProbe(io.ComfyNode):
 
     @classmethod
     def execute(cls, original, erased, clip, concept, prompts, timesteps, seed, latent_size) -> io.NodeOutput:
+        check_inputs(cls, locals())
         if original is None or erased is None:
             raise ValueError("original/erased: connect both MODELs")
         total = max(1, len(prompt_lines(prompts)) * max(1, len(str(timesteps).split(","))))

@@ -17,8 +17,10 @@ import comfy.samplers
 from .comfy_compat import io
 
 from ..mace_ops.templates import fill
+from ..mace_ops.validation import derive_seed
 from .lora_train_node import CONCEPT_TYPES, concept_templates, one_concept
 from .progress import NodeProgress
+from .validation import check_inputs
 
 
 def training_prompts(concept_text: str, concept_type: str, count: int) -> list[str]:
@@ -37,7 +39,7 @@ def sample_images(model, clip, vae, prompts, steps: int, cfg: float, seed: int, 
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         latent = torch.zeros([1, 4, height // 8, width // 8])
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        image_seed = seed + i
+        image_seed = derive_seed(seed, i)
         noise = comfy.sample.prepare_noise(latent, image_seed)
 
         def callback(step, x0, x, total_steps, i=i):
@@ -89,6 +91,7 @@ class MaceTrainingImages(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, concept, concept_type, count, steps, cfg, seed, width, height, sampler_name,
                 scheduler, negative) -> io.NodeOutput:
+        check_inputs(cls, locals())
         if clip is None:
             raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
         if vae is None:

@@ -26,7 +26,7 @@ def test_fp32_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(W0[k] + loaded.deltas[k], W0[k] + d)
     assert loaded.metadata == meta
     assert loaded.info["concepts"] == [["ship", "boat"]] and loaded.info["method"] == "cfr"
-    assert loaded.info["base_model_hash"] == FP
+    assert loaded.metadata["mace.base_model"] == FP
 
 
 def test_fp16_file_holds_rounded_deltas_and_stock_keys(tmp_path):
@@ -52,16 +52,18 @@ def test_base_check(tmp_path):
     # the fingerprint does not depend on fp32 vs fp16 storage of the same weights
     assert ef.weights_fingerprint({k: v.half().float() for k, v in W0.items()}) == ef.weights_fingerprint(
         {k: v.half() for k, v in W0.items()})
+    # and the same model loaded in another dtype is the same base model
+    for dtype in (torch.float16, torch.bfloat16):
+        ef.check_base(er, {k: v.to(dtype) for k, v in W0.items()})
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     path = str(tmp_path / "e.safetensors")
 
-    def boom(*a, **k):
-        open(a[1], "wb").write(b"partial")
+    def boom(*a, **k):  # interrupted after the bytes were written, before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ef, "save_file", boom)
+    monkeypatch.setattr(ef.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         ef.save_erasure(path, RES.deltas, FP, {})
     assert os.listdir(tmp_path) == []
@@ -94,3 +96,40 @@ def test_save_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="nothing to save"):
         ef.save_erasure(str(tmp_path / "a.safetensors"), {}, FP, {})
     assert os.listdir(tmp_path) == []
+
+
+def test_saved_files_are_byte_identical_and_get_normal_permissions(tmp_path):
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    info = {f"k{i}": i for i in range(40)}  # many keys: a hash map would order them differently
+    ef.save_erasure(a, RES.deltas, FP, info)
+    ef.save_erasure(b, dict(reversed(list(RES.deltas.items()))), FP, dict(reversed(list(info.items()))))
+    assert open(a, "rb").read() == open(b, "rb").read()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(a).st_mode & 0o777 == 0o666 & ~umask
+    # what safetensors itself reads back
+    raw = load_file(a)
+    assert all(torch.equal(raw[ef.diff_key(k)], d.half()) for k, d in RES.deltas.items())
+    for dtype in ("bf16", "fp32"):
+        ef.save_erasure(a, RES.deltas, FP, {}, dtype)
+        assert all(torch.equal(ef.load_erasure(a).deltas[k], d.to(ef.DTYPES[dtype])) for k, d in RES.deltas.items())
+
+
+def test_keys_and_shapes_are_checked_even_for_another_base(tmp_path):
+    path = str(tmp_path / "e.safetensors")
+    ef.save_erasure(path, RES.deltas, FP, {})
+    er = ef.load_erasure(path)
+    wrong = {k: torch.zeros(v.shape[0] + 1, v.shape[1]) for k, v in W0.items()}
+    with pytest.raises(ValueError, match="shape of"):
+        ef.check_base(er, wrong, "e", allow_other_base=True)
+    with pytest.raises(ValueError, match="lacks"):
+        ef.check_base(er, dict(list(W0.items())[:1]), "e", allow_other_base=True)
+    ef.check_base(er, {k: v + 1.0 for k, v in W0.items()}, "e", allow_other_base=True)  # other base allowed
+
+
+def test_damaged_file_is_named(tmp_path):
+    path = tmp_path / "e.safetensors"
+    ef.save_erasure(str(path), RES.deltas, FP, {})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ef.DamagedFileError, match="e.safetensors: damaged or truncated erasure file"):
+        ef.load_erasure(str(path))

@@ -64,7 +64,7 @@ def test_metadata(tmp_path):
     assert info["format"] == LORA_FORMAT and info["pack_version"] == __version__
     assert info["concept"] == ["ship", "boat"] and info["steps"] == 50 and info["lr"] == 1e-5 and info["seed"] == 2024
     assert info["rank"] == 2 and info["settings"]["sampler"] == "cfis"
-    assert info["base_model_hash"] == weights_fingerprint(base)
+    assert load_concept_lora(path).metadata["mace.base_model"] == weights_fingerprint(base)
     with safe_open(path, framework="pt") as f:
         assert json.loads(f.metadata()["mace.settings"]) == INFO["settings"]
 
@@ -103,3 +103,18 @@ def test_validation(tmp_path):
         load_concept_lora(pickle)
     with pytest.raises(ValueError, match="not found"):
         load_concept_lora(str(tmp_path / "missing.safetensors"))
+
+
+def test_base_model_check_is_dtype_independent(tmp_path):
+    from mace_ops.lora_file import check_lora_fits
+    g = torch.Generator().manual_seed(3)
+    base = {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()}
+    path = str(tmp_path / "l.safetensors")
+    save_concept_lora(path, trained_lora(), weights_fingerprint(base), INFO)
+    lora = load_concept_lora(path)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        check_lora_fits(lora, base, "l", {k: v.to(dtype) for k, v in base.items()})
+    with pytest.raises(ValueError, match="l: trained for a different base model"):
+        check_lora_fits(lora, base, "l", {k: torch.randn(*s, generator=g) for k, s in SHAPES.items()})
+    with pytest.raises(ValueError, match="shape of"):
+        check_lora_fits(lora, {k: torch.zeros(s[0], s[1] + 1) for k, s in SHAPES.items()}, "l")

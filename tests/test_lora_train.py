@@ -221,7 +221,7 @@ def test_input_errors():
         train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS[:2], FAST)
     with pytest.raises(ValueError, match="line 1: unknown word 'zeppelin'"):
         train_concept_lora(DEN, ENC, Concept(("zeppelin",), line=1), OBJECT_TEMPLATES, LATENTS, None, FAST)
-    with pytest.raises(ValueError, match="steps must be"):
+    with pytest.raises(ValueError, match="LoRA steps: 0 is outside"):
         train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, None, dataclasses.replace(FAST, steps=0))
     with pytest.raises(ValueError, match="unknown 'normal'"):
         train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, None, dataclasses.replace(FAST, sampler="normal"))

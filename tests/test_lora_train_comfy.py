@@ -90,7 +90,7 @@ def test_lora_node_saves_and_reports(trained, env):
     assert len(info["losses"]) == STEPS and info["settings"]["sampler"] == "cfis"
     cm = env.pack.nodes.comfy_model
     base = cm.effective_kv_weights(env.model)
-    assert info["base_model_hash"] == env.ops.erasure_file.weights_fingerprint(base)
+    assert trained.file.metadata["mace.base_model"] == env.ops.erasure_file.weights_fingerprint(base)
     assert sorted(trained.file.factors) == sorted(base) and len(base) == 8
     assert "loss" in trained.summary and path in trained.summary
     record = cm.get_record(trained.model)

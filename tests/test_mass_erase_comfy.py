@@ -58,7 +58,7 @@ def test_mass_erase_runs_resumes_and_matches_fuse_node(env):
     fuse = env.pack.nodes.fusion_node.MaceFuseLoras
     with torch.inference_mode():
         cfr_model = cfr.execute(env.model, env.clip, CONCEPTS, "object", "", "", 1.0, 1.0, False, False).result[0]
-        fused = fuse.execute(cfr_model, env.clip, folder, "object", "", 1e-3, 1.0, False).result[0]
+        fused = fuse.execute(cfr_model, env.clip, "mace_mass/t1", "object", "", 1e-3, 1.0, False).result[0]
     rec3 = cm.get_record(fused)
     for k in rec1.deltas:
         assert torch.allclose(rec3.deltas[k], rec1.deltas[k], atol=1e-5, rtol=1e-4), k

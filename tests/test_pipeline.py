@@ -14,6 +14,7 @@ from mace_ops.lora_train import LoraTrainConfig
 from mace_ops.pipeline import OverrideDenoiser, PipelineSettings, load_concept_list, run_mass_erasure
 from mace_ops.templates import OBJECT_TEMPLATES
 
+torch.set_num_threads(1)
 ENC = FakeTextEncoder()
 TEMPLATES = OBJECT_TEMPLATES[:8]
 SETTINGS = PipelineSettings("object", "ground", CFRConfig(lamb=1.0),
@@ -70,11 +71,8 @@ def test_pipeline_erases_each_concept_and_resumes(tmp_path):
 
 
 def test_interrupted_run_keeps_finished_concepts(tmp_path):
-    steps = []
-
-    def stop_in_second_concept():
-        steps.append(1)
-        if len(steps) > SETTINGS.lora.steps + 3:
+    def stop_in_second_concept():  # the user presses stop once the first LoRA is on disk
+        if os.listdir(tmp_path):
             raise KeyboardInterrupt("user pressed stop")
         return False
 
@@ -102,9 +100,88 @@ def test_concept_list_errors_name_the_line(tmp_path):
         load_concept_list("ship\nboat,,vessel\n")
     f = tmp_path / "celebs.csv"
     f.write_text("ship\n\ncar\ncar\n")
+    roots = [("the test folder", str(tmp_path))]
     with pytest.raises(ValueError, match="celebs.csv, line 4: 'car' is already listed on line 3"):
-        load_concept_list(path=str(f))
-    with pytest.raises(ValueError, match="not found"):
-        load_concept_list(path=str(tmp_path / "missing.txt"))
+        load_concept_list(path="celebs.csv", roots=roots)
+    with pytest.raises(ValueError, match="is not a file in the test folder"):
+        load_concept_list(path="missing.txt", roots=roots)
+    with pytest.raises(ValueError, match="refused"):
+        load_concept_list(path=str(f), roots=roots)  # absolute paths are refused even inside the root
     with pytest.raises(ValueError, match="no concept given"):
         load_concept_list("# only a comment\n")
+
+
+# ---- issue 11: resume keys on a concept's own inputs -----------------------------------------
+
+CAT = Concept(("cat",), None, 3)
+
+
+def test_add_remove_and_reorder_reuse_every_unchanged_concept(tmp_path):
+    first = run(tmp_path, CONCEPTS)
+    assert first.trained == ["ship", "car"]
+    calls = []
+    added = run(tmp_path, CONCEPTS + [CAT], calls=calls)  # one more concept: only it is trained
+    assert added.reused == ["ship", "car"] and added.trained == ["cat"] and calls == ["cat"]
+    calls.clear()
+    reordered = run(tmp_path, [CAT, CONCEPTS[1], CONCEPTS[0]], calls=calls)
+    assert sorted(reordered.reused) == ["car", "cat", "ship"] and calls == []
+    removed = run(tmp_path, [CONCEPTS[1]], calls=calls)
+    assert removed.reused == ["car"] and calls == []
+    # the same LoRA file serves every list it is in
+    assert added.lora_files[0] == first.lora_files[0] and reordered.lora_files[2] == first.lora_files[0]
+
+
+def test_own_inputs_are_the_key(tmp_path):
+    from mace_ops.pipeline import resume_inputs, settings_key
+    base = settings_key(CONCEPTS[0], SETTINGS, TEMPLATES, PRESERVE, {"seed": 1})
+    assert base == settings_key(Concept(("ship",), None, 7), SETTINGS, TEMPLATES, PRESERVE, {"seed": 1})  # line no.
+    changed = [
+        settings_key(Concept(("ship", "boat"), None, 1), SETTINGS, TEMPLATES, PRESERVE, {"seed": 1}),  # synonym
+        settings_key(Concept(("ship",), "sky", 1), SETTINGS, TEMPLATES, PRESERVE, {"seed": 1}),  # anchor
+        settings_key(CONCEPTS[0], SETTINGS, TEMPLATES[:4], PRESERVE, {"seed": 1}),  # templates
+        settings_key(CONCEPTS[0], SETTINGS, TEMPLATES, PRESERVE[:1], {"seed": 1}),  # preserve set
+        settings_key(CONCEPTS[0], SETTINGS, TEMPLATES, PRESERVE, {"seed": 2}),  # image seed
+        settings_key(CONCEPTS[0], PipelineSettings("object", "ground", CFRConfig(lamb=2.0), SETTINGS.lora),
+                     TEMPLATES, PRESERVE, {"seed": 1}),  # CFR lambda
+    ]
+    assert len({base, *changed}) == 7
+    assert set(resume_inputs(CONCEPTS[0], SETTINGS, TEMPLATES, PRESERVE)) >= {
+        "phrases", "anchor", "concept_type", "templates", "cfr", "preserve", "lora", "training_data"}
+
+
+def test_damaged_file_is_named_set_aside_and_retrained(tmp_path):
+    first = run(tmp_path, CONCEPTS)
+    path = first.lora_files[0]
+    with open(path, "r+b") as f:  # truncate the first LoRA
+        f.truncate(os.path.getsize(path) // 2)
+    logs = []
+    den = FakeDenoiser()
+    res = run_mass_erasure(ENC, den, den.kv_weights(), CONCEPTS, TEMPLATES, SETTINGS, str(tmp_path), data,
+                           PRESERVE, log=logs.append)
+    assert res.trained == ["ship"] and res.reused == ["car"]
+    assert res.set_aside == [os.path.basename(path) + ".damaged"] and "set aside" in res.summary()
+    assert any(os.path.basename(path) in line and "damaged or truncated" in line for line in logs)
+    assert os.path.isfile(path + ".damaged") and os.path.isfile(path)
+
+
+def test_interrupt_during_cfr_and_fusion(tmp_path):
+    seen = []
+
+    def stop_at(stage_done):
+        def progress(done, total):
+            seen.append((done, total))
+            if done >= stage_done:
+                raise KeyboardInterrupt
+        return progress
+
+    den = FakeDenoiser()
+    with pytest.raises(KeyboardInterrupt):  # during CFR encoding: after the first concept
+        run_mass_erasure(ENC, den, den.kv_weights(), CONCEPTS, TEMPLATES, SETTINGS, str(tmp_path), data,
+                         PRESERVE, progress=stop_at(1), log=lambda s: None)
+    assert seen[-1] == (1, 2 + 2 * SETTINGS.lora.steps + 2 + 1) and os.listdir(tmp_path) == []
+    run(tmp_path, CONCEPTS)
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):  # during fusion: after the first concept's covariance
+        run_mass_erasure(ENC, den, den.kv_weights(), CONCEPTS, TEMPLATES, SETTINGS, str(tmp_path), data,
+                         PRESERVE, progress=stop_at(2 + 2 * SETTINGS.lora.steps + 1), log=lambda s: None)
+    assert len(os.listdir(tmp_path)) == 2

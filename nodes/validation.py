@@ -1,0 +1,34 @@
+"""The nodes' input validation layer: every numeric widget checked against the node's own schema.
+
+ComfyUI checks a widget's min/max before execution, but NaN passes every comparison and API
+prompts can carry NaN/Infinity (JSON as Python reads it). Every MACE node's ``execute`` starts
+with ``check_inputs(cls, locals())``: each Int/Float input is refused unless it is a finite
+number within the min/max its schema declares, with a message naming the input (its display
+name) and the range. The mace_ops entry points repeat the checks that matter for their maths
+(``mace_ops.validation``), so scripts calling them directly are covered too.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .comfy_compat import io
+
+from ..mace_ops.validation import check_number
+
+
+@lru_cache(maxsize=None)
+def _numeric_inputs(cls) -> tuple[tuple[str, str, float | None, float | None, bool], ...]:
+    out = []
+    for inp in cls.define_schema().inputs:
+        if isinstance(inp, (io.Int.Input, io.Float.Input)):
+            name = getattr(inp, "display_name", None) or inp.id
+            out.append((inp.id, name, getattr(inp, "min", None), getattr(inp, "max", None),
+                        isinstance(inp, io.Int.Input)))
+    return tuple(out)
+
+
+def check_inputs(cls, values: dict) -> None:
+    """ValueError naming the first numeric input of ``cls`` that is non-finite or out of its range."""
+    for key, name, lo, hi, integer in _numeric_inputs(cls):
+        if key in values and values[key] is not None:
+            check_number(values[key], name, lo, hi, integer=integer)
