@@ -28,6 +28,7 @@ from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
 from .lora_file import load_concept_lora, save_concept_lora
 from .lora_train import LoraTrainConfig, train_concept_lora
+from .scope import apply_scope
 
 Progress = Callable[[int, int], None]
 TrainingData = Callable[[Concept], tuple[torch.Tensor, "torch.Tensor | None"]]
@@ -128,7 +129,12 @@ def run_mass_erasure(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] = print,
+    erase_from=None,
+    preserve_phrases: Sequence[str] = (),
 ) -> MassErasureResult:
+    if erase_from:
+        concepts, extra = apply_scope(concepts, erase_from, templates, settings.default_anchor, preserve_phrases)
+        preserve_prompts = list(preserve_prompts) + extra
     n = len(concepts)
     steps = settings.lora.steps
     total = 1 + n * steps + 1  # CFR, every training step, fusion
