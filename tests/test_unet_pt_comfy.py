@@ -66,7 +66,7 @@ def test_refuses_other_weights_and_bad_files(env, tmp_path):
             return (print, ("unpickled!",))
 
     with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"x": Evil()}, f)
+        pickle.dump({"x": Evil()}, f, protocol=2)
     with pytest.raises(ValueError, match="not a weights-only torch file"):
         upt.load_unet_pt(base, str(tmp_path / "evil.pt"))
     with pytest.raises(ValueError, match="not found"):
