@@ -4,6 +4,7 @@
                                              [--output-directory DIR] [--extra-model-dir KIND=DIR]
     python path/to/comfyui-mace check WORKFLOW.json [--validate]
     python path/to/comfyui-mace convert WORKFLOW.json [-o API.json] [--set ...]
+    python path/to/comfyui-mace technique --config CFG.json|yaml   # eval-unlearn "mace" config
 
 WORKFLOW.json is either the UI format (what the frontend saves; converted like the frontend
 queues it) or the API format (``{node_id: {"class_type", "inputs"}}``, or a ``/prompt`` body).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -139,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the comfyui-mace nodes loaded.",
         epilog="Exit status: 0 ok, 1 the workflow failed / has problems, 2 usage error or "
         "ComfyUI not found.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,check,convert}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{run,check,convert,technique}")
     run = sub.add_parser("run", help="execute a workflow (UI or API JSON)")
     run.add_argument("workflow", help="workflow JSON (UI or API format)")
     run.add_argument("--set", action="append", default=[], metavar="NODE.FIELD=VALUE",
@@ -157,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-o", "--output", metavar="PATH", help="write here (default: stdout)")
     conv.add_argument("--set", action="append", default=[], metavar="NODE.FIELD=VALUE")
     _common(conv)
+    tech = sub.add_parser("technique", help="run an eval-learn/eval-unlearn 'mace' technique config "
+                          "(erase, save/load the diffusers-key UNet .pt)")
+    tech.add_argument("--config", required=True, metavar="CFG", help="JSON or YAML config")
+    tech.add_argument("--validate-only", action="store_true", help="check the config and stop")
+    tech.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    _common(tech)
     return ap
 
 
@@ -283,12 +291,43 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_technique(args) -> int:
+    from .technique import ConfigError, load_config_file, run_technique, validate_config
+
+    try:
+        data = load_config_file(args.config)
+        tc = validate_config(data, base_dir=os.getcwd())
+    except ConfigError as exc:
+        _err(f"error: {exc}")
+        return 2
+    if args.validate_only:
+        print(f"{args.config}: OK")
+        return 0
+    if args.output_directory:
+        _err("note: --output-directory is ignored; the config's output_dir is used")
+    try:
+        report = run_technique(tc, args.comfyui, quiet=args.quiet,
+                               custom_nodes="pack" if args.no_custom_nodes else "all", verbose=args.verbose)
+    except ConfigError as exc:
+        _err(f"error: {exc}")
+        return 2
+    except RuntimeError as exc:
+        _err(f"error: {exc}")
+        return 1
+    print(f"erasure file: {report['erasure_file']}")
+    if report.get("save_path"):
+        print(f"UNet .pt (diffusers keys): {report['save_path']}")
+    print(f"report: {os.path.join(tc.output_dir, 'technique_run.json')}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if _bootstrap.get_env() is None:
+        if _bootstrap.get_env() is None and args.command != "technique":  # technique: config errors first
             _bootstrap.find_comfyui(args.comfyui)  # fail fast, before reading anything
-        return {"run": cmd_run, "check": cmd_check, "convert": cmd_convert}[args.command](args)
+        return {"run": cmd_run, "check": cmd_check, "convert": cmd_convert,
+                "technique": cmd_technique}[args.command](args)
     except _bootstrap.ComfyUINotFound as exc:
         _err(str(exc))
         return 2

@@ -253,7 +253,17 @@ def check_ui_workflow(ui_json, node_info=None) -> list[str]:
         wv = n.get("widgets_values")
         if wv is not None and not isinstance(wv, Mapping):
             want = sum(_n_widget_values(nm, t, o) for nm, t, o in spec.inputs if _is_widget(t, o))
-            if len(wv) != want:
+            # A workflow saved before optional widgets were added at the end lacks their values;
+            # the frontend (and ui_workflow_to_api) then use the defaults.
+            required = set(_required_names(spec, node_info, typ))
+            ok, count = {want}, 0
+            for nm, t, o in spec.inputs:
+                if not _is_widget(t, o):
+                    continue
+                if nm not in required and all(nm2 not in required for nm2 in _later_widgets(spec, nm)):
+                    ok.add(count)
+                count += _n_widget_values(nm, t, o)
+            if len(wv) not in ok:
                 problems.append(f"node {nid} ({typ}): {len(wv)} widgets_values, expected {want}")
         linked = set()
         for inp in n.get("inputs") or []:
@@ -302,6 +312,12 @@ def check_ui_workflow(ui_json, node_info=None) -> list[str]:
                 problems.append(f"link {lid}: node {tn} input slot {ts} points at link "
                                 f"{dins[ts].get('link')}")
     return problems
+
+
+def _later_widgets(spec: _Spec, name: str) -> list[str]:
+    """Widget inputs declared after ``name``."""
+    names = [nm for nm, t, o in spec.inputs if _is_widget(t, o)]
+    return names[names.index(name) + 1:]
 
 
 def _required_names(spec: _Spec, node_info, typ) -> list[str]:

@@ -10,6 +10,17 @@ inputs e, and preserve vectors p, each K/V weight W0 becomes
 so one d x d matrix M, from one Cholesky factorisation, serves every weight of input width d
 (all 32 attn2 K/V weights of SD1.x). ``s = preserve_scale * n_pairs / n_preserve``: a
 preserve_scale of 1 gives the preserve set the same total weight as the erase pairs.
+
+``erase_from`` (scope restriction; design in ``scope.py``): erase the concept only in the
+context of a broader concept -- "erase red from car". Then the erase pairs are built only from
+prompts where the concept appears together with the context: template("red car") ->
+template("car") (the anchor placed in the same context), so the context tokens, the end token
+and the padding that follow the concept are remapped, while the concept's own tokens -- which
+under a causal text encoder cannot see a context that comes after them -- are not. The preserve
+set automatically gains, over the same templates, the context itself ("car"), the bare concept
+("red"), the concept in the other contexts and the other variants of the context, both built
+from the preserve phrases ("apple" -> "red apple"; "blue" -> "blue car"). Without preserve
+phrases only the ridge and the first two keep red apples and blue cars.
 """
 from __future__ import annotations
 
@@ -24,6 +35,7 @@ from .concepts import Concept
 from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
 from .ridge import solve_right
+from .scope import apply_scope
 from .templates import check_templates, fill
 from .validation import check_number, require_finite
 
@@ -85,12 +97,13 @@ def add_concept_pairs(
     concept_tokens: bool = False,
 ) -> None:
     """Accumulate the aligned (context, anchor-input) pairs of one concept over all templates."""
+    own_tokens = concept_tokens if concept.concept_tokens is None else (concept_tokens and concept.concept_tokens)
     anchor_prompts = [fill(t, anchor) for t in templates]
     new = _encode_checked(encoder, anchor_prompts, f"anchor {anchor!r} (shorten the anchor to a few words)")
     for phrase in concept.phrases:
         old = _encode_checked(encoder, [fill(t, phrase) for t in templates], f"concept line {concept.line}")
         for o, n in zip(old, new):
-            a = align(o.ids, o.length, n.ids, n.length, concept_tokens)
+            a = align(o.ids, o.length, n.ids, n.length, own_tokens)
             stats.add_pairs(o.features[list(a.old)], n.features[list(a.new)])
 
 
@@ -189,13 +202,23 @@ def refine_cross_attention(
     config: CFRConfig = CFRConfig(),
     progress: Progress | None = None,
     field_name: str = "concepts",
+    erase_from=None,
+    preserve_phrases: Sequence[str] = (),
 ) -> CFRResult:
-    """Run CFR for all concepts at once; the input weights are never modified."""
+    """Run CFR for all concepts at once; the input weights are never modified.
+
+    ``erase_from`` (str, list of str or None) restricts the erasure to those contexts; the
+    ``preserve_phrases`` (e.g. the user's preserve list) are then crossed with the concepts and
+    the contexts into extra preserve prompts (see the module docstring)."""
     if not weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
     config.validate()
     require_finite(weights, "CFR: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
+    if erase_from:
+        check_concepts(encoder, concepts, default_anchor, field_name)
+        concepts, extra = apply_scope(concepts, erase_from, templates, default_anchor, preserve_phrases)
+        preserve_prompts = list(preserve_prompts) + extra
     stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name,
                         config.concept_tokens)
     widths = sorted({w.shape[1] for w in weights.values()})

@@ -22,6 +22,9 @@ class Concept:
     phrases: tuple[str, ...]
     anchor: str | None = None
     line: int = 0
+    concept_tokens: bool | None = None
+    """Pair the concept's own tokens in CFR: None = the CFR setting; False = never (set by
+    ``scope.scoped_concepts`` when the concept's tokens precede its ``erase_from`` context)."""
 
     @property
     def name(self) -> str:

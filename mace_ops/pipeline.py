@@ -37,8 +37,9 @@ from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
 from .lora_file import check_lora_fits, load_concept_lora, save_concept_lora
 from .lora_train import LoraTrainConfig, train_concept_lora
-from .validation import check_number
 from .safe_paths import read_text_file
+from .scope import apply_scope
+from .validation import check_number
 
 Progress = Callable[[int, int], None]
 RESUME_VERSION = 2
@@ -212,6 +213,8 @@ def run_mass_erasure(
     should_stop: Callable[[], bool] | None = None,
     log: Callable[[str], None] = print,
     data_settings: Mapping | None = None,
+    erase_from=None,
+    preserve_phrases: Sequence[str] = (),
 ) -> MassErasureResult:
     """CFR of the whole list -> one LoRA per concept (reused when its own inputs are unchanged) -> fusion.
 
@@ -219,12 +222,16 @@ def run_mass_erasure(
     encoding (CFR), before every LoRA step and once per concept during fusion, so a caller that
     raises from either stops the run within one concept's encoding or one training step.
     ``data_settings`` describes how ``training_data`` makes its images (count, size, seed, ...):
-    it is part of every resume key.
+    it is part of every resume key. ``erase_from`` restricts every stage to the concepts in that
+    context (``scope.apply_scope``); ``preserve_phrases`` are the user's preserve list for it.
     """
     settings.cfr.validate()
     settings.lora.validate()
     check_number(settings.fusion_lambda, "fusion_lambda", 0.0, 1e12)
     check_number(settings.fusion_preserve_scale, "preserve_scale", 0.0, 1e12)
+    if erase_from:
+        concepts, extra = apply_scope(concepts, erase_from, templates, settings.default_anchor, preserve_phrases)
+        preserve_prompts = list(preserve_prompts) + extra
     n = len(concepts)
     steps = settings.lora.steps
     total = n + n * steps + n + 1  # CFR encoding per concept, every training step, fusion per concept, solve

@@ -12,10 +12,11 @@ from .mass_erase_node import MaceMassErase
 from .lora_train_node import MaceTrainConceptLora
 from .training_images_node import MaceTrainingImages
 from .preview_nodes import MaceBeforeAfterGrid, MaceConceptProbe
+from .unet_pt_nodes import MaceLoadUNetPt, MaceSaveUNetPt
 
 NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras,
                                   MaceTrainingImages, MaceTrainConceptLora, MaceMassErase, MaceBeforeAfterGrid,
-                                  MaceConceptProbe]
+                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt]
 
 
 class MaceExtension(ComfyExtension):

@@ -7,6 +7,7 @@ from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
+from ..mace_ops.scope import parse_erase_from
 from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, TEMPLATES, fill, templates_for
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
@@ -14,8 +15,12 @@ from .progress import NodeProgress
 from .validation import check_inputs
 
 
+def preserve_phrases(preserve_text: str) -> list[str]:
+    return [p for c in parse_concepts(preserve_text, "preserve", allow_anchor=False) for p in c.phrases]
+
+
 def preserve_prompts(preserve_text: str, templates, builtin: bool) -> list[str]:
-    phrases = [p for c in parse_concepts(preserve_text, "preserve", allow_anchor=False) for p in c.phrases]
+    phrases = preserve_phrases(preserve_text)
     prompts = [fill(t, p) for p in phrases for t in templates]
     return prompts + (list(GENERIC_PRESERVE_PROMPTS) if builtin else [])
 
@@ -54,13 +59,18 @@ class MaceRefineCrossAttention(io.ComfyNode):
                 io.Boolean.Input("erase_concept_tokens", default=True, optional=True,
                                  tooltip="Also remap the concept's own tokens (needed when CFR is used alone). "
                                  "Turn off before MACE LoRA training + fusion, which handle those tokens."),
+                io.String.Input("erase_from", default="", optional=True,
+                                tooltip="Scope: erase the concepts only in this context (e.g. 'car': red cars lose "
+                                "red, red apples and blue cars stay). Comma separated contexts; '{}' marks where "
+                                "the concept goes ('car painted {}'). The preserve concepts are crossed with it "
+                                "('apple' keeps red apples, 'blue' keeps blue cars). Empty = everywhere."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
-                builtin_preserve, erase_concept_tokens=True) -> io.NodeOutput:
+                builtin_preserve, erase_concept_tokens=True, erase_from="") -> io.NodeOutput:
         check_inputs(cls, locals())
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
@@ -72,6 +82,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
         result = refine_cross_attention(
             encoder, base, parsed, templates, default_anchor, keep,
             CFRConfig(lambda_, preserve_scale, erase_concept_tokens), NodeProgress(len(parsed) + 1),
+            erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve),
         )
         info = {
             "method": "cfr",
@@ -84,6 +95,8 @@ class MaceRefineCrossAttention(io.ComfyNode):
             "builtin_preserve": builtin_preserve,
             "erase_concept_tokens": erase_concept_tokens,
         }
+        if parse_erase_from(erase_from):
+            info["erase_from"] = list(parse_erase_from(erase_from))
         out = apply_erasure(model, result.deltas, base, info)
         summary = (
             f"CFR erased {len(parsed)} concept(s) from {len(result.deltas)} K/V weights in {result.seconds:.2f}s "

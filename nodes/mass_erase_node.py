@@ -20,7 +20,8 @@ from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, run_mass_erasure, slug
 from ..mace_ops.templates import fill
-from .cfr_node import preserve_prompts
+from ..mace_ops.scope import parse_erase_from
+from .cfr_node import preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
@@ -66,6 +67,11 @@ class MaceMassErase(io.ComfyNode):
                 io.Int.Input("sampling_steps", default=20, min=1, max=200),
                 io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF),
                 io.Float.Input("fusion_lambda", default=1e-3, min=0.0, max=1e6, step=1e-3),
+                io.String.Input("erase_from", default="", optional=True,
+                                tooltip="Scope: erase only in this context (e.g. 'car'). CFR remaps the context "
+                                "tokens, each LoRA trains on images/prompts of the concept in the context, and "
+                                "fusion keeps the concept in other contexts and the context's other variants "
+                                "(crossed with 'preserve'). Empty = everywhere."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
             is_output_node=True,
@@ -74,7 +80,7 @@ class MaceMassErase(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, concepts, concept_file, concept_type, anchor, preserve, builtin_preserve,
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
-                sampling_steps, seed, fusion_lambda) -> io.NodeOutput:
+                sampling_steps, seed, fusion_lambda, erase_from="") -> io.NodeOutput:
         check_inputs(cls, locals())
         parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
@@ -101,18 +107,21 @@ class MaceMassErase(io.ComfyNode):
 
         data_settings = {"images": int(images_per_concept), "size": int(image_size), "steps": int(sampling_steps),
                          "cfg": 7.5, "sampler": sampler, "scheduler": "karras", "seed": int(seed)}
-        n = len(parsed)
+        n_eff = len(parsed) * max(1, len(parse_erase_from(erase_from)))  # scoped concepts
         denoiser = ComfyDenoiser(model)
         try:
             result = run_mass_erasure(
                 encoder, denoiser, original, parsed, templates, settings, folder, training_data, keep,
-                NodeProgress(2 * n + n * lora.steps + 1),
-                comfy.model_management.throw_exception_if_processing_interrupted, logging.info, data_settings)
+                NodeProgress(2 * n_eff + n_eff * lora.steps + 1),
+                comfy.model_management.throw_exception_if_processing_interrupted, logging.info, data_settings,
+                erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve))
         finally:
             denoiser.release()
         info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,
                 "anchor": anchor, "settings": settings.as_dict(), "loras": [os.path.basename(p) for p in
                                                                            result.lora_files]}
+        if parse_erase_from(erase_from):
+            info["erase_from"] = list(parse_erase_from(erase_from))
         out = apply_erasure(model, result.deltas, original, info)
         summary = result.summary() + f"\nLoRAs in {folder}"
         return io.NodeOutput(out, summary, ui={"text": [summary]})

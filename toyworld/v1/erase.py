@@ -20,8 +20,8 @@ from mace_ops.concepts import Concept, parse_concepts, require_concepts
 from mace_ops.lora_file import load_concept_lora
 from mace_ops.lora_train import LoraTrainConfig, attention_masks
 from mace_ops.pipeline import MassErasureResult, PipelineSettings, run_mass_erasure
-from . import diffusion
-from .templates import ANCHOR_WORD, ERASE_TEMPLATES, preserve_prompts
+from . import diffusion, vocab
+from .templates import ANCHOR_WORD, ERASE_TEMPLATES, colour_of, preserve_prompts
 
 DEFAULT_LAMBDA = 0.1
 DEFAULT_PRESERVE_SCALE = 1.0
@@ -90,3 +90,34 @@ def mace_erase(world, concepts_text: str, *, lamb: float = DEFAULT_LAMBDA,
             result.weights = weights
             result.deltas = {k: weights[k] - base[k] for k in base}
     return result
+
+
+# Scope restriction (erase_from) in the toy world: the colour word goes before the shape in the
+# first two caption forms ("a red circle in ...") and after it in the third ("a circle that is
+# red on ..."), so the shape context is given both ways and the templates hold the rest.
+SCOPE_TEMPLATES: tuple[str, ...] = tuple(
+    t for st in vocab.STYLES for t in (f"a {{}} in {st} style", f"{st} style picture of a {{}}",
+                                       f"a {{}} on {st} background"))
+
+
+def shape_contexts(shape: str) -> list[str]:
+    """The erase_from contexts of a shape: ``["circle", "circle that is {}"]``."""
+    return [shape, f"{shape} that is {{}}"]
+
+
+def scoped_cfr_erase(world, concepts_text: str, shape: str, *, lamb: float = DEFAULT_LAMBDA,
+                     preserve_scale: float = DEFAULT_PRESERVE_SCALE, anchor: str = ANCHOR_WORD,
+                     concept_tokens: bool = True) -> CFRResult:
+    """CFR with ``erase_from`` = one shape: the colour is erased from that shape only. The preserve
+    phrases are the other colours and the other shapes (both caption forms); mace_ops crosses them
+    with the concept and the shape (``red square``, ``square that is red``, ``blue circle``)."""
+    concepts = require_concepts(parse_concepts(concepts_text))
+    words = [p for c in concepts for p in c.phrases]
+    gone = {colour_of(w) for w in words}
+    keep_phrases = [c for c in vocab.COLORS if c not in gone]
+    for s in vocab.SHAPES:
+        if s != shape:
+            keep_phrases += shape_contexts(s)
+    return refine_cross_attention(world.text_encoder, world.kv_weights(), concepts, SCOPE_TEMPLATES, anchor,
+                                  (), CFRConfig(lamb, preserve_scale, concept_tokens),
+                                  erase_from=shape_contexts(shape), preserve_phrases=keep_phrases)
