@@ -10,7 +10,7 @@ Writes (atomically) into ``toyworld/v1/weights/``:
   train_log.txt         loss curve and periodic evaluations
 A resumable training state (model, EMA, optimizer, step) goes to ``--state`` (default
 ``out/toyworld_train_state.safetensors``, git-ignored; tensors + JSON, no pickle, see
-``scripts/train_state.py``); ``--resume`` continues from it.
+``toyworld/train_state.py``); ``--resume`` continues from it.
 
 Usage: python scripts/train_toyworld.py --minutes 40
 """
@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from toyworld.v1 import checkpoint, data, diffusion, scorer, vocab  # noqa: E402
 from toyworld.v1.model import T2I  # noqa: E402
-from scripts.train_state import load_state, save_state  # noqa: E402
+from toyworld.train_state import load_state, save_state  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""No pickle anywhere: the toy-world resume state is safetensors + JSON (scripts/train_state.py)
+"""No pickle anywhere: the toy-world resume state is safetensors + JSON (toyworld/train_state.py)
 and no Python file of the project calls ``torch.load`` or ``weights_only=False``."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from scripts.train_state import load_state, save_state  # noqa: E402
+from toyworld.train_state import load_state, save_state  # noqa: E402
 
 SKIP_DIRS = {".venv", ".cache", ".git", "out", "__pycache__", "node_modules"}
 

@@ -7,21 +7,19 @@
 One CPU thread per process. Reproducible for a given ``--seed`` and ``--steps``; with
 ``--minutes`` the steps reached are recorded in the metadata. Writes atomically into
 ``toyworld/v2/weights/``: ``toyworld_v2.safetensors`` (EMA generator, fp16), ``probe_v2.safetensors``
-and ``train_log.txt``. The resume state (model, EMA, AdamW moments, RNG states, step) is a
-safetensors file plus a JSON file under ``--state`` (default ``out/toyworld_v2_state``): no pickle.
+and ``train_log.txt``. The resume state (model, EMA, AdamW moments, RNG states, step) is one
+safetensors file (``toyworld.train_state``; default ``out/toyworld_v2_state.safetensors``): no pickle.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..train_state import load_state, save_state
 from ..v1 import checkpoint, diffusion
 from ..v1.evaluate import ToyWorld
 from . import data, evaluate, scorer, vocab
@@ -42,12 +40,15 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--fg-weight", type=float, default=5.0,
                    help="loss weight of the object's pixels relative to the background (1 = plain MSE)")
+    p.add_argument("--high-noise-weight", type=float, default=1.0,
+                   help="per-sample loss weight clamp(1/SNR(t), 1, this): > 1 stresses the noisy steps that decide "
+                        "where and what the object is (1 = off)")
     p.add_argument("--probe-steps", type=int, default=800)
     p.add_argument("--probe-only", action="store_true", help="train only the probe, then stop")
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between evaluations/checkpoints")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=evaluate.WEIGHTS_DIR)
-    p.add_argument("--state", type=Path, default=ROOT / "out" / "toyworld_v2_state")
+    p.add_argument("--state", type=Path, default=ROOT / "out" / "toyworld_v2_state.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from --state")
     p.add_argument("--note", default="", help="free text stored in the weights' metadata (e.g. a resumed run's history)")
     return p.parse_args(argv)
@@ -67,38 +68,16 @@ class Logger:
 
 
 # ----------------------------------------------------------------------------- resume state (no pickle)
-def save_state(folder: Path, model, ema, opt, gen: torch.Generator, step: int, elapsed: float) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    osd = opt.state_dict()
-    for idx, st in osd["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v)
-    tensors["rng.gen"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {"step": step, "elapsed": elapsed, "param_groups": osd["param_groups"]}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "state.safetensors.tmp"
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, folder / "state.safetensors")
-    (folder / "state.json.tmp").write_text(json.dumps(meta))
-    os.replace(folder / "state.json.tmp", folder / "state.json")
+def save_resume_state(path: Path, model, ema, opt, gen: torch.Generator, step: int, elapsed: float) -> None:
+    save_state({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed}, path)
 
 
-def load_state(folder: Path, model, ema, opt, gen: torch.Generator) -> tuple[int, float]:
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    gen.set_state(tensors["rng.gen"])
-    torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), float(meta["elapsed"])
+def load_resume_state(path: Path, model, ema, opt, gen: torch.Generator) -> tuple[int, float]:
+    st = load_state(path)
+    model.load_state_dict(st["model"]), ema.load_state_dict(st["ema"]), opt.load_state_dict(st["opt"])
+    gen.set_state(st["gen"]), torch.set_rng_state(st["torch_rng"])
+    return int(st["step"]), float(st["elapsed"])
 
 
 # ----------------------------------------------------------------------------- evaluation during training
@@ -145,7 +124,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     step, elapsed = 0, 0.0
     if args.resume:
-        step, elapsed = load_state(args.state, model, ema, opt, gen)
+        step, elapsed = load_resume_state(args.state, model, ema, opt, gen)
         log(f"resumed from {args.state} at step {step}, {elapsed / 60:.1f} min")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"generator parameters {n_params}")
@@ -158,10 +137,11 @@ def main(argv=None) -> None:
         meta = {"seed": args.seed, "steps": step, "minutes": f"{(time.time() - t_start) / 60:.2f}",
                 "data_version": data.DATA_VERSION, "torch_version": torch.__version__, "ema_decay": args.ema,
                 "batch": args.batch, "lr": args.lr, "params": n_params, "format": "toyworld-v2-t2i",
-                "vocab_size": vocab.VOCAB_SIZE, "fg_weight": args.fg_weight, "final": final,
+                "vocab_size": vocab.VOCAB_SIZE, "fg_weight": args.fg_weight,
+                "high_noise_weight": args.high_noise_weight, "final": final,
                 "note": args.note}
         checkpoint.save_state_dict(ema.state_dict(), args.out / evaluate.GENERATOR_FILE, meta)
-        save_state(args.state, model, ema, opt, gen, step, time.time() - t_start)
+        save_resume_state(args.state, model, ema, opt, gen, step, time.time() - t_start)
 
     def done() -> bool:
         return step >= args.steps if args.steps is not None else time.time() - t_start >= args.minutes * 60
@@ -174,6 +154,9 @@ def main(argv=None) -> None:
         noise = torch.randn(batch.images.shape, generator=gen)
         pred = model(diffusion.add_noise(batch.images, noise, t), t, model.encode_text(ids))
         weight = 1.0 + (args.fg_weight - 1.0) * batch.masks.float()  # identity pixels count more
+        if args.high_noise_weight > 1.0:
+            ab = diffusion.ALPHA_BAR[t]
+            weight = weight * ((1 - ab) / ab).clamp(1.0, args.high_noise_weight).view(-1, 1, 1, 1)
         loss = ((pred - noise).pow(2) * weight).mean() / weight.mean()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
