@@ -101,9 +101,12 @@ class ResBlock(nn.Module):
 class XAttn(nn.Module):
     """Cross-attention from image features (queries) to text features (keys/values)."""
 
-    def __init__(self, channels: int, ctx_dim: int = 64, heads: int = 4, head_dim: int = 16):
+    def __init__(self, channels: int, ctx_dim: int = 64, heads: int = 4, head_dim: int = 16,
+                 query_positions: int = 0):
         super().__init__()
         inner = heads * head_dim
+        # optional learned position embedding on the queries (zero at init), so text can say *where*
+        self.query_pos = nn.Parameter(torch.zeros(1, query_positions, channels)) if query_positions else None
         self.heads, self.head_dim = heads, head_dim
         self.norm = nn.GroupNorm(8, channels)
         self.to_q = nn.Linear(channels, inner, bias=False)
@@ -127,6 +130,8 @@ class XAttn(nn.Module):
             wk = hooks.weight_transform(self.k_name, wk)
             wv = hooks.weight_transform(self.v_name, wv)
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.query_pos is not None:
+            h = h + self.query_pos
         q = self.to_q(h).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
         k = F.linear(ctx, wk).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
         v = F.linear(ctx, wv).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
@@ -141,10 +146,10 @@ class XAttn(nn.Module):
 class Block(nn.Module):
     """ResBlock, optionally followed by cross-attention."""
 
-    def __init__(self, cin: int, cout: int, tdim: int, xattn: bool, ctx_dim: int = 64):
+    def __init__(self, cin: int, cout: int, tdim: int, xattn: bool, ctx_dim: int = 64, positions: int = 0):
         super().__init__()
         self.res = ResBlock(cin, cout, tdim)
-        self.xattn = XAttn(cout, ctx_dim) if xattn else None
+        self.xattn = XAttn(cout, ctx_dim, query_positions=positions) if xattn else None
 
     def forward(self, x, temb, ctx, hooks=None):
         x = self.res(x, temb)
@@ -154,25 +159,27 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_ch: int = 12, c: int = 32, ctx_dim: int = 64, tdim: int = 128):
+    def __init__(self, in_ch: int = 12, c: int = 32, ctx_dim: int = 64, tdim: int = 128,
+                 query_positions: bool = False):
         super().__init__()
         c2 = 2 * c
+        p8, p4 = (64, 16) if query_positions else (0, 0)  # 8x8 and 4x4 feature maps (16x16 latent)
         self.tdim = tdim
         self.time_mlp = nn.Sequential(nn.Linear(c, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.conv_in = nn.Conv2d(in_ch, c, 3, padding=1)
         self.down = nn.ModuleList([
             Block(c, c, tdim, False, ctx_dim),      # 16x16
-            Block(c, c2, tdim, True, ctx_dim),      # 8x8
-            Block(c2, c2, tdim, True, ctx_dim),     # 4x4
+            Block(c, c2, tdim, True, ctx_dim, p8),      # 8x8
+            Block(c2, c2, tdim, True, ctx_dim, p4),     # 4x4
         ])
         self.downsample = nn.ModuleList([nn.Conv2d(c, c, 3, stride=2, padding=1),
                                          nn.Conv2d(c2, c2, 3, stride=2, padding=1)])
-        self.mid = Block(c2, c2, tdim, True, ctx_dim)
+        self.mid = Block(c2, c2, tdim, True, ctx_dim, p4)
         self.up = nn.ModuleList([
-            Block(c2 + c2, c2, tdim, True, ctx_dim),  # 4x4 (+ skip down.2)
-            Block(c2, c2, tdim, True, ctx_dim),       # 4x4
-            Block(c2 + c2, c2, tdim, True, ctx_dim),  # 8x8 (+ skip down.1)
-            Block(c2, c2, tdim, True, ctx_dim),       # 8x8
+            Block(c2 + c2, c2, tdim, True, ctx_dim, p4),  # 4x4 (+ skip down.2)
+            Block(c2, c2, tdim, True, ctx_dim, p4),       # 4x4
+            Block(c2 + c2, c2, tdim, True, ctx_dim, p8),  # 8x8 (+ skip down.1)
+            Block(c2, c2, tdim, True, ctx_dim, p8),       # 8x8
             Block(c + c, c, tdim, False, ctx_dim),    # 16x16 (+ skip down.0)
         ])
         self.upsample = nn.ModuleList([nn.Conv2d(c2, c2, 3, padding=1), nn.Conv2d(c2, c, 3, padding=1)])

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=evaluate.WEIGHTS_DIR)
     p.add_argument("--state", type=Path, default=ROOT / "out" / "toyworld_v2_state.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from --state")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from these generator weights (EMA file); parameters it lacks keep their init")
     p.add_argument("--note", default="", help="free text stored in the weights' metadata (e.g. a resumed run's history)")
     return p.parse_args(argv)
 
@@ -123,6 +125,11 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     step, elapsed = 0, 0.0
+    if args.init_from is not None and not args.resume:
+        init, _ = checkpoint.load_state_dict(args.init_from, "initial generator weights")
+        missing = model.load_state_dict(init, strict=False).missing_keys
+        ema.load_state_dict(model.state_dict())
+        log(f"initialised from {args.init_from}; new parameters: {missing}")
     if args.resume:
         step, elapsed = load_resume_state(args.state, model, ema, opt, gen)
         log(f"resumed from {args.state} at step {step}, {elapsed / 60:.1f} min")
