@@ -6,7 +6,7 @@ import json
 import os
 
 import folder_paths
-from comfy_api.v0_0_2 import io
+from .comfy_compat import io
 
 from ..mace_ops.erasure_file import save_erasure
 from .comfy_model import get_record
