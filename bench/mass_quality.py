@@ -18,11 +18,13 @@ one run (the same LoRAs); cfr_lora's time is CFR + LoRA, full's adds fusion.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from bench.common import PeakRSS, environment, print_table, write_json
+from bench.common import PeakRSS, environment, markdown_table, print_table, write_json
 from bench.grid import labelled_grid
 from bench.plot import save_panels
 from toyworld.v1 import diffusion
@@ -81,11 +83,18 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", default="bench/results/mass_quality_grid.png",
                     help="labelled image grid of every method at --grid-count erased names")
     ap.add_argument("--grid-count", type=int, default=10)
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="only merge the rows of earlier runs (e.g. names and styles run in parallel) into --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     world = evaluate.load_world()
     t_start = time.time()
     rows = []
+    if args.combine:
+        parts = [json.loads(Path(p).read_text()) for p in args.combine]
+        rows = [r for part in parts for r in part["rows"]]
+        write_outputs(rows, args, world, 60 * max(part["minutes"] for part in parts))
+        return
     for kind, counts in (("name", args.counts), ("style", args.style_counts)):
         pool = vocab.NAMES if kind == "name" else vocab.STYLES
         preserve, retained, most = erase.preserve_and_retained(kind)
@@ -107,10 +116,14 @@ def main(argv=None) -> None:
                 print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
             if keep:
                 save_grid(world, args.grid, task, retained, keep)
+    write_outputs(rows, args, world, time.time() - t_start)
+
+
+def write_outputs(rows, args, world, seconds: float) -> None:
     print()
     print_table(rows, COLUMNS)
     write_json(args.out, {"bench": "mass_quality", "env": environment(), "world": world.metadata,
-                          "probe": world.probe_metadata, "minutes": round((time.time() - t_start) / 60, 1),
+                          "probe": world.probe_metadata, "minutes": round(seconds / 60, 1),
                           "settings": {"ddim_steps": evaluate.DEFAULT_STEPS, "cfg": evaluate.DEFAULT_CFG,
                                        "cfr_lambda": erase.DEFAULT_LAMBDA, "preserve_scale": erase.DEFAULT_PRESERVE_SCALE,
                                        "lora": erase.DEFAULT_LORA.settings(), "fusion_lambda": erase.DEFAULT_FUSION_LAMBDA,
@@ -129,6 +142,7 @@ def main(argv=None) -> None:
     if panels and args.plot:
         save_panels(args.plot, panels)
         print(f"wrote {args.plot}")
+    print(markdown_table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

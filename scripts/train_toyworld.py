@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from toyworld.v1 import checkpoint, data, diffusion, scorer, vocab  # noqa: E402
 from toyworld.v1.model import T2I  # noqa: E402
+from toyworld.train_log import Logger  # noqa: E402
 from toyworld.train_state import load_state, save_state  # noqa: E402
 
 
@@ -52,19 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--skip-probe", action="store_true", help="keep an existing probe.safetensors")
     p.add_argument("--probe-only", action="store_true", help="(re)train only the probe, then stop")
     return p.parse_args(argv)
-
-
-class Logger:
-    def __init__(self, path: Path, append: bool):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a" if append else "w")
-        self.t0 = time.time()
-
-    def __call__(self, msg: str) -> None:
-        line = f"[{time.time() - self.t0:7.1f}s] {msg}"
-        print(line, flush=True)
-        self.f.write(line + "\n")
-        self.f.flush()
 
 
 def eval_prompts(per_color: int, synonyms: bool, seed: int):

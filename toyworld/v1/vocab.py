@@ -6,7 +6,7 @@ information leak into every later token, pads included, as in SD1.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from ..tokenizer import ClosedTokenizer
 
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 HUE_CENTERS: tuple[float, ...] = (0.0, 30.0, 60.0, 120.0, 180.0, 240.0, 275.0, 320.0)
@@ -59,28 +59,10 @@ for _i, _c in enumerate(COLORS):
         COLOR_WORD_INDEX[_s] = _i
 
 
-def tokenize(text: str) -> list[int]:
-    """Content token ids of ``text`` (no start/end/padding). Unknown words raise ValueError."""
-    ids = []
-    for w in text.lower().split():
-        if w not in TOKEN_ID or w in (SOS, EOT):
-            raise ValueError(f"toy vocab: unknown word {w!r} in {text!r}")
-        ids.append(TOKEN_ID[w])
-    return ids
-
-
-def encode_ids(text: str, length: int = CONTEXT_LENGTH) -> tuple[list[int], int]:
-    """Full window ids ``<sos> words <eot> <eot>...`` and the number of real positions."""
-    words = tokenize(text)
-    n = len(words) + 2
-    if n > length:
-        raise ValueError(f"toy vocab: prompt {text!r} needs {n} tokens, window is {length}")
-    return [SOS_ID] + words + [EOT_ID] * (length - n + 1), n
-
-
-def batch_ids(texts: Sequence[str], length: int = CONTEXT_LENGTH) -> list[list[int]]:
-    """Window ids for many prompts (list of lists, each of ``length``)."""
-    return [encode_ids(t, length)[0] for t in texts]
+_TOKENIZER = ClosedTokenizer(TOKEN_ID, SOS, EOT, CONTEXT_LENGTH, "toy vocab")
+tokenize = _TOKENIZER.tokenize        # content ids of a phrase; ValueError names an unknown word
+encode_ids = _TOKENIZER.encode_ids    # (window ids, real positions) of a prompt
+batch_ids = _TOKENIZER.batch_ids      # window ids of many prompts
 
 
 def caption(template: str, color_word: str, shape: str, style: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..train_log import Logger
 from ..train_state import load_state, save_state
 from ..v1 import checkpoint, diffusion
 from ..v1.evaluate import ToyWorld
@@ -54,19 +55,6 @@ def parse_args(argv=None):
                    help="start from these generator weights (EMA file); parameters it lacks keep their init")
     p.add_argument("--note", default="", help="free text stored in the weights' metadata (e.g. a resumed run's history)")
     return p.parse_args(argv)
-
-
-class Logger:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "a")
-        self.t0 = time.time()
-
-    def __call__(self, msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')} {time.time() - self.t0:7.1f}s] {msg}"
-        print(line, flush=True)
-        self.f.write(line + "\n")
-        self.f.flush()
 
 
 # ----------------------------------------------------------------------------- resume state (no pickle)
