@@ -1,0 +1,142 @@
+"""Toy world v2 (the mass-erasure proving ground): vocabulary, renderer, probe, training resume,
+the shipped model's prompt following, and a 10-name CFR erasure measured end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from toyworld.v2 import data, erase, evaluate, scorer, vocab
+
+WEIGHTS = evaluate.WEIGHTS_DIR / evaluate.GENERATOR_FILE
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "results" / "toyworld_v2.json"
+
+
+# ----------------------------------------------------------------------------- the world's definition
+def test_vocabulary_binds_every_appearance_to_one_name():
+    assert len(vocab.NAMES) == 200 and len(set(vocab.APPEARANCE)) == 200
+    assert all(1 <= len(vocab.NICKNAMES[n]) <= 2 for n in vocab.NAMES)
+    assert len(vocab.STYLES) == 20 and len(set(vocab.STYLE_LOOK)) == 20
+    words = list(vocab.NAMES) + [w for n in vocab.NAMES for w in vocab.NICKNAMES[n]]
+    assert len(set(words)) == len(words)
+    # names share attributes with neighbours: every colour is worn by 25 names
+    colours = torch.tensor([a[0] for a in vocab.APPEARANCE])
+    assert torch.bincount(colours).tolist() == [25] * 8
+
+
+def test_prompts_fit_the_window_and_pad_with_the_end_token():
+    longest = max(vocab.NAME_STYLE_TEMPLATES + vocab.STYLE_TEMPLATES, key=lambda t: len(t.split()))
+    ids, n = vocab.encode_ids(longest.format(n=vocab.NAMES[0], st=vocab.STYLES[0]))
+    assert len(ids) == vocab.CONTEXT_LENGTH >= 24 and n < vocab.CONTEXT_LENGTH
+    assert ids[n - 1:] == [vocab.EOT_ID] * (vocab.CONTEXT_LENGTH - n + 1)
+    with pytest.raises(ValueError, match="unknown word"):
+        vocab.tokenize("a photo of obama")
+
+
+def test_caption_sampling_covers_every_kind():
+    gen = torch.Generator().manual_seed(0)
+    caps = data.sample_batch(2000, gen).captions
+    assert 0.07 < sum(c == "" for c in caps) / len(caps) < 0.13
+    assert any(vocab.NEUTRAL_NAME in c.split() for c in caps) and any(vocab.NEUTRAL_STYLE in c.split() for c in caps)
+    nick = {w for n in vocab.NAMES for w in vocab.NICKNAMES[n]}
+    assert any(set(c.split()) & nick for c in caps)
+    assert any(" at the " in c for c in caps)
+
+
+def test_renderer_draws_the_bound_colour_and_an_achromatic_background():
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.arange(0, 200, 7)
+    imgs = data.render(ids, torch.arange(len(ids)) % 20, gen) * 2 - 1
+    from toyworld.v1.scorer import hue_colors
+    want = torch.tensor([vocab.APPEARANCE[i][0] for i in ids.tolist()])
+    assert torch.equal(hue_colors(imgs), want)
+
+
+# ----------------------------------------------------------------------------- scoring
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 6, generator=gen)
+    assert evaluate.scorer.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert evaluate.scorer.frechet_distance(a, a + 1.0) == pytest.approx(6.0, rel=1e-6)
+
+
+def test_harmonic_mean_and_binomial_se():
+    assert evaluate.harmonic(1.0, 1.0, 1.0) == 1.0 and evaluate.harmonic(0.5, 1.0, 0.0) == 0.0
+    assert evaluate.binomial_se(0.5, 100) == pytest.approx(0.05)
+
+
+def test_training_resumes_exactly(tmp_path: Path):
+    from toyworld.v2 import train
+    common = ["--eval-every", "1000", "--batch", "8", "--threads", "1"]
+    train.main(["--steps", "4", "--out", str(tmp_path / "a"), "--state", str(tmp_path / "sa.safetensors")] + common)
+    train.main(["--steps", "2", "--out", str(tmp_path / "b"), "--state", str(tmp_path / "sb.safetensors")] + common)
+    train.main(["--steps", "4", "--out", str(tmp_path / "b"), "--state", str(tmp_path / "sb.safetensors"), "--resume"] + common)
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "a" / evaluate.GENERATOR_FILE))
+    b = load_file(str(tmp_path / "b" / evaluate.GENERATOR_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "sb.safetensors").is_file() and not list(tmp_path.glob("*.p*"))
+
+
+# ----------------------------------------------------------------------------- the shipped world
+@pytest.fixture(scope="module")
+def world():
+    if not WEIGHTS.is_file():
+        pytest.fail(f"{WEIGHTS} missing: toy world v2 weights are shipped with the repository")
+    return evaluate.load_world()
+
+
+def test_probe_is_accurate_on_clean_renders(world):
+    acc = scorer.probe_accuracy(world.probe, n=512, seed=777)
+    for head in ("shape", "position", "style", "hue_rule", "identity"):
+        assert acc[head] >= 0.95, (head, acc)
+
+
+def test_base_model_follows_name_nickname_and_style_prompts(world):
+    """Floors: the shipped model's committed measurement (docs/results/toyworld_v2.json, 400 prompts
+    per row) minus 4 SE of this test's smaller sample, and well above chance (1/200 names, 1/20 styles)."""
+    measured = json.loads(REPORT.read_text())["prompt_following"]
+    names = list(vocab.NAMES[1::4])  # 50 names
+    main = evaluate.score_set(world, evaluate.name_prompts(names, 2, seed=31))
+    nick = evaluate.score_set(world, evaluate.name_prompts(names, 2, seed=32, nicknames=True))
+    sty = evaluate.score_set(world, evaluate.style_prompts(list(vocab.STYLES), 5, seed=33))
+    for got, key, n, chance in ((main.identity_acc, "name", main.n, 1 / 200), (nick.identity_acc, "nickname", nick.n, 1 / 200),
+                                (sty.style_acc, "style", sty.n, 1 / 20)):
+        floor = measured[key] - 4 * evaluate.binomial_se(measured[key], n)
+        assert got >= floor, (key, got, floor)
+        assert got >= 5 * chance, (key, got)
+    assert main.integrity >= 0.9
+
+
+def _cfr_metrics(world, count):
+    preserve, retained, _ = erase.preserve_and_retained("name")
+    task = erase.Task("name", tuple(vocab.NAMES[:count]), tuple(preserve))
+    before = world.kv_weights()
+    weights = erase.cfr_erase(world, task).weights
+    retained = list(retained[:25])
+    base, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, n_erased=60, n_retained=75)
+    after, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=weights, base_retained=base_ret,
+                                     n_erased=60, n_retained=75)
+    assert all(not torch.equal(weights[k], before[k]) for k in before)  # every K/V weight edited...
+    assert all(torch.equal(world.kv_weights()[k], before[k]) for k in before)  # ...on a copy
+    return base, after
+
+
+def test_cfr_on_one_name_erases_it_and_keeps_the_retained_names(world):
+    base, after = _cfr_metrics(world, 1)
+    assert base.acc_e >= 0.5, base.acc_e  # the base model draws the name (chance: 0.005)
+    assert after.acc_e <= 0.2 * base.acc_e, (base.acc_e, after.acc_e)
+    assert after.acc_g <= 0.5 * base.acc_g, (base.acc_g, after.acc_g)
+    assert after.acc_s >= base.acc_s - 0.12, (base.acc_s, after.acc_s)
+
+
+def test_cfr_on_ten_names_erases_all_of_them(world):
+    """Acc_e falls far below base. Specificity does NOT hold at 10 names in this world (bench:
+    Acc_s 0.675 -> 0.305): that is the open problem the proving ground exists to show, so it is
+    reported in the README rather than asserted here."""
+    base, after = _cfr_metrics(world, 10)
+    assert base.acc_e >= 0.4, base.acc_e
+    assert after.acc_e <= 0.25 * base.acc_e, (base.acc_e, after.acc_e)
+    assert after.integrity >= 0.8, after.integrity
