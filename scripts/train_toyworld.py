@@ -30,20 +30,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from toyworld.v1 import checkpoint, data, diffusion, scorer, vocab  # noqa: E402
 from toyworld.v1.model import T2I  # noqa: E402
+from toyworld.train_args import add_training_args  # noqa: E402
 from toyworld.train_log import Logger  # noqa: E402
 from toyworld.train_state import load_state, save_state  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=40.0, help="wall-time budget for generator training")
-    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides --minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema", type=float, default=0.999)
+    add_training_args(p, minutes=40.0)
     p.add_argument("--probe-steps", type=int, default=600)
     p.add_argument("--eval-every", type=float, default=5.0, help="minutes between evaluations/checkpoints")
     p.add_argument("--eval-prompts", type=int, default=8, help="prompts per colour in periodic evaluations")

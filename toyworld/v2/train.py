@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..train_args import add_training_args
 from ..train_log import Logger
 from ..train_state import load_state, save_state
 from ..v1 import checkpoint, diffusion
@@ -31,14 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=80.0, help="wall-time budget for generator training")
-    p.add_argument("--steps", type=int, default=None, help="train exactly this many steps (overrides --minutes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--ema", type=float, default=0.999)
+    add_training_args(p, minutes=80.0)
     p.add_argument("--fg-weight", type=float, default=5.0,
                    help="loss weight of the object's pixels relative to the background (1 = plain MSE)")
     p.add_argument("--high-noise-weight", type=float, default=1.0,
