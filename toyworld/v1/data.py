@@ -50,13 +50,18 @@ def shape_masks(shapes: torch.Tensor, gen: torch.Generator | None, size: int = I
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     dy = coords.view(1, size, 1) - cy
     dx = coords.view(1, 1, size) - cx
+    all_masks = torch.stack(shape_geometry(dx, dy, r), 1)  # (B, 4, H, W)
+    return all_masks[torch.arange(n), shapes]
+
+
+def shape_geometry(dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor) -> list[torch.Tensor]:
+    """Circle, square, triangle and cross masks from pixel offsets to the centre and the radius."""
     circle = dx**2 + dy**2 <= r**2
     square = torch.maximum(dx.abs(), dy.abs()) <= 0.8 * r
     tri = (dy >= -r) & (dy <= 0.7 * r) & (dx.abs() <= (dy + r) / 1.7)
     arm = r / 3
     cross = ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
-    all_masks = torch.stack([circle, square, tri, cross], 1)  # (B, 4, H, W)
-    return all_masks[torch.arange(n), shapes]
+    return [circle, square, tri, cross]
 
 
 def backgrounds(styles: torch.Tensor, gen: torch.Generator | None, size: int = IMAGE_SIZE) -> torch.Tensor:

@@ -50,16 +50,21 @@ def hue_colors(images: torch.Tensor) -> torch.Tensor:
     return torch.where(ok.flatten(1).sum(1) >= MIN_PIXELS, best, torch.full_like(best, NONE))
 
 
+def probe_features(w: int) -> nn.Sequential:
+    """The probes' CNN trunk: 3 -> 4w channels, 32x32 -> 4x4."""
+    def conv(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU())
+    return nn.Sequential(conv(3, w, 1), conv(w, 2 * w, 2), conv(2 * w, 2 * w, 1),
+                         conv(2 * w, 4 * w, 2), conv(4 * w, 4 * w, 2))
+
+
 class Probe(nn.Module):
     """Tiny CNN (~280k parameters) with colour (8), shape (4) and style (4) heads on [-1, 1] images."""
 
     def __init__(self, width: int = 32):
         super().__init__()
         w = width
-        def conv(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU())
-        self.features = nn.Sequential(conv(3, w, 1), conv(w, 2 * w, 2), conv(2 * w, 2 * w, 1),
-                                      conv(2 * w, 4 * w, 2), conv(4 * w, 4 * w, 2))
+        self.features = probe_features(w)
         # heads read mean- and max-pooled features (max pooling makes shape easy to learn)
         self.color = nn.Linear(8 * w, len(vocab.COLORS))
         self.shape = nn.Linear(8 * w, len(vocab.SHAPES))

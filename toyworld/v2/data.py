@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..v1.data import hsv_to_rgb
+from ..v1.data import hsv_to_rgb, shape_geometry
 from . import vocab
 
 DATA_VERSION = "toyworld-data-v2"
@@ -41,13 +41,8 @@ def shape_masks(shapes: torch.Tensor, positions: torch.Tensor, gen, size: int = 
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     dy = coords.view(1, size, 1) - cy
     dx = coords.view(1, 1, size) - cx
-    circle = dx**2 + dy**2 <= r**2
-    square = torch.maximum(dx.abs(), dy.abs()) <= 0.8 * r
-    tri = (dy >= -r) & (dy <= 0.7 * r) & (dx.abs() <= (dy + r) / 1.7)
-    arm = r / 3
-    cross = ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
     bar = (dx.abs() <= r) & (dy.abs() <= 0.4 * r)
-    return torch.stack([circle, square, tri, cross, bar], 1)[torch.arange(n), shapes]
+    return torch.stack(shape_geometry(dx, dy, r) + [bar], 1)[torch.arange(n), shapes]
 
 
 def backgrounds(styles: torch.Tensor, gen, size: int = IMAGE_SIZE) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..v1.scorer import augment, hue_colors
+from ..v1.scorer import augment, hue_colors, probe_features
 from . import data, vocab
 
 HEADS = {"color": len(vocab.COLORS), "shape": len(vocab.SHAPES), "position": len(vocab.POSITIONS),
@@ -30,11 +30,7 @@ class Probe(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         w = width
-
-        def conv(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.ReLU())
-        self.features = nn.Sequential(conv(3, w, 1), conv(w, 2 * w, 2), conv(2 * w, 2 * w, 1),
-                                      conv(2 * w, 4 * w, 2), conv(4 * w, 4 * w, 2))
+        self.features = probe_features(w)
         # mean+max pooled features, plus the 4x4 map flattened (position needs where, not only what)
         self.heads = nn.ModuleDict({k: nn.Linear(8 * w + 16 * 4 * w, n) for k, n in HEADS.items()})
 
