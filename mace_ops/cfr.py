@@ -37,6 +37,7 @@ from .interfaces import KVWeights, TextEncoder
 from .ridge import solve_right
 from .scope import apply_scope
 from .templates import check_templates, fill
+from .prior import add_prior
 from .validation import check_number, require_finite
 
 Progress = Callable[[int, int], None]
@@ -204,8 +205,11 @@ def refine_cross_attention(
     field_name: str = "concepts",
     erase_from=None,
     preserve_phrases: Sequence[str] = (),
+    prior: tuple[torch.Tensor, float] | None = None,
 ) -> CFRResult:
     """Run CFR for all concepts at once; the input weights are never modified.
+
+    ``prior`` = (moment, weight): the general caption prior (``prior.add_prior``) joins the preserve set.
 
     ``erase_from`` (str, list of str or None) restricts the erasure to those contexts; the
     ``preserve_phrases`` (e.g. the user's preserve list) are then crossed with the concepts and
@@ -221,6 +225,8 @@ def refine_cross_attention(
         preserve_prompts = list(preserve_prompts) + extra
     stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name,
                         config.concept_tokens)
+    if prior is not None:
+        add_prior(stats, *prior)
     widths = sorted({w.shape[1] for w in weights.values()})
     if widths != [stats.dim]:
         raise ValueError(

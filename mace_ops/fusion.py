@@ -23,11 +23,13 @@ from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
+from .alignment import find_subsequence
 from .cfr import add_preserve_prompts, preserve_weight
 from .concepts import Concept
 from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
 from .lora import KVLora, LoraFactors
+from .prior import add_prior
 from .ridge import solve_right
 from .templates import check_templates, fill
 from .validation import check_number, require_finite
@@ -48,20 +50,34 @@ class FusionResult:
     n_vectors: int = 0
 
 
+POSITIONS = ("all", "concept")
+
+
 def concept_covariance(
-    encoder: TextEncoder, concept: Concept, templates: Sequence[str], batch: int = 64
+    encoder: TextEncoder, concept: Concept, templates: Sequence[str], batch: int = 64, positions: str = "all"
 ) -> tuple[torch.Tensor, int]:
-    """C = sum c c^T over every position of every template filled with every phrase (float64)."""
+    """C = sum c c^T over the positions of every template filled with every phrase (float64).
+
+    ``positions``: "all" — every window position (the reference); "concept" — from the concept's
+    first token to the end of the window (the positions whose features carry the concept in a causal
+    encoder; the start token and the words before it equal those of preserved prompts)."""
     check_templates(templates)
-    prompts = [fill(t, phrase) for phrase in concept.phrases for t in templates]
+    if positions not in POSITIONS:
+        raise ValueError(f"fusion positions: unknown {positions!r}; choose one of {list(POSITIONS)}")
+    filled = [(fill(t, phrase), phrase) for phrase in concept.phrases for t in templates]
+    prompts = [p for p, _ in filled]
+    phrase_ids = {ph: encoder.tokenize(ph) for ph in concept.phrases} if positions == "concept" else {}
     C, n = None, 0
     for i in range(0, len(prompts), batch):
         try:
             encoded = encoder.encode(prompts[i : i + batch])
         except ValueError as err:
             raise ValueError(f"concept line {concept.line}: {err}") from None
-        for enc in encoded:
+        for enc, (_, phrase) in zip(encoded, filled[i : i + batch]):
             f = enc.features.detach().to(device="cpu", dtype=torch.float64)
+            if positions == "concept":
+                starts = find_subsequence(list(enc.ids[: enc.length]), phrase_ids[phrase])
+                f = f[starts[0]:] if starts else f
             C = f.T @ f if C is None else C + f.T @ f
             n += f.shape[0]
     return C, n
@@ -220,11 +236,14 @@ def fuse_loras(
     preserve_scale: float = 1.0,
     progress: Progress | None = None,
     total: int | None = None,
+    positions: str = "all",
+    prior: tuple[torch.Tensor, float] | None = None,
 ) -> FusionResult:
     """Fuse the LoRAs (streamed one concept at a time); the input weights are never modified.
 
     ``templates`` is one list for every concept or a function concept -> templates.
     ``total`` (defaults to len(concept_loras) when it has one) is what ``progress`` counts to.
+    ``prior`` = (moment, weight): the general caption prior joins the preserve set (``prior.add_prior``).
     """
     if not current_weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
@@ -238,7 +257,7 @@ def fuse_loras(
     done = 0
     for concept, lora in concept_loras:
         tpl = templates(concept) if callable(templates) else templates
-        C, n = concept_covariance(encoder, concept, tpl)
+        C, n = concept_covariance(encoder, concept, tpl, positions=positions)
         if acc is None:
             acc = FusionAccumulator(C.shape[0])
         acc.add_concept(lora, C, n)
@@ -250,6 +269,8 @@ def fuse_loras(
     preserve = PairStats(acc.dim)
     add_preserve_prompts(preserve, encoder, list(preserve_prompts),
                          on_batch=(lambda: progress(done, max(total, done) + 1)) if progress else None)
+    if prior is not None:
+        add_prior(preserve, *prior)
     weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
     require_finite(deltas, "fusion", "raise lambda or add preserve prompts")
     if progress:

@@ -36,6 +36,8 @@ from .templates import check_templates, fill
 from .validation import check_number, derive_seed, require_finite
 
 Progress = Callable[[int, int], None]
+OBJECTIVES = ("attention", "trajectory")
+RECOMMENDED_LORA_PRESERVE = 10.0  # the nodes' default for ``preserve`` (bench/mass_quality, README)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class LoraTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # <= 0: no clipping
     batch_size: int = 1
+    preserve: float = 0.0  # weight of the preservation term (0: off, the reference)
+    objective: str = "attention"  # "attention" (MACE) or "trajectory" (ANT-style)
+    t_prime: float = 500.0  # trajectory: steps t <= t_prime get the reversed-guidance target
+    guidance: float = 1.0  # trajectory: eta of the reversed guidance direction
 
     def validate(self) -> None:
         """Every number finite and in range (ValueError naming the setting), before any work."""
@@ -71,6 +77,11 @@ class LoraTrainConfig:
         if self.sampler not in SAMPLER_KINDS:
             raise ValueError(f"timestep sampler: unknown {self.sampler!r}; choose one of {list(SAMPLER_KINDS)}")
         check_number(self.weight_decay, "weight decay", 0.0, None)
+        check_number(self.preserve, "LoRA preserve weight", 0.0, 1e6)
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown {self.objective!r}; choose one of {list(OBJECTIVES)}")
+        check_number(self.t_prime, "trajectory t_prime", 0.0, None)
+        check_number(self.guidance, "trajectory guidance", 0.0, 100.0)
 
     def settings(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,6 +180,35 @@ def _kv_weights(denoiser: CrossAttentionDenoiser) -> tuple[dict, torch.device]:
     return weights, next(iter(weights.values())).device
 
 
+def preservation_loss(lora: KVLora, weights: dict, P: torch.Tensor) -> torch.Tensor:
+    """sum_W tr(ΔW P ΔW^T) / tr(W P W^T) over the LoRA's weights, in low-rank form (r x r products)."""
+    total = None
+    for name in lora.names:
+        up, down, w = lora.up[name], lora.down[name], weights[name].detach().to(P)
+        dP = down @ P  # (r, d)
+        num = (lora.scale ** 2) * ((dP @ down.T) * (up.T @ up)).sum()
+        den = ((w @ P) * w).sum().clamp_min(1e-12)
+        total = num / den if total is None else total + num / den
+    return total
+
+
+def _ignore(_probe: AttentionProbe) -> None:
+    pass
+
+
+def _trajectory_loss(denoiser, lora: KVLora, x_t, t, context, uncond, config: LoraTrainConfig) -> torch.Tensor:
+    """ANT-style target (see the module docstring) from the frozen model, MSE to the LoRA model's output."""
+    with torch.no_grad():
+        b = x_t.shape[0]
+        both = denoiser.forward_with_attention(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                               torch.cat([context, uncond.expand(b, -1, -1)]), _ignore)
+        cond, unc = both[:b], both[b:]
+        late = (t <= config.t_prime).view(-1, *([1] * (x_t.ndim - 1)))
+        target = torch.where(late, unc - config.guidance * (cond - unc), cond)
+    pred = denoiser.forward_with_attention(x_t, t, context, _ignore, lora.weight_transform)
+    return (pred.float() - target.float()).pow(2).mean()
+
+
 def train_concept_lora(
     denoiser: CrossAttentionDenoiser,
     encoder: TextEncoder,
@@ -179,9 +219,17 @@ def train_concept_lora(
     config: LoraTrainConfig = LoraTrainConfig(),
     progress: Progress | None = None,
     should_stop: Callable[[], object] | None = None,
+    preserve_moment: torch.Tensor | None = None,
 ) -> TrainedLora:
-    """Train a fresh K/V LoRA for one concept; the denoiser and its weights are never modified."""
+    """Train a fresh K/V LoRA for one concept; the denoiser and its weights are never modified.
+
+    ``preserve_moment`` (d x d, mean p p^T of the preserve prompts' features) is needed when
+    ``config.preserve`` > 0.
+    """
     config.validate()
+    if config.preserve > 0 and preserve_moment is None:
+        raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
+                         "or set the preserve weight to 0")
     _check_inputs(latents, masks)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
@@ -192,12 +240,19 @@ def train_concept_lora(
         m_all = masks.detach().to(device=device, dtype=torch.float32).clone() if use_masks else None
         lora = KVLora({k: tuple(w.shape) for k, w in weights.items()}, config.rank, config.alpha, config.seed, device)
         params = lora.parameters()
+        P = None
+        if config.preserve > 0:
+            P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
+            require_finite(P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
         opt = torch.optim.AdamW(
             params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
         )
         gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
+        uncond = None
+        if config.objective == "trajectory":
+            uncond = encoder.encode([""])[0].features.detach().to(device=device, dtype=torch.float32).clone()
         sampler = TimestepSampler(
-            config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
+            "uniform" if config.objective == "trajectory" else config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
         )
         losses: list[float] = []
         n_prompts, n_latents, batch = len(prompts.texts), x0_all.shape[0], config.batch_size
@@ -210,9 +265,14 @@ def train_concept_lora(
             noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
             t = sampler.sample(batch)
             x_t = denoiser.add_noise(x0, noise, t)
-            collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
-            denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
-            loss = collector.loss()
+            if config.objective == "trajectory":
+                loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], uncond, config)
+            else:
+                collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
+                denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
+                loss = collector.loss()
+            if P is not None:
+                loss = loss + config.preserve * preservation_loss(lora, weights, P)
             losses.append(float(loss.detach()))
             if not torch.isfinite(loss.detach()):
                 raise ValueError(

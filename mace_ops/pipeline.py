@@ -54,6 +54,8 @@ class PipelineSettings:
     lora: LoraTrainConfig = LoraTrainConfig()
     fusion_lambda: float = 1.0
     fusion_preserve_scale: float = 1.0
+    fusion_positions: str = "all"
+    prior_weight: float = 0.0  # general caption prior, relative to the preserve list (needs prior_moment)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,7 +125,8 @@ def _digest(value) -> str:
 
 
 def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Sequence[str],
-                  preserve_prompts: Sequence[str], data_settings: Mapping | None = None) -> dict:
+                  preserve_prompts: Sequence[str], data_settings: Mapping | None = None,
+                  prior_moment: torch.Tensor | None = None) -> dict:
     """Everything one concept's LoRA depends on, besides the base model (checked by fingerprint).
 
     The LoRA is trained on base + the concept's *own* CFR (its pairs, the shared preserve set),
@@ -131,6 +134,9 @@ def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Seque
     concepts reuses every other concept's LoRA.
     """
     anchor = settings.default_anchor if concept.anchor is None else concept.anchor
+    prior_key = None
+    if prior_moment is not None and settings.prior_weight > 0:
+        prior_key = hashlib.sha256(prior_moment.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()[:16]
     return {
         "version": RESUME_VERSION,
         "phrases": list(concept.phrases),
@@ -141,13 +147,15 @@ def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Seque
         "preserve": _digest(list(preserve_prompts)),
         "lora": settings.lora.settings(),
         "training_data": dict(data_settings or {}),
+        **({"prior": prior_key} if prior_key else {}),
     }
 
 
 def settings_key(concept: Concept, settings: PipelineSettings, templates: Sequence[str] = (),
-                 preserve_prompts: Sequence[str] = (), data_settings: Mapping | None = None) -> str:
+                 preserve_prompts: Sequence[str] = (), data_settings: Mapping | None = None,
+                 prior_moment: torch.Tensor | None = None) -> str:
     """The resume key: sha256 of ``resume_inputs`` (16 hex digits)."""
-    return _digest(resume_inputs(concept, settings, templates, preserve_prompts, data_settings))[:16]
+    return _digest(resume_inputs(concept, settings, templates, preserve_prompts, data_settings, prior_moment))[:16]
 
 
 def lora_file_name(concept: Concept, key: str) -> str:
@@ -215,6 +223,7 @@ def run_mass_erasure(
     data_settings: Mapping | None = None,
     erase_from=None,
     preserve_phrases: Sequence[str] = (),
+    prior_moment: torch.Tensor | None = None,
 ) -> MassErasureResult:
     """CFR of the whole list -> one LoRA per concept (reused when its own inputs are unchanged) -> fusion.
 
@@ -224,11 +233,17 @@ def run_mass_erasure(
     ``data_settings`` describes how ``training_data`` makes its images (count, size, seed, ...):
     it is part of every resume key. ``erase_from`` restricts every stage to the concepts in that
     context (``scope.apply_scope``); ``preserve_phrases`` are the user's preserve list for it.
+    ``prior_moment`` (``prior.PriorCache``) is the general caption prior, weighted by
+    ``settings.prior_weight`` in CFR, the LoRAs' preservation term and fusion.
     """
     settings.cfr.validate()
     settings.lora.validate()
     check_number(settings.fusion_lambda, "fusion_lambda", 0.0, 1e12)
     check_number(settings.fusion_preserve_scale, "preserve_scale", 0.0, 1e12)
+    check_number(settings.prior_weight, "prior_weight", 0.0, 1e6)
+    if settings.prior_weight > 0 and prior_moment is None:
+        raise ValueError("prior_weight > 0 needs the general prior (prior_moment); set prior_weight to 0")
+    prior = (prior_moment, settings.prior_weight) if settings.prior_weight > 0 else None
     if erase_from:
         concepts, extra = apply_scope(concepts, erase_from, templates, settings.default_anchor, preserve_phrases)
         preserve_prompts = list(preserve_prompts) + extra
@@ -248,7 +263,7 @@ def run_mass_erasure(
     result = MassErasureResult({}, {})
     t0 = time.perf_counter()
     cfr = refine_cross_attention(encoder, original, concepts, templates, settings.default_anchor,
-                                 preserve_prompts, settings.cfr, lambda k, _t: report(min(k, n)))
+                                 preserve_prompts, settings.cfr, lambda k, _t: report(min(k, n)), prior=prior)
     result.seconds["cfr"] = time.perf_counter() - t0
     report(n)
     refined = cfr.weights
@@ -256,10 +271,11 @@ def run_mass_erasure(
     preserve = PairStats(cfr.stats.dim)
     preserve.P, preserve.n_preserve = cfr.stats.P, cfr.stats.n_preserve
     os.makedirs(lora_dir, exist_ok=True)
+    moment = preserve.P / preserve.n_preserve if preserve.n_preserve else None
 
     t1 = time.perf_counter()
     for i, concept in enumerate(concepts):
-        key = settings_key(concept, settings, templates, preserve_prompts, data_settings)
+        key = settings_key(concept, settings, templates, preserve_prompts, data_settings, prior_moment)
         path = os.path.join(lora_dir, lora_file_name(concept, key))
         result.lora_files.append(path)
         base_done = n + i * steps
@@ -272,9 +288,11 @@ def run_mass_erasure(
         report(base_done)
         latents, masks = training_data(concept)
         trained = train_concept_lora(OverrideDenoiser(denoiser, own), encoder, concept, templates, latents, masks,
-                                     settings.lora, lambda step, _t, b=base_done: report(b + step), should_stop)
+                                     settings.lora, lambda step, _t, b=base_done: report(b + step), should_stop,
+                                     preserve_moment=moment)
         info = {**trained.info(), "resume_key": key, "concept_type": settings.concept_type,
-                "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings)}
+                "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings,
+                                               prior_moment)}
         save_concept_lora(path, trained.lora, base_fp, info)
         result.trained.append(concept.name)
         log(f"[mace] {concept.name}: loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} "
@@ -286,7 +304,8 @@ def run_mass_erasure(
     stream = ((c, load_concept_lora(p).factors) for c, p in zip(concepts, result.lora_files))
     fused = fuse_loras(encoder, refined, original, stream, templates, preserve_prompts,
                        settings.fusion_lambda, settings.fusion_preserve_scale,
-                       lambda k, _t: report(fuse_base + min(k, n)), total=n)
+                       lambda k, _t: report(fuse_base + min(k, n)), total=n, positions=settings.fusion_positions,
+                       prior=prior)
     result.seconds["fusion"] = time.perf_counter() - t2
     report(total)
     result.weights = fused.weights

@@ -27,6 +27,7 @@ from mace_ops.concepts import Concept, parse_concepts, require_concepts
 from mace_ops.lora_file import load_concept_lora
 from mace_ops.lora_train import LoraTrainConfig
 from mace_ops.pipeline import PipelineSettings, run_mass_erasure
+from mace_ops.prior import PriorCache
 
 from ..v1 import diffusion
 from . import vocab
@@ -76,10 +77,32 @@ class Task:
         return [t.replace("{}", w) for w in words for t in tpls]
 
 
+def prior_captions() -> list[str]:
+    """The toy world's general caption prior (the analogue of the pack's everyday captions): every
+    attribute caption ("a red circle at the middle", half with a style word) and the anchors'
+    own templates. No name or nickname appears in it."""
+    caps = []
+    for k, (c, sh, p) in enumerate((c, sh, p) for c in vocab.COLORS for sh in vocab.SHAPES for p in vocab.POSITIONS):
+        caps.append(vocab.ATTRIBUTE_TEMPLATES[0].format(c=c, s=sh, p=p))
+        caps.append(vocab.ATTRIBUTE_TEMPLATES[1].format(c=c, s=sh, p=p, st=vocab.STYLES[k % vocab.N_STYLES]))
+    caps += [t.format(n=vocab.NEUTRAL_NAME) for t in vocab.NAME_TEMPLATES]
+    caps += [t.format(st=vocab.NEUTRAL_STYLE) for t in vocab.STYLE_TEMPLATES]
+    return caps
+
+
+_PRIOR = PriorCache()
+
+
+def prior_for(world, weight: float):
+    """(moment, weight) for mace_ops' ``prior`` arguments, or None when weight is 0."""
+    return (_PRIOR.moment(world.text_encoder, prior_captions()), weight) if weight > 0 else None
+
+
 def cfr_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
-              concept_tokens: bool = True):
+              concept_tokens: bool = True, prior_weight: float = 0.0):
     return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), task.templates,
-                                  task.anchor, task.preserve_prompts(), CFRConfig(lamb, preserve_scale, concept_tokens))
+                                  task.anchor, task.preserve_prompts(), CFRConfig(lamb, preserve_scale, concept_tokens),
+                                  prior=prior_for(world, prior_weight))
 
 
 def uce_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE):
@@ -109,18 +132,19 @@ class MaceRun:
 
 def mace_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
                lora: LoraTrainConfig = DEFAULT_LORA, fusion_lambda: float = DEFAULT_FUSION_LAMBDA,
-               fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE, lora_dir: str | None = None,
-               log=lambda s: None) -> MaceRun:
+               fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE, fusion_positions: str = "all",
+               prior_weight: float = 0.0, lora_dir: str | None = None, log=lambda s: None) -> MaceRun:
     concepts = task.concepts()
     settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, False), replace(lora),
-                                fusion_lambda, fusion_preserve_scale)
+                                fusion_lambda, fusion_preserve_scale, fusion_positions, prior_weight)
+    prior = prior_for(world, prior_weight)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_mass_erasure(world.text_encoder, world.denoiser, world.kv_weights(), concepts, task.templates,
                                   settings, lora_dir or tmp, training_images(world, task), task.preserve_prompts(),
-                                  None, log=log)
+                                  None, log=log, prior_moment=prior[0] if prior else None)
         t0 = time.perf_counter()
         cfr = refine_cross_attention(world.text_encoder, world.kv_weights(), concepts, task.templates, task.anchor,
-                                     task.preserve_prompts(), settings.cfr)
+                                     task.preserve_prompts(), settings.cfr, prior=prior)
         summed = {k: v.clone() for k, v in cfr.weights.items()}
         for path in result.lora_files:
             for k, d in load_concept_lora(path).deltas().items():

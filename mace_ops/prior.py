@@ -1,0 +1,144 @@
+"""A general caption prior for preservation: everyday captions -> one text-only d x d moment.
+
+The paper's fusion (and CFR) preserve toward a large general caption prior (MS-COCO captions)
+plus a domain list, with a large weight. We ship no caption data set: ``general_captions`` writes
+a few thousand everyday captions procedurally from word lists written for this pack (subjects x
+actions x places x photo words, seeded), never the reference's CSVs.
+
+The prior enters every solve as extra preserve vectors. With M = mean p p^T over every window
+position of the captions (``prior_moment``, computed with the user's own text encoder, so clip
+skip and CLIP variant are honoured) and the preserve set's sum P over n_preserve vectors,
+
+    P  <-  P + w * max(n_preserve, 1) * M          (``add_prior``)
+
+so after the usual ``s = preserve_scale * n_pairs / n_preserve`` the prior weighs w times the
+preserve list (w = ``prior_weight``; 0 = off). ``PriorCache`` keeps M per (text encoder,
+captions) in memory and, given a folder, as a safetensors file keyed by a fingerprint of the
+encoder's features on fixed probe prompts, so a run encodes the captions once per encoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from typing import Callable, Sequence
+
+import torch
+
+from .covariance import PairStats
+from .interfaces import TextEncoder
+from .validation import check_number, require_finite
+
+SUBJECTS = (
+    "a man", "a woman", "a child", "an old man", "an old woman", "a young girl", "a young boy", "a family",
+    "two friends", "a group of people", "a chef", "a farmer", "a cyclist", "a surfer", "a skier", "a dog",
+    "a cat", "a horse", "a cow", "a flock of birds", "a red car", "a yellow bus", "a train", "a small boat",
+    "an airplane", "a bicycle", "a motorcycle", "a wooden table", "a bowl of fruit", "a plate of food",
+    "a pizza", "a cup of coffee", "a vase of flowers", "a laptop", "a clock tower", "a stone bridge",
+    "an old house", "a lighthouse", "a tree", "a mountain", "a river", "a street sign", "a teddy bear",
+    "a baseball player", "a tennis player", "a soccer team", "a giraffe", "an elephant", "a zebra",
+    "a sheep", "a kite", "an umbrella", "a bench", "a sandwich", "a cake", "a bookshelf", "a guitar",
+)
+ACTIONS = (
+    "standing", "sitting", "walking", "running", "smiling", "waiting", "resting", "playing", "eating",
+    "reading a book", "looking at the camera", "parked", "covered in snow", "in the sunlight",
+    "under a blue sky", "at night", "in the rain", "next to a window", "on display", "in a row",
+)
+PLACES = (
+    "on a city street", "in a kitchen", "in a park", "on the beach", "in a field", "in a living room",
+    "at a train station", "near a lake", "in the mountains", "in a forest", "on a farm", "at the market",
+    "in an office", "on a bridge", "in a garden", "at the airport", "in a small town", "on a boat",
+    "in a restaurant", "in a bedroom", "by the road", "in the desert", "at a stadium", "in a museum",
+)
+FRAMES = ("a photo of {}", "{}", "a picture of {}", "a close up of {}", "an image of {}", "a view of {}",
+          "a blurry photo of {}", "a black and white photo of {}", "a painting of {}", "a drawing of {}")
+
+
+def general_captions(n: int = 2000, seed: int = 0) -> list[str]:
+    """``n`` distinct everyday captions, the same for a given (n, seed)."""
+    check_number(n, "prior captions", 1, 100_000, integer=True)
+    rng = random.Random(seed)
+    out, seen = [], set()
+    while len(out) < n:
+        body = f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(PLACES)}"
+        caption = rng.choice(FRAMES).format(body)
+        if caption not in seen:
+            seen.add(caption)
+            out.append(caption)
+    return out
+
+
+def prior_moment(encoder: TextEncoder, captions: Sequence[str], batch: int = 64,
+                 on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
+    """(M = mean p p^T over every window position of every caption (float64), number of vectors)."""
+    if not captions:
+        raise ValueError("prior: no captions")
+    S, n = None, 0
+    for i in range(0, len(captions), batch):
+        for enc in encoder.encode(list(captions[i : i + batch])):
+            f = enc.features.detach().to(device="cpu", dtype=torch.float64)
+            S = f.T @ f if S is None else S + f.T @ f
+            n += f.shape[0]
+        if on_batch:
+            on_batch()
+    M = S / n
+    require_finite(M, "prior: the text encoder's features", "use the CLIP that belongs to the model")
+    return M, n
+
+
+def add_prior(stats: PairStats, moment: torch.Tensor | None, weight: float) -> PairStats:
+    """Add the prior to ``stats``' preserve set with ``weight`` times the preserve list's weight (in place)."""
+    check_number(weight, "prior_weight", 0.0, 1e6)
+    if moment is None or weight == 0:
+        return stats
+    if moment.shape != (stats.dim, stats.dim):
+        raise ValueError(f"prior: moment is {tuple(moment.shape)}, the text encoder gives width {stats.dim}")
+    count = max(stats.n_preserve, 1)
+    stats.P = stats.P + weight * count * moment.to(dtype=stats.P.dtype, device=stats.P.device)
+    stats.n_preserve = count
+    return stats
+
+
+def encoder_fingerprint(encoder: TextEncoder) -> str:
+    """sha256 (16 hex) of the encoder's rounded features on fixed probe prompts: differs per CLIP/skip."""
+    probes = ["a photo of a dog", "a painting of a city at night", ""]
+    h = hashlib.sha256()
+    for enc in encoder.encode(probes):
+        f = enc.features.detach().to(device="cpu", dtype=torch.float32)
+        h.update(str(tuple(f.shape)).encode())
+        h.update((f * 1e3).round().to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class PriorCache:
+    """M per (encoder fingerprint, captions digest): in memory, and in ``folder`` when given."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def moment(self, encoder: TextEncoder, captions: Sequence[str],
+               on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+        digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+        key = f"prior-{encoder_fingerprint(encoder)}-{digest}"
+        if key in self.memory:
+            return self.memory[key]
+        path = os.path.join(self.folder, key + ".safetensors") if self.folder else None
+        if path and os.path.isfile(path):
+            from safetensors.torch import load_file
+            try:
+                M = load_file(path)["moment"].to(torch.float64)
+                require_finite(M, "prior cache", "delete the file")
+                self.memory[key] = M
+                return M
+            except Exception:  # unreadable cache: recompute and replace it
+                pass
+        M, _ = prior_moment(encoder, captions, on_batch=on_batch)
+        self.memory[key] = M
+        if path:
+            from safetensors.torch import save_file
+            os.makedirs(self.folder, exist_ok=True)
+            tmp = path + ".tmp"
+            save_file({"moment": M.contiguous()}, tmp)
+            os.replace(tmp, path)
+        return M
