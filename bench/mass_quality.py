@@ -8,9 +8,11 @@ integrity (retained images that show an object at all) and FD (Fréchet distance
 probe features, base vs edited). Wall time and peak memory (RSS above the level at start) of
 each edit. Fixed seeds; binomial SEs.
 
-Methods: none | cfr (MACE stage 1 alone) | uce (UCE-style closed form, bare phrases) |
-cfr_lora (MACE CFR + LoRA deltas added) | full (CFR -> LoRA -> fusion). cfr_lora and full share
-one run (the same LoRAs); cfr_lora's time is CFR + LoRA, full's adds fusion.
+Methods: none | cfr (MACE stage 1 alone) | cfr_prior (the same + the toy caption prior, weight 1,
+as the CFR node does by default) | uce (UCE-style closed form, bare phrases) |
+cfr_lora (MACE CFR + LoRA deltas added) | full_ref (CFR -> LoRA -> fusion, the paper's stage 2/3) |
+full (the pack's recommended settings, ``erase.RECOMMENDED``). cfr_lora and full_ref share one run
+(the same LoRAs); cfr_lora's time is CFR + LoRA, full_ref's adds fusion.
 
     python -m bench.mass_quality                                   # the README table (~30 min, 2 cores)
     python -m bench.mass_quality --counts 1 10 --style-counts 1 --methods none cfr uce
@@ -30,7 +32,7 @@ from bench.plot import save_panels
 from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
-METHODS = ("none", "cfr", "uce", "cfr_lora", "full")
+METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full")
 COLUMNS = ["method", "kind", "concepts", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
            "n_s", "integrity", "fd", "seconds", "peak_mb"]
 
@@ -39,20 +41,26 @@ def edits(world, task: erase.Task, methods, log):
     """Yield (method, kv_weights or None, seconds, peak MB) for every requested method."""
     if "none" in methods:
         yield "none", None, 0.0, 0.0
-    for name, fn in (("cfr", erase.cfr_erase), ("uce", erase.uce_erase)):
+    for name, fn in (("cfr", erase.cfr_erase), ("cfr_prior", lambda w, t: erase.cfr_erase(w, t, prior_weight=1.0)),
+                     ("uce", erase.uce_erase)):
         if name in methods:
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 w = fn(world, task).weights
             yield name, w, time.perf_counter() - t0, mem.peak_mb
-    if "full" in methods or "cfr_lora" in methods:
+    if "full_ref" in methods or "cfr_lora" in methods:
         with PeakRSS() as mem:
-            run = erase.mace_erase(world, task, log=log)
+            run = erase.mace_erase(world, task, log=log, **erase.mace_setting("reference"))
         s = run.seconds
         if "cfr_lora" in methods:
             yield "cfr_lora", run.summed, s.get("cfr", 0) + s.get("lora", 0), mem.peak_mb
-        if "full" in methods:
-            yield "full", run.fused, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
+        if "full_ref" in methods:
+            yield "full_ref", run.fused, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
+    if "full" in methods:
+        with PeakRSS() as mem:
+            run = erase.mace_erase(world, task, log=log, **erase.mace_setting("recommended"))
+        s = run.seconds
+        yield "full", run.fused, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
 
 
 def save_grid(world, path: str, task: erase.Task, retained, weights_by_method: dict) -> None:
@@ -127,6 +135,7 @@ def write_outputs(rows, args, world, seconds: float) -> None:
                           "settings": {"ddim_steps": evaluate.DEFAULT_STEPS, "cfg": evaluate.DEFAULT_CFG,
                                        "cfr_lambda": erase.DEFAULT_LAMBDA, "preserve_scale": erase.DEFAULT_PRESERVE_SCALE,
                                        "lora": erase.DEFAULT_LORA.settings(), "fusion_lambda": erase.DEFAULT_FUSION_LAMBDA,
+                                       "recommended": erase.RECOMMENDED, "reference": erase.REFERENCE,
                                        "n_erased": args.n_erased, "n_retained": args.n_retained},
                           "rows": rows})
     panels = []

@@ -96,7 +96,8 @@ def test_probe_is_accurate_on_clean_renders(world):
 
 def test_base_model_follows_name_nickname_and_style_prompts(world):
     """Floors: the shipped model's committed measurement (docs/results/toyworld_v2.json, 400 prompts
-    per row) minus 4 SE of this test's smaller sample, and well above chance (1/200 names, 1/20 styles)."""
+    per row) minus 4 SE of this test's smaller sample (the SE of a measured 1.000 is taken at 1 - 1/n,
+    so a perfect measurement still leaves room for one miss), and well above chance."""
     measured = json.loads(REPORT.read_text())["prompt_following"]
     names = list(vocab.NAMES[1::4])  # 50 names
     main = evaluate.score_set(world, evaluate.name_prompts(names, 2, seed=31))
@@ -104,17 +105,18 @@ def test_base_model_follows_name_nickname_and_style_prompts(world):
     sty = evaluate.score_set(world, evaluate.style_prompts(list(vocab.STYLES), 5, seed=33))
     for got, key, n, chance in ((main.identity_acc, "name", main.n, 1 / 200), (nick.identity_acc, "nickname", nick.n, 1 / 200),
                                 (sty.style_acc, "style", sty.n, 1 / 20)):
-        floor = measured[key] - 4 * evaluate.binomial_se(measured[key], n)
+        p = min(max(measured[key], 1 / n), 1 - 1 / n)
+        floor = measured[key] - 4 * evaluate.binomial_se(p, n)
         assert got >= floor, (key, got, floor)
         assert got >= 5 * chance, (key, got)
     assert main.integrity >= 0.9
 
 
-def _cfr_metrics(world, count):
+def _cfr_metrics(world, count, prior_weight=0.0):
     preserve, retained, _ = erase.preserve_and_retained("name")
     task = erase.Task("name", tuple(vocab.NAMES[:count]), tuple(preserve))
     before = world.kv_weights()
-    weights = erase.cfr_erase(world, task).weights
+    weights = erase.cfr_erase(world, task, prior_weight=prior_weight).weights
     retained = list(retained[:25])
     base, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, n_erased=60, n_retained=75)
     after, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=weights, base_retained=base_ret,
@@ -133,10 +135,29 @@ def test_cfr_on_one_name_erases_it_and_keeps_the_retained_names(world):
 
 
 def test_cfr_on_ten_names_erases_all_of_them(world):
-    """Acc_e falls far below base. Specificity does NOT hold at 10 names in this world (bench:
-    Acc_s 0.675 -> 0.305): that is the open problem the proving ground exists to show, so it is
-    reported in the README rather than asserted here."""
-    base, after = _cfr_metrics(world, 10)
+    """CFR as the CFR node runs it by default (with the general prior; here the toy caption prior):
+    Acc_e falls far below base and the images stay whole. Specificity does not fully hold at 10
+    names in this world (bench: Acc_s 1.00 -> 0.77 with the prior, 0.46 without): reported in the
+    README, not asserted here."""
+    base, after = _cfr_metrics(world, 10, prior_weight=1.0)
     assert base.acc_e >= 0.4, base.acc_e
     assert after.acc_e <= 0.25 * base.acc_e, (base.acc_e, after.acc_e)
-    assert after.integrity >= 0.8, after.integrity
+    assert after.integrity >= 0.9, after.integrity
+
+
+def test_full_mace_keeps_specificity_against_cfr_at_ten_names(world):
+    """Issue 16's guard: with several concepts the pack's full MACE (CFR -> LoRA -> fusion, the
+    recommended settings) must not lose the retained names against CFR alone by more than one SE
+    (it once fell to 0.28 vs 0.975 in toy v1), and it must still erase."""
+    preserve, retained, _ = erase.preserve_and_retained("name")
+    task = erase.Task("name", tuple(vocab.NAMES[:10]), tuple(preserve))
+    full = erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused
+    cfr = erase.cfr_erase(world, task).weights
+    kw = dict(n_erased=60, n_retained=100)
+    base, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, **kw)
+    m_full, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=full, base_retained=base_ret, **kw)
+    m_cfr, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=cfr, base_retained=base_ret, **kw)
+    se = max(m_full.se_s, m_cfr.se_s)
+    assert m_full.acc_s >= m_cfr.acc_s - se, (m_full.acc_s, m_cfr.acc_s, se)
+    assert m_full.acc_e <= base.acc_e - 3 * base.se_e, (base.acc_e, m_full.acc_e)
+    assert m_full.fd <= m_cfr.fd, (m_full.fd, m_cfr.fd)

@@ -14,6 +14,9 @@ Methods (each returns new K/V weights; the world's model is never modified):
   with c_i the phrase's token features, c*_i the anchor's, c_j the preserved phrases'.
 * ``full``: MACE — CFR (surrounding tokens) -> one LoRA per concept (attention loss, CFIS) ->
   closed-form fusion; ``cfr_lora`` is the same run with the LoRA deltas added instead of fused.
+  ``mace_setting("reference")`` is the paper's stage 2/3; ``mace_setting("recommended")`` the
+  pack's (``RECOMMENDED``: the CFR stage also maps the concept tokens, and the caption prior joins
+  every stage), chosen by ``bench/mace_variants.py`` on the shipped world.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ DEFAULT_PRESERVE_SCALE = 1.0
 DEFAULT_LORA = LoraTrainConfig(steps=50, lr=3e-3, rank=1, seed=2024, sampler="cfis", use_masks=False,
                                include_end_tokens=False)
 DEFAULT_FUSION_LAMBDA = 1e-3
+# The pack's recommended stage 2/3 (``full``) against the paper's (``full_ref``): what differs.
+RECOMMENDED = {"lora_preserve": 0.0, "prior_weight": 1.0, "fusion_positions": "all", "cfr_concept_tokens": True}
+REFERENCE = {"lora_preserve": 0.0, "prior_weight": 0.0, "fusion_positions": "all", "cfr_concept_tokens": False}
 ANCHORS = {"name": vocab.NEUTRAL_NAME, "style": vocab.NEUTRAL_STYLE}
 _FIXED_STYLES = (vocab.STYLES[0], vocab.STYLES[-1])
 
@@ -130,12 +136,21 @@ class MaceRun:
     lora_seconds_per_concept: float
 
 
+def mace_setting(name: str, **overrides) -> dict:
+    """``mace_erase`` keyword arguments for "recommended" or "reference" (+ overrides)."""
+    base = dict(RECOMMENDED if name == "recommended" else REFERENCE, **overrides)
+    lora = replace(DEFAULT_LORA, preserve=base.pop("lora_preserve"), **base.pop("lora", {}))
+    return {"lora": lora, **base}
+
+
 def mace_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
                lora: LoraTrainConfig = DEFAULT_LORA, fusion_lambda: float = DEFAULT_FUSION_LAMBDA,
                fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE, fusion_positions: str = "all",
-               prior_weight: float = 0.0, lora_dir: str | None = None, log=lambda s: None) -> MaceRun:
+               prior_weight: float = 0.0, cfr_concept_tokens: bool = False, lora_dir: str | None = None,
+               log=lambda s: None) -> MaceRun:
     concepts = task.concepts()
-    settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, False), replace(lora),
+    settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, cfr_concept_tokens),
+                                replace(lora),
                                 fusion_lambda, fusion_preserve_scale, fusion_positions, prior_weight)
     prior = prior_for(world, prior_weight)
     with tempfile.TemporaryDirectory() as tmp:

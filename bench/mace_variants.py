@@ -1,0 +1,101 @@
+"""Issue 16's variant table: every change to MACE's stage 2/3 tried on toy world v2, side by side.
+
+Each variant is measured with the celebrity protocol of ``bench.mass_quality`` (same prompt sets
+and seeds): Acc_e / Acc_g / Acc_s / H with binomial SEs, integrity and the retained-set Fréchet
+distance. The rows that lost stay in the table. ``oracle`` is not a method: CFR that preserves the
+*retained* names themselves (the evaluation set no method may see), an upper reference for what a
+linear K/V edit can keep in this world.
+
+    python -m bench.mace_variants                      # 1 and 10 names (~25 min on one core)
+    python -m bench.mace_variants --counts 100 --variants cfr full_ref lora_preserve_10
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import environment, markdown_table, print_table, write_json
+from toyworld.v2 import erase, evaluate
+
+VARIANTS = {
+    # name: (what it is, how it is made)
+    "cfr": ("CFR alone (concept tokens mapped)", None),
+    "uce": ("UCE-style closed form", None),
+    "cfr_prior_1": ("CFR alone + toy caption prior (weight 1)", None),
+    "oracle": ("CFR preserving the retained set itself (upper reference, not a method)", None),
+    "full_ref": ("full MACE, the paper's stage 2/3", {}),
+    "fusion_concept_positions": ("full_ref, fusion fits only the concept's positions",
+                                 {"fusion_positions": "concept"}),
+    "fusion_preserve_x10": ("full_ref, fusion preserve scale x10", {"fusion_preserve_scale": 10.0}),
+    "lora_preserve_3": ("full_ref + LoRA preservation term, weight 3", {"lora_preserve": 3.0}),
+    "lora_preserve_10": ("full_ref + LoRA preservation term, weight 10", {"lora_preserve": 10.0}),
+    "lora_preserve_10_concept_positions": ("lora_preserve_10 + fusion on the concept's positions",
+                                           {"lora_preserve": 10.0, "fusion_positions": "concept"}),
+    "lora_preserve_10_prior_1": ("lora_preserve_10 + toy caption prior (weight 1)",
+                                 {"lora_preserve": 10.0, "prior_weight": 1.0}),
+    "prior_1": ("full_ref + toy caption prior (weight 1) in CFR, LoRA preservation and fusion",
+                {"prior_weight": 1.0}),
+    "lora_preserve_1_prior_1": ("full_ref + LoRA preservation 1 + toy caption prior 1",
+                                {"lora_preserve": 1.0, "prior_weight": 1.0}),
+    "cfr_tokens_prior_1": ("full_ref, CFR stage also maps the concept tokens, + toy caption prior 1",
+                           {"cfr_concept_tokens": True, "prior_weight": 1.0}),
+    "trajectory": ("ANT-style trajectory objective (lr 3e-3, 50 steps)",
+                   {"lora": {"objective": "trajectory"}}),
+    "trajectory_long": ("ANT-style trajectory objective (lr 1e-2, 150 steps)",
+                        {"lora": {"objective": "trajectory", "lr": 1e-2, "steps": 150}}),
+}
+COLUMNS = ["variant", "concepts", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+
+
+def weights_for(world, task: erase.Task, variant: str, retained):
+    if variant == "cfr":
+        return erase.cfr_erase(world, task).weights
+    if variant == "uce":
+        return erase.uce_erase(world, task).weights
+    if variant == "cfr_prior_1":
+        return erase.cfr_erase(world, task, prior_weight=1.0).weights
+    if variant == "oracle":
+        return erase.cfr_erase(world, erase.Task(task.kind, task.erase, tuple(retained))).weights
+    return erase.mace_erase(world, task, **erase.mace_setting("reference", **VARIANTS[variant][1])).fused
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 10], help="numbers of erased names")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/mace_variants.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    world = evaluate.load_world()
+    preserve, retained, most = erase.preserve_and_retained("name")
+    rows, t_start = [], time.time()
+    for count in args.counts:
+        if not 1 <= count <= most:
+            raise SystemExit(f"--counts: {count} outside 1..{most}")
+        task = erase.Task("name", tuple(erase.vocab.NAMES[:count]), tuple(preserve))
+        base, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, n_erased=args.n,
+                                               n_retained=args.n)
+        rows.append({"variant": "none", **base.row(), "seconds": 0.0, "what": "the unedited model"})
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            weights = weights_for(world, task, variant, retained)
+            seconds = time.perf_counter() - t0
+            m, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=weights,
+                                         base_retained=base_ret, n_erased=args.n, n_retained=args.n)
+            rows.append({"variant": variant, **m.row(), "seconds": round(seconds, 2), "what": VARIANTS[variant][0]})
+            print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+    print()
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"bench": "mace_variants", "env": environment(), "world": world.metadata,
+                          "minutes": round((time.time() - t_start) / 60, 1), "n_per_set": args.n,
+                          "recommended": erase.RECOMMENDED, "reference": erase.REFERENCE,
+                          "variants": {k: v[0] for k, v in VARIANTS.items()}, "rows": rows})
+    print(markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
