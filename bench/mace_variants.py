@@ -35,7 +35,7 @@ VARIANTS = {
                                            {"lora_preserve": 10.0, "fusion_positions": "concept"}),
     "lora_preserve_10_prior_1": ("lora_preserve_10 + toy caption prior (weight 1)",
                                  {"lora_preserve": 10.0, "prior_weight": 1.0}),
-    "prior_1": ("full_ref + toy caption prior (weight 1) in CFR, LoRA preservation and fusion",
+    "prior_1": ("full_ref + toy caption prior (weight 1) in CFR and fusion",
                 {"prior_weight": 1.0}),
     "lora_preserve_1_prior_1": ("full_ref + LoRA preservation 1 + toy caption prior 1",
                                 {"lora_preserve": 1.0, "prior_weight": 1.0}),

@@ -37,7 +37,7 @@ from .validation import check_number, derive_seed, require_finite
 
 Progress = Callable[[int, int], None]
 OBJECTIVES = ("attention", "trajectory")
-RECOMMENDED_LORA_PRESERVE = 10.0  # the nodes' default for ``preserve`` (bench/mass_quality, README)
+DEFAULT_LORA_PRESERVE = 0.0  # the nodes' default for ``preserve``: on the shipped toy world it cost erasure (bench/mace_variants)
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,8 @@ def add_prior(stats: PairStats, moment: torch.Tensor | None, weight: float) -> P
     return stats
 
 
-def encoder_fingerprint(encoder: TextEncoder) -> str:
-    """sha256 (16 hex) of the encoder's rounded features on fixed probe prompts: differs per CLIP/skip."""
-    probes = ["a photo of a dog", "a painting of a city at night", ""]
+def encoder_fingerprint(encoder: TextEncoder, probes: Sequence[str] = ("a photo of a dog", "")) -> str:
+    """sha256 (16 hex) of the encoder's rounded features on probe prompts: differs per CLIP/clip skip."""
     h = hashlib.sha256()
     for enc in encoder.encode(probes):
         f = enc.features.detach().to(device="cpu", dtype=torch.float32)
@@ -120,7 +119,7 @@ class PriorCache:
     def moment(self, encoder: TextEncoder, captions: Sequence[str],
                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
         digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
-        key = f"prior-{encoder_fingerprint(encoder)}-{digest}"
+        key = f"prior-{encoder_fingerprint(encoder, list(captions[:2]) + [''])}-{digest}"
         if key in self.memory:
             return self.memory[key]
         path = os.path.join(self.folder, key + ".safetensors") if self.folder else None

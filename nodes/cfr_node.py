@@ -11,6 +11,7 @@ from ..mace_ops.scope import parse_erase_from
 from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, TEMPLATES, fill, templates_for
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
+from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
 from .validation import check_inputs
 
@@ -64,13 +65,16 @@ class MaceRefineCrossAttention(io.ComfyNode):
                                 "red, red apples and blue cars stay). Comma separated contexts; '{}' marks where "
                                 "the concept goes ('car painted {}'). The preserve concepts are crossed with it "
                                 "('apple' keeps red apples, 'blue' keeps blue cars). Empty = everywhere."),
+                io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
+                               optional=True, tooltip=TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
-                builtin_preserve, erase_concept_tokens=True, erase_from="") -> io.NodeOutput:
+                builtin_preserve, erase_concept_tokens=True, erase_from="",
+                prior_weight=DEFAULT_PRIOR_WEIGHT) -> io.NodeOutput:
         check_inputs(cls, locals())
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
@@ -83,6 +87,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
             encoder, base, parsed, templates, default_anchor, keep,
             CFRConfig(lambda_, preserve_scale, erase_concept_tokens), NodeProgress(len(parsed) + 1),
             erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve),
+            prior=prior_for(encoder, float(prior_weight)),
         )
         info = {
             "method": "cfr",
@@ -94,6 +99,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
             "preserve": [p for c in parse_concepts(preserve, "preserve", False) for p in c.phrases],
             "builtin_preserve": builtin_preserve,
             "erase_concept_tokens": erase_concept_tokens,
+            "prior_weight": float(prior_weight),
         }
         if parse_erase_from(erase_from):
             info["erase_from"] = list(parse_erase_from(erase_from))

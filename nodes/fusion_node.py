@@ -13,6 +13,7 @@ from .cfr_node import preserve_prompts
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
 from .paths import resolve_lora_line
+from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
 from .validation import check_inputs
 
@@ -58,13 +59,15 @@ class MaceFuseLoras(io.ComfyNode):
                 io.Float.Input("lambda_", display_name="lambda", default=1.0, min=0.0, max=1e6, step=0.1),
                 io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
                 io.Boolean.Input("builtin_preserve", default=True),
+                io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
+                               optional=True, tooltip=TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )
 
     @classmethod
     def execute(cls, model, clip, lora_files, concept_type, preserve, lambda_, preserve_scale,
-                builtin_preserve) -> io.NodeOutput:
+                builtin_preserve, prior_weight=DEFAULT_PRIOR_WEIGHT) -> io.NodeOutput:
         check_inputs(cls, locals())
         paths = resolve_lora_files(lora_files)
         current = effective_kv_weights(model)
@@ -91,9 +94,10 @@ class MaceFuseLoras(io.ComfyNode):
         preserved = parse_concepts(preserve, "preserve", False)
         keep = preserve_prompts(preserve, templates_for(concept_type), builtin_preserve)
         result = fuse_loras(encoder, current, original, stream(), templates, keep, lambda_, preserve_scale,
-                            NodeProgress(len(paths) + 1), total=len(paths))
+                            NodeProgress(len(paths) + 1), total=len(paths),
+                            prior=prior_for(encoder, float(prior_weight)))
         info = {"method": "fusion", "loras": [os.path.basename(p) for p in paths], "lambda": lambda_,
-                "preserve_scale": preserve_scale,
+                "preserve_scale": preserve_scale, "prior_weight": float(prior_weight),
                 "preserve": [p for c in parse_concepts(preserve, "preserve", False) for p in c.phrases]}
         out = apply_erasure(model, result.deltas, current, info)
         summary = (f"fused {result.n_concepts} LoRA(s) into {len(result.deltas)} K/V weights in {result.seconds:.2f}s "

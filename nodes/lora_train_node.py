@@ -25,7 +25,7 @@ from .comfy_compat import io
 from ..mace_ops.concepts import parse_concepts, require_concepts
 from ..mace_ops.erasure_file import weights_fingerprint
 from ..mace_ops.lora_file import save_concept_lora
-from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, attention_masks, config_for, train_concept_lora
+from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, OBJECTIVES, attention_masks, config_for, train_concept_lora
 from ..mace_ops.templates import templates_for
 from ..mace_ops.validation import require_finite
 from .comfy_denoiser import ComfyDenoiser
@@ -166,6 +166,10 @@ class MaceTrainConceptLora(io.ComfyNode):
                                 "'loras/...' shows up in LoRA loaders."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Optional concept masks, one per image (or one for all); white = concept."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="attention", optional=True,
+                               tooltip="attention = MACE (the concept's words lose their attention mass); "
+                               "trajectory = ANT-style (keep the early denoising steps, reverse the guidance "
+                               "direction for the concept after t'=500; masks and sampler are not used)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -177,8 +181,10 @@ class MaceTrainConceptLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, concept, concept_type, mask_mode, steps, lr, rank, seed, sampler,
-                include_end_tokens, filename_prefix, masks=None) -> io.NodeOutput:
+                include_end_tokens, filename_prefix, masks=None, objective="attention") -> io.NodeOutput:
         check_inputs(cls, locals())
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
         if concept_type not in CONCEPT_TYPES:
             raise ValueError(f"concept_type: unknown {concept_type!r}; choose one of {list(CONCEPT_TYPES)}")
         if mask_mode not in MASK_MODES:
@@ -206,6 +212,7 @@ class MaceTrainConceptLora(io.ComfyNode):
             sampler=defaults.sampler if sampler == "auto" else sampler,
             include_end_tokens=bool(include_end_tokens),
             use_masks=mode != "whole image",
+            objective=objective,
         )
         denoiser = ComfyDenoiser(model)
         try:

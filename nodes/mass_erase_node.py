@@ -17,7 +17,7 @@ from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
-from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, config_for
+from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, OBJECTIVES, DEFAULT_LORA_PRESERVE, config_for
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, run_mass_erasure, slug
 from ..mace_ops.templates import fill
 from ..mace_ops.scope import parse_erase_from
@@ -27,6 +27,7 @@ from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
 from .paths import text_roots
+from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
 from .training_images_node import sample_images
 from .validation import check_inputs
@@ -72,6 +73,20 @@ class MaceMassErase(io.ComfyNode):
                                 "tokens, each LoRA trains on images/prompts of the concept in the context, and "
                                 "fusion keeps the concept in other contexts and the context's other variants "
                                 "(crossed with 'preserve'). Empty = everywhere."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="attention", optional=True,
+                               tooltip="LoRA-stage objective: attention = MACE (the concept's words lose their "
+                               "attention mass); trajectory = ANT-style (keep the early denoising steps, reverse "
+                               "the guidance direction for the concept after t'=500; no anchor needed)."),
+                io.Float.Input("lora_preserve", default=DEFAULT_LORA_PRESERVE, min=0.0, max=1e6, step=0.5,
+                               optional=True,
+                               tooltip="Keeps each LoRA from changing the K/V of preserved text (preserve list, "
+                               "built-in prompts, general prior). 0 = the paper's LoRA stage (the default: in "
+                               "the toy world a weight of 3-10 kept more but erased much less)."),
+                io.Boolean.Input("erase_concept_tokens", default=True, optional=True,
+                                 tooltip="CFR also remaps the concept's own tokens (on = the pack's measured best; "
+                                 "off = the paper, which leaves them to the LoRAs)."),
+                io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
+                               optional=True, tooltip=TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
             is_output_node=True,
@@ -80,20 +95,29 @@ class MaceMassErase(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, concepts, concept_file, concept_type, anchor, preserve, builtin_preserve,
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
-                sampling_steps, seed, fusion_lambda, erase_from="") -> io.NodeOutput:
+                sampling_steps, seed, fusion_lambda, erase_from="", objective="attention",
+                lora_preserve=DEFAULT_LORA_PRESERVE, prior_weight=DEFAULT_PRIOR_WEIGHT,
+                erase_concept_tokens=True) -> io.NodeOutput:
         check_inputs(cls, locals())
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
         parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
         defaults = DEFAULTS_BY_TYPE[concept_type]
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
-                          seed=int(seed), use_masks=False)
+                          seed=int(seed), use_masks=False, objective=objective, preserve=float(lora_preserve))
         anchor = normalise_phrase(anchor)
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
-        settings = PipelineSettings(concept_type, anchor, CFRConfig(cfr_lambda, preserve_scale, False), lora,
-                                    fusion_lambda, preserve_scale)
+        settings = PipelineSettings(concept_type, anchor, CFRConfig(cfr_lambda, preserve_scale, bool(erase_concept_tokens)),
+                                    lora,
+                                    fusion_lambda, preserve_scale, prior_weight=float(prior_weight))
         keep = preserve_prompts(preserve, templates, builtin_preserve)
         folder = os.path.join(folder_paths.get_output_directory(), "loras", "mace_mass", slug(run_name))
         encoder = ComfyTextEncoder(clip)
+        prior = prior_for(encoder, float(prior_weight))
+        if lora_preserve > 0 and not keep and prior is None:
+            raise ValueError("lora_preserve > 0 needs something to preserve: turn builtin_preserve on, fill "
+                             "'preserve', raise prior_weight, or set lora_preserve to 0")
         original = effective_kv_weights(model)
         sampler = comfy.samplers.KSampler.SAMPLERS[0] if "dpmpp_2m" not in comfy.samplers.KSampler.SAMPLERS \
             else "dpmpp_2m"
@@ -114,7 +138,8 @@ class MaceMassErase(io.ComfyNode):
                 encoder, denoiser, original, parsed, templates, settings, folder, training_data, keep,
                 NodeProgress(2 * n_eff + n_eff * lora.steps + 1),
                 comfy.model_management.throw_exception_if_processing_interrupted, logging.info, data_settings,
-                erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve))
+                erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve),
+                prior_moment=prior[0] if prior else None)
         finally:
             denoiser.release()
         info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,

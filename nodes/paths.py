@@ -46,3 +46,8 @@ def resolve_lora_line(name: str, field: str) -> list[str]:
             raise ValueError(f"{field}: folder {name.strip()!r} holds no .safetensors file")
         return inside
     raise ValueError(f"{field}: {name.strip()!r} is not a .safetensors file (no pickle is ever loaded)")
+
+
+def prior_cache_folder() -> str:
+    """Where the general caption prior's moment is cached per text encoder (ComfyUI's user folder)."""
+    return os.path.join(folder_paths.get_user_directory(), "mace_cache")

@@ -68,6 +68,8 @@ _bootstrap = importlib.import_module(f"{PACK_PACKAGE}.headless.bootstrap")
 _is_comfyui = _bootstrap.is_comfyui
 
 
+TEST_PRIOR_CAPTIONS = 64
+
 SKIP_MESSAGE = (
     "ComfyUI not found: set COMFYUI_PATH or extract ComfyUI to ~/ComfyUI; integration tests SKIPPED"
 )
@@ -284,6 +286,9 @@ def init_comfyui(base_dir: os.PathLike | str | None = None, *,
         if h.pack_error is None and not h.pack_node_ids:
             h.pack_error = "the pack imported but registered no nodes"
         h.pack_loaded = h.pack_error is None
+        prior = sys.modules.get(f"{env.pack_module_name}.nodes.prior_input")
+        if h.pack_loaded and prior is not None:  # in-process tests: a 64-caption general prior (nodes: 1,000)
+            prior.PRIOR_CAPTIONS = TEST_PRIOR_CAPTIONS
     h.init_seconds = time.perf_counter() - t0
     _HARNESS = h
     return h

@@ -57,7 +57,7 @@ def test_mass_erase_runs_resumes_and_matches_fuse_node(env):
     cfr = env.pack.nodes.cfr_node.MaceRefineCrossAttention
     fuse = env.pack.nodes.fusion_node.MaceFuseLoras
     with torch.inference_mode():
-        cfr_model = cfr.execute(env.model, env.clip, CONCEPTS, "object", "", "", 1.0, 1.0, False, False).result[0]
+        cfr_model = cfr.execute(env.model, env.clip, CONCEPTS, "object", "", "", 1.0, 1.0, False, True).result[0]
         fused = fuse.execute(cfr_model, env.clip, "mace_mass/t1", "object", "", 1e-3, 1.0, False).result[0]
     rec3 = cm.get_record(fused)
     for k in rec1.deltas:
@@ -90,3 +90,24 @@ def test_mass_erase_interrupt_keeps_finished_concepts(env):
 def test_malformed_concept_list_names_the_line(env):
     with pytest.raises(ValueError, match="concepts, line 2"):
         mass_erase(env, "t3", "ship\n,\n")
+
+
+def test_mass_erase_objective_prior_and_lora_preserve_inputs(env):
+    """The issue-16 inputs reach the pipeline: the prior changes the result and is cached per CLIP,
+    the trajectory objective and the LoRA preservation term run, bad values are refused by name."""
+    cm = env.pack.nodes.comfy_model
+    node = env.pack.nodes.mass_erase_node.MaceMassErase
+    args = (env.model, env.clip, env.vae, CONCEPTS, "", "object", "", "", True, "opts",
+            1.0, 1.0, 2, 3e-2, 1, 64, 2, 5, 1e-3)
+    with torch.inference_mode():
+        with_prior = cm.get_record(node.execute(*args).result[0]).deltas
+        without = cm.get_record(node.execute(*args, prior_weight=0.0).result[0]).deltas
+        traj = node.execute(*args, objective="trajectory", lora_preserve=5.0, prior_weight=0.0)
+    assert any(not torch.allclose(with_prior[k], without[k]) for k in with_prior)
+    assert cm.get_record(traj.result[0]).stages[-1]["settings"]["lora"]["objective"] == "trajectory"
+    cache = os.path.join(env.comfy.folder_paths.get_user_directory(), "mace_cache")
+    assert [f for f in os.listdir(cache) if f.startswith("prior-") and f.endswith(".safetensors")]
+    with torch.inference_mode(), pytest.raises(ValueError, match="objective"):
+        node.execute(*args, objective="reverse")
+    with torch.inference_mode(), pytest.raises(ValueError, match="lora_preserve"):
+        node.execute(*args[:8], False, *args[9:], lora_preserve=1.0, prior_weight=0.0)

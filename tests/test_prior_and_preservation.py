@@ -82,7 +82,7 @@ def test_prior_cache_is_per_encoder_and_on_disk(tmp_path):
     cache = PriorCache(str(tmp_path))
     Ma = cache.moment(a, caps)
     assert len(list(tmp_path.glob("prior-*.safetensors"))) == 1
-    assert encoder_fingerprint(a) != encoder_fingerprint(b)
+    assert encoder_fingerprint(a, caps[:2]) != encoder_fingerprint(b, caps[:2])
     assert not torch.allclose(cache.moment(b, caps), Ma)
     fresh = PriorCache(str(tmp_path))  # a new process: read back, not recomputed
     fresh_moment = fresh.moment(a, caps, on_batch=lambda: (_ for _ in ()).throw(AssertionError("recomputed")))
