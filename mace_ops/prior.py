@@ -134,10 +134,14 @@ class PriorCache:
                 pass
         M, _ = prior_moment(encoder, captions, on_batch=on_batch)
         self.memory[key] = M
-        if path:
+        if path:  # a folder we cannot write to costs the cache, not the run
             from safetensors.torch import save_file
-            os.makedirs(self.folder, exist_ok=True)
             tmp = path + ".tmp"
-            save_file({"moment": M.contiguous()}, tmp)
-            os.replace(tmp, path)
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                save_file({"moment": M.contiguous()}, tmp)
+                os.replace(tmp, path)
+            except OSError:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         return M

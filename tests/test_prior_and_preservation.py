@@ -143,3 +143,11 @@ def test_fusion_concept_positions_drop_the_words_before_the_concept():
     f = encs[0].features[4:]
     for k in weights:
         assert torch.allclose(fused.weights[k] @ f.T, (weights[k] + delta[k]) @ f.T, atol=1e-3)
+
+
+def test_prior_cache_survives_an_unwritable_folder(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    cache = PriorCache(str(blocker / "sub"))  # makedirs fails: the moment is still returned
+    M = cache.moment(WordEncoder(), general_captions(10))
+    assert M.shape == (32, 32) and blocker.read_text() == "x"
