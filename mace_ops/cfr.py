@@ -37,6 +37,7 @@ from .interfaces import KVWeights, TextEncoder
 from .ridge import solve_right
 from .scope import apply_scope
 from .templates import check_templates, fill
+from .encoding_cache import cached
 from .prior import add_prior
 from .validation import check_number, require_finite
 
@@ -219,6 +220,7 @@ def refine_cross_attention(
     config.validate()
     require_finite(weights, "CFR: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
+    encoder = cached(encoder)  # every concept's pairs re-encode the same anchor prompts
     if erase_from:
         check_concepts(encoder, concepts, default_anchor, field_name)
         concepts, extra = apply_scope(concepts, erase_from, templates, default_anchor, preserve_phrases)

@@ -238,12 +238,15 @@ def fuse_loras(
     total: int | None = None,
     positions: str = "all",
     prior: tuple[torch.Tensor, float] | None = None,
+    preserve_stats: PairStats | None = None,
 ) -> FusionResult:
     """Fuse the LoRAs (streamed one concept at a time); the input weights are never modified.
 
     ``templates`` is one list for every concept or a function concept -> templates.
     ``total`` (defaults to len(concept_loras) when it has one) is what ``progress`` counts to.
     ``prior`` = (moment, weight): the general caption prior joins the preserve set (``prior.add_prior``).
+    ``preserve_stats``: the preserve set already accumulated (e.g. by CFR, prior included); then
+    ``preserve_prompts`` and ``prior`` are not encoded again.
     """
     if not current_weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
@@ -266,11 +269,16 @@ def fuse_loras(
             progress(done, max(total, done) + 1)
     if acc is None:
         raise ValueError("fusion: no concept LoRA given")
-    preserve = PairStats(acc.dim)
-    add_preserve_prompts(preserve, encoder, list(preserve_prompts),
-                         on_batch=(lambda: progress(done, max(total, done) + 1)) if progress else None)
-    if prior is not None:
-        add_prior(preserve, *prior)
+    if preserve_stats is not None:
+        if preserve_stats.dim != acc.dim:
+            raise ValueError(f"fusion: preserve statistics of width {preserve_stats.dim}, the text encoder gives {acc.dim}")
+        preserve = preserve_stats
+    else:
+        preserve = PairStats(acc.dim)
+        add_preserve_prompts(preserve, encoder, list(preserve_prompts),
+                             on_batch=(lambda: progress(done, max(total, done) + 1)) if progress else None)
+        if prior is not None:
+            add_prior(preserve, *prior)
     weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
     require_finite(deltas, "fusion", "raise lambda or add preserve prompts")
     if progress:

@@ -32,6 +32,7 @@ import torch
 from .cfr import CFRConfig, add_concept_pairs, apply_transform, cfr_transform, refine_cross_attention
 from .concepts import Concept, parse_concepts, require_concepts
 from .covariance import PairStats
+from .encoding_cache import cached
 from .fingerprint import weights_fingerprint
 from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
@@ -238,6 +239,7 @@ def run_mass_erasure(
     """
     settings.cfr.validate()
     settings.lora.validate()
+    encoder = cached(encoder)  # CFR, own-CFR, LoRA training and fusion encode the same prompts
     check_number(settings.fusion_lambda, "fusion_lambda", 0.0, 1e12)
     check_number(settings.fusion_preserve_scale, "preserve_scale", 0.0, 1e12)
     check_number(settings.prior_weight, "prior_weight", 0.0, 1e6)
@@ -305,7 +307,7 @@ def run_mass_erasure(
     fused = fuse_loras(encoder, refined, original, stream, templates, preserve_prompts,
                        settings.fusion_lambda, settings.fusion_preserve_scale,
                        lambda k, _t: report(fuse_base + min(k, n)), total=n, positions=settings.fusion_positions,
-                       prior=prior)
+                       preserve_stats=preserve)  # CFR's preserve set, prior included: not encoded again
     result.seconds["fusion"] = time.perf_counter() - t2
     report(total)
     result.weights = fused.weights
