@@ -32,10 +32,23 @@ class ErasureRecord:
     stages: tuple = field(default_factory=tuple)  # one info dict per MACE stage applied
 
 
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and the SDXL family (SDXL, Pony, Illustrious, NoobAI)"
+
+
+def model_family(model) -> str:
+    """ComfyUI's name for the loaded model's family (its supported-model config class), or 'unknown'."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    return type(config).__name__ if config is not None else type(inner).__name__ if inner is not None else "unknown"
+
+
 def kv_keys(model) -> list[str]:
     keys = [k for k in model.model_state_dict(PREFIX) if KV_PATTERN.search(k)]
     if not keys:
-        raise ValueError("model: no cross-attention (attn2) to_k/to_v weights found; MACE needs a UNet text-to-image model")
+        raise ValueError(
+            f"model: this is a {model_family(model)} model, which has no cross-attention (attn2) to_k/to_v "
+            f"weights for MACE to edit; MACE supports UNet models with text cross-attention: {SUPPORTED_FAMILIES}"
+        )
     return sorted(keys)
 
 

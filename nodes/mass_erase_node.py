@@ -114,11 +114,11 @@ class MaceMassErase(io.ComfyNode):
         keep = preserve_prompts(preserve, templates, builtin_preserve)
         folder = os.path.join(folder_paths.get_output_directory(), "loras", "mace_mass", slug(run_name))
         encoder = ComfyTextEncoder(clip)
+        original = effective_kv_weights(model)  # an unsupported model family is refused before any work
         prior = prior_for(encoder, float(prior_weight))
         if lora_preserve > 0 and not keep and prior is None:
             raise ValueError("lora_preserve > 0 needs something to preserve: turn builtin_preserve on, fill "
                              "'preserve', raise prior_weight, or set lora_preserve to 0")
-        original = effective_kv_weights(model)
         sampler = comfy.samplers.KSampler.SAMPLERS[0] if "dpmpp_2m" not in comfy.samplers.KSampler.SAMPLERS \
             else "dpmpp_2m"
 

@@ -281,3 +281,16 @@ def test_grayscale_images_are_accepted_and_two_channel_images_named(env):
             encode(env.vae, env.model, torch.rand(1, 64, 64, 2))
         with pytest.raises(ValueError, match="images: holds NaN"):
             encode(env.vae, env.model, torch.full((1, 64, 64, 3), float("nan")))
+
+
+def test_a_model_without_cross_attention_is_refused_naming_its_family(env):
+    """SD3/Flux-style models (no attn2): the error names the family and the supported ones."""
+    cm = env.pack.nodes.comfy_model
+
+    class Flux:  # stands in for ComfyUI's supported_models.Flux config
+        pass
+
+    fake = SimpleNamespace(model=SimpleNamespace(model_config=Flux()), model_state_dict=lambda prefix=None: {
+        "diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"Flux model.*no cross-attention.*SD1\.x, SD2\.x and the SDXL family"):
+        cm.kv_keys(fake)
