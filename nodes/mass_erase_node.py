@@ -108,9 +108,9 @@ class MaceMassErase(io.ComfyNode):
                           seed=int(seed), use_masks=False, objective=objective, preserve=float(lora_preserve))
         anchor = normalise_phrase(anchor)
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
-        settings = PipelineSettings(concept_type, anchor, CFRConfig(cfr_lambda, preserve_scale, bool(erase_concept_tokens)),
-                                    lora,
-                                    fusion_lambda, preserve_scale, prior_weight=float(prior_weight))
+        cfr = CFRConfig(cfr_lambda, preserve_scale, bool(erase_concept_tokens))
+        settings = PipelineSettings(concept_type, anchor, cfr, lora, fusion_lambda, preserve_scale,
+                                    prior_weight=float(prior_weight))
         keep = preserve_prompts(preserve, templates, builtin_preserve)
         folder = os.path.join(folder_paths.get_output_directory(), "loras", "mace_mass", slug(run_name))
         encoder = ComfyTextEncoder(clip)
