@@ -70,6 +70,18 @@ def get_record(model) -> ErasureRecord | None:
     return model.get_attachment(ATTACHMENT)
 
 
+def extended_record(model, deltas: KVWeights, base_weights: KVWeights, info: dict) -> ErasureRecord:
+    """``model``'s MACE record with ``deltas`` added and ``info`` appended (a new record when it has none;
+    the base fingerprint is then taken from ``base_weights``)."""
+    previous = get_record(model)
+    if previous is None:
+        return ErasureRecord(dict(deltas), weights_fingerprint({k: base_weights[k] for k in deltas}), (info,))
+    merged = dict(previous.deltas)
+    for k, d in deltas.items():
+        merged[k] = merged[k] + d if k in merged else d
+    return ErasureRecord(merged, previous.base_fingerprint, previous.stages + (info,))
+
+
 def apply_erasure(model, deltas: KVWeights, base_weights: KVWeights, info: dict, strength: float = 1.0):
     """A clone of ``model`` with ``deltas`` added as diff patches and the record extended.
 
@@ -83,14 +95,6 @@ def apply_erasure(model, deltas: KVWeights, base_weights: KVWeights, info: dict,
     missing = sorted(set(deltas) - accepted)
     if missing:
         raise ValueError(f"model: {len(missing)} weight(s) to patch are missing, e.g. {missing[0]}")
-    previous = get_record(model)
     scaled = {k: (strength * d).to(torch.float32) for k, d in deltas.items()}
-    if previous is None:
-        record = ErasureRecord(scaled, weights_fingerprint({k: base_weights[k] for k in deltas}), (info,))
-    else:
-        merged = dict(previous.deltas)
-        for k, d in scaled.items():
-            merged[k] = merged[k] + d if k in merged else d
-        record = ErasureRecord(merged, previous.base_fingerprint, previous.stages + (info,))
-    out.set_attachments(ATTACHMENT, record)
+    out.set_attachments(ATTACHMENT, extended_record(model, scaled, base_weights, info))
     return out

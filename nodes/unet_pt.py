@@ -25,8 +25,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 
-from ..mace_ops.erasure_file import weights_fingerprint
-from .comfy_model import ATTACHMENT, KV_PATTERN, PREFIX, ErasureRecord, effective_kv_weights, get_record
+from .comfy_model import ATTACHMENT, KV_PATTERN, PREFIX, effective_kv_weights, extended_record
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -161,14 +160,5 @@ def load_unet_pt(model, path: str):
     if set(changed) - accepted:
         raise ValueError(f"model: could not patch {_names(set(changed) - accepted)}")
     info = {"method": "load_unet_pt", "file": os.path.basename(path), "changed": len(changed)}
-    previous = get_record(model)
-    kept = {k: deltas[k] for k in changed}
-    if previous is None:
-        record = ErasureRecord(kept, weights_fingerprint({k: base_kv[k] for k in kept}), (info,))
-    else:
-        merged = dict(previous.deltas)
-        for k, d in kept.items():
-            merged[k] = merged[k] + d if k in merged else d
-        record = ErasureRecord(merged, previous.base_fingerprint, previous.stages + (info,))
-    out.set_attachments(ATTACHMENT, record)
+    out.set_attachments(ATTACHMENT, extended_record(model, {k: deltas[k] for k in changed}, base_kv, info))
     return out, info
