@@ -26,9 +26,6 @@ class CachedTextEncoder:
         self._memo: OrderedDict[str, EncodedPrompt] = OrderedDict()
         self.hits = self.misses = 0
 
-    def __getattr__(self, name):  # anything else the wrapped encoder offers (start_id, dim, ...)
-        return getattr(self.inner, name)
-
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)
 

@@ -127,7 +127,7 @@ def _digest(value) -> str:
 
 def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Sequence[str],
                   preserve_prompts: Sequence[str], data_settings: Mapping | None = None,
-                  prior_moment: torch.Tensor | None = None) -> dict:
+                  prior_digest: str | None = None) -> dict:
     """Everything one concept's LoRA depends on, besides the base model (checked by fingerprint).
 
     The LoRA is trained on base + the concept's *own* CFR (its pairs, the shared preserve set),
@@ -135,9 +135,6 @@ def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Seque
     concepts reuses every other concept's LoRA.
     """
     anchor = settings.default_anchor if concept.anchor is None else concept.anchor
-    prior_key = None
-    if prior_moment is not None and settings.prior_weight > 0:
-        prior_key = hashlib.sha256(prior_moment.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()[:16]
     return {
         "version": RESUME_VERSION,
         "phrases": list(concept.phrases),
@@ -148,15 +145,20 @@ def resume_inputs(concept: Concept, settings: PipelineSettings, templates: Seque
         "preserve": _digest(list(preserve_prompts)),
         "lora": settings.lora.settings(),
         "training_data": dict(data_settings or {}),
-        **({"prior": prior_key} if prior_key else {}),
+        **({"prior": prior_digest} if prior_digest and settings.prior_weight > 0 else {}),
     }
+
+
+def moment_digest(moment: torch.Tensor) -> str:
+    """sha256 (16 hex) of a prior moment's float64 bytes: what the resume key records of the prior."""
+    return hashlib.sha256(moment.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def settings_key(concept: Concept, settings: PipelineSettings, templates: Sequence[str] = (),
                  preserve_prompts: Sequence[str] = (), data_settings: Mapping | None = None,
-                 prior_moment: torch.Tensor | None = None) -> str:
+                 prior_digest: str | None = None) -> str:
     """The resume key: sha256 of ``resume_inputs`` (16 hex digits)."""
-    return _digest(resume_inputs(concept, settings, templates, preserve_prompts, data_settings, prior_moment))[:16]
+    return _digest(resume_inputs(concept, settings, templates, preserve_prompts, data_settings, prior_digest))[:16]
 
 
 def lora_file_name(concept: Concept, key: str) -> str:
@@ -246,6 +248,7 @@ def run_mass_erasure(
     if settings.prior_weight > 0 and prior_moment is None:
         raise ValueError("prior_weight > 0 needs the general prior (prior_moment); set prior_weight to 0")
     prior = (prior_moment, settings.prior_weight) if settings.prior_weight > 0 else None
+    prior_digest = moment_digest(prior_moment) if prior else None  # once, not per concept
     if erase_from:
         concepts, extra = apply_scope(concepts, erase_from, templates, settings.default_anchor, preserve_phrases)
         preserve_prompts = list(preserve_prompts) + extra
@@ -277,7 +280,7 @@ def run_mass_erasure(
 
     t1 = time.perf_counter()
     for i, concept in enumerate(concepts):
-        key = settings_key(concept, settings, templates, preserve_prompts, data_settings, prior_moment)
+        key = settings_key(concept, settings, templates, preserve_prompts, data_settings, prior_digest)
         path = os.path.join(lora_dir, lora_file_name(concept, key))
         result.lora_files.append(path)
         base_done = n + i * steps
@@ -294,7 +297,7 @@ def run_mass_erasure(
                                      preserve_moment=moment)
         info = {**trained.info(), "resume_key": key, "concept_type": settings.concept_type,
                 "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings,
-                                               prior_moment)}
+                                               prior_digest)}
         save_concept_lora(path, trained.lora, base_fp, info)
         result.trained.append(concept.name)
         log(f"[mace] {concept.name}: loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} "

@@ -99,8 +99,9 @@ def add_prior(stats: PairStats, moment: torch.Tensor | None, weight: float) -> P
     return stats
 
 
-def encoder_fingerprint(encoder: TextEncoder, probes: Sequence[str] = ("a photo of a dog", "")) -> str:
-    """sha256 (16 hex) of the encoder's rounded features on probe prompts: differs per CLIP/clip skip."""
+def encoder_fingerprint(encoder: TextEncoder, probes: Sequence[str]) -> str:
+    """sha256 (16 hex) of the encoder's rounded features on ``probes`` (prompts its vocabulary has):
+    differs per CLIP and clip skip."""
     h = hashlib.sha256()
     for enc in encoder.encode(probes):
         f = enc.features.detach().to(device="cpu", dtype=torch.float32)
