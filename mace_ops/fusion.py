@@ -270,6 +270,8 @@ def fuse_loras(
     if acc is None:
         raise ValueError("fusion: no concept LoRA given")
     if preserve_stats is not None:
+        if prior is not None:
+            raise ValueError("fusion: the prior goes into preserve_stats or comes as prior, not both")
         if preserve_stats.dim != acc.dim:
             raise ValueError(f"fusion: preserve statistics of width {preserve_stats.dim}, the text encoder gives {acc.dim}")
         preserve = preserve_stats
