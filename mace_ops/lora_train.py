@@ -7,6 +7,13 @@ uniform), noises the latent with ``denoiser.add_noise`` and runs one denoiser fo
 LoRA's weight transform. The loss is the attention loss (``attention_loss``); AdamW updates only
 the LoRA factors, after a grad-norm clip. The denoiser output is not used (no denoising loss).
 
+Two paths optimise the attention objective (``config.path``). ``full`` runs the denoiser forward
+and backward at every step and trains the K and V factors. ``cached_queries``
+(``cached_queries.py``) draws the first ``query_samples`` samples exactly as the full path would,
+records every attn2 layer's queries in forwards without grad, and then trains the K factors
+against those queries with no denoiser call per step (V does not enter that loss; its factors
+stay at their zero start). A step i uses recorded sample i modulo the pool.
+
 ComfyUI runs nodes under ``torch.inference_mode()``. Training therefore runs inside
 ``torch.inference_mode(False)`` and ``torch.enable_grad()``, and clones the latents, masks and
 text features first, so no inference tensor is ever saved for backward. Gradients are taken with
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 
 from .alignment import concept_positions
 from .attention_loss import AttentionLossCollector
+from .cached_queries import record_queries
 from .cfis import SAMPLER_KINDS, TimestepSampler
 from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
@@ -37,6 +45,13 @@ from .validation import check_number, derive_seed, require_finite
 
 Progress = Callable[[int, int], None]
 OBJECTIVES = ("attention", "trajectory")
+PATHS = ("cached_queries", "full")  # how the attention objective is optimised (see the module docstring)
+PATH_CHOICES = ("auto",) + PATHS  # the nodes' lora_training input
+DEFAULT_PATH = "cached_queries"  # "auto" for the attention objective (bench/lora_speed: same H, far cheaper)
+PATH_TOOLTIP = ("How the LoRA stage optimises the attention loss. cached_queries = record the UNet's cross-attention "
+                "queries once per training sample, then train the K LoRA against them (no UNet forward/backward per "
+                "step; V is not trained); full = backprop through the UNet every step (K and V, the paper's way). "
+                "auto = cached_queries for the attention objective, full for trajectory.")
 DEFAULT_LORA_PRESERVE = 0.0  # the nodes' default for ``preserve``: on the shipped toy world it cost erasure (bench/mace_variants)
 
 
@@ -60,6 +75,8 @@ class LoraTrainConfig:
     objective: str = "attention"  # "attention" (MACE) or "trajectory" (ANT-style)
     t_prime: float = 500.0  # trajectory: steps t <= t_prime get the reversed-guidance target
     guidance: float = 1.0  # trajectory: eta of the reversed guidance direction
+    path: str = "full"  # "cached_queries" (K LoRA against queries recorded once) or "full" (backprop, K and V)
+    query_samples: int = 0  # cached_queries: samples recorded (0: steps * batch_size, the full path's draws)
 
     def validate(self) -> None:
         """Every number finite and in range (ValueError naming the setting), before any work."""
@@ -82,9 +99,23 @@ class LoraTrainConfig:
             raise ValueError(f"objective: unknown {self.objective!r}; choose one of {list(OBJECTIVES)}")
         check_number(self.t_prime, "trajectory t_prime", 0.0, None)
         check_number(self.guidance, "trajectory guidance", 0.0, 100.0)
+        if self.path not in PATHS:
+            raise ValueError(f"path: unknown {self.path!r}; choose one of {list(PATHS)}")
+        check_number(self.query_samples, "query samples", 0, None, integer=True)
+        if self.path == "cached_queries" and self.objective != "attention":
+            raise ValueError(f"path 'cached_queries' optimises the attention objective only; the {self.objective!r} "
+                             "objective needs path 'full'")
 
     def settings(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field; on the full path without the cached path's fields (resume keys of older runs hold)."""
+        out = dataclasses.asdict(self)
+        if self.path == "full":
+            del out["path"], out["query_samples"]
+        return out
+
+    def query_pool(self) -> int:
+        """How many samples the cached path records."""
+        return self.query_samples or self.steps * self.batch_size
 
 
 DEFAULTS_BY_TYPE: dict[str, LoraTrainConfig] = {
@@ -93,6 +124,15 @@ DEFAULTS_BY_TYPE: dict[str, LoraTrainConfig] = {
     "style": LoraTrainConfig(steps=50, lr=1e-4, sampler="cfis", use_masks=False),
     "nudity": LoraTrainConfig(steps=120, lr=1e-5, sampler="uniform"),
 }
+
+
+def training_path(choice: str, objective: str) -> str:
+    """The path a node's ``lora_training`` choice means for an objective ('auto': see PATH_TOOLTIP)."""
+    if choice not in PATH_CHOICES:
+        raise ValueError(f"lora_training: unknown {choice!r}; choose one of {list(PATH_CHOICES)}")
+    if choice == "auto":
+        return DEFAULT_PATH if objective == "attention" else "full"
+    return choice
 
 
 def config_for(kind: str, **overrides) -> LoraTrainConfig:
@@ -244,9 +284,6 @@ def train_concept_lora(
         if config.preserve > 0:
             P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
             require_finite(P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
-        opt = torch.optim.AdamW(
-            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
-        )
         gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
         uncond = None
         if config.objective == "trajectory":
@@ -256,18 +293,38 @@ def train_concept_lora(
         )
         losses: list[float] = []
         n_prompts, n_latents, batch = len(prompts.texts), x0_all.shape[0], config.batch_size
-        for step in range(config.steps):
-            if should_stop is not None and should_stop():
-                raise InterruptedError(f"LoRA training for {concept.name!r} stopped at step {step}")
+
+        def draw():
+            """One step's samples: prompt and latent indices, noisy latents, timesteps."""
             pi = torch.randint(n_prompts, (batch,), generator=gen).to(device)
             li = torch.randint(n_latents, (batch,), generator=gen).to(device)
             x0 = x0_all[li]
             noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
             t = sampler.sample(batch)
-            x_t = denoiser.add_noise(x0, noise, t)
-            if config.objective == "trajectory":
+            return pi, li, denoiser.add_noise(x0, noise, t), t
+
+        cache = None
+        if config.path == "cached_queries":  # the full path's first draws, queries recorded once
+            pool = config.query_pool()
+            drawn = [draw() for _ in range(-(-pool // batch))]
+            pool_pi, pool_li, pool_x, pool_t = (torch.cat([d[j] for d in drawn])[:pool] for j in range(4))
+            cache = record_queries(denoiser, pool_x, pool_t, prompts.contexts[pool_pi], weights, should_stop)
+            keys = set(cache.key_names)  # V does not enter this loss: only the K factors train
+            params = [t for k in lora.names if k in keys for t in (lora.down[k], lora.up[k])]
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                raise InterruptedError(f"LoRA training for {concept.name!r} stopped at step {step}")
+            if cache is not None:
+                idx = (step * batch + torch.arange(batch, device=device)) % pool
+                pi, li = pool_pi[idx], pool_li[idx]
+                loss = cache.loss(idx, prompts.contexts[pi], prompts.positions[pi],
+                                  None if m_all is None else m_all[li], weights, lora.weight_transform)
+            elif config.objective == "trajectory":
+                pi, li, x_t, t = draw()
                 loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], uncond, config)
             else:
+                pi, li, x_t, t = draw()
                 collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
                 denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
                 loss = collector.loss()
