@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .alignment import concept_positions
 from .attention_loss import AttentionLossCollector
-from .cached_queries import record_queries
+from .cached_queries import BatchedKLora, record_queries
 from .cfis import SAMPLER_KINDS, TimestepSampler
 from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
@@ -249,6 +249,88 @@ def _trajectory_loss(denoiser, lora: KVLora, x_t, t, context, uncond, config: Lo
     return (pred.float() - target.float()).pow(2).mean()
 
 
+@dataclass
+class LoraJob:
+    """One concept's LoRA training inputs (``train_concept_loras``)."""
+
+    denoiser: CrossAttentionDenoiser
+    concept: Concept
+    latents: torch.Tensor
+    masks: torch.Tensor | None = None
+
+
+class _Run:
+    """One concept's training state: weights, prompts, data, fresh LoRA and the seeded draws."""
+
+    def __init__(self, job: LoraJob, encoder: TextEncoder, templates: Sequence[str], config: LoraTrainConfig,
+                 preserve_moment: torch.Tensor | None):
+        _check_inputs(job.latents, job.masks)
+        self.job, self.concept, self.denoiser = job, job.concept, job.denoiser
+        self.weights, device = _kv_weights(job.denoiser)
+        self.device = device
+        self.prompts = _prepare_prompts(encoder, job.concept, templates, config.include_end_tokens, device)
+        self.x0_all = job.latents.detach().to(device).clone()
+        self.use_masks = config.use_masks and job.masks is not None
+        self.m_all = job.masks.detach().to(device=device, dtype=torch.float32).clone() if self.use_masks else None
+        self.lora = KVLora({k: tuple(w.shape) for k, w in self.weights.items()}, config.rank, config.alpha,
+                           config.seed, device)
+        self.P = None
+        if config.preserve > 0:
+            self.P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
+            require_finite(self.P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
+        self.gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
+        self.uncond = None
+        if config.objective == "trajectory":
+            self.uncond = encoder.encode([""])[0].features.detach().to(device=device, dtype=torch.float32).clone()
+        self.sampler = TimestepSampler(
+            "uniform" if config.objective == "trajectory" else config.sampler, job.denoiser.num_train_timesteps,
+            config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
+        )
+        self.batch = config.batch_size
+        self.losses: list[float] = []
+
+    def draw(self):
+        """One step's samples: prompt and latent indices, noisy latents, timesteps."""
+        b, gen, device = self.batch, self.gen, self.device
+        pi = torch.randint(len(self.prompts.texts), (b,), generator=gen).to(device)
+        li = torch.randint(self.x0_all.shape[0], (b,), generator=gen).to(device)
+        x0 = self.x0_all[li]
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+        t = self.sampler.sample(b)
+        return pi, li, self.denoiser.add_noise(x0, noise, t), t
+
+    def check_loss(self, loss: torch.Tensor, step: int) -> None:
+        self.losses.append(float(loss.detach()))
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(
+                f"LoRA training for {self.concept.name!r}: the loss became {self.losses[-1]} at step {step + 1}; "
+                "lower the learning rate (lr) or check the images and model for NaN/inf values"
+            )
+
+    def result(self, config: LoraTrainConfig, seconds: float) -> TrainedLora:
+        require_finite({name: t for name, t in self.lora.named_parameters()},
+                       f"LoRA training for {self.concept.name!r}", "lower the learning rate (lr); nothing was saved")
+        metadata = {
+            "concept": list(self.concept.phrases),
+            "steps": config.steps,
+            "lr": config.lr,
+            "seed": config.seed,
+            "settings": {**config.settings(), "masks_used": self.use_masks, "prompts": len(self.prompts.texts),
+                         "images": self.x0_all.shape[0]},
+            "skipped_prompts": self.prompts.skipped,
+            "loss_first": self.losses[0],
+            "loss_last": self.losses[-1],
+        }
+        return TrainedLora(self.lora, self.losses, metadata, seconds)
+
+
+def _check_config(config: LoraTrainConfig, preserve_moment) -> None:
+    config.validate()
+    if config.preserve > 0 and preserve_moment is None:
+        raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
+                         "or set the preserve weight to 0")
+
+
 def train_concept_lora(
     denoiser: CrossAttentionDenoiser,
     encoder: TextEncoder,
@@ -266,76 +348,30 @@ def train_concept_lora(
     ``preserve_moment`` (d x d, mean p p^T of the preserve prompts' features) is needed when
     ``config.preserve`` > 0.
     """
-    config.validate()
-    if config.preserve > 0 and preserve_moment is None:
-        raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
-                         "or set the preserve weight to 0")
+    job = LoraJob(denoiser, concept, latents, masks)
+    if config.path == "cached_queries":
+        return train_concept_loras([job], encoder, templates, config, progress, should_stop, preserve_moment)[0]
+    _check_config(config, preserve_moment)
     _check_inputs(latents, masks)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        weights, device = _kv_weights(denoiser)
-        prompts = _prepare_prompts(encoder, concept, templates, config.include_end_tokens, device)
-        x0_all = latents.detach().to(device).clone()
-        use_masks = config.use_masks and masks is not None
-        m_all = masks.detach().to(device=device, dtype=torch.float32).clone() if use_masks else None
-        lora = KVLora({k: tuple(w.shape) for k, w in weights.items()}, config.rank, config.alpha, config.seed, device)
+        run = _Run(job, encoder, templates, config, preserve_moment)
+        lora, prompts, m_all, weights = run.lora, run.prompts, run.m_all, run.weights
         params = lora.parameters()
-        P = None
-        if config.preserve > 0:
-            P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
-            require_finite(P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
-        gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
-        uncond = None
-        if config.objective == "trajectory":
-            uncond = encoder.encode([""])[0].features.detach().to(device=device, dtype=torch.float32).clone()
-        sampler = TimestepSampler(
-            "uniform" if config.objective == "trajectory" else config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
-        )
-        losses: list[float] = []
-        n_prompts, n_latents, batch = len(prompts.texts), x0_all.shape[0], config.batch_size
-
-        def draw():
-            """One step's samples: prompt and latent indices, noisy latents, timesteps."""
-            pi = torch.randint(n_prompts, (batch,), generator=gen).to(device)
-            li = torch.randint(n_latents, (batch,), generator=gen).to(device)
-            x0 = x0_all[li]
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
-            t = sampler.sample(batch)
-            return pi, li, denoiser.add_noise(x0, noise, t), t
-
-        cache = None
-        if config.path == "cached_queries":  # the full path's first draws, queries recorded once
-            pool = config.query_pool()
-            drawn = [draw() for _ in range(-(-pool // batch))]
-            pool_pi, pool_li, pool_x, pool_t = (torch.cat([d[j] for d in drawn])[:pool] for j in range(4))
-            cache = record_queries(denoiser, pool_x, pool_t, prompts.contexts[pool_pi], weights, should_stop)
-            keys = set(cache.key_names)  # V does not enter this loss: only the K factors train
-            params = [t for k in lora.names if k in keys for t in (lora.down[k], lora.up[k])]
         opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
         for step in range(config.steps):
             if should_stop is not None and should_stop():
                 raise InterruptedError(f"LoRA training for {concept.name!r} stopped at step {step}")
-            if cache is not None:
-                idx = (step * batch + torch.arange(batch, device=device)) % pool
-                pi, li = pool_pi[idx], pool_li[idx]
-                loss = cache.loss(idx, prompts.contexts[pi], prompts.positions[pi],
-                                  None if m_all is None else m_all[li], weights, lora.weight_transform)
-            elif config.objective == "trajectory":
-                pi, li, x_t, t = draw()
-                loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], uncond, config)
+            pi, li, x_t, t = run.draw()
+            if config.objective == "trajectory":
+                loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], run.uncond, config)
             else:
-                pi, li, x_t, t = draw()
                 collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
                 denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
                 loss = collector.loss()
-            if P is not None:
-                loss = loss + config.preserve * preservation_loss(lora, weights, P)
-            losses.append(float(loss.detach()))
-            if not torch.isfinite(loss.detach()):
-                raise ValueError(
-                    f"LoRA training for {concept.name!r}: the loss became {losses[-1]} at step {step + 1}; "
-                    "lower the learning rate (lr) or check the images and model for NaN/inf values"
-                )
+            if run.P is not None:
+                loss = loss + config.preserve * preservation_loss(lora, weights, run.P)
+            run.check_loss(loss, step)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):
@@ -345,26 +381,81 @@ def train_concept_lora(
                 opt.step()
                 for p in params:
                     p.grad = None
-            elif losses[-1] > 0:
+            elif run.losses[-1] > 0:
                 raise RuntimeError(
                     "the attention loss does not depend on the LoRA: the denoiser ignored weight_transform"
                 )
             if progress is not None:
                 progress(step + 1, config.steps)
-        require_finite({name: t for name, t in lora.named_parameters()}, f"LoRA training for {concept.name!r}",
-                       "lower the learning rate (lr); nothing was saved")
-    seconds = time.perf_counter() - start
-    metadata = {
-        "concept": list(concept.phrases),
-        "steps": config.steps,
-        "lr": config.lr,
-        "seed": config.seed,
-        "settings": {**config.settings(), "masks_used": use_masks, "prompts": n_prompts, "images": n_latents},
-        "skipped_prompts": prompts.skipped,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-    }
-    return TrainedLora(lora, losses, metadata, seconds)
+        return run.result(config, time.perf_counter() - start)
+
+
+def train_concept_loras(
+    jobs: Sequence[LoraJob],
+    encoder: TextEncoder,
+    templates: Sequence[str],
+    config: LoraTrainConfig,
+    progress: Progress | None = None,
+    should_stop: Callable[[], object] | None = None,
+    preserve_moment: torch.Tensor | None = None,
+) -> list[TrainedLora]:
+    """Train one LoRA per job. The cached-query path trains them together: concepts along a batch
+    dimension, each with its own factors, AdamW state and grad clip (``cached_queries.BatchedKLora``),
+    equal to training them one by one within float tolerance. The full path trains them in turn.
+    ``progress(step, steps)`` counts steps of the whole group; ``TrainedLora.seconds`` is the
+    group's time divided among its concepts.
+    """
+    _check_config(config, preserve_moment)
+    if not jobs:
+        return []
+    if config.path == "full":
+        return [train_concept_lora(j.denoiser, encoder, j.concept, templates, j.latents, j.masks, config, progress,
+                                   should_stop, preserve_moment) for j in jobs]
+    for job in jobs:
+        _check_inputs(job.latents, job.masks)
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        runs = [_Run(job, encoder, templates, config, preserve_moment) for job in jobs]
+        pool, batch = config.query_pool(), config.batch_size
+        samples, caches = [], []
+        for run in runs:  # the full path's first draws; each concept's queries from its own model
+            drawn = [run.draw() for _ in range(-(-pool // batch))]
+            pi, li, x_t, t = (torch.cat([d[j] for d in drawn])[:pool] for j in range(4))
+            caches.append(record_queries(run.denoiser, x_t, t, run.prompts.contexts[pi], run.weights, should_stop))
+            samples.append((pi, li))
+        model = BatchedKLora([r.lora for r in runs], [r.weights for r in runs], caches)
+        P = runs[0].P
+        params = model.parameters()
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+        device = runs[0].device
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                names = ", ".join(repr(r.concept.name) for r in runs)
+                raise InterruptedError(f"LoRA training for {names} stopped at step {step}")
+            idx = (step * batch + torch.arange(batch, device=device)) % pool
+            pis = [pi[idx] for pi, _ in samples]
+            lis = [li[idx] for _, li in samples]
+            contexts = torch.stack([r.prompts.contexts[p] for r, p in zip(runs, pis)])
+            positions = torch.stack([r.prompts.positions[p] for r, p in zip(runs, pis)])
+            masks = None if runs[0].m_all is None else torch.stack([r.m_all[i] for r, i in zip(runs, lis)])
+            losses = model.losses(idx, contexts, positions, masks)
+            if P is not None:
+                losses = losses + config.preserve * model.preservation(P)
+            for c, run in enumerate(runs):
+                run.check_loss(losses[c], step)
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = torch.zeros_like(p) if g is None else g
+            if config.grad_clip > 0:
+                model.clip_grad_norms(config.grad_clip)
+            opt.step()
+            for p in params:
+                p.grad = None
+            if progress is not None:
+                progress(step + 1, config.steps)
+        model.write_back()
+        seconds = (time.perf_counter() - start) / len(runs)
+        return [run.result(config, seconds) for run in runs]
 
 
 def attention_masks(

@@ -3,7 +3,7 @@
 ``run_mass_erasure`` is model agnostic: it takes a TextEncoder, a CrossAttentionDenoiser, the
 original K/V weights and a ``training_data(concept) -> (latents, masks or None)`` callable.
 Memory stays flat in the number of concepts: CFR and fusion stream one concept at a time
-through d x d sums, and only one LoRA is held in memory at a time.
+through d x d sums, and at most one group of LoRAs (``concept_batch``) is held in memory.
 
 Resume. Every concept's LoRA is saved to ``lora_dir`` as soon as it is trained, named
 ``<concept>-<key>.safetensors``. The key (``resume_inputs``) covers exactly that concept's own
@@ -43,7 +43,7 @@ from .fingerprint import weights_fingerprint
 from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
 from .lora_file import check_lora_fits, load_concept_lora, save_concept_lora
-from .lora_train import LoraTrainConfig, train_concept_lora
+from .lora_train import LoraJob, LoraTrainConfig, train_concept_loras
 from .safe_paths import read_text_file
 from .scope import apply_scope
 from .validation import check_number
@@ -287,6 +287,7 @@ def run_mass_erasure(
     prior_moment: torch.Tensor | None = None,
     shard: Shard | None = None,
     fuse_only: bool = False,
+    concept_batch: int = 8,
 ) -> MassErasureResult:
     """CFR of the whole list -> one LoRA per concept (reused when its own inputs are unchanged) -> fusion.
 
@@ -298,8 +299,11 @@ def run_mass_erasure(
     context (``scope.apply_scope``); ``preserve_phrases`` are the user's preserve list for it.
     ``prior_moment`` (``prior.PriorCache``) is the general caption prior, weighted by
     ``settings.prior_weight`` in CFR, the LoRAs' preservation term and fusion. ``shard`` and
-    ``fuse_only``: see the module docstring (a shard of count 1 is the whole run).
+    ``fuse_only``: see the module docstring (a shard of count 1 is the whole run). On the
+    cached-query path up to ``concept_batch`` LoRAs train together (``train_concept_loras``; equal
+    to training them in turn within float tolerance) and are saved when their group is done.
     """
+    check_number(concept_batch, "concept_batch", 1, None, integer=True)
     if shard is not None and fuse_only:
         raise ValueError("shard: a shard run trains its part and a fuse-only run trains nothing; choose one")
     shard = None if shard is None or shard.count == 1 else shard
@@ -344,37 +348,53 @@ def run_mass_erasure(
 
     t1 = time.perf_counter()
     missing: list[str] = []
+    pending: list[tuple[Concept, str, str]] = []  # (concept, key, path) waiting for their group
+    group_size = concept_batch if settings.lora.path == "cached_queries" else 1  # full path: one file at a time
+    slots = 0  # concepts whose LoRA stage is over (progress)
+
+    def train_group() -> None:
+        nonlocal slots
+        base, jobs = n + slots * steps, []
+        for concept, _key, _path in pending:
+            own = own_cfr_weights(encoder, original, concept, templates, settings, preserve)
+            report(base)
+            latents, masks = training_data(concept)
+            jobs.append(LoraJob(OverrideDenoiser(denoiser, own), concept, latents, masks))
+        g = len(jobs)
+        trained = train_concept_loras(jobs, encoder, templates, settings.lora,
+                                      lambda step, _t: report(base + step * g), should_stop, preserve_moment=moment)
+        for (concept, key, path), one in zip(pending, trained):
+            info = {**one.info(), "resume_key": key, "concept_type": settings.concept_type,
+                    "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings,
+                                                   prior_digest)}
+            save_concept_lora(path, one.lora, base_fp, info)
+            result.trained.append(concept.name)
+            result.seconds["lora_train"] = result.seconds.get("lora_train", 0.0) + one.seconds
+            log(f"[mace] {concept.name}: loss {one.losses[0]:.3f} -> {one.losses[-1]:.3f} in {one.seconds:.1f}s"
+                + (f" (trained with {g - 1} other concept(s))" if g > 1 else ""))
+        slots += g
+        pending.clear()
+
     for i, concept in enumerate(concepts):
         key = settings_key(concept, settings, templates, preserve_prompts, data_settings, prior_digest)
         path = os.path.join(lora_dir, lora_file_name(concept, key))
         result.lora_files.append(path)
-        base_done = n + i * steps
         if shard is not None and not shard.owns(i):
             result.other_shards.append(concept.name)
-            report(base_done + steps)
-            continue
-        if _reusable(path, key, original, log, result.set_aside):
+        elif _reusable(path, key, original, log, result.set_aside):
             result.reused.append(concept.name)
             log(f"[mace] {concept.name}: reusing {os.path.basename(path)}")
-            report(base_done + steps)
-            continue
-        if fuse_only:
+        elif fuse_only:
             missing.append(concept.name)
+        else:
+            pending.append((concept, key, path))
+            if len(pending) == group_size:
+                train_group()
             continue
-        own = own_cfr_weights(encoder, original, concept, templates, settings, preserve)
-        report(base_done)
-        latents, masks = training_data(concept)
-        trained = train_concept_lora(OverrideDenoiser(denoiser, own), encoder, concept, templates, latents, masks,
-                                     settings.lora, lambda step, _t, b=base_done: report(b + step), should_stop,
-                                     preserve_moment=moment)
-        info = {**trained.info(), "resume_key": key, "concept_type": settings.concept_type,
-                "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings,
-                                               prior_digest)}
-        save_concept_lora(path, trained.lora, base_fp, info)
-        result.trained.append(concept.name)
-        result.seconds["lora_train"] = result.seconds.get("lora_train", 0.0) + trained.seconds
-        log(f"[mace] {concept.name}: loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} "
-            f"in {trained.seconds:.1f}s")
+        slots += 1
+        report(n + slots * steps)
+    if pending:
+        train_group()
     result.seconds["lora"] = time.perf_counter() - t1
     if missing:
         raise ValueError(f"shard 'fuse': no finished LoRA for {len(missing)} concept(s) in {lora_dir}: "

@@ -115,3 +115,60 @@ def test_toy_unet_reports_queries():
     assert len(again) == len(probes) == 7
     for a, b in zip(again, probes):
         torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_concepts_equal_sequential():
+    from mace_ops.lora_train import LoraJob, train_concept_loras
+    from mace_ops.pipeline import OverrideDenoiser
+
+    g = torch.Generator().manual_seed(4)
+    base = DEN.kv_weights()
+    concepts = [Concept((w,), line=i + 1) for i, w in enumerate(("ship", "car", "horse"))]
+    jobs = []
+    for i, c in enumerate(concepts):  # each concept its own weights (its own CFR), images and masks
+        own = {k: w + 0.05 * torch.randn(w.shape, generator=g) for k, w in base.items()}
+        lat, m = fake_latents_and_masks(seed=10 + i)
+        jobs.append(LoraJob(OverrideDenoiser(DEN, own), c, lat, m))
+    P = torch.eye(32) + 0.1
+    config = dataclasses.replace(CACHED, steps=12, query_samples=6, preserve=0.5, grad_clip=0.05)
+    together = train_concept_loras(jobs, ENC, OBJECT_TEMPLATES, config, preserve_moment=P)
+    for job, got in zip(jobs, together):
+        alone = train_concept_lora(job.denoiser, ENC, job.concept, OBJECT_TEMPLATES, job.latents, job.masks, config,
+                                   preserve_moment=P)
+        assert got.losses == pytest.approx(alone.losses, rel=1e-4, abs=1e-6)
+        assert got.losses[-1] < got.losses[0]
+        for name in alone.lora.names:
+            torch.testing.assert_close(got.lora.delta(name), alone.lora.delta(name), atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(together[0].lora.delta(together[0].lora.names[0]),
+                              together[1].lora.delta(together[1].lora.names[0]))
+
+
+def test_one_concept_path_equals_a_plain_reference_loop():
+    """C = 1 of the batched code against a plain loop: QueryCache.probes + attention_loss +
+    preservation_loss + clip_grad_norm_ + AdamW on one KVLora's K factors."""
+    from mace_ops.attention_loss import attention_loss
+    from mace_ops.lora_train import LoraJob, _Run, preservation_loss
+
+    P = torch.eye(32) + 0.1
+    config = dataclasses.replace(CACHED, steps=8, query_samples=5, preserve=0.5, grad_clip=0.05)
+    got = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, config, preserve_moment=P)
+    run = _Run(LoraJob(DEN, SHIP, LATENTS, MASKS), ENC, OBJECT_TEMPLATES, config, P)
+    pi, li, x_t, t = (torch.cat(z) for z in zip(*[run.draw() for _ in range(5)]))
+    cache = record_queries(DEN, x_t, t, run.prompts.contexts[pi], run.weights)
+    lora = run.lora
+    params = [p for k in lora.names if ".to_k." in k for p in (lora.down[k], lora.up[k])]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    losses = []
+    for step in range(config.steps):
+        idx = torch.tensor([step % 5])
+        probes = cache.probes(idx, run.prompts.contexts[pi[idx]], run.weights, lora.weight_transform)
+        loss = attention_loss(probes, run.prompts.positions[pi[idx]], MASKS[li[idx]])
+        loss = loss + config.preserve * preservation_loss(lora, run.weights, P)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+    assert got.losses == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    for name in lora.names:
+        torch.testing.assert_close(got.lora.delta(name), lora.delta(name).detach(), atol=1e-6, rtol=1e-4)

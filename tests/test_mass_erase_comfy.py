@@ -111,3 +111,33 @@ def test_mass_erase_objective_prior_and_lora_preserve_inputs(env):
         node.execute(*args, objective="reverse")
     with torch.inference_mode(), pytest.raises(ValueError, match="lora_preserve"):
         node.execute(*args[:8], False, *args[9:], lora_preserve=1.0, prior_weight=0.0)
+
+
+def test_mass_erase_shards_then_fuse_match_one_run(env):
+    """Two shards on a shared run folder, then shard 'fuse': the same deltas as one run; a shard passes
+    the model on unchanged; bad shard strings and a fuse before the shards are refused by name."""
+    cm = env.pack.nodes.comfy_model
+    node = env.pack.nodes.mass_erase_node.MaceMassErase
+
+    def run(name, shard, training="auto"):
+        with torch.inference_mode():
+            return node.execute(env.model, env.clip, env.vae, CONCEPTS, "", "object", "", "", False, name,
+                                1.0, 1.0, 3, 3e-2, 1, 64, 2, 5, 1e-3, shard=shard, lora_training=training).result
+
+    one = cm.get_record(run("sh_one", "")[0])
+    with pytest.raises(ValueError, match="shard 'fuse': no finished LoRA for 2 concept"):
+        run("sh_parts", "fuse")
+    model, summary = run("sh_parts", "1/2")
+    assert model is env.model and "shard 1/2: 1 LoRA(s) trained" in summary and "No erasure applied" in summary
+    assert "shard 2/2: 1 LoRA(s) trained" in run("sh_parts", "2/2")[1]
+    fused = run("sh_parts", "fuse")
+    assert "0 trained, 2 reused" in fused[1]
+    rec = cm.get_record(fused[0])
+    for k in one.deltas:
+        assert torch.equal(one.deltas[k], rec.deltas[k]), k
+    assert one.stages[-1]["settings"]["lora"]["path"] == "cached_queries"
+    for bad in ("3/2", "one of two"):
+        with pytest.raises(ValueError, match="shard: "):
+            run("sh_bad", bad)
+    with pytest.raises(ValueError, match="lora_training: unknown 'fast'"):
+        run("sh_bad", "", training="fast")

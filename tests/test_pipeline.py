@@ -224,3 +224,43 @@ def test_two_shards_then_fuse_equal_one_run(tmp_path):
         go(shared, shard=Shard(0, 2), fuse_only=True)
     with pytest.raises(ValueError, match="shard: 3/2"):
         Shard(2, 2)
+
+
+def test_batched_concepts_equal_one_by_one_and_resume(tmp_path):
+    import dataclasses
+
+    from mace_ops.lora_file import load_concept_lora
+
+    cached = dataclasses.replace(SETTINGS, lora=dataclasses.replace(SETTINGS.lora, path="cached_queries",
+                                                                    query_samples=4, steps=8))
+    concepts = CONCEPTS + [Concept(("horse",), None, 3)]
+    den = FakeDenoiser()
+    logs = []
+
+    def go(folder, batch, should_stop=None):
+        return run_mass_erasure(ENC, den, den.kv_weights(), concepts, TEMPLATES, cached, str(folder), data, PRESERVE,
+                                log=logs.append, concept_batch=batch, should_stop=should_stop)
+
+    alone, together = go(tmp_path / "a", 1), go(tmp_path / "b", 2)
+    assert together.trained == ["ship", "car", "horse"]
+    assert any("trained with 1 other concept" in line for line in logs)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))  # same resume keys
+    for pa, pb in zip(alone.lora_files, together.lora_files):
+        fa, fb = load_concept_lora(pa).deltas(), load_concept_lora(pb).deltas()
+        for k in fa:
+            torch.testing.assert_close(fa[k], fb[k], atol=1e-6, rtol=1e-4)
+    for k in alone.weights:
+        torch.testing.assert_close(alone.weights[k], together.weights[k], atol=1e-5, rtol=1e-4)
+
+    folder = tmp_path / "c"
+
+    def stop_in_second_group():  # the first group (ship, car) is on disk
+        if folder.exists() and len(os.listdir(folder)) >= 2:
+            raise KeyboardInterrupt("user pressed stop")
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        go(folder, 2, stop_in_second_group)
+    assert len(os.listdir(folder)) == 2
+    resumed = go(folder, 2)
+    assert resumed.reused == ["ship", "car"] and resumed.trained == ["horse"]
