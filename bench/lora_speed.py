@@ -11,13 +11,16 @@ and the pack's (``"recommended"``). Per LoRA path, at 1 and 10 erased names, wit
 
 Reported: per-concept LoRA training time (``train_concept_lora``, wall, mean over concepts, after
 a warm-up run of every path) and the speed-up over ``full`` (``ratio``); the per-concept LoRA stage (training images + own CFR + training);
-H and Acc_e/Acc_g/Acc_s with binomial SEs (``evaluate.mass_metrics``, n stated).
+H and Acc_e/Acc_g/Acc_s with binomial SEs (``evaluate.mass_metrics``, n stated). Because the
+machine is shared, the time table also comes from ``--reps`` interleaved 1-name runs per path
+(path A, B, C, ..., A, B, C, ...): median and min of the training time, ratio of medians.
 
     python -m bench.lora_speed            # docs/results/lora_speed.json (~25 min on 2 cores)
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import replace
 
@@ -28,6 +31,9 @@ from toyworld.v2 import erase, evaluate, vocab
 
 COLUMNS = ["setting", "path", "concepts", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_s",
            "lora_s", "ratio", "stage_s"]
+
+
+TIME_COLUMNS = ["path", "runs", "median_s", "min_s", "ratio"]
 
 
 class _KOnlyDenoiser:
@@ -68,6 +74,21 @@ def paths(pools):
         yield f"cached_{n}", {"path": "cached_queries", "query_samples": n}, False
 
 
+def interleaved_timing(world, preserve, pools, reps: int) -> list[dict]:
+    """Per path: LoRA training seconds of one concept (reference setting), ``reps`` interleaved runs."""
+    task = erase.Task("name", (vocab.NAMES[0],), tuple(preserve))
+    times: dict[str, list[float]] = {}
+    for _ in range(reps):
+        for label, lora_over, k_only in paths(pools):
+            kw = erase.mace_setting("reference")
+            kw["lora"] = replace(kw["lora"], **lora_over)
+            run = erase.mace_erase(_World(world, k_only), task, **kw)
+            times.setdefault(label, []).append(run.seconds["lora_train"])
+    full = statistics.median(times["full"])
+    return [{"path": label, "runs": len(ts), "median_s": round(statistics.median(ts), 3), "min_s": round(min(ts), 3),
+             "ratio": round(full / statistics.median(ts), 2)} for label, ts in times.items()]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 10])
@@ -76,6 +97,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-erased", type=int, default=200)
     ap.add_argument("--n-retained", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="interleaved timing runs per path")
     ap.add_argument("--out", default="bench/results/lora_speed.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -106,6 +128,9 @@ def main(argv=None) -> None:
                 rows.append({"setting": setting, "path": label, **r, "lora_s": round(lora_s, 3),
                              "ratio": round(full_s / lora_s, 2), "stage_s": round(run.lora_seconds_per_concept, 3)})
                 print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+    timing = interleaved_timing(world, preserve, args.pools, args.reps)
+    print()
+    print_table(timing, TIME_COLUMNS)
     print()
     print_table(rows, COLUMNS)
     write_json(args.out, {"bench": "lora_speed", "env": environment(), "world": world.metadata,
@@ -113,7 +138,8 @@ def main(argv=None) -> None:
                           "settings": {"lora": erase.DEFAULT_LORA.settings(), "reference": erase.REFERENCE,
                                        "recommended": erase.RECOMMENDED, "n_erased": args.n_erased,
                                        "n_retained": args.n_retained, "threads": args.threads},
-                          "rows": rows})
+                          "timing": timing, "rows": rows})
+    print(markdown_table(timing, TIME_COLUMNS))
     print(markdown_table(rows, COLUMNS))
 
 
