@@ -189,7 +189,8 @@ def lora_rows(h, scale: Scale, dtypes: list[str], device: str) -> list[dict]:
             continue
         pair = {}
         for path in ("full", "cached_queries"):
-            cfg = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path)
+            cfg = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path,
+                                                 query_samples=_pool(ops, scale))
             den = nodes.comfy_denoiser.ComfyDenoiser(patcher, backward=path == "full")
             stamps = []
             try:
@@ -230,7 +231,8 @@ def pipeline_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
     cs = _concepts(scale.pipeline_concepts)
     enc = HashTextEncoder()
     for method, path, batch in (("reference-style", "full", 1), ("cached_queries", "cached_queries", 8)):
-        lora = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path)
+        lora = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path,
+                                              query_samples=_pool(ops, scale))
         settings = ops.pipeline.PipelineSettings("object", "ground", CFRConfig(lamb=1.0), lora, 1e-3, 1.0)
         den = nodes.comfy_denoiser.ComfyDenoiser(patcher, backward=path == "full")
         with tempfile.TemporaryDirectory() as folder:
@@ -254,6 +256,11 @@ def pipeline_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
     return rows
 
 
+def _pool(ops, scale: Scale) -> int:
+    """The nodes' default query pool (never more samples than steps)."""
+    return min(ops.lora_train.DEFAULT_QUERY_SAMPLES, scale.steps)
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -270,12 +277,22 @@ def main(argv=None) -> None:
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None)
     ap.add_argument("--sections", nargs="+", default=["closed", "lora", "pipeline"],
                     choices=["closed", "lora", "pipeline"])
+    ap.add_argument("--res", type=int, default=None, help="override the image side (pixels, multiple of 8)")
+    ap.add_argument("--steps", type=int, default=None, help="override the LoRA steps per concept")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_suite[_small].json)")
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     scale = SMALL if args.small else FULL
+    if args.res is not None:
+        if args.res < 8 or args.res % 8:
+            raise SystemExit(f"--res must be a positive multiple of 8, got {args.res}")
+        scale = dataclasses.replace(scale, res=args.res)
+    if args.steps is not None:
+        if args.steps < 2:
+            raise SystemExit(f"--steps must be >= 2 (the first step is a warm-up), got {args.steps}")
+        scale = dataclasses.replace(scale, steps=args.steps)
     dtypes = args.dtypes or (["fp16", "bf16", "fp32"] if device == "cuda" else ["fp32", "bf16"])
     out = args.out or f"bench/results/gpu_suite{'_small' if args.small else ''}.json"
     t0 = time.perf_counter()

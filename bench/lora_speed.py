@@ -10,7 +10,8 @@ and the pack's (``"recommended"``). Per LoRA path, at 1 and 10 erased names, wit
   ``cached_50`` records exactly the 50 draws the full path trains on.
 
 Reported: per-concept LoRA training time (``train_concept_lora``, wall, mean over concepts, after
-a warm-up run of every path) and the speed-up over ``full`` (``ratio``); the per-concept LoRA stage (training images + own CFR + training);
+a warm-up run of every path) and the speed-up over ``full`` (``ratio``); the per-concept LoRA stage
+(training images + own CFR + training);
 H and Acc_e/Acc_g/Acc_s with binomial SEs (``evaluate.mass_metrics``, n stated). Because the
 machine is shared, the time table also comes from ``--reps`` interleaved 1-name runs per path
 (path A, B, C, ..., A, B, C, ...): median and min of the training time, ratio of medians.

@@ -47,7 +47,8 @@ Progress = Callable[[int, int], None]
 OBJECTIVES = ("attention", "trajectory")
 PATHS = ("cached_queries", "full")  # how the attention objective is optimised (see the module docstring)
 PATH_CHOICES = ("auto",) + PATHS  # the nodes' lora_training input
-DEFAULT_PATH = "cached_queries"  # "auto" for the attention objective (bench/lora_speed: same H, far cheaper)
+DEFAULT_PATH = "cached_queries"  # the nodes' "auto" for the attention objective (bench/lora_speed)
+DEFAULT_QUERY_SAMPLES = 8  # the nodes' default pool: toy v2 H within the SE of the full pool (bench/lora_speed)
 PATH_TOOLTIP = ("How the LoRA stage optimises the attention loss. cached_queries = record the UNet's cross-attention "
                 "queries once per training sample, then train the K LoRA against them (no UNet forward/backward per "
                 "step; V is not trained); full = backprop through the UNet every step (K and V, the paper's way). "
@@ -75,7 +76,9 @@ class LoraTrainConfig:
     objective: str = "attention"  # "attention" (MACE) or "trajectory" (ANT-style)
     t_prime: float = 500.0  # trajectory: steps t <= t_prime get the reversed-guidance target
     guidance: float = 1.0  # trajectory: eta of the reversed guidance direction
-    path: str = "full"  # "cached_queries" (K LoRA against queries recorded once) or "full" (backprop, K and V)
+    # "cached_queries" (K LoRA against queries recorded once) or "full" (backprop, K and V). "full" here,
+    # the paper's path, which the toy benches and older run folders used; the nodes default to DEFAULT_PATH.
+    path: str = "full"
     query_samples: int = 0  # cached_queries: samples recorded (0: steps * batch_size, the full path's draws)
 
     def validate(self) -> None:

@@ -25,8 +25,8 @@ from .comfy_compat import io
 from ..mace_ops.concepts import parse_concepts, require_concepts
 from ..mace_ops.erasure_file import weights_fingerprint
 from ..mace_ops.lora_file import save_concept_lora
-from ..mace_ops.lora_train import (DEFAULTS_BY_TYPE, OBJECTIVES, PATH_CHOICES, PATH_TOOLTIP, attention_masks,
-                                   config_for, train_concept_lora, training_path)
+from ..mace_ops.lora_train import (DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES, PATH_CHOICES, PATH_TOOLTIP,
+                                   attention_masks, config_for, train_concept_lora, training_path)
 from ..mace_ops.templates import templates_for
 from ..mace_ops.validation import require_finite
 from .comfy_denoiser import ComfyDenoiser
@@ -173,7 +173,7 @@ class MaceTrainConceptLora(io.ComfyNode):
                                "direction for the concept after t'=500; masks and sampler are not used)."),
                 io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
                                tooltip=PATH_TOOLTIP),
-                io.Int.Input("query_samples", default=0, min=0, max=100000, optional=True,
+                io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000, optional=True,
                              tooltip="cached_queries: training samples whose queries are recorded (one UNet "
                              "forward each); 0 = one per step (the draws full backprop would train on)."),
             ],
@@ -188,7 +188,7 @@ class MaceTrainConceptLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, concept, concept_type, mask_mode, steps, lr, rank, seed, sampler,
                 include_end_tokens, filename_prefix, masks=None, objective="attention", lora_training="auto",
-                query_samples=0) -> io.NodeOutput:
+                query_samples=DEFAULT_QUERY_SAMPLES) -> io.NodeOutput:
         check_inputs(cls, locals())
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")

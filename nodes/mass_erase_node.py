@@ -21,8 +21,8 @@ from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
-from ..mace_ops.lora_train import (DEFAULTS_BY_TYPE, OBJECTIVES, DEFAULT_LORA_PRESERVE, PATH_CHOICES, PATH_TOOLTIP,
-                                   config_for, training_path)
+from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES,
+                                   PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure, slug
 from ..mace_ops.templates import fill
 from ..mace_ops.scope import parse_erase_from
@@ -94,7 +94,7 @@ class MaceMassErase(io.ComfyNode):
                                optional=True, tooltip=TOOLTIP),
                 io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
                                tooltip=PATH_TOOLTIP),
-                io.Int.Input("query_samples", default=0, min=0, max=100000, optional=True,
+                io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000, optional=True,
                              tooltip="cached_queries: training samples per concept whose queries are recorded "
                              "(one UNet forward each); 0 = one per LoRA step."),
                 io.String.Input("shard", default="", optional=True,
@@ -112,7 +112,8 @@ class MaceMassErase(io.ComfyNode):
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
                 sampling_steps, seed, fusion_lambda, erase_from="", objective="attention",
                 lora_preserve=DEFAULT_LORA_PRESERVE, prior_weight=DEFAULT_PRIOR_WEIGHT,
-                erase_concept_tokens=True, lora_training="auto", query_samples=0, shard="") -> io.NodeOutput:
+                erase_concept_tokens=True, lora_training="auto", query_samples=DEFAULT_QUERY_SAMPLES,
+                shard="") -> io.NodeOutput:
         check_inputs(cls, locals())
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")

@@ -53,7 +53,8 @@ def test_recorded_queries_reproduce_the_attention(transform):
 
 
 def test_first_step_matches_full_path_and_only_k_trains():
-    full = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, dataclasses.replace(CACHED, path="full", steps=3))
+    full = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS,
+                              dataclasses.replace(CACHED, path="full", steps=3))
     cached = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, CACHED)
     assert cached.losses[0] == pytest.approx(full.losses[0], rel=1e-5)
     assert cached.losses[-1] < 0.7 * cached.losses[0]
@@ -70,8 +71,9 @@ def test_first_step_matches_full_path_and_only_k_trains():
 
 
 def test_pool_size_and_determinism():
-    a = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, dataclasses.replace(CACHED, query_samples=5))
-    b = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, dataclasses.replace(CACHED, query_samples=5))
+    five = dataclasses.replace(CACHED, query_samples=5)
+    a = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, five)
+    b = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, five)
     c = train_concept_lora(DEN, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, MASKS, CACHED)
     assert a.losses == b.losses
     assert a.losses[5] == pytest.approx(a.losses[0], rel=0.5)  # sample 0 again, after 5 steps of training
