@@ -19,7 +19,8 @@ are random (image sampling is not timed). Sections, each in the same run as its 
 
 Full size (default): SD1.5 UNet, 512 x 512, 50 LoRA steps, CFR/fusion at 1/10/100 concepts, the
 pipeline at 10 concepts, dtypes fp16/bf16/fp32 on CUDA (fp32/bf16 on CPU). ``--small``: ComfyUI's
-tiny one-level SD1.5-layout UNet, 64 x 64, 6 steps, 4 templates, 1/2 concepts, pipeline at 2: the same code
+tiny one-level SD1.5-layout UNet, 64 x 64, 6 steps, 4 templates, 1/2 concepts with 256-wide
+text features for the closed forms, pipeline at 2: the same code
 paths in well under 2 minutes on CPU (a default test runs it, so the script cannot rot).
 
     bash bench/gpu_suite.sh [--small] [--device auto|cpu|cuda] [--out FILE]
@@ -52,6 +53,7 @@ class Scale:
     pipeline_concepts: int
     images: int
     templates: int  # object templates per concept (0: all 30)
+    text_dim: int  # width of the closed forms' text features (768 = SD1.5)
 
     def template_list(self):
         from mace_ops.templates import OBJECT_TEMPLATES
@@ -59,8 +61,8 @@ class Scale:
         return OBJECT_TEMPLATES[: self.templates] if self.templates else OBJECT_TEMPLATES
 
 
-FULL = Scale("sd15", 512, 50, (1, 10, 100), 10, 10, 8, 0)
-SMALL = Scale("tiny", 64, 6, (1, 2), 2, 2, 2, 4)
+FULL = Scale("sd15", 512, 50, (1, 10, 100), 10, 10, 8, 0, 768)
+SMALL = Scale("tiny", 64, 6, (1, 2), 2, 2, 2, 4, 256)
 
 
 class Peak:
@@ -108,7 +110,7 @@ def closed_forms(scale: Scale) -> list[dict]:
     from mace_ops.fusion import fuse_loras
 
     TEMPLATES = scale.template_list()
-    enc, original, rows = HashTextEncoder(), sd15_kv_weights(), []
+    enc, original, rows = HashTextEncoder(scale.text_dim), sd15_kv_weights(dim=scale.text_dim), []
     for n in scale.counts:
         cs = _concepts(n)
         pair = {}
