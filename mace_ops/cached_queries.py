@@ -140,8 +140,8 @@ class BatchedKLora:
             k = torch.einsum("cbld,cod->cblo", ctx, self.w[key])
             k = k + self.scale * torch.einsum("cblr,cor->cblo", torch.einsum("cbld,crd->cblr", ctx, self.down[key]),
                                               self.up[key])
-            k = k.reshape(c, b, ctx.shape[2], heads, d_head).transpose(2, 3)  # (C, B, heads, L, dh)
-            probs = torch.softmax((q @ k.transpose(-1, -2)) * d_head ** -0.5, dim=-1)
+            k = k.reshape(c, b, ctx.shape[2], heads, d_head).transpose(2, 3) * d_head ** -0.5  # (C, B, heads, L, dh)
+            probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # the scale on the small side
             first = layers[0]
             for ci in range(c):
                 term = layer_term(AttentionProbe(first.layer, probs[ci], first.height, first.width), positions[ci],
