@@ -97,14 +97,15 @@ def init_comfy(base: str, device: str):
     return h
 
 
-def build_sd15(seed: int = 0):
-    """A random-weight full-size SD1.5 UNet as a ComfyUI MODEL (ModelPatcher), float32."""
+def build_sd15(seed: int = 0, config: dict | None = None, dtype: torch.dtype = torch.float32):
+    """A random-weight SD1.5-family UNet (full size by default) as a ComfyUI MODEL (ModelPatcher)."""
     import comfy.ops
     import comfy.sd
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     with torch.device("meta"):
-        unet = UNetModel(dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **SD15_UNET)
+        unet = UNetModel(dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init,
+                         **(config or SD15_UNET))
         shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
         del unet
     gen = torch.Generator().manual_seed(seed)
@@ -118,7 +119,8 @@ def build_sd15(seed: int = 0):
         else:
             sd[k] = torch.randn(shape, generator=gen) * 0.02
     n_params = sum(t.numel() for t in sd.values())
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
     del sd
     if patcher is None or type(patcher.model.model_config).__name__ != "SD15":
         raise RuntimeError(f"ComfyUI did not detect the random UNet as SD15: {patcher and patcher.model.model_config}")

@@ -68,12 +68,19 @@ class AttentionProbe:
            forward ran with gradients. queries = H*W of that layer's feature map.
     height, width: the spatial size of the layer's feature map (queries = height*width).
     layer: a stable name for the cross-attention layer.
+    query: (batch, heads, queries, d_head) the layer's per-head queries, or None. With them
+           ``probs = softmax(query @ key^T / sqrt(d_head))``, ``key`` = the context projected by the
+           weight named ``key_name`` (``context @ W^T``, no bias) and split into heads like the
+           queries: what ``cached_queries`` recomputes without running the denoiser again.
+    key_name: the ``kv_weights`` name of this layer's to_k weight, or None.
     """
 
     layer: str
     probs: torch.Tensor
     height: int
     width: int
+    query: torch.Tensor | None = None
+    key_name: str | None = None
 
 
 @runtime_checkable

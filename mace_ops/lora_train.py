@@ -7,6 +7,13 @@ uniform), noises the latent with ``denoiser.add_noise`` and runs one denoiser fo
 LoRA's weight transform. The loss is the attention loss (``attention_loss``); AdamW updates only
 the LoRA factors, after a grad-norm clip. The denoiser output is not used (no denoising loss).
 
+Two paths optimise the attention objective (``config.path``). ``full`` runs the denoiser forward
+and backward at every step and trains the K and V factors. ``cached_queries``
+(``cached_queries.py``) draws the first ``query_samples`` samples exactly as the full path would,
+records every attn2 layer's queries in forwards without grad, and then trains the K factors
+against those queries with no denoiser call per step (V does not enter that loss; its factors
+stay at their zero start). A step i uses recorded sample i modulo the pool.
+
 ComfyUI runs nodes under ``torch.inference_mode()``. Training therefore runs inside
 ``torch.inference_mode(False)`` and ``torch.enable_grad()``, and clones the latents, masks and
 text features first, so no inference tensor is ever saved for backward. Gradients are taken with
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 
 from .alignment import concept_positions
 from .attention_loss import AttentionLossCollector
+from .cached_queries import BatchedKLora, record_queries
 from .cfis import SAMPLER_KINDS, TimestepSampler
 from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
@@ -37,6 +45,14 @@ from .validation import check_number, derive_seed, require_finite
 
 Progress = Callable[[int, int], None]
 OBJECTIVES = ("attention", "trajectory")
+PATHS = ("cached_queries", "full")  # how the attention objective is optimised (see the module docstring)
+PATH_CHOICES = ("auto",) + PATHS  # the nodes' lora_training input
+DEFAULT_PATH = "cached_queries"  # the nodes' "auto" for the attention objective (bench/lora_speed)
+DEFAULT_QUERY_SAMPLES = 8  # the nodes' default pool: toy v2 H within the SE of the full pool (bench/lora_speed)
+PATH_TOOLTIP = ("How the LoRA stage optimises the attention loss. cached_queries = record the UNet's cross-attention "
+                "queries once per training sample, then train the K LoRA against them (no UNet forward/backward per "
+                "step; V is not trained); full = backprop through the UNet every step (K and V, the paper's way). "
+                "auto = cached_queries for the attention objective, full for trajectory.")
 DEFAULT_LORA_PRESERVE = 0.0  # the nodes' default for ``preserve``: on the shipped toy world it cost erasure (bench/mace_variants)
 
 
@@ -60,6 +76,10 @@ class LoraTrainConfig:
     objective: str = "attention"  # "attention" (MACE) or "trajectory" (ANT-style)
     t_prime: float = 500.0  # trajectory: steps t <= t_prime get the reversed-guidance target
     guidance: float = 1.0  # trajectory: eta of the reversed guidance direction
+    # "cached_queries" (K LoRA against queries recorded once) or "full" (backprop, K and V). "full" here,
+    # the paper's path, which the toy benches and older run folders used; the nodes default to DEFAULT_PATH.
+    path: str = "full"
+    query_samples: int = 0  # cached_queries: samples recorded (0: steps * batch_size, the full path's draws)
 
     def validate(self) -> None:
         """Every number finite and in range (ValueError naming the setting), before any work."""
@@ -82,9 +102,23 @@ class LoraTrainConfig:
             raise ValueError(f"objective: unknown {self.objective!r}; choose one of {list(OBJECTIVES)}")
         check_number(self.t_prime, "trajectory t_prime", 0.0, None)
         check_number(self.guidance, "trajectory guidance", 0.0, 100.0)
+        if self.path not in PATHS:
+            raise ValueError(f"path: unknown {self.path!r}; choose one of {list(PATHS)}")
+        check_number(self.query_samples, "query samples", 0, None, integer=True)
+        if self.path == "cached_queries" and self.objective != "attention":
+            raise ValueError(f"path 'cached_queries' optimises the attention objective only; the {self.objective!r} "
+                             "objective needs path 'full'")
 
     def settings(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field; on the full path without the cached path's fields (resume keys of older runs hold)."""
+        out = dataclasses.asdict(self)
+        if self.path == "full":
+            del out["path"], out["query_samples"]
+        return out
+
+    def query_pool(self) -> int:
+        """How many samples the cached path records."""
+        return self.query_samples or self.steps * self.batch_size
 
 
 DEFAULTS_BY_TYPE: dict[str, LoraTrainConfig] = {
@@ -93,6 +127,15 @@ DEFAULTS_BY_TYPE: dict[str, LoraTrainConfig] = {
     "style": LoraTrainConfig(steps=50, lr=1e-4, sampler="cfis", use_masks=False),
     "nudity": LoraTrainConfig(steps=120, lr=1e-5, sampler="uniform"),
 }
+
+
+def training_path(choice: str, objective: str) -> str:
+    """The path a node's ``lora_training`` choice means for an objective ('auto': see PATH_TOOLTIP)."""
+    if choice not in PATH_CHOICES:
+        raise ValueError(f"lora_training: unknown {choice!r}; choose one of {list(PATH_CHOICES)}")
+    if choice == "auto":
+        return DEFAULT_PATH if objective == "attention" else "full"
+    return choice
 
 
 def config_for(kind: str, **overrides) -> LoraTrainConfig:
@@ -209,6 +252,88 @@ def _trajectory_loss(denoiser, lora: KVLora, x_t, t, context, uncond, config: Lo
     return (pred.float() - target.float()).pow(2).mean()
 
 
+@dataclass
+class LoraJob:
+    """One concept's LoRA training inputs (``train_concept_loras``)."""
+
+    denoiser: CrossAttentionDenoiser
+    concept: Concept
+    latents: torch.Tensor
+    masks: torch.Tensor | None = None
+
+
+class _Run:
+    """One concept's training state: weights, prompts, data, fresh LoRA and the seeded draws."""
+
+    def __init__(self, job: LoraJob, encoder: TextEncoder, templates: Sequence[str], config: LoraTrainConfig,
+                 preserve_moment: torch.Tensor | None):
+        _check_inputs(job.latents, job.masks)
+        self.job, self.concept, self.denoiser = job, job.concept, job.denoiser
+        self.weights, device = _kv_weights(job.denoiser)
+        self.device = device
+        self.prompts = _prepare_prompts(encoder, job.concept, templates, config.include_end_tokens, device)
+        self.x0_all = job.latents.detach().to(device).clone()
+        self.use_masks = config.use_masks and job.masks is not None
+        self.m_all = job.masks.detach().to(device=device, dtype=torch.float32).clone() if self.use_masks else None
+        self.lora = KVLora({k: tuple(w.shape) for k, w in self.weights.items()}, config.rank, config.alpha,
+                           config.seed, device)
+        self.P = None
+        if config.preserve > 0:
+            self.P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
+            require_finite(self.P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
+        self.gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
+        self.uncond = None
+        if config.objective == "trajectory":
+            self.uncond = encoder.encode([""])[0].features.detach().to(device=device, dtype=torch.float32).clone()
+        self.sampler = TimestepSampler(
+            "uniform" if config.objective == "trajectory" else config.sampler, job.denoiser.num_train_timesteps,
+            config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
+        )
+        self.batch = config.batch_size
+        self.losses: list[float] = []
+
+    def draw(self):
+        """One step's samples: prompt and latent indices, noisy latents, timesteps."""
+        b, gen, device = self.batch, self.gen, self.device
+        pi = torch.randint(len(self.prompts.texts), (b,), generator=gen).to(device)
+        li = torch.randint(self.x0_all.shape[0], (b,), generator=gen).to(device)
+        x0 = self.x0_all[li]
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
+        t = self.sampler.sample(b)
+        return pi, li, self.denoiser.add_noise(x0, noise, t), t
+
+    def check_loss(self, loss: torch.Tensor, step: int) -> None:
+        self.losses.append(float(loss.detach()))
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(
+                f"LoRA training for {self.concept.name!r}: the loss became {self.losses[-1]} at step {step + 1}; "
+                "lower the learning rate (lr) or check the images and model for NaN/inf values"
+            )
+
+    def result(self, config: LoraTrainConfig, seconds: float) -> TrainedLora:
+        require_finite({name: t for name, t in self.lora.named_parameters()},
+                       f"LoRA training for {self.concept.name!r}", "lower the learning rate (lr); nothing was saved")
+        metadata = {
+            "concept": list(self.concept.phrases),
+            "steps": config.steps,
+            "lr": config.lr,
+            "seed": config.seed,
+            "settings": {**config.settings(), "masks_used": self.use_masks, "prompts": len(self.prompts.texts),
+                         "images": self.x0_all.shape[0]},
+            "skipped_prompts": self.prompts.skipped,
+            "loss_first": self.losses[0],
+            "loss_last": self.losses[-1],
+        }
+        return TrainedLora(self.lora, self.losses, metadata, seconds)
+
+
+def _check_config(config: LoraTrainConfig, preserve_moment) -> None:
+    config.validate()
+    if config.preserve > 0 and preserve_moment is None:
+        raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
+                         "or set the preserve weight to 0")
+
+
 def train_concept_lora(
     denoiser: CrossAttentionDenoiser,
     encoder: TextEncoder,
@@ -226,59 +351,30 @@ def train_concept_lora(
     ``preserve_moment`` (d x d, mean p p^T of the preserve prompts' features) is needed when
     ``config.preserve`` > 0.
     """
-    config.validate()
-    if config.preserve > 0 and preserve_moment is None:
-        raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
-                         "or set the preserve weight to 0")
+    job = LoraJob(denoiser, concept, latents, masks)
+    if config.path == "cached_queries":
+        return train_concept_loras([job], encoder, templates, config, progress, should_stop, preserve_moment)[0]
+    _check_config(config, preserve_moment)
     _check_inputs(latents, masks)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        weights, device = _kv_weights(denoiser)
-        prompts = _prepare_prompts(encoder, concept, templates, config.include_end_tokens, device)
-        x0_all = latents.detach().to(device).clone()
-        use_masks = config.use_masks and masks is not None
-        m_all = masks.detach().to(device=device, dtype=torch.float32).clone() if use_masks else None
-        lora = KVLora({k: tuple(w.shape) for k, w in weights.items()}, config.rank, config.alpha, config.seed, device)
+        run = _Run(job, encoder, templates, config, preserve_moment)
+        lora, prompts, m_all, weights = run.lora, run.prompts, run.m_all, run.weights
         params = lora.parameters()
-        P = None
-        if config.preserve > 0:
-            P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
-            require_finite(P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
-        opt = torch.optim.AdamW(
-            params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
-        )
-        gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
-        uncond = None
-        if config.objective == "trajectory":
-            uncond = encoder.encode([""])[0].features.detach().to(device=device, dtype=torch.float32).clone()
-        sampler = TimestepSampler(
-            "uniform" if config.objective == "trajectory" else config.sampler, denoiser.num_train_timesteps, config.t1, config.t2, config.gamma, derive_seed(config.seed, 2), device
-        )
-        losses: list[float] = []
-        n_prompts, n_latents, batch = len(prompts.texts), x0_all.shape[0], config.batch_size
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
         for step in range(config.steps):
             if should_stop is not None and should_stop():
                 raise InterruptedError(f"LoRA training for {concept.name!r} stopped at step {step}")
-            pi = torch.randint(n_prompts, (batch,), generator=gen).to(device)
-            li = torch.randint(n_latents, (batch,), generator=gen).to(device)
-            x0 = x0_all[li]
-            noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x0.dtype)
-            t = sampler.sample(batch)
-            x_t = denoiser.add_noise(x0, noise, t)
+            pi, li, x_t, t = run.draw()
             if config.objective == "trajectory":
-                loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], uncond, config)
+                loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], run.uncond, config)
             else:
                 collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
                 denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
                 loss = collector.loss()
-            if P is not None:
-                loss = loss + config.preserve * preservation_loss(lora, weights, P)
-            losses.append(float(loss.detach()))
-            if not torch.isfinite(loss.detach()):
-                raise ValueError(
-                    f"LoRA training for {concept.name!r}: the loss became {losses[-1]} at step {step + 1}; "
-                    "lower the learning rate (lr) or check the images and model for NaN/inf values"
-                )
+            if run.P is not None:
+                loss = loss + config.preserve * preservation_loss(lora, weights, run.P)
+            run.check_loss(loss, step)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, grads):
@@ -288,26 +384,81 @@ def train_concept_lora(
                 opt.step()
                 for p in params:
                     p.grad = None
-            elif losses[-1] > 0:
+            elif run.losses[-1] > 0:
                 raise RuntimeError(
                     "the attention loss does not depend on the LoRA: the denoiser ignored weight_transform"
                 )
             if progress is not None:
                 progress(step + 1, config.steps)
-        require_finite({name: t for name, t in lora.named_parameters()}, f"LoRA training for {concept.name!r}",
-                       "lower the learning rate (lr); nothing was saved")
-    seconds = time.perf_counter() - start
-    metadata = {
-        "concept": list(concept.phrases),
-        "steps": config.steps,
-        "lr": config.lr,
-        "seed": config.seed,
-        "settings": {**config.settings(), "masks_used": use_masks, "prompts": n_prompts, "images": n_latents},
-        "skipped_prompts": prompts.skipped,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-    }
-    return TrainedLora(lora, losses, metadata, seconds)
+        return run.result(config, time.perf_counter() - start)
+
+
+def train_concept_loras(
+    jobs: Sequence[LoraJob],
+    encoder: TextEncoder,
+    templates: Sequence[str],
+    config: LoraTrainConfig,
+    progress: Progress | None = None,
+    should_stop: Callable[[], object] | None = None,
+    preserve_moment: torch.Tensor | None = None,
+) -> list[TrainedLora]:
+    """Train one LoRA per job. The cached-query path trains them together: concepts along a batch
+    dimension, each with its own factors, AdamW state and grad clip (``cached_queries.BatchedKLora``),
+    equal to training them one by one within float tolerance. The full path trains them in turn.
+    ``progress(step, steps)`` counts steps of the whole group; ``TrainedLora.seconds`` is the
+    group's time divided among its concepts.
+    """
+    _check_config(config, preserve_moment)
+    if not jobs:
+        return []
+    if config.path == "full":
+        return [train_concept_lora(j.denoiser, encoder, j.concept, templates, j.latents, j.masks, config, progress,
+                                   should_stop, preserve_moment) for j in jobs]
+    for job in jobs:
+        _check_inputs(job.latents, job.masks)
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        runs = [_Run(job, encoder, templates, config, preserve_moment) for job in jobs]
+        pool, batch = config.query_pool(), config.batch_size
+        samples, caches = [], []
+        for run in runs:  # the full path's first draws; each concept's queries from its own model
+            drawn = [run.draw() for _ in range(-(-pool // batch))]
+            pi, li, x_t, t = (torch.cat([d[j] for d in drawn])[:pool] for j in range(4))
+            caches.append(record_queries(run.denoiser, x_t, t, run.prompts.contexts[pi], run.weights, should_stop))
+            samples.append((pi, li))
+        model = BatchedKLora([r.lora for r in runs], [r.weights for r in runs], caches)
+        P = runs[0].P
+        params = model.parameters()
+        opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+        device = runs[0].device
+        for step in range(config.steps):
+            if should_stop is not None and should_stop():
+                names = ", ".join(repr(r.concept.name) for r in runs)
+                raise InterruptedError(f"LoRA training for {names} stopped at step {step}")
+            idx = (step * batch + torch.arange(batch, device=device)) % pool
+            pis = [pi[idx] for pi, _ in samples]
+            lis = [li[idx] for _, li in samples]
+            contexts = torch.stack([r.prompts.contexts[p] for r, p in zip(runs, pis)])
+            positions = torch.stack([r.prompts.positions[p] for r, p in zip(runs, pis)])
+            masks = None if runs[0].m_all is None else torch.stack([r.m_all[i] for r, i in zip(runs, lis)])
+            losses = model.losses(idx, contexts, positions, masks)
+            if P is not None:
+                losses = losses + config.preserve * model.preservation(P)
+            for c, run in enumerate(runs):
+                run.check_loss(losses[c], step)
+            grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = torch.zeros_like(p) if g is None else g
+            if config.grad_clip > 0:
+                model.clip_grad_norms(config.grad_clip)
+            opt.step()
+            for p in params:
+                p.grad = None
+            if progress is not None:
+                progress(step + 1, config.steps)
+        model.write_back()
+        seconds = (time.perf_counter() - start) / len(runs)
+        return [run.result(config, seconds) for run in runs]
 
 
 def attention_masks(

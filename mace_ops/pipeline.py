@@ -3,7 +3,7 @@
 ``run_mass_erasure`` is model agnostic: it takes a TextEncoder, a CrossAttentionDenoiser, the
 original K/V weights and a ``training_data(concept) -> (latents, masks or None)`` callable.
 Memory stays flat in the number of concepts: CFR and fusion stream one concept at a time
-through d x d sums, and only one LoRA is held in memory at a time.
+through d x d sums, and at most one group of LoRAs (``concept_batch``) is held in memory.
 
 Resume. Every concept's LoRA is saved to ``lora_dir`` as soon as it is trained, named
 ``<concept>-<key>.safetensors``. The key (``resume_inputs``) covers exactly that concept's own
@@ -15,6 +15,12 @@ the shared preserve set), not on the CFR of the whole list: other concepts and t
 are not inputs, so adding, removing or reordering concepts retrains only new or changed ones.
 The list's CFR is still what fusion starts from. A damaged file in the run folder (truncated,
 corrupt, NaN) is named in the log, renamed to ``*.damaged`` and retrained.
+
+Shards. Because every LoRA file is keyed on its own inputs, several machines (ComfyUI
+instances) sharing ``lora_dir`` can each train a part: with ``shard = Shard(i, n)`` a run trains
+(or reuses) only the concepts at list positions p with p mod n = i and skips fusion; a final run
+(no shard, or ``fuse_only=True``, which refuses to train and names any concept whose file is
+missing) fuses every file. No scheduler of our own: the user starts the n runs.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from .fingerprint import weights_fingerprint
 from .fusion import fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
 from .lora_file import check_lora_fits, load_concept_lora, save_concept_lora
-from .lora_train import LoraTrainConfig, train_concept_lora
+from .lora_train import LoraJob, LoraTrainConfig, train_concept_loras
 from .safe_paths import read_text_file
 from .scope import apply_scope
 from .validation import check_number
@@ -62,6 +68,46 @@ class PipelineSettings:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Concepts at list positions p with p mod count == index (index 0-based; shown as 'index+1/count')."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.count, int) and isinstance(self.index, int)) or self.count < 1 \
+                or not 0 <= self.index < self.count:
+            raise ValueError(f"shard: {self.index + 1}/{self.count} is not one of 1/{self.count} .. "
+                             f"{self.count}/{self.count}" if isinstance(self.count, int) and self.count >= 1
+                             else f"shard: the shard count must be >= 1, got {self.count!r}")
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index + 1}/{self.count}"
+
+
+SHARD_HELP = "give 'i/n' (this run trains part i of n, e.g. 1/2), 'fuse' (fuse every part's files) or leave it empty"
+
+
+def parse_shard(text: str) -> tuple[Shard | None, bool]:
+    """The nodes' shard input -> (shard or None for all, fuse_only). '' and '1/1' mean the whole run."""
+    value = (text or "").strip().lower()
+    if value in ("", "all"):
+        return None, False
+    if value == "fuse":
+        return None, True
+    m = re.fullmatch(r"(\d+)\s*/\s*(\d+)", value)
+    if m is None:
+        raise ValueError(f"shard: {text!r} is not understood; {SHARD_HELP}")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or not 1 <= index <= count:
+        raise ValueError(f"shard: {text!r} — the part must be 1..n and n >= 1 (e.g. 1/2 and 2/2); {SHARD_HELP}")
+    return (None if count == 1 else Shard(index - 1, count)), False
+
+
 @dataclass
 class MassErasureResult:
     weights: KVWeights  # final K/V weights
@@ -71,9 +117,21 @@ class MassErasureResult:
     lora_files: list[str] = field(default_factory=list)
     set_aside: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    shard: Shard | None = None
+    other_shards: list[str] = field(default_factory=list)  # concepts left to the other shards
+
+    @property
+    def fused(self) -> bool:
+        """False for a shard run: it trains its part and leaves fusion to the final run."""
+        return self.shard is None
 
     def summary(self) -> str:
         s = self.seconds
+        if not self.fused:
+            return (f"MACE shard {self.shard}: {len(self.trained)} LoRA(s) trained in {s.get('lora', 0):.1f}s, "
+                    f"{len(self.reused)} reused; {len(self.other_shards)} concept(s) belong to the other shards. "
+                    "No erasure applied: when every shard is done, run with shard 'fuse' (or empty) to fuse "
+                    "all files.")
         return (
             f"MACE erased {len(self.lora_files)} concept(s): CFR {s.get('cfr', 0):.1f}s, "
             f"LoRA training {s.get('lora', 0):.1f}s ({len(self.trained)} trained, {len(self.reused)} reused from "
@@ -227,6 +285,9 @@ def run_mass_erasure(
     erase_from=None,
     preserve_phrases: Sequence[str] = (),
     prior_moment: torch.Tensor | None = None,
+    shard: Shard | None = None,
+    fuse_only: bool = False,
+    concept_batch: int = 8,
 ) -> MassErasureResult:
     """CFR of the whole list -> one LoRA per concept (reused when its own inputs are unchanged) -> fusion.
 
@@ -237,8 +298,15 @@ def run_mass_erasure(
     it is part of every resume key. ``erase_from`` restricts every stage to the concepts in that
     context (``scope.apply_scope``); ``preserve_phrases`` are the user's preserve list for it.
     ``prior_moment`` (``prior.PriorCache``) is the general caption prior, weighted by
-    ``settings.prior_weight`` in CFR, the LoRAs' preservation term and fusion.
+    ``settings.prior_weight`` in CFR, the LoRAs' preservation term and fusion. ``shard`` and
+    ``fuse_only``: see the module docstring (a shard of count 1 is the whole run). On the
+    cached-query path up to ``concept_batch`` LoRAs train together (``train_concept_loras``; equal
+    to training them in turn within float tolerance) and are saved when their group is done.
     """
+    check_number(concept_batch, "concept_batch", 1, None, integer=True)
+    if shard is not None and fuse_only:
+        raise ValueError("shard: a shard run trains its part and a fuse-only run trains nothing; choose one")
+    shard = None if shard is None or shard.count == 1 else shard
     settings.cfr.validate()
     settings.lora.validate()
     encoder = cached(encoder)  # CFR, own-CFR, LoRA training and fusion encode the same prompts
@@ -265,7 +333,7 @@ def run_mass_erasure(
         if progress:
             progress(done, total)
 
-    result = MassErasureResult({}, {})
+    result = MassErasureResult({}, {}, shard=shard)
     t0 = time.perf_counter()
     cfr = refine_cross_attention(encoder, original, concepts, templates, settings.default_anchor,
                                  preserve_prompts, settings.cfr, lambda k, _t: report(min(k, n)), prior=prior)
@@ -279,30 +347,62 @@ def run_mass_erasure(
     moment = preserve.P / preserve.n_preserve if preserve.n_preserve else None
 
     t1 = time.perf_counter()
+    missing: list[str] = []
+    pending: list[tuple[Concept, str, str]] = []  # (concept, key, path) waiting for their group
+    group_size = concept_batch if settings.lora.path == "cached_queries" else 1  # full path: one file at a time
+    slots = 0  # concepts whose LoRA stage is over (progress)
+
+    def train_group() -> None:
+        nonlocal slots
+        base, jobs = n + slots * steps, []
+        for concept, _key, _path in pending:
+            own = own_cfr_weights(encoder, original, concept, templates, settings, preserve)
+            report(base)
+            latents, masks = training_data(concept)
+            jobs.append(LoraJob(OverrideDenoiser(denoiser, own), concept, latents, masks))
+        g = len(jobs)
+        trained = train_concept_loras(jobs, encoder, templates, settings.lora,
+                                      lambda step, _t: report(base + step * g), should_stop, preserve_moment=moment)
+        for (concept, key, path), one in zip(pending, trained):
+            info = {**one.info(), "resume_key": key, "concept_type": settings.concept_type,
+                    "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings,
+                                                   prior_digest)}
+            save_concept_lora(path, one.lora, base_fp, info)
+            result.trained.append(concept.name)
+            result.seconds["lora_train"] = result.seconds.get("lora_train", 0.0) + one.seconds
+            log(f"[mace] {concept.name}: loss {one.losses[0]:.3f} -> {one.losses[-1]:.3f} in {one.seconds:.1f}s"
+                + (f" (trained with {g - 1} other concept(s))" if g > 1 else ""))
+        slots += g
+        pending.clear()
+
     for i, concept in enumerate(concepts):
         key = settings_key(concept, settings, templates, preserve_prompts, data_settings, prior_digest)
         path = os.path.join(lora_dir, lora_file_name(concept, key))
         result.lora_files.append(path)
-        base_done = n + i * steps
-        if _reusable(path, key, original, log, result.set_aside):
+        if shard is not None and not shard.owns(i):
+            result.other_shards.append(concept.name)
+        elif _reusable(path, key, original, log, result.set_aside):
             result.reused.append(concept.name)
             log(f"[mace] {concept.name}: reusing {os.path.basename(path)}")
-            report(base_done + steps)
+        elif fuse_only:
+            missing.append(concept.name)
+        else:
+            pending.append((concept, key, path))
+            if len(pending) == group_size:
+                train_group()
             continue
-        own = own_cfr_weights(encoder, original, concept, templates, settings, preserve)
-        report(base_done)
-        latents, masks = training_data(concept)
-        trained = train_concept_lora(OverrideDenoiser(denoiser, own), encoder, concept, templates, latents, masks,
-                                     settings.lora, lambda step, _t, b=base_done: report(b + step), should_stop,
-                                     preserve_moment=moment)
-        info = {**trained.info(), "resume_key": key, "concept_type": settings.concept_type,
-                "resume_inputs": resume_inputs(concept, settings, templates, preserve_prompts, data_settings,
-                                               prior_digest)}
-        save_concept_lora(path, trained.lora, base_fp, info)
-        result.trained.append(concept.name)
-        log(f"[mace] {concept.name}: loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f} "
-            f"in {trained.seconds:.1f}s")
+        slots += 1
+        report(n + slots * steps)
+    if pending:
+        train_group()
     result.seconds["lora"] = time.perf_counter() - t1
+    if missing:
+        raise ValueError(f"shard 'fuse': no finished LoRA for {len(missing)} concept(s) in {lora_dir}: "
+                         f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}; run every shard with the "
+                         "same inputs first (or leave shard empty to train what is missing)")
+    if shard is not None:
+        report(total)
+        return result
 
     t2 = time.perf_counter()
     fuse_base = n + n * steps

@@ -13,20 +13,25 @@ What LoRA training needs from the model, and how it is done without touching the
 
   - K/V weights: ``w -> weight_transform(key, w)`` while a forward with a transform runs (the
     trainer's ``W + up @ down``), ``w`` otherwise;
-  - every other weight/bias: ``w`` detached (copied when it is an inference tensor).
+  - every other weight/bias, only with ``backward=True`` (the full-backprop training path) and
+    only when the parameter is an inference tensor: ``w`` detached (copied when it is an
+    inference tensor). ComfyUI copies a wrapped weight at every call, and autograd keeps those
+    copies until the backward: about one extra copy of the UNet (+3.4 GB fp32 on SD1.5). The
+    cached-query path (``backward=False``) runs its forwards without grad and wraps only K/V.
 
   ComfyUI runs prompts under ``torch.inference_mode()``, so a checkpoint loaded in the same
   prompt holds inference tensors, and autograd refuses to save them for backward ("Inference
   tensors cannot be saved for backward"). A wrapped layer computes with a per-call copy of its
   weight (ComfyUI copies whenever a layer has weight functions), detached from the parameter,
   so the shared parameters are never saved for backward, never get a ``.grad`` and are never
-  written; only the trainer's LoRA factors carry gradients.
+  written; only the trainer's LoRA factors carry gradients. A parameter that is not an
+  inference tensor is saved by reference (no copy) and needs no wrapper.
 
   Every cross-attention block (``attn2``) gets an attn2 *replace* patch (the
   ``set_model_attn2_replace`` mechanism, ``transformer_options["patches_replace"]["attn2"]``,
   keyed ``(block, number, transformer_index)``): ComfyUI projects q/k/v (through the wrappers
   above), the patch computes ``P = softmax(q k^T / sqrt(d_head))`` explicitly in float32,
-  reports ``AttentionProbe(layer, P (B, heads, HW, L), height, width)`` and returns ``P @ v``
+  reports ``AttentionProbe(layer, P (B, heads, HW, L), height, width, q per head, to_k key)`` and returns ``P @ v``
   reshaped to ComfyUI's attention output ``(B, HW, heads * d_head)`` in the model's dtype;
   ``to_out`` follows as usual. height/width come from ``transformer_options["activations_shape"]``
   (the feature map entering the spatial transformer), or from the latent size and the
@@ -153,8 +158,10 @@ def _attn2_patch(state: _State):
             block = extra_options.get("block")
             index = int(extra_options.get("block_index", 0))
             key = (block[0], int(block[1]), index) if block is not None else None
-            layer = state.names.get(key, f"attn2.{key}")
-            state.on_attention(AttentionProbe(layer, probs, height, width))
+            layer = state.names.get(key)
+            query = q.reshape(b, n, heads, d_head).transpose(1, 2)  # a view, in the model's dtype
+            state.on_attention(AttentionProbe(layer or f"attn2.{key}", probs, height, width, query,
+                                              None if layer is None else f"{layer}.to_k.weight"))
             state.reported += 1
         out = (probs @ vh).transpose(1, 2).reshape(b, n, heads * d_head)
         return out.to(q.dtype)
@@ -165,7 +172,7 @@ def _attn2_patch(state: _State):
 class ComfyDenoiser:
     """``CrossAttentionDenoiser`` over a ComfyUI MODEL; the given model is never modified."""
 
-    def __init__(self, model):
+    def __init__(self, model, backward: bool = True):
         if model is None:
             raise ValueError("model: no MODEL connected")
         self.source = model
@@ -190,9 +197,13 @@ class ComfyDenoiser:
                 if getattr(m, part, None) is None:
                     continue
                 key = f"{n}.{part}"
-                fn = _kv_wrapper(self.state, key) if key in kv else _plain
-                if fn is not _plain:
+                if key in kv:
+                    fn = _kv_wrapper(self.state, key)
                     self._own.append(fn)
+                elif backward and getattr(m, part).is_inference():
+                    fn = _plain  # autograd cannot save an inference tensor for backward
+                else:
+                    continue  # no per-call copy: nothing of it is saved for backward
                 patcher.add_weight_wrapper(key, fn)
         self.patcher = patcher
         self.model_sampling = patcher.get_model_object("model_sampling")

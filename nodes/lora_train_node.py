@@ -25,7 +25,8 @@ from .comfy_compat import io
 from ..mace_ops.concepts import parse_concepts, require_concepts
 from ..mace_ops.erasure_file import weights_fingerprint
 from ..mace_ops.lora_file import save_concept_lora
-from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, OBJECTIVES, attention_masks, config_for, train_concept_lora
+from ..mace_ops.lora_train import (DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES, PATH_CHOICES, PATH_TOOLTIP,
+                                   attention_masks, config_for, train_concept_lora, training_path)
 from ..mace_ops.templates import templates_for
 from ..mace_ops.validation import require_finite
 from .comfy_denoiser import ComfyDenoiser
@@ -170,6 +171,11 @@ class MaceTrainConceptLora(io.ComfyNode):
                                tooltip="attention = MACE (the concept's words lose their attention mass); "
                                "trajectory = ANT-style (keep the early denoising steps, reverse the guidance "
                                "direction for the concept after t'=500; masks and sampler are not used)."),
+                io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
+                               tooltip=PATH_TOOLTIP),
+                io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000, optional=True,
+                             tooltip="cached_queries: training samples whose queries are recorded (one UNet "
+                             "forward each); 0 = one per step (the draws full backprop would train on)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -181,7 +187,8 @@ class MaceTrainConceptLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, concept, concept_type, mask_mode, steps, lr, rank, seed, sampler,
-                include_end_tokens, filename_prefix, masks=None, objective="attention") -> io.NodeOutput:
+                include_end_tokens, filename_prefix, masks=None, objective="attention", lora_training="auto",
+                query_samples=DEFAULT_QUERY_SAMPLES) -> io.NodeOutput:
         check_inputs(cls, locals())
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
@@ -213,8 +220,11 @@ class MaceTrainConceptLora(io.ComfyNode):
             include_end_tokens=bool(include_end_tokens),
             use_masks=mode != "whole image",
             objective=objective,
+            path=training_path(lora_training, objective),
+            query_samples=int(query_samples),
         )
-        denoiser = ComfyDenoiser(model)
+        config.validate()
+        denoiser = ComfyDenoiser(model, backward=config.path == "full")
         try:
             if mode == "from attention":
                 pixel_masks = attention_masks(denoiser, encoder, parsed, templates, latents, seed=int(seed))
@@ -250,6 +260,8 @@ class MaceTrainConceptLora(io.ComfyNode):
         summary = (
             f"MACE LoRA for {parsed.name!r} ({concept_type}): {config.steps} steps in {result.seconds:.1f}s, "
             f"rank {config.rank}, lr {config.lr:g}, {config.sampler} timesteps, masks: {mode}, "
+            f"{config.path.replace('_', ' ')}"
+            + (f" ({config.query_pool()} recorded samples)" if config.path == "cached_queries" else "") + ", "
             f"{latents.shape[0]} image(s), {info['settings']['prompts']} prompts.\n"
             f"loss {head:.4g} -> {tail:.4g} (mean of first/last {k} steps; "
             f"first {losses[0]:.4g}, last {losses[-1]:.4g})\n"

@@ -4,6 +4,10 @@ CFR on every concept at once -> for each concept: images from the original model
 a LoRA trained on the CFR model and saved at once (a later run with the same base model,
 concept and settings reuses the file, so an interrupted 100-concept run resumes) -> closed-form
 fusion of all LoRAs. One progress bar covers the run; the summary says what was done.
+
+``shard`` "i/n" splits the LoRA stage over n ComfyUI instances that share the output folder
+(same inputs on each): run i trains its part and outputs the model unchanged; a last run with
+shard "fuse" (or empty) fuses every file (``mace_ops.pipeline``, Shards).
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
-from ..mace_ops.lora_train import DEFAULTS_BY_TYPE, OBJECTIVES, DEFAULT_LORA_PRESERVE, config_for
-from ..mace_ops.pipeline import PipelineSettings, load_concept_list, run_mass_erasure, slug
+from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES,
+                                   PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
+from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure, slug
 from ..mace_ops.templates import fill
 from ..mace_ops.scope import parse_erase_from
 from .cfr_node import preserve_phrases, preserve_prompts
@@ -87,6 +92,16 @@ class MaceMassErase(io.ComfyNode):
                                  "off = the paper, which leaves them to the LoRAs)."),
                 io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
                                optional=True, tooltip=TOOLTIP),
+                io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
+                               tooltip=PATH_TOOLTIP),
+                io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000, optional=True,
+                             tooltip="cached_queries: training samples per concept whose queries are recorded "
+                             "(one UNet forward each); 0 = one per LoRA step."),
+                io.String.Input("shard", default="", optional=True,
+                                tooltip="Split the LoRA stage over several ComfyUI instances sharing the output "
+                                "folder: 'i/n' trains part i of n (concepts i, i+n, ...; the model is passed on "
+                                "unchanged); 'fuse' (or empty, which also trains what is missing) fuses every "
+                                "part's files. Same inputs on every instance."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
             is_output_node=True,
@@ -97,15 +112,19 @@ class MaceMassErase(io.ComfyNode):
                 run_name, cfr_lambda, preserve_scale, lora_steps, lora_lr, images_per_concept, image_size,
                 sampling_steps, seed, fusion_lambda, erase_from="", objective="attention",
                 lora_preserve=DEFAULT_LORA_PRESERVE, prior_weight=DEFAULT_PRIOR_WEIGHT,
-                erase_concept_tokens=True) -> io.NodeOutput:
+                erase_concept_tokens=True, lora_training="auto", query_samples=DEFAULT_QUERY_SAMPLES,
+                shard="") -> io.NodeOutput:
         check_inputs(cls, locals())
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
+        part, fuse_only = parse_shard(shard)
         parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
         defaults = DEFAULTS_BY_TYPE[concept_type]
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
-                          seed=int(seed), use_masks=False, objective=objective, preserve=float(lora_preserve))
+                          seed=int(seed), use_masks=False, objective=objective, preserve=float(lora_preserve),
+                          path=training_path(lora_training, objective), query_samples=int(query_samples))
+        lora.validate()
         anchor = normalise_phrase(anchor)
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         cfr = CFRConfig(cfr_lambda, preserve_scale, bool(erase_concept_tokens))
@@ -132,16 +151,20 @@ class MaceMassErase(io.ComfyNode):
         data_settings = {"images": int(images_per_concept), "size": int(image_size), "steps": int(sampling_steps),
                          "cfg": 7.5, "sampler": sampler, "scheduler": "karras", "seed": int(seed)}
         n_eff = len(parsed) * max(1, len(parse_erase_from(erase_from)))  # scoped concepts
-        denoiser = ComfyDenoiser(model)
+        denoiser = ComfyDenoiser(model, backward=lora.path == "full")
         try:
             result = run_mass_erasure(
                 encoder, denoiser, original, parsed, templates, settings, folder, training_data, keep,
                 NodeProgress(2 * n_eff + n_eff * lora.steps + 1),
                 comfy.model_management.throw_exception_if_processing_interrupted, logging.info, data_settings,
                 erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve),
-                prior_moment=prior[0] if prior else None)
+                prior_moment=prior[0] if prior else None, shard=part, fuse_only=fuse_only)
         finally:
             denoiser.release()
+        if not result.fused:  # a shard: its LoRAs are on disk, fusion is the final run's
+            summary = result.summary() + f"\nLoRAs in {folder}"
+            logging.info(summary)
+            return io.NodeOutput(model, summary, ui={"text": [summary]})
         info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,
                 "anchor": anchor, "settings": settings.as_dict(), "loras": [os.path.basename(p) for p in
                                                                            result.lora_files]}

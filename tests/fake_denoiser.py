@@ -76,7 +76,7 @@ class FakeDenoiser(torch.nn.Module):
         k, v = split(context @ wk.T), split(context @ wv.T)
         probs = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim**0.5, dim=-1)
         if on_attention is not None:
-            on_attention(AttentionProbe(name, probs, hh, ww))
+            on_attention(AttentionProbe(name, probs, hh, ww, q, f"{name}.attn2.to_k.weight"))
         out = (probs @ v).transpose(1, 2).reshape(b, hh * ww, -1) @ self.attn[f"o{i}"].T
         return h + out.transpose(1, 2).reshape(b, c, hh, ww)
 

@@ -7,6 +7,7 @@ node; the LoRA node trains, saves and applies; gradients reach only the LoRA fac
 model's weights and modules are left as they were; the concept's attention inside the mask drops;
 the file loads through the stock LoraLoaderModelOnly and patches W + up @ down * scale; an
 interrupt propagates and leaves no file; a seed gives the same LoRA; attention-derived masks.
+These run the full-backprop path (``lora_training="full"``); test_cached_queries_comfy.py the default.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ MASK = torch.zeros(1, 64, 64)
 MASK[:, 16:48, 8:40] = 1.0
 
 
-def _train(env, images, prefix, steps=STEPS, masks=MASK, mask_mode="given", seed=SEED):
+def _train(env, images, prefix, steps=STEPS, masks=MASK, mask_mode="given", seed=SEED, training="full"):
     node = env.pack.nodes.lora_train_node.MaceTrainConceptLora
     with torch.inference_mode():  # as the executor runs nodes
         out = node.execute(env.model, env.clip, env.vae, images, "ship", "object", mask_mode, steps, LR, 1, seed,
-                           "auto", True, prefix, masks=masks)
+                           "auto", True, prefix, masks=masks, lora_training=training)
     return out.result
 
 

@@ -29,11 +29,11 @@ def env(comfy, tmp_path_factory):
     return SimpleNamespace(model=model, clip=clip, vae=vae, pack=comfy.pack_module, comfy=comfy)
 
 
-def mass_erase(env, run_name, concepts=CONCEPTS):
+def mass_erase(env, run_name, concepts=CONCEPTS, **kw):
     node = env.pack.nodes.mass_erase_node.MaceMassErase
     with torch.inference_mode():
         return node.execute(env.model, env.clip, env.vae, concepts, "", "object", "", "", False, run_name,
-                            1.0, 1.0, 3, 3e-2, 1, 64, 2, 5, 1e-3)
+                            1.0, 1.0, 3, 3e-2, 1, 64, 2, 5, 1e-3, **kw)
 
 
 def test_mass_erase_runs_resumes_and_matches_fuse_node(env):
@@ -76,14 +76,14 @@ def test_mass_erase_interrupt_keeps_finished_concepts(env):
         return real()
 
     mm.throw_exception_if_processing_interrupted = interrupt_late
-    try:
+    try:  # full backprop saves each concept as it finishes (cached queries save per group: test_pipeline)
         with pytest.raises(mm.InterruptProcessingException):
-            mass_erase(env, "t2")
+            mass_erase(env, "t2", lora_training="full")
     finally:
         mm.throw_exception_if_processing_interrupted = real
     done = os.listdir(folder)
     assert len(done) == 1 and not [f for f in done if f.endswith(".tmp")]
-    resumed = mass_erase(env, "t2")
+    resumed = mass_erase(env, "t2", lora_training="full")
     assert "1 trained, 1 reused" in resumed.result[1]
 
 
@@ -111,3 +111,36 @@ def test_mass_erase_objective_prior_and_lora_preserve_inputs(env):
         node.execute(*args, objective="reverse")
     with torch.inference_mode(), pytest.raises(ValueError, match="lora_preserve"):
         node.execute(*args[:8], False, *args[9:], lora_preserve=1.0, prior_weight=0.0)
+
+
+def test_mass_erase_shards_then_fuse_match_one_run(env):
+    """Two shards on a shared run folder, then shard 'fuse': the same deltas as one run (bit-identical
+    with full backprop: test_pipeline; within float tolerance here, where one run batches the concepts
+    and the shards do not); a shard passes
+    the model on unchanged; bad shard strings and a fuse before the shards are refused by name."""
+    cm = env.pack.nodes.comfy_model
+    node = env.pack.nodes.mass_erase_node.MaceMassErase
+
+    def run(name, shard, training="auto"):
+        with torch.inference_mode():
+            return node.execute(env.model, env.clip, env.vae, CONCEPTS, "", "object", "", "", False, name,
+                                1.0, 1.0, 3, 3e-2, 1, 64, 2, 5, 1e-3, shard=shard, lora_training=training).result
+
+    one = cm.get_record(run("sh_one", "")[0])
+    with pytest.raises(ValueError, match="shard 'fuse': no finished LoRA for 2 concept"):
+        run("sh_parts", "fuse")
+    model, summary = run("sh_parts", "1/2")
+    assert model is env.model and "shard 1/2: 1 LoRA(s) trained" in summary and "No erasure applied" in summary
+    assert "shard 2/2: 1 LoRA(s) trained" in run("sh_parts", "2/2")[1]
+    fused = run("sh_parts", "fuse")
+    assert "0 trained, 2 reused" in fused[1]
+    rec = cm.get_record(fused[0])
+    for k in one.deltas:  # one run trains the two concepts as one batch, the shards one each: float tolerance
+        d = (one.deltas[k] - rec.deltas[k]).abs().max() / one.deltas[k].abs().max()
+        assert d < 1e-4, (k, float(d))
+    assert one.stages[-1]["settings"]["lora"]["path"] == "cached_queries"
+    for bad in ("3/2", "one of two"):
+        with pytest.raises(ValueError, match="shard: "):
+            run("sh_bad", bad)
+    with pytest.raises(ValueError, match="lora_training: unknown 'fast'"):
+        run("sh_bad", "", training="fast")

@@ -185,3 +185,82 @@ def test_interrupt_during_cfr_and_fusion(tmp_path):
         run_mass_erasure(ENC, den, den.kv_weights(), CONCEPTS, TEMPLATES, SETTINGS, str(tmp_path), data,
                          PRESERVE, progress=stop_at(2 + 2 * SETTINGS.lora.steps + 1), log=lambda s: None)
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_two_shards_then_fuse_equal_one_run(tmp_path):
+    from mace_ops.pipeline import Shard, parse_shard
+
+    concepts = CONCEPTS + [Concept(("horse",), None, 3)]
+    den = FakeDenoiser()
+
+    def go(folder, **kw):
+        return run_mass_erasure(ENC, den, den.kv_weights(), concepts, TEMPLATES, SETTINGS, str(folder), data,
+                                PRESERVE, log=lambda s: None, **kw)
+
+    one = go(tmp_path / "one")
+    shared = tmp_path / "shared"
+    with pytest.raises(ValueError, match=r"no finished LoRA for 3 concept\(s\).*ship, car, horse"):
+        go(shared, fuse_only=True)
+    first = go(shared, shard=Shard(0, 2))
+    assert first.trained == ["ship", "horse"] and first.other_shards == ["car"] and not first.fused
+    assert first.weights == {} and "shard 1/2" in first.summary() and "fuse" in first.summary()
+    with pytest.raises(ValueError, match=r"no finished LoRA for 1 concept\(s\).*: car;"):
+        go(shared, fuse_only=True)
+    second = go(shared, shard=Shard(1, 2))
+    assert second.trained == ["car"] and second.reused == []
+    fused = go(shared, fuse_only=True)
+    assert fused.trained == [] and fused.reused == ["ship", "car", "horse"] and fused.fused
+    assert sorted(os.listdir(shared)) == sorted(os.listdir(tmp_path / "one"))
+    for k in one.weights:
+        assert torch.equal(one.weights[k], fused.weights[k]), k
+
+    assert parse_shard("") == (None, False) and parse_shard(" 1/1 ") == (None, False)
+    assert parse_shard("2/3") == (Shard(1, 3), False) and parse_shard("FUSE") == (None, True)
+    for bad, msg in (("3/2", "must be 1..n"), ("0/2", "must be 1..n"), ("1/0", "must be 1..n"),
+                     ("half", "not understood"), ("1of2", "not understood")):
+        with pytest.raises(ValueError, match=f"shard: .*{msg}"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="choose one"):
+        go(shared, shard=Shard(0, 2), fuse_only=True)
+    with pytest.raises(ValueError, match="shard: 3/2"):
+        Shard(2, 2)
+
+
+def test_batched_concepts_equal_one_by_one_and_resume(tmp_path):
+    import dataclasses
+
+    from mace_ops.lora_file import load_concept_lora
+
+    cached = dataclasses.replace(SETTINGS, lora=dataclasses.replace(SETTINGS.lora, path="cached_queries",
+                                                                    query_samples=4, steps=8))
+    concepts = CONCEPTS + [Concept(("horse",), None, 3)]
+    den = FakeDenoiser()
+    logs = []
+
+    def go(folder, batch, should_stop=None):
+        return run_mass_erasure(ENC, den, den.kv_weights(), concepts, TEMPLATES, cached, str(folder), data, PRESERVE,
+                                log=logs.append, concept_batch=batch, should_stop=should_stop)
+
+    alone, together = go(tmp_path / "a", 1), go(tmp_path / "b", 2)
+    assert together.trained == ["ship", "car", "horse"]
+    assert any("trained with 1 other concept" in line for line in logs)
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))  # same resume keys
+    for pa, pb in zip(alone.lora_files, together.lora_files):
+        fa, fb = load_concept_lora(pa).deltas(), load_concept_lora(pb).deltas()
+        for k in fa:
+            torch.testing.assert_close(fa[k], fb[k], atol=1e-6, rtol=1e-4)
+    for k in alone.weights:
+        torch.testing.assert_close(alone.weights[k], together.weights[k], atol=1e-5, rtol=1e-4)
+
+    folder = tmp_path / "c"
+
+    def stop_in_second_group():  # the first group (ship, car) is on disk
+        if folder.exists() and len(os.listdir(folder)) >= 2:
+            raise KeyboardInterrupt("user pressed stop")
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        go(folder, 2, stop_in_second_group)
+    assert len(os.listdir(folder)) == 2
+    resumed = go(folder, 2)
+    assert resumed.reused == ["ship", "car"] and resumed.trained == ["horse"]

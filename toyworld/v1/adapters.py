@@ -80,8 +80,9 @@ class ToyDenoiser:
         on_attention: Callable[[AttentionProbe], None],
         weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        def report(name: str, probs: torch.Tensor, height: int, width: int) -> None:
-            on_attention(AttentionProbe(layer=name, probs=probs, height=height, width=width))
+        def report(name: str, probs: torch.Tensor, height: int, width: int, query: torch.Tensor) -> None:
+            on_attention(AttentionProbe(layer=name, probs=probs, height=height, width=width, query=query,
+                                        key_name=f"{name}.to_k.weight"))
 
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(x_t.shape[0])
         return self.model(x_t, t, context, Hooks(weight_transform=weight_transform, on_attention=report))

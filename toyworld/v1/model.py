@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from . import vocab
 
 WeightTransform = Callable[[str, torch.Tensor], torch.Tensor]
-# on_attention(layer_name, probs (B, heads, HW, L), height, width)
-AttentionCallback = Callable[[str, torch.Tensor, int, int], None]
+# on_attention(layer_name, probs (B, heads, HW, L), height, width, queries (B, heads, HW, d_head))
+AttentionCallback = Callable[[str, torch.Tensor, int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -137,7 +137,7 @@ class XAttn(nn.Module):
         v = F.linear(ctx, wv).view(b, -1, self.heads, self.head_dim).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
         if hooks is not None and hooks.on_attention is not None:
-            hooks.on_attention(self.name, probs, hgt, wid)
+            hooks.on_attention(self.name, probs, hgt, wid, q)
         out = (probs @ v).transpose(1, 2).reshape(b, hgt * wid, -1)
         out = self.to_out(out).transpose(1, 2).view(b, c, hgt, wid)
         return x + out

@@ -1,0 +1,324 @@
+"""One benchmark of every stage on random-weight SD1.5, each next to its reference-style baseline.
+
+Nothing is downloaded: the UNet is ComfyUI's own ``UNetModel`` with random N(0, 0.02) weights
+(``bench.train.build_sd15``, loaded as a real ModelPatcher inside ``torch.inference_mode()`` as
+the executor loads checkpoints), the text encoder is the 77 x 768 hash encoder, training latents
+are random (image sampling is not timed). Sections, each in the same run as its baseline:
+
+* ``cfr``: ``refine_cross_attention`` (shared d x d sums, one solve per layer) vs the reference's
+  per-layer value tensors and float32 inverses (``bench.cfr.per_layer_baseline``; N <= 10).
+* ``fusion``: ``fuse_loras`` streaming synthetic rank-1 LoRAs vs the per-layer reference fusion
+  (``bench.mass.per_layer_fusion``; N <= 10).
+* ``lora``: one concept's LoRA at every dtype: ``full`` (backprop through the UNet every step, K
+  and V: the reference's way) vs ``cached_queries`` (the pack's default): seconds per step (median
+  after the first), seconds per concept (all steps, recording included) and peak memory above
+  the loaded model (CUDA: max allocated; CPU: resident high-water mark).
+* ``pipeline``: ``run_mass_erasure`` end to end (CFR -> LoRAs -> fusion) through ``ComfyDenoiser``,
+  reference-style (full path, one concept after another) vs the default (cached queries, concepts
+  batched).
+
+Full size (default): SD1.5 UNet, 512 x 512, 50 LoRA steps, CFR/fusion at 1/10/100 concepts, the
+pipeline at 10 concepts, dtypes fp16/bf16/fp32 on CUDA (fp32/bf16 on CPU). ``--small``: ComfyUI's
+tiny one-level SD1.5-layout UNet, 64 x 64, 6 steps, 4 templates, 1/2 concepts with 256-wide
+text features for the closed forms, pipeline at 2: the same code
+paths in well under 2 minutes on CPU (a default test runs it, so the script cannot rot).
+
+    bash bench/gpu_suite.sh [--small] [--device auto|cpu|cuda] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import HashTextEncoder, environment, print_table, rss_mb, sd15_kv_weights, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class Scale:
+    unet: str
+    res: int
+    steps: int
+    counts: tuple[int, ...]
+    baseline_max: int
+    pipeline_concepts: int
+    images: int
+    templates: int  # object templates per concept (0: all 30)
+    text_dim: int  # width of the closed forms' text features (768 = SD1.5)
+
+    def template_list(self):
+        from mace_ops.templates import OBJECT_TEMPLATES
+
+        return OBJECT_TEMPLATES[: self.templates] if self.templates else OBJECT_TEMPLATES
+
+
+FULL = Scale("sd15", 512, 50, (1, 10, 100), 10, 10, 8, 0, 768)
+SMALL = Scale("tiny", 64, 6, (1, 2), 2, 2, 2, 4, 256)
+
+
+class Peak:
+    """Peak memory (MB) above the level at entry: CUDA max allocated, else the resident high-water mark."""
+
+    def __init__(self, device: str):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        from bench.train import reset_peak, trim
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            trim()
+            self.before, self.ok = rss_mb(), reset_peak()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        from bench.train import hwm_mb
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        elif self.ok:
+            self.mb = hwm_mb() - self.before
+        self.seconds = time.perf_counter() - self.start
+
+
+def _concepts(n: int):
+    from mace_ops.concepts import Concept
+
+    return [Concept((f"concept{i} thing{i}",), "ground", i + 1) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- closed forms
+
+def closed_forms(scale: Scale) -> list[dict]:
+    from bench.cfr import per_layer_baseline
+    from bench.mass import per_layer_fusion, stream
+    from mace_ops.cfr import CFRConfig, refine_cross_attention
+    from mace_ops.fusion import fuse_loras
+
+    TEMPLATES = scale.template_list()
+    enc, original, rows = HashTextEncoder(scale.text_dim), sd15_kv_weights(dim=scale.text_dim), []
+    for n in scale.counts:
+        cs = _concepts(n)
+        pair = {}
+        for method in ("ours", "reference-style"):
+            if method != "ours" and n > scale.baseline_max:
+                rows.append({"section": "cfr", "case": f"{n} concepts", "method": method, "note": "not run (memory)"})
+                continue
+            with Peak("cpu") as p:
+                if method == "ours":
+                    cfr = refine_cross_attention(enc, original, cs, TEMPLATES, config=CFRConfig(lamb=1.0))
+                    refined = cfr.weights
+                else:
+                    per_layer_baseline(enc, original, cs, TEMPLATES, 1.0)
+            pair[method] = p.seconds
+            rows.append({"section": "cfr", "case": f"{n} concepts", "method": method, "seconds": round(p.seconds, 3),
+                         "peak_mb": round(p.mb, 1)})
+        _ratio(rows, pair)
+        pair = {}
+        for method in ("ours", "reference-style"):
+            if method != "ours" and n > scale.baseline_max:
+                rows.append({"section": "fusion", "case": f"{n} concepts", "method": method,
+                             "note": "not run (memory)"})
+                continue
+            with Peak("cpu") as p:
+                if method == "ours":
+                    fuse_loras(enc, refined, original, stream(cs, refined), TEMPLATES, lamb=1.0, total=n)
+                else:
+                    per_layer_fusion(enc, refined, cs, TEMPLATES, 1.0)
+            pair[method] = p.seconds
+            rows.append({"section": "fusion", "case": f"{n} concepts", "method": method,
+                         "seconds": round(p.seconds, 3), "peak_mb": round(p.mb, 1)})
+        _ratio(rows, pair)
+    return rows
+
+
+def _ratio(rows: list[dict], seconds: dict) -> None:
+    """speedup = reference-style seconds / ours, on the 'ours' row of the pair just added."""
+    if "ours" in seconds and "reference-style" in seconds:
+        for r in reversed(rows):
+            if r["method"] in ("ours", "cached_queries"):
+                r["speedup"] = round(seconds["reference-style"] / max(seconds["ours"], 1e-9), 2)
+                break
+
+
+# ---------------------------------------------------------------------------------------------- LoRA + pipeline
+
+def _model(scale: Scale, dtype: torch.dtype):
+    from bench.train import SD15_UNET, build_sd15
+
+    config = SD15_UNET
+    if scale.unet == "tiny":
+        sys.path.insert(0, str(REPO / "tests"))
+        from comfy_harness import TINY_UNET_CONFIG
+
+        config = {**TINY_UNET_CONFIG, "use_checkpoint": False}
+    with torch.inference_mode():  # as the executor loads a checkpoint: inference tensors
+        patcher, _ = build_sd15(0, config, dtype)
+    return patcher
+
+
+def _latents(scale: Scale, n: int, device: str, seed: int = 0) -> torch.Tensor:
+    side = scale.res // 8
+    return torch.randn(n, 4, side, side, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def lora_rows(h, scale: Scale, dtypes: list[str], device: str) -> list[dict]:
+    ops, nodes = h.pack_module.mace_ops, h.pack_module.nodes
+    import comfy.model_management as mm
+
+    rows = []
+    concept = ops.concepts.Concept(("ship",), "ground", 1)
+    latents = _latents(scale, scale.images, device)
+    for name in dtypes:
+        try:
+            patcher = _model(scale, DTYPES[name])
+        except Exception as err:  # noqa: BLE001 - a dtype this device cannot build is a row, not a crash
+            rows.append({"section": "lora", "case": name, "method": "-", "note": f"not built: {err}"[:120]})
+            continue
+        pair = {}
+        for path in ("full", "cached_queries"):
+            cfg = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path,
+                                                 query_samples=_pool(ops, scale))
+            den = nodes.comfy_denoiser.ComfyDenoiser(patcher, backward=path == "full")
+            stamps = []
+            try:
+                den.load()
+                with Peak(device) as p:
+                    start = time.perf_counter()
+                    out = ops.lora_train.train_concept_lora(
+                        den, HashTextEncoder(), concept, scale.template_list(), latents, None, cfg,
+                        progress=lambda i, n: (_sync(device), stamps.append(time.perf_counter())))
+            except Exception as err:  # noqa: BLE001
+                rows.append({"section": "lora", "case": name, "method": path, "note": f"failed: {err}"[:160]})
+                continue
+            finally:
+                den.release()
+                mm.unload_all_models()
+            steps = [b - a for a, b in zip(stamps, stamps[1:])]
+            method = "reference-style" if path == "full" else "cached_queries"
+            pair["reference-style" if path == "full" else "ours"] = p.seconds
+            rows.append({"section": "lora", "case": f"{name} {scale.res}px", "method": method,
+                         "seconds": round(p.seconds, 3), "s_per_step": round(statistics.median(steps), 4),
+                         "first_step_s": round(stamps[0] - start, 3), "peak_mb": round(p.mb, 1),
+                         "steps": scale.steps, "loss_first": round(out.losses[0], 4),
+                         "loss_last": round(out.losses[-1], 4)})
+        _ratio(rows, pair)
+        del patcher
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def pipeline_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
+    ops, nodes = h.pack_module.mace_ops, h.pack_module.nodes
+    import comfy.model_management as mm
+    from mace_ops.cfr import CFRConfig
+
+    patcher = _model(scale, DTYPES[dtype])
+    rows, pair = [], {}
+    cs = _concepts(scale.pipeline_concepts)
+    enc = HashTextEncoder()
+    for method, path, batch in (("reference-style", "full", 1), ("cached_queries", "cached_queries", 8)):
+        lora = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path,
+                                              query_samples=_pool(ops, scale))
+        settings = ops.pipeline.PipelineSettings("object", "ground", CFRConfig(lamb=1.0), lora, 1e-3, 1.0)
+        den = nodes.comfy_denoiser.ComfyDenoiser(patcher, backward=path == "full")
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                original = nodes.comfy_model.effective_kv_weights(patcher)
+                with Peak(device) as p:
+                    res = ops.pipeline.run_mass_erasure(
+                        enc, den, original, cs, scale.template_list(), settings, folder,
+                        lambda c: (_latents(scale, scale.images, device, seed=c.line), None), log=lambda s: None,
+                        concept_batch=batch)
+            finally:
+                den.release()
+                mm.unload_all_models()
+        s = res.seconds
+        pair["reference-style" if path == "full" else "ours"] = p.seconds
+        rows.append({"section": "pipeline", "case": f"{len(cs)} concepts {dtype} {scale.res}px", "method": method,
+                     "seconds": round(p.seconds, 2), "cfr_s": round(s.get("cfr", 0), 2),
+                     "lora_s": round(s.get("lora", 0), 2), "fusion_s": round(s.get("fusion", 0), 2),
+                     "peak_mb": round(p.mb, 1)})
+    _ratio(rows, pair)
+    return rows
+
+
+def _pool(ops, scale: Scale) -> int:
+    """The nodes' default query pool (never more samples than steps)."""
+    return min(ops.lora_train.DEFAULT_QUERY_SAMPLES, scale.steps)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+COLUMNS = ["section", "case", "method", "seconds", "speedup", "s_per_step", "first_step_s", "peak_mb", "cfr_s",
+           "lora_s", "fusion_s", "note"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true", help="tiny UNet, 64 px, few concepts: the CI run")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None)
+    ap.add_argument("--sections", nargs="+", default=["closed", "lora", "pipeline"],
+                    choices=["closed", "lora", "pipeline"])
+    ap.add_argument("--res", type=int, default=None, help="override the image side (pixels, multiple of 8)")
+    ap.add_argument("--steps", type=int, default=None, help="override the LoRA steps per concept")
+    ap.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_suite[_small].json)")
+    args = ap.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    scale = SMALL if args.small else FULL
+    if args.res is not None:
+        if args.res < 8 or args.res % 8:
+            raise SystemExit(f"--res must be a positive multiple of 8, got {args.res}")
+        scale = dataclasses.replace(scale, res=args.res)
+    if args.steps is not None:
+        if args.steps < 2:
+            raise SystemExit(f"--steps must be >= 2 (the first step is a warm-up), got {args.steps}")
+        scale = dataclasses.replace(scale, steps=args.steps)
+    dtypes = args.dtypes or (["fp16", "bf16", "fp32"] if device == "cuda" else ["fp32", "bf16"])
+    out = args.out or f"bench/results/gpu_suite{'_small' if args.small else ''}.json"
+    t0 = time.perf_counter()
+    rows = []
+    if "closed" in args.sections:
+        rows += closed_forms(scale)
+    if "lora" in args.sections or "pipeline" in args.sections:
+        from bench.train import init_comfy
+
+        with tempfile.TemporaryDirectory(prefix="mace-gpu-suite-") as base:
+            h = init_comfy(base, device)
+            if "lora" in args.sections:
+                rows += lora_rows(h, scale, dtypes, device)
+            if "pipeline" in args.sections:
+                rows += pipeline_rows(h, scale, "bf16" if device == "cuda" else "fp32", device)
+    minutes = (time.perf_counter() - t0) / 60
+    print_table(rows, COLUMNS)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device {name}, {'small' if args.small else 'full'} scale, {minutes:.1f} min")
+    write_json(out, {"bench": "gpu_suite", "env": environment(), "device": name, "scale": dataclasses.asdict(scale),
+                     "minutes": round(minutes, 2), "rows": rows,
+                     "notes": "random weights, hash text encoder, random training latents (sampling not timed); "
+                              "closed forms on CPU; speedup = reference-style seconds / ours"})
+
+
+if __name__ == "__main__":
+    main()

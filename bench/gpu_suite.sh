@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every stage on random-weight SD1.5 next to its reference-style baseline (bench/gpu_suite.py):
+# CFR and fusion for 1/10/100 concepts, one concept's LoRA at 512 px in fp16/bf16/fp32, and the
+# 10-concept Mass Erase pipeline end to end. Nothing is downloaded.
+#
+#   bash bench/gpu_suite.sh            # on a CUDA machine: full size, < 8 min, bench/results/gpu_suite.json
+#   bash bench/gpu_suite.sh --small    # anywhere (CI, CPU): tiny UNet, < 2 min
+#
+# Needs the pack's Python environment (.venv, else $PYTHON, else python3) and a ComfyUI source tree:
+# $COMFYUI_PATH, else .cache/ComfyUI (what .ci/run extracts from ../shared/vendor), else ~/ComfyUI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ -z "${COMFYUI_PATH:-}" ]; then
+    for d in .cache/ComfyUI "$HOME/ComfyUI"; do
+        if [ -f "$d/comfy/model_management.py" ]; then COMFYUI_PATH=$(cd "$d" && pwd); break; fi
+    done
+fi
+if [ -z "${COMFYUI_PATH:-}" ] || [ ! -f "$COMFYUI_PATH/comfy/model_management.py" ]; then
+    echo "gpu_suite: no ComfyUI source tree; set COMFYUI_PATH, or run .ci/run once to extract the vendored one" >&2
+    exit 2
+fi
+export COMFYUI_PATH
+exec "$PY" -m bench.gpu_suite "$@"
