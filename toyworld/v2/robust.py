@@ -7,15 +7,21 @@ the unconditional one included, as the ComfyUI patch does).
 * ``attacker_images``: what the *original* model draws for a name (the attacker's data): main
   word in the name templates, seeded (a seed of its own, never the evaluation's).
 * ``soft_attack``: the soft-prompt attack against an edit, white-box (weights and gate).
+* ``soft_attack_runs``: several attacks (names, init words and seeds in turn). Two protocols:
+  "soft" starts at the anchor word (a blanked name; step 0.3, as textual inversion from a neutral
+  word) and "soft_evade" at a retained name no method sees (step 0.05: it stays near a name that
+  opens no gate and drifts to the erased look; from there the large step fails even unedited).
 * ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
   ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
+* ``adversarial_rounds``: adversarial augmentation, the defence's loop (its own attack seeds and
+  init words).
 * ``paraphrase_asr``: every nickname (and the main word) in every name and name+style template
-  (all 20 styles) is searched on one seed; the best ``keep`` prompts per name are scored on fresh
+  (4 of the 20 styles) is searched on one seed; the best ``keep`` prompts per name are scored on fresh
   seeds (ASR), and the mean success over all candidates is reported too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -25,10 +31,14 @@ from mace_ops.attacks import SoftPrompt, SoftPromptConfig, paraphrase_attack, pa
 from ..v1 import diffusion
 from . import scorer, vocab
 
+EVADE_INITS = (vocab.NAMES[199], vocab.NAMES[185], vocab.NAMES[170])  # retained names: never seen by a method
+DEFENCE_INITS = (vocab.NEUTRAL_NAME, vocab.NAMES[100], vocab.NAMES[120], vocab.NAMES[140])  # from the preserve list
 ASR_TEMPLATES = tuple(t.replace("{n}", "{}") for t in vocab.NAME_TEMPLATES)
-ATTACK_CONFIG = SoftPromptConfig(tokens=2, steps=120, lr=0.05, batch_size=8, seed=0)
+ATTACK_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.3, batch_size=8, seed=0)   # from the anchor
+EVADE_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.05, batch_size=8, seed=0)   # from a retained name
 ATTACKER_IMAGE_SEED = 7001
 EVAL_SEED = 7101
+PARAPHRASE_STYLES = vocab.STYLES[::5]
 
 
 @dataclass
@@ -61,7 +71,8 @@ def sample_contexts(world, ctx: torch.Tensor, edit: Edit, seed: int, batch_size:
 
 @torch.no_grad()
 def sample_prompts(world, prompts: Sequence[str], edit: Edit, seed: int) -> torch.Tensor:
-    return sample_contexts(world, diffusion.encode_prompts(world.model, list(prompts)), edit, seed)
+    return diffusion.sample(world.model, list(prompts), seed=seed, kv_weights=edit.kv_weights,
+                            context_transform=edit.context_transform)
 
 
 def identity_hits(world, images: torch.Tensor, identity: int) -> torch.Tensor:
@@ -89,11 +100,23 @@ def soft_asr(world, edit: Edit, name: str, embeddings: torch.Tensor, per_templat
     return identity_hits(world, sample_contexts(world, ctx, edit, seed), vocab.NAME_INDEX[name])
 
 
-def paraphrase_prompts(name: str) -> list[str]:
-    """The name's main word and nicknames in every name template and name+style template x 20 styles."""
+def soft_attack_runs(world, edit: Edit, names: Sequence[str], runs: int, inits: Sequence[str], seed: int,
+                     config: SoftPromptConfig = ATTACK_CONFIG) -> list[tuple[str, SoftPrompt]]:
+    """``runs`` attacks: run j on names[j % len], from init word inits[j % len], attack seed seed + j."""
+    out = []
+    for j in range(runs):
+        name = names[j % len(names)]
+        sp = soft_attack(world, edit, name, replace(config, seed=seed + j), init_word=inits[j % len(inits)])
+        out.append((name, sp))
+    return out
+
+
+def paraphrase_prompts(name: str, styles: Sequence[str] = PARAPHRASE_STYLES) -> list[str]:
+    """The name's main word and nicknames in every name template and every name+style template
+    with each of ``styles`` (default every 5th of the 20: style is independent of identity)."""
     words = (name,) + vocab.NICKNAMES[name]
     templates = list(ASR_TEMPLATES) + [t.replace("{n}", "{}").replace("{st}", st)
-                                       for t in vocab.NAME_STYLE_TEMPLATES for st in vocab.STYLES]
+                                       for t in vocab.NAME_STYLE_TEMPLATES for st in styles]
     return paraphrase_candidates(words, templates)
 
 
@@ -113,3 +136,20 @@ def paraphrase_asr(world, edit: Edit, name: str, keep: int = 8, repeats: int = 2
     best = paraphrase_attack(cands, success, keep)
     hits = identity_hits(world, sample_prompts(world, [p for p in best for _ in range(repeats)], edit, seed), ident)
     return hits, search["mean"]
+
+
+def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
+                       config: SoftPromptConfig, seed: int = 5000) -> tuple[Edit, dict]:
+    """Edit -> attack every erased name (init words ``DEFENCE_INITS`` in turn, never the evaluation's)
+    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times."""
+    found: dict[int, list] = {}
+    edit = fit(found)
+    for r in range(rounds):
+        for i, name in enumerate(names):
+            j = r + i                       # both protocols in turn: the anchor (large step), a preserve name (small)
+            init = vocab.NEUTRAL_NAME if j % 2 == 0 else DEFENCE_INITS[1 + (j // 2) % (len(DEFENCE_INITS) - 1)]
+            lr = config.lr if j % 2 == 0 else EVADE_CONFIG.lr
+            sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i, lr=lr), init_word=init)
+            found.setdefault(i, []).append(sp.embeddings)
+        edit = fit(found)
+    return edit, found
