@@ -3,10 +3,11 @@
 For 1 and 10 erased names (the first names of the vocabulary; preserve list and retained set as
 in ``bench.mass_quality``), each method's edit is attacked:
 
-* ``soft`` / ``soft_evade``: the soft-prompt attack (``mace_ops.attacks``; 2 tokens, ``--steps``
+* ``soft`` / ``soft_lookalike``: the soft-prompt attack (``mace_ops.attacks``; 2 tokens, ``--steps``
   Adam steps on the textual-inversion loss against 8 images the original model drew for the
   name), white-box against the edit (weights and gate); ``soft`` starts at the anchor word,
-  ``soft_evade`` at a retained name no method ever sees (``robust.EVADE_INITS``, smaller step).
+  ``soft_lookalike`` at the retained name that shares two of its three attributes (no method
+  ever sees it; ``robust.lookalike``, smaller step).
   ``--runs`` attacks per cell and protocol: the erased names in turn, attack seeds of their own.
   ASR = identity accuracy on 24 images per attack (every name template twice, fresh noise); SE over
   attacks (an attack succeeds or fails as a whole, so the attacks, not the images, are the sample).
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
                     "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
                     "seconds": round(seconds, 1)}
             for attack, inits, cfg in (("soft", (vocab.NEUTRAL_NAME,), attack_cfg),
-                                       ("soft_evade", robust.EVADE_INITS, evade_cfg)):
+                                       ("soft_lookalike", (None,), evade_cfg)):
                 runs = robust.soft_attack_runs(world, edit, task.erase, args.runs, inits, seed=900, config=cfg)
                 per = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in runs]
                 n_img = len(per) * 2 * len(robust.ASR_TEMPLATES)
@@ -134,8 +135,8 @@ def main(argv=None) -> None:
                           "settings": {"attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
                                        "runs": args.runs, "rounds": args.rounds, "para_names": args.para_names,
                                        "n_clean": args.n_clean, "evade_config": evade_cfg.__dict__,
-                                       "evade_inits": list(robust.EVADE_INITS),
-                                       "defence_inits": list(robust.DEFENCE_INITS), "ace": ACEConfig().__dict__,
+                                       "lookalike_pool": "NAMES[150:200]",
+                                       "defence_lookalike_pool": "NAMES[100:150]", "ace": ACEConfig().__dict__,
                                        "paraphrase_styles": list(robust.PARAPHRASE_STYLES)},
                           "rows": rows})
     print(markdown_table(rows, COLUMNS))

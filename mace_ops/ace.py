@@ -21,7 +21,10 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
    features join the prototypes and their pairs join the directions, and the edit is refit.
    The paper fine-tunes; here the refit is the same closed form (no gradient fine-tuning).
 
-Outside the gate nothing changes: a gated erasure is not a weight patch. ``linear_part`` is the
+Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it is meant to
+run as an ``attn2_patch`` (``attn2_patch``: ComfyUI calls it with (n, context, value, options) before
+every cross-attention and uses the context and value it returns), put on a clone by our Load node
+from a file ``save_gated_erasure`` writes (not wired into the nodes yet). ``linear_part`` is the
 ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a plain LoRA can carry; it
 applies the null-out to every prompt, so on its own it is not a substitute (see the README).
 """
@@ -39,6 +42,8 @@ from .templates import check_templates, fill
 from .validation import check_number
 
 STATE_KEYS = ("prototypes", "owner", "thresholds", "bases", "targets")
+GATE_FORMAT = "gate-1"
+GATE_PREFIX = "mace_gate."
 
 
 @dataclass(frozen=True)
@@ -173,3 +178,38 @@ def fit_gated_erasure(
     sims = erasure.similarity(feats)                          # (N, n)
     erasure.thresholds = torch.quantile(sims, config.quantile, dim=0) + config.margin
     return erasure
+
+
+def attn2_patch(erasure: GatedErasure):
+    """A ComfyUI ``attn2_patch`` (``ModelPatcher.set_model_attn2_patch``): the gated null-out applied
+    to the context the keys read and to the one the values read (plain torch, no ComfyUI import)."""
+    def patch(n, context, value, extra_options):
+        return n, erasure(context), erasure(value)
+    return patch
+
+
+def save_gated_erasure(path: str, erasure: GatedErasure, weights: KVWeights, base_fingerprint: str,
+                       info: Mapping) -> dict[str, str]:
+    """One safetensors file: the gate (``mace_gate.*``, float32) and, as ``<module>.diff``, the ungated
+    linear part (``linear_part``) that a stock LoRA loader applies (ungated: see the README)."""
+    from .erasure_file import atomic_save, diff_key, mace_metadata  # local: erasure_file imports torch I/O
+    from . import __version__
+    tensors = {GATE_PREFIX + k: v.float() if v.is_floating_point() else v for k, v in erasure.state_dict().items()}
+    tensors.update({diff_key(k): v.detach().cpu().to(torch.float16) for k, v in erasure.linear_part(weights).items()})
+    metadata = mace_metadata({"mace.format": GATE_FORMAT, "mace.pack_version": __version__,
+                              "mace.base_model": base_fingerprint, "mace.gate_temperature": str(erasure.temperature)},
+                             info)
+    atomic_save(tensors, path, metadata)
+    return metadata
+
+
+def load_gated_erasure(path: str) -> tuple[GatedErasure, dict[str, str]]:
+    """(gate, metadata) of a file ``save_gated_erasure`` wrote; ValueError naming the file otherwise."""
+    from .erasure_file import read_mace_file
+    metadata, tensors = read_mace_file(path, GATE_FORMAT, "gated erasure")
+    state = {k[len(GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
+    try:
+        temperature = float(metadata["mace.gate_temperature"])
+        return GatedErasure.from_state_dict(state, temperature), metadata
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: not a complete gated erasure ({err})") from None

@@ -118,3 +118,21 @@ def test_adversarial_pairs_of_a_word_embedding_equal_that_word_as_a_concept(worl
     k = next(iter(listed))
     assert torch.allclose(via_pairs[k], listed[k], atol=1e-4)
     assert not torch.allclose(plain[k], listed[k], atol=1e-3)
+
+
+def test_gated_erasure_file_round_trip(tmp_path):
+    from mace_ops.ace import attn2_patch, load_gated_erasure, save_gated_erasure
+    from safetensors import safe_open
+    g = _toy_gate(0.9)
+    path = str(tmp_path / "gate.safetensors")
+    save_gated_erasure(path, g, {"blk.attn2.to_k.weight": torch.eye(4)}, "fp", {"concepts": ["zib"]})
+    back, meta = load_gated_erasure(path)
+    ctx = torch.randn(2, 3, 4)
+    assert torch.allclose(back(ctx), g(ctx)) and meta["mace.concepts"] == '["zib"]'
+    with safe_open(path, framework="pt") as f:                 # what a stock LoRA loader sees
+        assert "blk.attn2.to_k.diff" in f.keys()
+    n, k, v = attn2_patch(back)("q", ctx, ctx, {})
+    assert n == "q" and torch.allclose(k, g(ctx)) and torch.allclose(v, g(ctx))
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_gated_erasure(str(tmp_path / "bad.safetensors"))

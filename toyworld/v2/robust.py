@@ -9,8 +9,9 @@ the unconditional one included, as the ComfyUI patch does).
 * ``soft_attack``: the soft-prompt attack against an edit, white-box (weights and gate).
 * ``soft_attack_runs``: several attacks (names, init words and seeds in turn). Two protocols:
   "soft" starts at the anchor word (a blanked name; step 0.3, as textual inversion from a neutral
-  word) and "soft_evade" at a retained name no method sees (step 0.05: it stays near a name that
-  opens no gate and drifts to the erased look; from there the large step fails even unedited).
+  word) and "soft_lookalike" at the retained name that shares two of the erased name's three
+  attributes (``lookalike``; no method sees it; step 0.05: it starts where no gate opens and
+  drifts to the erased look — from an unrelated name the attack fails even on the unedited model).
 * ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
   ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (its own attack seeds and
@@ -31,11 +32,11 @@ from mace_ops.attacks import SoftPrompt, SoftPromptConfig, paraphrase_attack, pa
 from ..v1 import diffusion
 from . import scorer, vocab
 
-EVADE_INITS = (vocab.NAMES[199], vocab.NAMES[185], vocab.NAMES[170])  # retained names: never seen by a method
-DEFENCE_INITS = (vocab.NEUTRAL_NAME, vocab.NAMES[100], vocab.NAMES[120], vocab.NAMES[140])  # from the preserve list
+DEFENCE_POOL = vocab.NAMES[100:150]   # the defence's look-alikes come from the preserve list
 ASR_TEMPLATES = tuple(t.replace("{n}", "{}") for t in vocab.NAME_TEMPLATES)
 ATTACK_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.3, batch_size=8, seed=0)   # from the anchor
-EVADE_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.05, batch_size=8, seed=0)   # from a retained name
+EVADE_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.05, batch_size=8, seed=0)   # from a look-alike name
+RETAINED = vocab.NAMES[150:200]   # the bench's retained set: no method ever sees these names
 ATTACKER_IMAGE_SEED = 7001
 EVAL_SEED = 7101
 PARAPHRASE_STYLES = vocab.STYLES[::5]
@@ -100,13 +101,23 @@ def soft_asr(world, edit: Edit, name: str, embeddings: torch.Tensor, per_templat
     return identity_hits(world, sample_contexts(world, ctx, edit, seed), vocab.NAME_INDEX[name])
 
 
+def lookalike(name: str, pool: Sequence[str] = RETAINED) -> str:
+    """The name in ``pool`` whose look shares the most of colour, shape and place with ``name``
+    (first on ties): the attacker's "similar celebrity" to start from."""
+    look = vocab.APPEARANCE[vocab.NAME_INDEX[name]]
+    return max(pool, key=lambda n: (sum(a == b for a, b in zip(look, vocab.APPEARANCE[vocab.NAME_INDEX[n]])),
+                                    -vocab.NAME_INDEX[n]))
+
+
 def soft_attack_runs(world, edit: Edit, names: Sequence[str], runs: int, inits: Sequence[str], seed: int,
                      config: SoftPromptConfig = ATTACK_CONFIG) -> list[tuple[str, SoftPrompt]]:
-    """``runs`` attacks: run j on names[j % len], from init word inits[j % len], attack seed seed + j."""
+    """``runs`` attacks: run j on names[j % len], from init word inits[j % len] (None: the name's
+    look-alike), attack seed seed + j."""
     out = []
     for j in range(runs):
         name = names[j % len(names)]
-        sp = soft_attack(world, edit, name, replace(config, seed=seed + j), init_word=inits[j % len(inits)])
+        init = inits[j % len(inits)] or lookalike(name)
+        sp = soft_attack(world, edit, name, replace(config, seed=seed + j), init_word=init)
         out.append((name, sp))
     return out
 
@@ -140,14 +151,15 @@ def paraphrase_asr(world, edit: Edit, name: str, keep: int = 8, repeats: int = 2
 
 def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
                        config: SoftPromptConfig, seed: int = 5000) -> tuple[Edit, dict]:
-    """Edit -> attack every erased name (init words ``DEFENCE_INITS`` in turn, never the evaluation's)
+    """Edit -> attack every erased name (both protocols in turn, look-alikes from the preserve list,
+    seeds of its own: never the evaluation's)
     -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times."""
     found: dict[int, list] = {}
     edit = fit(found)
     for r in range(rounds):
         for i, name in enumerate(names):
             j = r + i                       # both protocols in turn: the anchor (large step), a preserve name (small)
-            init = vocab.NEUTRAL_NAME if j % 2 == 0 else DEFENCE_INITS[1 + (j // 2) % (len(DEFENCE_INITS) - 1)]
+            init = vocab.NEUTRAL_NAME if j % 2 == 0 else lookalike(name, DEFENCE_POOL)
             lr = config.lr if j % 2 == 0 else EVADE_CONFIG.lr
             sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i, lr=lr), init_word=init)
             found.setdefault(i, []).append(sp.embeddings)
