@@ -24,9 +24,11 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
 Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it is meant to
 run as an ``attn2_patch`` (``attn2_patch``: ComfyUI calls it with (n, context, value, options) before
 every cross-attention and uses the context and value it returns), put on a clone by our Load node
-from a file ``save_gated_erasure`` writes (not wired into the nodes yet). ``linear_part`` is the
-ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a plain LoRA can carry; it
-applies the null-out to every prompt, so on its own it is not a substitute (see the README).
+from a file ``save_gated_erasure`` writes (not wired into the nodes yet); a stock LoRA loader
+reads only the file's ``.diff`` fallback deltas. ``linear_part`` is the
+ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a plain LoRA could carry; it
+applies the null-out to every prompt, which on toy world v2 erases every name from 10 concepts on,
+so the file's stock-loader part is a caller-chosen fallback instead (``save_gated_erasure``).
 """
 from __future__ import annotations
 
@@ -188,14 +190,16 @@ def attn2_patch(erasure: GatedErasure):
     return patch
 
 
-def save_gated_erasure(path: str, erasure: GatedErasure, weights: KVWeights, base_fingerprint: str,
-                       info: Mapping) -> dict[str, str]:
-    """One safetensors file: the gate (``mace_gate.*``, float32) and, as ``<module>.diff``, the ungated
-    linear part (``linear_part``) that a stock LoRA loader applies (ungated: see the README)."""
+def save_gated_erasure(path: str, erasure: GatedErasure, base_fingerprint: str, info: Mapping,
+                       fallback_deltas: KVWeights | None = None) -> dict[str, str]:
+    """One safetensors file: the gate (``mace_gate.*``, float32) and, as ``<module>.diff``, the K/V
+    deltas a stock LoRA loader applies instead (``fallback_deltas``; e.g. the CFR erasure of the same
+    concepts). The gate's own ungated ``linear_part`` is *not* a good fallback: on toy world v2 it
+    keeps H 0.85 at 1 name but draws no name at all at 10 (README, "How robust is it")."""
     from .erasure_file import atomic_save, diff_key, mace_metadata  # local: erasure_file imports torch I/O
     from . import __version__
     tensors = {GATE_PREFIX + k: v.float() if v.is_floating_point() else v for k, v in erasure.state_dict().items()}
-    tensors.update({diff_key(k): v.detach().cpu().to(torch.float16) for k, v in erasure.linear_part(weights).items()})
+    tensors.update({diff_key(k): v.detach().cpu().to(torch.float16) for k, v in (fallback_deltas or {}).items()})
     metadata = mace_metadata({"mace.format": GATE_FORMAT, "mace.pack_version": __version__,
                               "mace.base_model": base_fingerprint, "mace.gate_temperature": str(erasure.temperature)},
                              info)

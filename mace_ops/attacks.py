@@ -9,7 +9,7 @@
   where theta' is the erased denoiser (its K/V through ``weight_transform``) and T an optional
   context transform (a gated erasure such as ACE's, so the attack is white-box against the gate).
   The loss assumes an eps-predicting denoiser (SD1.x, SDXL, the toy worlds). Adam on v only,
-  ``steps`` steps, everything random from ``seed``; v starts at the anchor word's embedding.
+  ``steps`` steps (cosine-decayed step size), everything random from ``seed``; v starts at the anchor word's embedding.
   The text encoder must implement ``EmbeddingTextEncoder``.
 * Paraphrase attack: every other word for the concept (nicknames, synonyms) in every template the
   caller lists; ``paraphrase_attack`` keeps the prompts that succeed most on a search seed
@@ -20,6 +20,7 @@ the toy world computes it (``toyworld/v2/robust.py``).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -90,6 +91,8 @@ def soft_prompt_attack(
     rows = torch.arange(config.tokens) % init.shape[0]
     v = init[rows].clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr * scale)
+    sched = torch.optim.lr_scheduler.LambdaLR(                # cosine decay to 0 over the budget
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, config.steps))))
     gen = torch.Generator().manual_seed(int(config.seed))
     n, T = images.shape[0], denoiser.num_train_timesteps
     losses = []
@@ -113,6 +116,7 @@ def soft_prompt_attack(
             (grad,) = torch.autograd.grad(loss, [v])
             v.grad = grad
             opt.step()
+            sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
     return SoftPrompt(v.detach().clone(), losses, time.perf_counter() - start)

@@ -125,7 +125,7 @@ def test_gated_erasure_file_round_trip(tmp_path):
     from safetensors import safe_open
     g = _toy_gate(0.9)
     path = str(tmp_path / "gate.safetensors")
-    save_gated_erasure(path, g, {"blk.attn2.to_k.weight": torch.eye(4)}, "fp", {"concepts": ["zib"]})
+    save_gated_erasure(path, g, "fp", {"concepts": ["zib"]}, fallback_deltas={"blk.attn2.to_k.weight": torch.eye(4)})
     back, meta = load_gated_erasure(path)
     ctx = torch.randn(2, 3, 4)
     assert torch.allclose(back(ctx), g(ctx)) and meta["mace.concepts"] == '["zib"]'

@@ -9,9 +9,9 @@ the unconditional one included, as the ComfyUI patch does).
 * ``soft_attack``: the soft-prompt attack against an edit, white-box (weights and gate).
 * ``soft_attack_runs``: several attacks (names, init words and seeds in turn). Two protocols:
   "soft" starts at the anchor word (a blanked name; step 0.3, as textual inversion from a neutral
-  word) and "soft_lookalike" at the retained name that shares two of the erased name's three
-  attributes (``lookalike``; no method sees it; step 0.05: it starts where no gate opens and
-  drifts to the erased look — from an unrelated name the attack fails even on the unedited model).
+  word); "soft_lookalike" at the retained name that shares two of the erased name's three
+  attributes (``lookalike``; step 0.05). The second is too weak to count (on the unedited model it
+  recovered 1 of 2 names' images 4% of the time), so ``bench.attack`` reports only the first.
 * ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
   ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (its own attack seeds and
@@ -32,7 +32,6 @@ from mace_ops.attacks import SoftPrompt, SoftPromptConfig, paraphrase_attack, pa
 from ..v1 import diffusion
 from . import scorer, vocab
 
-DEFENCE_POOL = vocab.NAMES[100:150]   # the defence's look-alikes come from the preserve list
 ASR_TEMPLATES = tuple(t.replace("{n}", "{}") for t in vocab.NAME_TEMPLATES)
 ATTACK_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.3, batch_size=8, seed=0)   # from the anchor
 EVADE_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.05, batch_size=8, seed=0)   # from a look-alike name
@@ -151,17 +150,13 @@ def paraphrase_asr(world, edit: Edit, name: str, keep: int = 8, repeats: int = 2
 
 def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
                        config: SoftPromptConfig, seed: int = 5000) -> tuple[Edit, dict]:
-    """Edit -> attack every erased name (both protocols in turn, look-alikes from the preserve list,
-    seeds of its own: never the evaluation's)
+    """Edit -> attack every erased name (from the anchor, with seeds of its own: never the evaluation's)
     -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times."""
     found: dict[int, list] = {}
     edit = fit(found)
     for r in range(rounds):
         for i, name in enumerate(names):
-            j = r + i                       # both protocols in turn: the anchor (large step), a preserve name (small)
-            init = vocab.NEUTRAL_NAME if j % 2 == 0 else lookalike(name, DEFENCE_POOL)
-            lr = config.lr if j % 2 == 0 else EVADE_CONFIG.lr
-            sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i, lr=lr), init_word=init)
+            sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i))
             found.setdefault(i, []).append(sp.embeddings)
         edit = fit(found)
     return edit, found
