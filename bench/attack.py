@@ -112,6 +112,8 @@ def main(argv=None) -> None:
                              "per_attack": [round(p, 3) for p in per], "attack_names": [n for n, _ in runs],
                              "init_words": [inits[j % len(inits)] for j in range(len(runs))]})
                 print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+            if args.para_names <= 0:
+                continue
             hits, means = [], []
             for name in task.erase[: args.para_names]:
                 h, m = robust.paraphrase_asr(world, edit, name)
