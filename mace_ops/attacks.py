@@ -41,8 +41,11 @@ class SoftPromptConfig:
     lr: float = 0.02         # Adam step, in units of the anchor embedding's RMS per coordinate
     batch_size: int = 8
     seed: int = 0
+    schedule: str = "cosine"  # step size: "cosine" (decays to 0 over the steps) or "constant"
 
     def validate(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: unknown {self.schedule!r}; choose 'cosine' or 'constant'")
         check_number(self.tokens, "tokens", 1, 16, integer=True)
         check_number(self.steps, "steps", 0, 100_000, integer=True)
         check_number(self.lr, "lr", 0.0, 10.0)
@@ -92,7 +95,7 @@ def soft_prompt_attack(
     v = init[rows].clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=config.lr * scale)
     sched = torch.optim.lr_scheduler.LambdaLR(                # cosine decay to 0 over the budget
-        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, config.steps))))
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, config.steps))) if config.schedule == "cosine" else 1.0)
     gen = torch.Generator().manual_seed(int(config.seed))
     n, T = images.shape[0], denoiser.num_train_timesteps
     losses = []

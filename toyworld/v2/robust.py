@@ -8,10 +8,10 @@ the unconditional one included, as the ComfyUI patch does).
   word in the name templates, seeded (a seed of its own, never the evaluation's).
 * ``soft_attack``: the soft-prompt attack against an edit, white-box (weights and gate).
 * ``soft_attack_runs``: several attacks (names, init words and seeds in turn). Two protocols:
-  "soft" starts at the anchor word (a blanked name; step 0.3, as textual inversion from a neutral
-  word); "soft_lookalike" at the retained name that shares two of the erased name's three
-  attributes (``lookalike``; step 0.05). The second is too weak to count (on the unedited model it
-  recovered 1 of 2 names' images 4% of the time), so ``bench.attack`` reports only the first.
+  "soft" starts at the anchor word (a blanked name; step 0.3 cosine-decayed, 100 steps, as textual
+  inversion from a neutral word); "soft_lookalike" at the nearest look-alike name that is not
+  erased (same shape and place, nearest hue: ``lookalike``; constant step 0.05, 60 steps): it
+  starts where no gate opens and drifts to the erased look.
 * ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
   ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (its own attack seeds and
@@ -34,8 +34,7 @@ from . import scorer, vocab
 
 ASR_TEMPLATES = tuple(t.replace("{n}", "{}") for t in vocab.NAME_TEMPLATES)
 ATTACK_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.3, batch_size=8, seed=0)   # from the anchor
-EVADE_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.05, batch_size=8, seed=0)   # from a look-alike name
-RETAINED = vocab.NAMES[150:200]   # the bench's retained set: no method ever sees these names
+LOOKALIKE_CONFIG = SoftPromptConfig(tokens=2, steps=60, lr=0.05, batch_size=8, seed=0, schedule="constant")
 ATTACKER_IMAGE_SEED = 7001
 EVAL_SEED = 7101
 PARAPHRASE_STYLES = vocab.STYLES[::5]
@@ -100,12 +99,20 @@ def soft_asr(world, edit: Edit, name: str, embeddings: torch.Tensor, per_templat
     return identity_hits(world, sample_contexts(world, ctx, edit, seed), vocab.NAME_INDEX[name])
 
 
-def lookalike(name: str, pool: Sequence[str] = RETAINED) -> str:
-    """The name in ``pool`` whose look shares the most of colour, shape and place with ``name``
-    (first on ties): the attacker's "similar celebrity" to start from."""
-    look = vocab.APPEARANCE[vocab.NAME_INDEX[name]]
-    return max(pool, key=lambda n: (sum(a == b for a, b in zip(look, vocab.APPEARANCE[vocab.NAME_INDEX[n]])),
-                                    -vocab.NAME_INDEX[n]))
+def _hue_gap(a: int, b: int) -> float:
+    d = abs(vocab.HUE_CENTERS[a] - vocab.HUE_CENTERS[b]) % 360
+    return min(d, 360 - d)
+
+
+def lookalike(name: str, exclude: Sequence[str] = ()) -> str:
+    """The attacker's "similar celebrity" to start from: among the names not in ``exclude`` (the
+    erased ones), the one with the same shape and place and the nearest hue (first on ties)."""
+    c, sh, p = vocab.APPEARANCE[vocab.NAME_INDEX[name]]
+    pool = [n for n in vocab.NAMES if n != name and n not in set(exclude)]
+    def key(n):
+        c2, sh2, p2 = vocab.APPEARANCE[vocab.NAME_INDEX[n]]
+        return (-(sh2 == sh) - (p2 == p), _hue_gap(c, c2), vocab.NAME_INDEX[n])
+    return min(pool, key=key)
 
 
 def soft_attack_runs(world, edit: Edit, names: Sequence[str], runs: int, inits: Sequence[str], seed: int,
@@ -115,7 +122,7 @@ def soft_attack_runs(world, edit: Edit, names: Sequence[str], runs: int, inits: 
     out = []
     for j in range(runs):
         name = names[j % len(names)]
-        init = inits[j % len(inits)] or lookalike(name)
+        init = inits[j % len(inits)] or lookalike(name, exclude=names)
         sp = soft_attack(world, edit, name, replace(config, seed=seed + j), init_word=init)
         out.append((name, sp))
     return out
