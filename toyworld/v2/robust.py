@@ -14,8 +14,8 @@ the unconditional one included, as the ComfyUI patch does).
   starts where no gate opens and drifts to the erased look.
 * ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
   ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
-* ``adversarial_rounds``: adversarial augmentation, the defence's loop (its own attack seeds and
-  init words).
+* ``adversarial_rounds``: adversarial augmentation, the defence's loop (anchor-start attacks with
+  seeds of their own).
 * ``paraphrase_asr``: every nickname (and the main word) in every name and name+style template
   (4 of the 20 styles) is searched on one seed; the best ``keep`` prompts per name are scored on fresh
   seeds (ASR), and the mean success over all candidates is reported too.
