@@ -207,10 +207,13 @@ def refine_cross_attention(
     erase_from=None,
     preserve_phrases: Sequence[str] = (),
     prior: tuple[torch.Tensor, float] | None = None,
+    extra_pairs: PairStats | None = None,
 ) -> CFRResult:
     """Run CFR for all concepts at once; the input weights are never modified.
 
     ``prior`` = (moment, weight): the general caption prior (``prior.add_prior``) joins the preserve set.
+    ``extra_pairs``: more erase pairs (e.g. ``adversarial.embedding_pairs``, adversarially found
+    embeddings mapped onto the anchor); only their pair sums (G, B) join.
 
     ``erase_from`` (str, list of str or None) restricts the erasure to those contexts; the
     ``preserve_phrases`` (e.g. the user's preserve list) are then crossed with the concepts and
@@ -227,6 +230,11 @@ def refine_cross_attention(
         preserve_prompts = list(preserve_prompts) + extra
     stats = build_stats(encoder, concepts, templates, default_anchor, preserve_prompts, progress, field_name,
                         config.concept_tokens)
+    if extra_pairs is not None:
+        if extra_pairs.dim != stats.dim:
+            raise ValueError(f"extra_pairs: width {extra_pairs.dim}, the text encoder gives {stats.dim}")
+        stats.G, stats.B = stats.G + extra_pairs.G, stats.B + extra_pairs.B
+        stats.n_pairs += extra_pairs.n_pairs
     if prior is not None:
         add_prior(stats, *prior)
     widths = sorted({w.shape[1] for w in weights.values()})

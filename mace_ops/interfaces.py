@@ -4,6 +4,8 @@ mace_ops never imports ComfyUI. A model reaches the algorithms through three ada
 
 * ``TextEncoder`` turns prompts into the per-token features that the cross-attention
   ``to_k``/``to_v`` projections read, together with the token ids of each position.
+  An encoder may also implement ``EmbeddingTextEncoder`` (optional): continuous token embeddings
+  in place of a phrase's words, for the soft-prompt attack and adversarial augmentation.
 * ``KVWeights`` is a plain ``dict[str, Tensor]``: the cross-attention key/value projection
   weights by name, each of shape ``(out_features, in_features)``.
 * ``CrossAttentionDenoiser`` (LoRA training) runs the denoiser and reports the cross-attention
@@ -58,6 +60,27 @@ class TextEncoder(Protocol):
     def tokenize(self, text: str) -> list[int]: ...
 
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]: ...
+
+
+SOFT_TOKEN_ID = -1
+"""The id ``EmbeddingTextEncoder.encode_embeddings`` reports at the positions of continuous embeddings."""
+
+
+@runtime_checkable
+class EmbeddingTextEncoder(TextEncoder, Protocol):
+    """Optional capability: encode prompts whose concept slot holds continuous token embeddings.
+
+    ``word_embeddings(text)`` returns the (n, e) input embeddings of a phrase's content tokens
+    (what the first text-encoder layer reads, before positions), without autograd history.
+    ``encode_embeddings(templates, embeddings)`` fills each template's one ``{}`` with the k rows
+    of ``embeddings`` (k, e) and encodes it like ``encode``; the returned ids hold
+    ``SOFT_TOKEN_ID`` at the k soft positions and the features keep autograd history back to
+    ``embeddings`` (the encoder's own weights get no gradient).
+    """
+
+    def word_embeddings(self, text: str) -> torch.Tensor: ...
+
+    def encode_embeddings(self, templates: Sequence[str], embeddings: torch.Tensor) -> list[EncodedPrompt]: ...
 
 
 @dataclass

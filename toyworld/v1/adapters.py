@@ -1,7 +1,8 @@
 """Toy-world adapters for the mace_ops interfaces.
 
 * ``ToyTextEncoder`` implements ``TextEncoder``: closed-vocabulary tokenization and per-token
-  features (the text encoder's final-LayerNorm outputs, shape (16, 64)) of whole prompts.
+  features (the text encoder's final-LayerNorm outputs, shape (16, 64)) of whole prompts; and
+  ``EmbeddingTextEncoder`` (continuous embeddings in a template's ``{}`` slot).
 * ``ToyDenoiser`` implements ``CrossAttentionDenoiser``: the 14 cross-attention to_k/to_v
   weights by name, noising, and a forward pass that reports every ``XAttn``'s probabilities.
 * ``toy_kv_weights(model)``: the K/V weights dict of a model (detached copies).
@@ -12,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mace_ops.interfaces import AttentionProbe, EncodedPrompt, KVWeights
+from mace_ops.interfaces import SOFT_TOKEN_ID, AttentionProbe, EncodedPrompt, KVWeights
 from . import diffusion, vocab
 from .model import Hooks, T2I
 
@@ -56,6 +57,34 @@ class ToyTextEncoder:
         feats = self.context(prompts)
         return [EncodedPrompt(ids=tuple(ids), length=n, features=feats[i])
                 for i, (ids, n) in enumerate(encoded)]
+
+
+    def word_embeddings(self, text: str) -> torch.Tensor:
+        ids = torch.tensor(self.tokenize(text), dtype=torch.long)
+        return self.model.text.tok.weight[ids].detach().clone()
+
+    def encode_embeddings(self, templates: Sequence[str], embeddings: torch.Tensor) -> list[EncodedPrompt]:
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.model.text.tok.weight.shape[1]:
+            raise ValueError(f"embeddings: expected (k, {self.model.text.tok.weight.shape[1]}), "
+                             f"got {tuple(embeddings.shape)}")
+        k, rows, lengths = embeddings.shape[0], [], []
+        for t in templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"template {t!r}: needs exactly one {{}}")
+            pre, post = t.split("{}")
+            words = self.vocab.tokenize(pre) + [SOFT_TOKEN_ID] * k + self.vocab.tokenize(post)
+            n = len(words) + 2
+            if n > self.context_length:
+                raise ValueError(f"template {t!r} with {k} soft tokens needs {n} tokens, window is {self.context_length}")
+            rows.append([self.start_id] + words + [self.end_id] * (self.context_length - n + 1))
+            lengths.append(n)
+        ids = torch.tensor(rows, dtype=torch.long)
+        soft = ids == SOFT_TOKEN_ID
+        emb = self.model.text.tok(ids.clamp(min=0))
+        fill = embeddings.to(emb.dtype).unsqueeze(0).expand(len(rows), -1, -1).reshape(-1, emb.shape[-1])
+        emb = emb.masked_scatter(soft.unsqueeze(-1), fill) if soft.any() else emb
+        feats = self.model.text.forward_embeddings(emb)
+        return [EncodedPrompt(ids=tuple(r), length=n, features=feats[i]) for i, (r, n) in enumerate(zip(rows, lengths))]
 
 
 class ToyDenoiser:

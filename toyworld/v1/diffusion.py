@@ -8,7 +8,7 @@ mutating the model, through the per-call ``weight_transform`` of every ``XAttn``
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -89,19 +89,23 @@ def encode_prompts(model: T2I, prompts: Sequence[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model: T2I, prompts: Sequence[str], *, steps: int = 10, cfg: float = 7.0, seed: int = 0,
-           batch_size: int = 64, kv_weights: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
+           batch_size: int = 64, kv_weights: Optional[Mapping[str, torch.Tensor]] = None,
+           context_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Sample one image per prompt, seeded; images (N, 3, 32, 32) in [-1, 1].
 
     The noise of prompt i depends only on ``seed`` and i, not on the batch size.
-    ``kv_weights`` substitutes cross-attention K/V weights by name for this call only.
+    ``kv_weights`` substitutes cross-attention K/V weights by name for this call only;
+    ``context_transform`` maps every text context (B, L, d), the unconditional one included
+    (a gated erasure such as ``mace_ops.ace.GatedErasure``).
     """
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), 3, 32, 32, generator=gen)
-    uncond = encode_prompts(model, [""])[0]
+    tf = context_transform if context_transform is not None else (lambda c: c)
+    uncond = tf(encode_prompts(model, [""]))[0]
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i: i + batch_size])
-        ctx = encode_prompts(model, chunk)
+        ctx = tf(encode_prompts(model, chunk))
         out.append(sample_from_context(model, ctx, uncond, steps=steps, cfg=cfg,
                                        noise=noise[i: i + len(chunk)], kv_weights=kv_weights))
     return torch.cat(out, 0) if out else torch.zeros(0, 3, 32, 32)

@@ -66,8 +66,12 @@ class TextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, L) long -> features (B, L, dim)."""
-        x = self.tok(ids) + self.pos[: ids.shape[1]]
-        mask = self.causal_mask[: ids.shape[1], : ids.shape[1]]
+        return self.forward_embeddings(self.tok(ids))
+
+    def forward_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+        """Input token embeddings (B, L, dim), before positions -> features (B, L, dim)."""
+        x = emb + self.pos[: emb.shape[1]]
+        mask = self.causal_mask[: emb.shape[1], : emb.shape[1]]
         for layer in self.layers:
             x = layer(x, mask)
         return self.ln_final(x)

@@ -12,6 +12,8 @@ Methods (each returns new K/V weights; the world's model is never modified):
   same ridge objective, but over the bare concept phrase ("{}") instead of MACE's templated
   prompts — ``argmin sum ||W c_i - W0 c*_i||^2 + sum ||W c_j - W0 c_j||^2 + lamb ||W - W0||^2``
   with c_i the phrase's token features, c*_i the anchor's, c_j the preserved phrases'.
+* ``ace``: ACE-style gated low-rank null-out of the concept directions (``mace_ops.ace``); not a
+  weight edit: it returns a ``GatedErasure`` (a context transform).
 * ``full``: MACE — CFR (surrounding tokens) -> one LoRA per concept (attention loss, CFIS) ->
   closed-form fusion; ``cfr_lora`` is the same run with the LoRA deltas added instead of fused.
   ``mace_setting("reference")`` is the paper's stage 2/3; ``mace_setting("recommended")`` the
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from mace_ops.ace import ACEConfig, GatedErasure, fit_gated_erasure
 from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept, parse_concepts, require_concepts
 from mace_ops.lora_file import load_concept_lora
@@ -105,15 +108,22 @@ def prior_for(world, weight: float):
 
 
 def cfr_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
-              concept_tokens: bool = True, prior_weight: float = 0.0):
+              concept_tokens: bool = True, prior_weight: float = 0.0, extra_pairs=None):
     return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), task.templates,
                                   task.anchor, task.preserve_prompts(), CFRConfig(lamb, preserve_scale, concept_tokens),
-                                  prior=prior_for(world, prior_weight))
+                                  prior=prior_for(world, prior_weight), extra_pairs=extra_pairs)
 
 
 def uce_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE):
     return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), ("{}",), task.anchor,
                                   task.preserve_prompts(templated=False), CFRConfig(lamb, preserve_scale, True))
+
+
+def ace_erase(world, task: Task, *, config: ACEConfig = ACEConfig(), adversarial=None) -> GatedErasure:
+    """ACE-style gated erasure (``mace_ops.ace``); the gate is calibrated on the preserve prompts and
+    the toy caption prior (``prior_captions``). ``adversarial``: concept index -> soft prompts."""
+    return fit_gated_erasure(world.text_encoder, task.concepts(), task.templates, task.anchor,
+                             task.preserve_prompts() + prior_captions(), config, adversarial)
 
 
 def training_images(world, task: Task, n_images: int = 8, seed: int = 0):

@@ -118,9 +118,9 @@ class SetScore:
 
 @torch.no_grad()
 def score_set(world: ToyWorld, pset: PromptSet, *, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG,
-              kv_weights: Optional[Mapping[str, torch.Tensor]] = None) -> SetScore:
+              kv_weights: Optional[Mapping[str, torch.Tensor]] = None, context_transform=None) -> SetScore:
     images = diffusion.sample(world.model, pset.prompts, steps=steps, cfg=cfg, seed=pset.seed,
-                              kv_weights=kv_weights)
+                              kv_weights=kv_weights, context_transform=context_transform)
     s = scorer.score(world.probe, images)
     has_id, has_st = pset.identities >= 0, pset.styles >= 0
     id_acc = (s["identity"] == pset.identities)[has_id].float().mean().item() if has_id.any() else float("nan")
@@ -177,13 +177,16 @@ def prompt_sets(kind: str, erased: Sequence[str], retained: Sequence[str], n_era
 
 def mass_metrics(world: ToyWorld, kind: str, erased: Sequence[str], retained: Sequence[str], *,
                  kv_weights: Optional[Mapping[str, torch.Tensor]] = None, base_retained: Optional[SetScore] = None,
-                 n_erased: int = 200, n_retained: int = 200) -> tuple[MassMetrics, SetScore]:
-    """Acc_e / Acc_g / Acc_s / H (+ SEs, integrity, FD against ``base_retained``); also the retained score."""
+                 n_erased: int = 200, n_retained: int = 200, context_transform=None) -> tuple[MassMetrics, SetScore]:
+    """Acc_e / Acc_g / Acc_s / H (+ SEs, integrity, FD against ``base_retained``); also the retained score.
+
+    ``context_transform``: a gated erasure applied to every text context (``diffusion.sample``)."""
     e_set, g_set, s_set = prompt_sets(kind, erased, retained, n_erased, n_retained)
     acc = (lambda s: s.identity_acc) if kind == "name" else (lambda s: s.style_acc)
-    e, g, s = (score_set(world, p, kv_weights=kv_weights) for p in (e_set, g_set, s_set))
+    e, g, s = (score_set(world, p, kv_weights=kv_weights, context_transform=context_transform)
+               for p in (e_set, g_set, s_set))
     if base_retained is None:
-        base_retained = s if kv_weights is None else score_set(world, s_set)
+        base_retained = s if kv_weights is None and context_transform is None else score_set(world, s_set)
     fd = scorer.frechet_distance(base_retained.features, s.features)
     m = MassMetrics(kind, len(erased), acc(e), acc(g), acc(s), binomial_se(acc(e), e.n), binomial_se(acc(g), g.n),
                     binomial_se(acc(s), s.n), e.n, g.n, s.n, harmonic(1 - acc(e), 1 - acc(g), acc(s)),

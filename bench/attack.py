@@ -1,0 +1,146 @@
+"""How robust is each erasure? Attack success rates in toy world v2, every method side by side.
+
+For 1 and 10 erased names (the first names of the vocabulary; preserve list and retained set as
+in ``bench.mass_quality``), each method's edit is attacked:
+
+* ``soft``: the soft-prompt attack (``mace_ops.attacks``; 2 tokens started at the anchor word,
+  ``--steps`` Adam steps on the textual-inversion loss against 8 images the original model drew
+  for the name), white-box against the edit (weights and gate). ``--runs`` attacks per cell: the
+  erased names in turn, attack seeds of their own (900 + run).
+* ``soft_lookalike``: the same attack started at the erased name's nearest look-alike that is not
+  erased (same shape and place, nearest hue; ``robust.lookalike``), constant step 0.05, 60 steps.
+  ASR = identity accuracy on 24 images per attack (every name template twice, fresh noise); SE over
+  attacks (an attack succeeds or fails as a whole, so the attacks, not the images, are the sample).
+* ``paraphrase``: every nickname and the main word in 12 name templates + 11 name+style templates
+  x 4 styles; the 8 best prompts per name on a search seed are scored on fresh noise (twice each);
+  ``--para-names`` names per cell. SE over names' prompts (binomial over images, a lower bound).
+
+Clean H (the celebrity protocol, ``--n-clean`` prompts per set) is measured in the same run.
+
+Methods: none | cfr_prior (CFR + toy caption prior: the CFR node's defaults) | full (MACE with the
+pack's defaults) | uce (UCE-style) | ace (ACE-style gated null-out, ``mace_ops.ace``) |
+cfr_prior_adv / ace_adv (the same + ``--rounds`` rounds of adversarial augmentation: the attack's
+embeddings join the erase set; the defence's attacks use other init words and seeds than the
+evaluation's).
+
+    nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack       # docs/results/attack.json (~10 min)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import replace
+
+import torch
+
+from bench.common import environment, markdown_table, print_table, write_json
+from mace_ops.ace import ACEConfig
+from mace_ops.adversarial import embedding_pairs
+from toyworld.v2 import erase, evaluate, robust, vocab
+
+METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv")
+COLUMNS = ["method", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
+
+
+def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig) -> robust.Edit:
+    if method == "none":
+        return robust.Edit()
+    if method == "cfr_prior":
+        return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0).weights)
+    if method == "uce":
+        return robust.Edit(erase.uce_erase(world, task).weights)
+    if method == "full":
+        return robust.Edit(erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused)
+    if method in ("ace", "ace_adv"):
+        fit = lambda found: robust.Edit(None, erase.ace_erase(world, task, config=ACEConfig(), adversarial=found))  # noqa: E731
+    elif method == "cfr_prior_adv":
+        def fit(found):
+            embs = [v for vs in found.values() for v in vs]
+            extra = embedding_pairs(world.text_encoder, embs, task.templates, task.anchor) if embs else None
+            return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0, extra_pairs=extra).weights)
+    else:
+        raise ValueError(f"method: unknown {method!r}")
+    if not method.endswith("_adv"):
+        return fit({})
+    return robust.adversarial_rounds(world, task.erase, fit, rounds, defence)[0]
+
+
+def cluster_se(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="*", default=[1, 10])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--runs", type=int, default=3, help="soft-prompt attacks per cell")
+    ap.add_argument("--steps", type=int, default=100, help="Adam steps of each evaluation attack")
+    ap.add_argument("--rounds", type=int, default=2, help="adversarial augmentation rounds (_adv methods)")
+    ap.add_argument("--defence-steps", type=int, default=40, help="Adam steps of the defence's attacks")
+    ap.add_argument("--para-names", type=int, default=1, help="names per cell under the paraphrase attack")
+    ap.add_argument("--n-clean", type=int, default=100, help="prompts per clean set (erased, nicknames, retained)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="bench/results/attack.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    world = evaluate.load_world()
+    preserve, retained, _ = erase.preserve_and_retained("name")
+    attack_cfg = replace(robust.ATTACK_CONFIG, steps=args.steps)
+    defence_cfg = replace(robust.ATTACK_CONFIG, steps=args.defence_steps)
+    t_start, rows = time.time(), []
+    for count in args.counts:
+        task = erase.Task("name", tuple(vocab.NAMES[:count]), tuple(preserve))
+        for method in args.methods:
+            t0 = time.perf_counter()
+            edit = build(world, method, task, args.rounds, defence_cfg)
+            seconds = time.perf_counter() - t0
+            clean, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=edit.kv_weights,
+                                             context_transform=edit.context_transform, n_erased=args.n_clean,
+                                             n_retained=args.n_clean)
+            base = {"method": method, "concepts": count, "H": round(clean.H, 4), "acc_e": round(clean.acc_e, 4),
+                    "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
+                    "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
+                    "seconds": round(seconds, 1)}
+            for attack, inits, cfg in (("soft", (vocab.NEUTRAL_NAME,), attack_cfg),
+                                       ("soft_lookalike", (None,), robust.LOOKALIKE_CONFIG)):
+                runs = robust.soft_attack_runs(world, edit, task.erase, args.runs, inits, seed=900, config=cfg)
+                per = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in runs]
+                n_img = len(per) * 2 * len(robust.ASR_TEMPLATES)
+                rows.append({**base, "attack": attack, "asr": round(sum(per) / len(per), 4),
+                             "se": round(cluster_se(per), 4), "n": n_img, "n_attacks": len(per),
+                             "per_attack": [round(p, 3) for p in per], "attack_names": [n for n, _ in runs],
+                             "init_words": [inits[j % len(inits)] for j in range(len(runs))]})
+                print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+            if args.para_names <= 0:
+                continue
+            hits, means = [], []
+            for name in task.erase[: args.para_names]:
+                h, m = robust.paraphrase_asr(world, edit, name)
+                hits.append(h)
+                means.append(m)
+            h = torch.cat(hits)
+            asr = float(h.mean())
+            rows.append({**base, "attack": "paraphrase", "asr": round(asr, 4),
+                         "se": round(evaluate.binomial_se(asr, h.numel()), 4), "n": h.numel(),
+                         "n_attacks": len(hits), "mean_over_candidates": round(sum(means) / len(means), 4),
+                         "n_candidates": len(robust.paraphrase_prompts(task.erase[0]))})
+            print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+    minutes = (time.time() - t_start) / 60
+    print()
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"bench": "attack", "env": environment(), "world": world.metadata, "minutes": round(minutes, 1),
+                          "settings": {"attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
+                                       "lookalike_attack": robust.LOOKALIKE_CONFIG.__dict__,
+                                       "runs": args.runs, "rounds": args.rounds, "para_names": args.para_names,
+                                       "n_clean": args.n_clean,                                         "ace": ACEConfig().__dict__,
+                                       "paraphrase_styles": list(robust.PARAPHRASE_STYLES)},
+                          "rows": rows})
+    print(markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

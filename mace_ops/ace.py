@@ -1,0 +1,219 @@
+"""ACE-style gated erasure (designed from the abstract of "Attentional Concept Erasure",
+arXiv 2504.11850; no code of theirs exists or was used). What we chose:
+
+1. **Concept directions.** Every template is filled with each phrase of concept i and with its
+   anchor and aligned (``alignment.align``, concept tokens mapped); the differences d = c - e of
+   the aligned K/V inputs are stacked and their top-r right singular vectors U_i (d x r) are the
+   concept's directions. m_i = mean of U_i^T e over the pairs: where the anchor sits along them.
+2. **Gated low-rank null-out** of the K/V inputs (so of every attn2 K and V at once):
+
+       c'  =  c + sum_i g_i(c) U_i (m_i - U_i^T c)           (rank r per concept)
+       W c' = W c - sum_i g_i W U_i (U_i^T c - m_i)
+
+   with the gate g_i at position j = max over positions l <= j of
+   sigmoid((max_q cos(c_l, q) - tau_i) / T), q over concept i's prototypes (its features at the
+   concept-token positions of every template). The max over earlier positions follows the causal
+   text encoder: once a concept token is read, every later position carries it. tau_i is the
+   ``quantile`` of the same similarity over calibration prompts (the preserve list and captions),
+   so ~1 - quantile of ordinary positions open the gate; ``margin`` lifts it further.
+3. **Adversarial augmentation** (``fit_gated_erasure(adversarial=...)``): soft prompts that an
+   attack found against the current edit are filled into the templates; their soft-position
+   features join the prototypes and their pairs join the directions, and the edit is refit.
+   The paper fine-tunes; here the refit is the same closed form (no gradient fine-tuning).
+
+Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it is meant to
+run as an ``attn2_patch`` (``attn2_patch``: ComfyUI calls it with (n, context, value, options) before
+every cross-attention and uses the context and value it returns), put on a clone by our Load node
+from a file ``save_gated_erasure`` writes (not wired into the nodes yet); a stock LoRA loader
+reads only the file's ``.diff`` fallback deltas. ``linear_part`` is the
+ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a plain LoRA could carry; it
+applies the null-out to every prompt, which on toy world v2 erases every name from 10 concepts on,
+so the file's stock-loader part is a caller-chosen fallback instead (``save_gated_erasure``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from .alignment import align
+from .concepts import Concept
+from .interfaces import KVWeights, TextEncoder
+from .templates import check_templates, fill
+from .validation import check_number
+
+STATE_KEYS = ("prototypes", "owner", "thresholds", "bases", "targets")
+GATE_FORMAT = "gate-1"
+GATE_PREFIX = "mace_gate."
+
+
+@dataclass(frozen=True)
+class ACEConfig:
+    rank: int = 8
+    quantile: float = 0.999
+    margin: float = 0.0
+    temperature: float = 0.02
+
+    def validate(self) -> None:
+        check_number(self.rank, "rank", 1, 4096, integer=True)
+        check_number(self.quantile, "quantile", 0.0, 1.0)
+        check_number(self.margin, "margin", -2.0, 2.0)
+        check_number(self.temperature, "temperature", 1e-6, 10.0)
+
+
+@dataclass
+class GatedErasure:
+    prototypes: torch.Tensor   # (m, d) unit rows
+    owner: torch.Tensor        # (m,) long: the concept each prototype belongs to
+    thresholds: torch.Tensor   # (n,)
+    bases: torch.Tensor        # (n, d, r) U_i
+    targets: torch.Tensor      # (n, r) m_i
+    temperature: float = 0.02
+
+    @property
+    def n_concepts(self) -> int:
+        return int(self.thresholds.shape[0])
+
+    def similarity(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(..., L, d) -> (..., L, n): max cosine to each concept's prototypes."""
+        c = torch.nn.functional.normalize(ctx.float(), dim=-1)
+        sims = c @ self.prototypes.T.to(c)
+        out = torch.full((*sims.shape[:-1], self.n_concepts), -2.0, dtype=sims.dtype, device=sims.device)
+        idx = self.owner.to(sims.device).expand(*sims.shape[:-1], -1)
+        return out.scatter_reduce(-1, idx, sims, reduce="amax")
+
+    def gates(self, ctx: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) -> (B, L, n) gates in [0, 1], carried forward along the positions."""
+        g = torch.sigmoid((self.similarity(ctx) - self.thresholds.to(ctx.device)) / self.temperature)
+        return torch.cummax(g, dim=-2).values
+
+    def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
+        g = self.gates(ctx)                                   # (B, L, n)
+        U = self.bases.to(ctx.device, torch.float32)          # (n, d, r)
+        coords = torch.einsum("bld,ndr->blnr", ctx.float(), U) - self.targets.to(ctx.device).float()
+        delta = torch.einsum("bln,blnr,ndr->bld", g, coords, U)
+        return (ctx.float() - delta).to(ctx.dtype)
+
+    def linear_part(self, weights: KVWeights) -> KVWeights:
+        """The ungated K/V deltas: W -> -W sum_i U_i U_i^T (no offset): what a stock LoRA can hold."""
+        U = self.bases.double()
+        P = torch.einsum("ndr,ner->de", U, U)
+        return {k: -(w.double() @ P).to(w.dtype) for k, w in weights.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k).detach().cpu().contiguous() for k in STATE_KEYS}
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], temperature: float) -> "GatedErasure":
+        missing = [k for k in STATE_KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"gated erasure: missing tensors {missing}")
+        return cls(*(sd[k] for k in STATE_KEYS), temperature=float(temperature))
+
+
+def _slot(o, n) -> tuple[int, int]:
+    """[start, stop) of the concept's (or soft) tokens in prompt o against its anchor prompt n."""
+    a, b = o.ids[: o.length], n.ids[: n.length]
+    pre = 0
+    while pre < min(len(a), len(b)) and a[pre] == b[pre]:
+        pre += 1
+    suf = 0
+    while suf < min(len(a), len(b)) - pre and a[len(a) - 1 - suf] == b[len(b) - 1 - suf]:
+        suf += 1
+    return pre, max(pre + 1, len(a) - suf)
+
+
+def _pairs(encoded, anchors):
+    """(concept-side rows, anchor rows, concept-token rows) of aligned prompts, from the concept on."""
+    cs, es, protos = [], [], []
+    for o, n in zip(encoded, anchors):
+        a = align(o.ids, o.length, n.ids, n.length, True)
+        old, new = torch.tensor(a.old), torch.tensor(a.new)
+        start, stop = _slot(o, n)
+        keep = old >= start                                   # the positions that carry the concept
+        cs.append(o.features[old[keep]].detach().float())
+        es.append(n.features[new[keep]].detach().float())
+        protos.append(o.features[start:stop].detach().float())
+    return torch.cat(cs), torch.cat(es), torch.cat(protos)
+
+
+@torch.no_grad()
+def fit_gated_erasure(
+    encoder: TextEncoder,
+    concepts: Sequence[Concept],
+    templates: Sequence[str],
+    anchor: str,
+    calibration_prompts: Sequence[str],
+    config: ACEConfig = ACEConfig(),
+    adversarial: Mapping[int, Sequence[torch.Tensor]] | None = None,
+) -> GatedErasure:
+    """Fit the gated erasure of ``concepts`` (``adversarial``: concept index -> soft prompts found)."""
+    config.validate()
+    check_templates(templates)
+    if not concepts:
+        raise ValueError("concepts: nothing to erase")
+    if not calibration_prompts:
+        raise ValueError("calibration prompts: need the preserve list (and captions) to set the gate")
+    anchor_enc = encoder.encode([fill(t, anchor) for t in templates])
+    protos, owner, bases, targets = [], [], [], []
+    for i, concept in enumerate(concepts):
+        a = concept.anchor if concept.anchor is not None else anchor
+        anchors = anchor_enc if a == anchor else encoder.encode([fill(t, a) for t in templates])
+        cs, es, ps = [], [], []
+        sets = [encoder.encode([fill(t, ph) for t in templates]) for ph in concept.phrases]
+        sets += [encoder.encode_embeddings(list(templates), v) for v in (adversarial or {}).get(i, ())]
+        for enc in sets:
+            c, e, p = _pairs(enc, anchors)
+            cs.append(c), es.append(e), ps.append(p)
+        C, E = torch.cat(cs).double(), torch.cat(es).double()
+        r = min(config.rank, C.shape[1])
+        U = torch.linalg.svd(C - E, full_matrices=False).Vh[:r].T   # (d, r)
+        bases.append(U.float())
+        targets.append((E @ U).mean(0).float())
+        P = torch.nn.functional.normalize(torch.cat(ps), dim=-1)
+        protos.append(P)
+        owner.append(torch.full((P.shape[0],), i, dtype=torch.long))
+    erasure = GatedErasure(torch.cat(protos), torch.cat(owner), torch.zeros(len(concepts)), torch.stack(bases),
+                           torch.stack(targets), config.temperature)
+    feats = torch.cat([e.features.float() for e in encoder.encode(list(calibration_prompts))])
+    sims = erasure.similarity(feats)                          # (N, n)
+    erasure.thresholds = torch.quantile(sims, config.quantile, dim=0) + config.margin
+    return erasure
+
+
+def attn2_patch(erasure: GatedErasure):
+    """A ComfyUI ``attn2_patch`` (``ModelPatcher.set_model_attn2_patch``): the gated null-out applied
+    to the context the keys read and to the one the values read (plain torch, no ComfyUI import)."""
+    def patch(n, context, value, extra_options):
+        return n, erasure(context), erasure(value)
+    return patch
+
+
+def save_gated_erasure(path: str, erasure: GatedErasure, base_fingerprint: str, info: Mapping,
+                       fallback_deltas: KVWeights | None = None) -> dict[str, str]:
+    """One safetensors file: the gate (``mace_gate.*``, float32) and, as ``<module>.diff``, the K/V
+    deltas a stock LoRA loader applies instead (``fallback_deltas``; e.g. the CFR erasure of the same
+    concepts). The gate's own ungated ``linear_part`` is *not* a good fallback: on toy world v2 it
+    keeps H 0.85 at 1 name but draws no name at all at 10 (README, "How robust is it")."""
+    from .erasure_file import atomic_save, diff_key, mace_metadata  # local: erasure_file imports torch I/O
+    from . import __version__
+    tensors = {GATE_PREFIX + k: v.float() if v.is_floating_point() else v for k, v in erasure.state_dict().items()}
+    tensors.update({diff_key(k): v.detach().cpu().to(torch.float16) for k, v in (fallback_deltas or {}).items()})
+    metadata = mace_metadata({"mace.format": GATE_FORMAT, "mace.pack_version": __version__,
+                              "mace.base_model": base_fingerprint, "mace.gate_temperature": str(erasure.temperature)},
+                             info)
+    atomic_save(tensors, path, metadata)
+    return metadata
+
+
+def load_gated_erasure(path: str) -> tuple[GatedErasure, dict[str, str]]:
+    """(gate, metadata) of a file ``save_gated_erasure`` wrote; ValueError naming the file otherwise."""
+    from .erasure_file import read_mace_file
+    metadata, tensors = read_mace_file(path, GATE_FORMAT, "gated erasure")
+    state = {k[len(GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
+    try:
+        temperature = float(metadata["mace.gate_temperature"])
+        return GatedErasure.from_state_dict(state, temperature), metadata
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{path}: not a complete gated erasure ({err})") from None

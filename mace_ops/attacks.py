@@ -1,0 +1,148 @@
+"""Attacks on an erased model: does the concept come back from a paraphrase or an optimised prompt?
+
+* Soft-prompt attack (textual-inversion "concept inversion", as CCE ran it against erasure
+  methods): k continuous token embeddings v take the concept's place in the templates; with
+  images x0 of the concept (what the *original* model drew for it), noise eps and t uniform,
+
+      v* = argmin_v  E ||eps_theta'(x_t, t, T(E(template with v))) - eps||^2
+
+  where theta' is the erased denoiser (its K/V through ``weight_transform``) and T an optional
+  context transform (a gated erasure such as ACE's, so the attack is white-box against the gate).
+  The loss assumes an eps-predicting denoiser (SD1.x, SDXL, the toy worlds). Adam on v only,
+  ``steps`` steps (cosine-decayed step size), everything random from ``seed``; v starts at the anchor word's embedding.
+  The text encoder must implement ``EmbeddingTextEncoder``.
+* Paraphrase attack: every other word for the concept (nicknames, synonyms) in every template the
+  caller lists; ``paraphrase_attack`` keeps the prompts that succeed most on a search seed
+  (the attacker's choice), which the caller then scores on fresh seeds.
+
+Attack success rate (ASR) = the scorer's accuracy for the erased concept on the attack's images;
+the toy world computes it (``toyworld/v2/robust.py``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .interfaces import AttentionProbe, CrossAttentionDenoiser, EmbeddingTextEncoder
+from .templates import check_templates
+from .validation import check_number
+
+ContextTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SoftPromptConfig:
+    tokens: int = 2          # k soft token embeddings in place of the concept's words
+    steps: int = 120
+    lr: float = 0.02         # Adam step, in units of the anchor embedding's RMS per coordinate
+    batch_size: int = 8
+    seed: int = 0
+    schedule: str = "cosine"  # step size: "cosine" (decays to 0 over the steps) or "constant"
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule: unknown {self.schedule!r}; choose 'cosine' or 'constant'")
+        check_number(self.tokens, "tokens", 1, 16, integer=True)
+        check_number(self.steps, "steps", 0, 100_000, integer=True)
+        check_number(self.lr, "lr", 0.0, 10.0)
+        check_number(self.batch_size, "batch_size", 1, 4096, integer=True)
+
+
+@dataclass
+class SoftPrompt:
+    embeddings: torch.Tensor            # (k, e), detached
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _ignore(_probe: AttentionProbe) -> None:
+    return None
+
+
+def _require_embedding_encoder(encoder) -> None:
+    if not isinstance(encoder, EmbeddingTextEncoder):
+        raise ValueError("text encoder: this encoder cannot encode continuous embeddings "
+                         "(it needs word_embeddings and encode_embeddings); the soft-prompt attack needs them")
+
+
+def soft_prompt_attack(
+    encoder: EmbeddingTextEncoder,
+    denoiser: CrossAttentionDenoiser,
+    images: torch.Tensor,
+    templates: Sequence[str],
+    init_word: str,
+    config: SoftPromptConfig = SoftPromptConfig(),
+    weight_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    context_transform: ContextTransform | None = None,
+    should_stop: Callable[[], object] | None = None,
+) -> SoftPrompt:
+    """Optimise ``config.tokens`` embeddings so the (erased) denoiser redraws ``images`` (N, ...)."""
+    _require_embedding_encoder(encoder)
+    config.validate()
+    check_templates(templates)
+    if images.ndim < 2 or images.shape[0] == 0:
+        raise ValueError("images: need at least one image of the concept")
+    start = time.perf_counter()
+    init = encoder.word_embeddings(init_word).float()
+    if init.shape[0] == 0:
+        raise ValueError(f"init_word {init_word!r} gives no tokens")
+    scale = float(init.pow(2).mean().sqrt()) or 1.0
+    rows = torch.arange(config.tokens) % init.shape[0]
+    v = init[rows].clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=config.lr * scale)
+    sched = torch.optim.lr_scheduler.LambdaLR(                # cosine decay to 0 over the budget
+        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, config.steps))) if config.schedule == "cosine" else 1.0)
+    gen = torch.Generator().manual_seed(int(config.seed))
+    n, T = images.shape[0], denoiser.num_train_timesteps
+    losses = []
+    with torch.inference_mode(False), torch.enable_grad():
+        x_all = images.detach().clone().float()
+        for _ in range(config.steps):
+            if should_stop is not None and should_stop():
+                raise InterruptedError("soft-prompt attack interrupted")
+            idx = torch.randint(0, n, (config.batch_size,), generator=gen)
+            tpl = torch.randint(0, len(templates), (config.batch_size,), generator=gen)
+            t = torch.randint(0, T, (config.batch_size,), generator=gen)
+            x0 = x_all[idx]
+            noise = torch.randn(x0.shape, generator=gen)
+            x_t = denoiser.add_noise(x0, noise, t)
+            enc = encoder.encode_embeddings([templates[int(i)] for i in tpl], v)
+            ctx = torch.stack([e.features for e in enc]).float()
+            if context_transform is not None:
+                ctx = context_transform(ctx)
+            pred = denoiser.forward_with_attention(x_t, t, ctx, _ignore, weight_transform)
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            (grad,) = torch.autograd.grad(loss, [v])
+            v.grad = grad
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    return SoftPrompt(v.detach().clone(), losses, time.perf_counter() - start)
+
+
+def paraphrase_candidates(words: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every word in every template ('{}' = the word), in order, duplicates dropped."""
+    check_templates(templates)
+    return list(dict.fromkeys(t.replace("{}", w) for w in words for t in templates))
+
+
+def paraphrase_attack(candidates: Sequence[str], success: Callable[[list[str]], torch.Tensor],
+                      keep: int) -> list[str]:
+    """The ``keep`` candidates with the highest success on the attacker's search run.
+
+    ``success(prompts)`` returns one score per prompt (e.g. 1 where the scorer saw the concept);
+    ties keep the candidates' order."""
+    check_number(keep, "keep", 1, 1_000_000, integer=True)
+    cands = list(candidates)
+    if not cands:
+        raise ValueError("paraphrase attack: no candidate prompts")
+    scores = success(cands).float().reshape(-1)
+    if scores.numel() != len(cands):
+        raise ValueError(f"paraphrase attack: {scores.numel()} scores for {len(cands)} prompts")
+    order = sorted(range(len(cands)), key=lambda i: (-float(scores[i]), i))
+    return [cands[i] for i in order[:keep]]

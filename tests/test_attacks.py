@@ -1,0 +1,138 @@
+"""Attacks (mace_ops.attacks), adversarial pairs, ACE's gated erasure, and the toy world v2 check that
+the soft-prompt attack really recovers a concept and that the robust erasure blocks it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mace_ops.ace import ACEConfig, GatedErasure
+from mace_ops.attacks import SoftPromptConfig, paraphrase_attack, paraphrase_candidates, soft_prompt_attack
+from mace_ops.interfaces import SOFT_TOKEN_ID
+
+
+def test_paraphrase_candidates_and_selection():
+    cands = paraphrase_candidates(["zib", "zab"], ["a photo of {}", "{} posing", "a photo of {}"])
+    assert cands == ["a photo of zib", "zib posing", "a photo of zab", "zab posing"]
+    picked = paraphrase_attack(cands, lambda ps: torch.tensor([0.0, 1.0, 0.5, 1.0]), keep=2)
+    assert picked == ["zib posing", "zab posing"]
+    with pytest.raises(ValueError, match="scores"):
+        paraphrase_attack(cands, lambda ps: torch.ones(3), keep=1)
+
+
+def test_soft_prompt_attack_needs_embedding_encoder():
+    class Plain:
+        end_id = 0
+
+        def tokenize(self, text):
+            return [1]
+
+        def encode(self, prompts):
+            return []
+
+    with pytest.raises(ValueError, match="continuous embeddings"):
+        soft_prompt_attack(Plain(), None, torch.zeros(1, 3, 4, 4), ["a {}"], "x", SoftPromptConfig(steps=1))
+
+
+def _toy_gate(threshold: float) -> GatedErasure:
+    d = 4
+    U = torch.eye(d)[:, :1].unsqueeze(0)                     # the concept's direction: axis 0
+    protos = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), dim=-1)
+    return GatedErasure(protos, torch.zeros(1, dtype=torch.long), torch.tensor([threshold]), U,
+                        torch.tensor([[0.25]]), temperature=0.01)
+
+
+def test_gated_erasure_acts_only_after_the_concept_and_round_trips():
+    ctx = torch.tensor([[[0.0, 1.0, 0.0, 0.0],      # unrelated
+                         [1.0, 0.0, 0.0, 1.0],      # the concept token
+                         [2.0, 1.0, 0.0, 0.0]]])    # a later position (causal: carries it)
+    g = _toy_gate(0.9)
+    out = g(ctx)
+    assert torch.allclose(out[0, 0], ctx[0, 0])              # before the concept: untouched
+    assert torch.allclose(out[0, 1:, 0], torch.tensor([0.25, 0.25]), atol=1e-4)  # axis 0 nulled to the target
+    assert torch.allclose(out[0, 1:, 1:], ctx[0, 1:, 1:])    # other directions kept
+    closed = _toy_gate(1.5)(ctx)                             # a gate that never opens changes nothing
+    assert torch.allclose(closed, ctx)
+    again = GatedErasure.from_state_dict(g.state_dict(), g.temperature)
+    assert torch.allclose(again(ctx), out)
+    delta = g.linear_part({"w": torch.eye(4)})["w"]
+    assert torch.allclose(delta, -torch.diag(torch.tensor([1.0, 0, 0, 0])))
+    with pytest.raises(ValueError, match="missing"):
+        GatedErasure.from_state_dict({"owner": torch.zeros(1)}, 0.1)
+
+
+# ----------------------------------------------------------------------------- toy world v2
+@pytest.fixture(scope="module")
+def world():
+    from toyworld.v2 import evaluate
+    return evaluate.load_world()
+
+
+def test_encode_embeddings_matches_the_words(world):
+    enc = world.text_encoder
+    word = enc.word_embeddings("someone")
+    soft = enc.encode_embeddings(["a photo of {}"], word)[0]
+    plain = enc.encode(["a photo of someone"])[0]
+    assert soft.ids[4] == SOFT_TOKEN_ID and soft.length == plain.length
+    assert torch.allclose(soft.features, plain.features, atol=1e-5)
+
+
+def test_soft_prompt_attack_recovers_a_blanked_name_and_ace_blocks_it(world):
+    """The name's word is replaced by two embeddings started at the anchor ("someone"): before the
+    attack the prompts draw the name almost never; after 80 steps on the unedited model they draw
+    it; against the adversarially augmented ACE erasure the same attack mostly fails."""
+    from toyworld.v2 import erase, robust, vocab
+    torch.manual_seed(0)
+    name = vocab.NAMES[3]
+    none = robust.Edit()
+    start = world.text_encoder.word_embeddings(vocab.NEUTRAL_NAME)[[0, 0]]
+    before = float(robust.soft_asr(world, none, name, start, per_template=1).mean())
+    images = robust.attacker_images(world, name)
+    found = robust.soft_attack(world, none, name, images=images).embeddings
+    after = float(robust.soft_asr(world, none, name, found, per_template=1).mean())
+    assert before <= 0.1 and after >= 0.7, (before, after)
+
+    task = erase.Task("name", (name,), tuple(vocab.NAMES[100:150]))
+    ace = erase.ace_erase(world, task, config=ACEConfig())
+    edit = robust.Edit(None, ace)
+    clean = float(robust.identity_hits(world, robust.sample_prompts(world, [f"a photo of {vocab.NAMES[160]}"] * 4,
+                                                                   edit, seed=3), vocab.NAME_INDEX[vocab.NAMES[160]]).mean())
+    assert clean >= 0.75                                     # a retained name still draws
+    attacked = robust.soft_attack(world, edit, name, images=images).embeddings
+    blocked = float(robust.soft_asr(world, edit, name, attacked, per_template=1).mean())
+    assert blocked <= after - 0.5, (after, blocked)
+
+
+def test_adversarial_pairs_of_a_word_embedding_equal_that_word_as_a_concept(world):
+    """A 'found' embedding that is exactly another name's word embedding must refit CFR as if that
+    name had been listed (same aligned pairs, soft positions mapped like concept tokens)."""
+    from mace_ops.adversarial import embedding_pairs
+    from toyworld.v2 import erase, vocab
+    a, b = vocab.NAMES[0], vocab.NAMES[1]
+    preserve = tuple(vocab.NAMES[100:110])
+    one = erase.Task("name", (a,), preserve)
+    both = erase.Task("name", (a, b), preserve)
+    extra = embedding_pairs(world.text_encoder, [world.text_encoder.word_embeddings(b)], one.templates, one.anchor)
+    via_pairs = erase.cfr_erase(world, one, extra_pairs=extra).weights
+    listed = erase.cfr_erase(world, both).weights
+    plain = erase.cfr_erase(world, one).weights
+    k = next(iter(listed))
+    assert torch.allclose(via_pairs[k], listed[k], atol=1e-4)
+    assert not torch.allclose(plain[k], listed[k], atol=1e-3)
+
+
+def test_gated_erasure_file_round_trip(tmp_path):
+    from mace_ops.ace import attn2_patch, load_gated_erasure, save_gated_erasure
+    from safetensors import safe_open
+    g = _toy_gate(0.9)
+    path = str(tmp_path / "gate.safetensors")
+    save_gated_erasure(path, g, "fp", {"concepts": ["zib"]}, fallback_deltas={"blk.attn2.to_k.weight": torch.eye(4)})
+    back, meta = load_gated_erasure(path)
+    ctx = torch.randn(2, 3, 4)
+    assert torch.allclose(back(ctx), g(ctx)) and meta["mace.concepts"] == '["zib"]'
+    with safe_open(path, framework="pt") as f:                 # what a stock LoRA loader sees
+        assert "blk.attn2.to_k.diff" in f.keys()
+    n, k, v = attn2_patch(back)("q", ctx, ctx, {})
+    assert n == "q" and torch.allclose(k, g(ctx)) and torch.allclose(v, g(ctx))
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        load_gated_erasure(str(tmp_path / "bad.safetensors"))
