@@ -253,3 +253,39 @@ def test_training_nodes_on_sdxl(comfy, tiny_sdxl_ckpt):
     """The same on the SDXL layout (slow: ~2 min on 2 CPU cores -- every CFR/fusion solve is
     2048 wide and the prompts go through CLIP-L and CLIP-G)."""
     _run_training(comfy, "sdxl", tiny_sdxl_ckpt)
+
+
+# --------------------------------------------------------------------------------------------
+# Clip skip: the features CFR and fusion read are the ones sampling reads
+# --------------------------------------------------------------------------------------------
+
+CLIP_SKIP_PROMPT = "a painting by van gogh"
+
+
+@pytest.mark.parametrize("family_ckpt", ["sd15", "sd2", "sdxl"], indirect=True)
+def test_clip_skip_features_follow_clip_set_last_layer(comfy, family_ckpt):
+    """CheckpointLoaderSimple -> CLIPSetLastLayer(-1 / -2 / -3) -> CLIPTextEncode, through the
+    executor: the pack's text encoder on that CLIP gives exactly CLIPTextEncode's conditioning
+    for every setting (so CFR and fusion solve for the features sampling uses), and the
+    settings give different features."""
+    comfy.require_pack()
+    enc_cls = comfy.pack_module.nodes.comfy_text_encoder.ComfyTextEncoder
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": family_ckpt.name}}}
+    for i, layer in enumerate((-1, -2, -3)):
+        prompt[f"s{i}"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["1", 1], "stop_at_clip_layer": layer}}
+        prompt[f"e{i}"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [f"s{i}", 0], "text": CLIP_SKIP_PROMPT}}
+        prompt[f"p{i}"] = {"class_type": "PreviewAny", "inputs": {"source": [f"e{i}", 0]}}
+    comfy.run_workflow(prompt)
+    ex = comfy.last_executor
+    feats = []
+    prints = set()
+    for i in range(3):
+        cond = comfy.node_output(f"e{i}", 0, ex)[0][0][0].float()
+        encoder = enc_cls(comfy.node_output(f"s{i}", 0, ex))
+        ours = encoder.encode([CLIP_SKIP_PROMPT, PRESERVE])  # batched, as CFR encodes
+        assert torch.equal(ours[0].features, cond), f"layer {-1 - i}"
+        feats.append(ours[0].features)
+        # the cached caption prior is keyed per CLIP *and* clip skip
+        prints.add(comfy.pack_module.mace_ops.prior.encoder_fingerprint(encoder, [PRESERVE]))
+    assert not torch.allclose(feats[0], feats[1]) and not torch.allclose(feats[1], feats[2])
+    assert len(prints) == 3
