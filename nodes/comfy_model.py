@@ -42,14 +42,21 @@ def model_family(model) -> str:
     return type(config).__name__ if config is not None else type(inner).__name__ if inner is not None else "unknown"
 
 
-def kv_keys(model) -> list[str]:
+def kv_keys(model, field: str = "model") -> list[str]:
     keys = [k for k in model.model_state_dict(PREFIX) if KV_PATTERN.search(k)]
     if not keys:
         raise ValueError(
-            f"model: this is a {model_family(model)} model, which has no cross-attention (attn2) to_k/to_v "
+            f"{field}: this is a {model_family(model)} model, which has no cross-attention (attn2) to_k/to_v "
             f"weights for MACE to edit; MACE supports UNet models with text cross-attention: {SUPPORTED_FAMILIES}"
         )
     return sorted(keys)
+
+
+def require_supported(model, field: str = "model") -> None:
+    """Refuse (ValueError naming the family and the supported ones) a MODEL MACE cannot edit."""
+    if not hasattr(model, "model_state_dict"):
+        raise ValueError(f"{field}: expected a MODEL (from a checkpoint loader), got {type(model).__name__}")
+    kv_keys(model, field)
 
 
 def effective_kv_weights(model) -> KVWeights:

@@ -289,3 +289,48 @@ def test_clip_skip_features_follow_clip_set_last_layer(comfy, family_ckpt):
         prints.add(comfy.pack_module.mace_ops.prior.encoder_fingerprint(encoder, [PRESERVE]))
     assert not torch.allclose(feats[0], feats[1]) and not torch.allclose(feats[1], feats[2])
     assert len(prints) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Unsupported families: every node refuses at once
+# --------------------------------------------------------------------------------------------
+
+TINY_FLUX_CONFIG = dict(image_model="flux", in_channels=16, patch_size=2, out_channels=16, vec_in_dim=768,
+                        context_in_dim=4096, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1,
+                        depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, qkv_bias=True,
+                        guidance_embed=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(comfy):
+    """A real ComfyUI Flux MODEL (supported_models.Flux -> model_base.Flux, 0.56 M parameters):
+    joint/single-stream attention, no attn2."""
+    import comfy.model_patcher as model_patcher
+    import comfy.supported_models as sm
+
+    model = sm.Flux(dict(TINY_FLUX_CONFIG)).get_model({}, device="cpu")
+    cpu = torch.device("cpu")
+    return model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _pack_nodes(comfy):
+    return list(comfy.pack_module.nodes.NODES)
+
+
+def test_every_node_refuses_a_flux_model_naming_the_families(comfy, tiny_flux):
+    comfy.require_pack()
+    supported = comfy.pack_module.nodes.comfy_model.SUPPORTED_FAMILIES
+    assert "SD1.x" in supported and "SD2.x" in supported and "SDXL" in supported
+    io = comfy.pack_module.nodes.comfy_compat.io
+    checked = []
+    for cls in _pack_nodes(comfy):
+        inputs = cls.define_schema().inputs
+        models = [i.id for i in inputs if isinstance(i, io.Model.Input)]
+        assert models, f"{cls.__name__} takes no MODEL"
+        kwargs = {i.id: (tiny_flux if i.id in models else getattr(i, "default", None)) for i in inputs}
+        with pytest.raises(ValueError) as err:
+            cls.execute(**kwargs)
+        msg = str(err.value)
+        assert msg.startswith(f"{models[0]}: this is a Flux model") and supported in msg, (cls.__name__, msg)
+        checked.append(cls.__name__)
+    assert len(checked) == 11, checked
