@@ -103,24 +103,40 @@ PRESERVE = "claude monet"
 SMALL = dict(width=64, height=64)
 
 
+WORKFLOW_FOR = {"sd2": "erase_object_cfr_sd2.json", "sdxl": "erase_style_cfr_sdxl.json"}
+"""The family's shipped workflow (workflows/, built by scripts/build_workflows.py)."""
+
+
+def by_type(api: dict, class_type: str) -> str:
+    ids = [k for k, v in api.items() if v["class_type"] == class_type]
+    assert len(ids) == 1, f"expected one {class_type}, found {ids}"
+    return ids[0]
+
+
 def edit_prompt(comfy, ckpt_name: str, family: str) -> dict:
-    """CheckpointLoaderSimple -> CFR -> Save Erasure; Before/After Grid and Concept Probe on
-    original vs CFR.  64 px, 1 step, one concept, one preserve phrase."""
+    """The family's shipped workflow (CheckpointLoaderSimple -> CFR -> Save Erasure + a sample
+    from the erased model), retargeted to the tiny checkpoint (64 px, 2 steps) with one preserve
+    phrase, plus Before/After Grid and Concept Probe on original vs CFR.  Node ids: the loader
+    is "1", CFR "2", Save Erasure "3", the grid "4" and the probe "6"."""
+    api = ch.retarget_for_test(ch.ui_workflow_to_api(ch.REPO_ROOT / "workflows" / WORKFLOW_FOR[family]), ckpt_name)
+    rename = {by_type(api, "CheckpointLoaderSimple"): "1", by_type(api, "MaceRefineCrossAttention"): "2",
+              by_type(api, "MaceSaveErasure"): "3"}
+    api = ch.renumber(api, rename)
+    api["2"]["inputs"].update(preserve=PRESERVE, builtin_preserve=False)  # keep the CPU workload small
+    api["3"]["inputs"].update(dtype="fp32", filename_prefix=f"loras/mace_{family}_cfr")
+    concept = api["2"]["inputs"]["concepts"].split(",")[0].strip()
     ni = lambda ct, **kw: {"class_type": ct, "inputs": node_inputs(comfy, ct, **kw)}  # noqa: E731
     model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-        "2": ni("MaceRefineCrossAttention", model=model, clip=clip, concepts=CONCEPT, concept_type="style",
-                preserve=PRESERVE, builtin_preserve=False),
-        "3": ni("MaceSaveErasure", model=["2", 0], filename_prefix=f"loras/mace_{family}_cfr", dtype="fp32"),
+    api.update({
         "4": ni("MaceBeforeAfterGrid", original=model, erased=["2", 0], clip=clip, vae=vae,
-                target_prompts=f"a painting by {CONCEPT}", synonym_prompts="",
-                preserved_prompts=f"a painting by {PRESERVE}", steps=1, **SMALL),
+                target_prompts=f"a picture of {concept}", synonym_prompts="",
+                preserved_prompts=f"a picture of {PRESERVE}", steps=1, **SMALL),
         "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
-        "6": ni("MaceConceptProbe", original=model, erased=["2", 0], clip=clip, concept=CONCEPT,
-                prompts=f"a painting by {CONCEPT}", timesteps="500"),
+        "6": ni("MaceConceptProbe", original=model, erased=["2", 0], clip=clip, concept=concept,
+                prompts=f"a picture of {concept}", timesteps="500"),
         "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}},
-    }
+    })
+    return api
 
 
 def training_prompts(comfy, ckpt_name: str, family: str) -> tuple[dict, dict]:
@@ -129,8 +145,9 @@ def training_prompts(comfy, ckpt_name: str, family: str) -> tuple[dict, dict]:
     Mass Erase on the original."""
     ni = lambda ct, **kw: {"class_type": ct, "inputs": node_inputs(comfy, ct, **kw)}  # noqa: E731
     model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
-    base = edit_prompt(comfy, ckpt_name, family)
-    head = {k: base[k] for k in ("1", "2")}
+    head = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+            "2": ni("MaceRefineCrossAttention", model=model, clip=clip, concepts=CONCEPT, concept_type="style",
+                    preserve=PRESERVE, builtin_preserve=False)}
     first = head | {
         "10": ni("MaceTrainingImages", model=model, clip=clip, vae=vae, concept=CONCEPT, concept_type="style",
                  count=1, steps=1, **SMALL),
@@ -167,14 +184,16 @@ def edit_run(request, comfy):
     return family, ckpt, api, history, comfy.last_executor
 
 
-def test_cfr_grid_probe_save_and_stock_loader(edit_run, comfy):
-    """CFR edits every attn2 K/V weight with one solve per input width; the erasure file's keys
+def test_family_workflow_cfr_grid_probe_save_and_stock_loader(edit_run, comfy):
+    """The shipped workflow runs (its sample is saved); CFR edits every attn2 K/V weight with one solve per input width; the erasure file's keys
     are applied by the stock LoraLoaderModelOnly (the weights change, to CFR's); Load Erasure
     reproduces the record and checks the base fingerprint."""
     import comfy.model_management as mm
 
     family, ckpt, api, history, ex = edit_run
     assert history["status"] == "success"
+    images = history["outputs"][by_type(api, "SaveImage")]["images"]
+    assert images and (comfy.output_dir / images[0]["subfolder"] / images[0]["filename"]).is_file()
     pack = comfy.pack_module
     cm = pack.nodes.comfy_model
     base_model = comfy.node_output("1", 0, ex)
@@ -334,3 +353,72 @@ def test_every_node_refuses_a_flux_model_naming_the_families(comfy, tiny_flux):
         assert msg.startswith(f"{models[0]}: this is a Flux model") and supported in msg, (cls.__name__, msg)
         checked.append(cls.__name__)
     assert len(checked) == 11, checked
+
+
+# --------------------------------------------------------------------------------------------
+# SDXL's pooled text path
+# --------------------------------------------------------------------------------------------
+
+def test_sdxl_pooled_path_edit_is_saved_and_applied_by_the_stock_loader(comfy, tiny_sdxl_ckpt, tiny_sd2_ckpt):
+    """The pooled embedding changes the UNet output for the concept prompt (through y ->
+    label_emb, with the context held fixed); the pooled edit maps the concept's pooled input of
+    label_emb.0.0 onto the anchor's, leaves the size columns alone, rides in the erasure file,
+    and the stock LoraLoaderModelOnly applies it; SD2 has nothing to edit."""
+    import comfy.model_management as mm
+
+    comfy.require_pack()
+    pack = comfy.pack_module
+    cm, cfr_node = pack.nodes.comfy_model, pack.nodes.cfr_node
+    tpl = pack.mace_ops.templates
+    with torch.inference_mode():
+        model, clip, _vae = ch.load_tiny_checkpoint(tiny_sdxl_ckpt)
+        enc = pack.nodes.comfy_text_encoder.ComfyTextEncoder(clip)
+        concept, anchor = f"a painting by {CONCEPT}", "a painting by "
+        (c_ctx, c_pool), (a_ctx, a_pool) = (clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+                                            for p in (concept, anchor))
+        assert torch.equal(enc.encode_pooled([concept])[0], c_pool[0].float())
+        ys = [model.model.encode_adm(pooled_output=p, width=64, height=64) for p in (c_pool, a_pool)]
+        mm.load_models_gpu([model], force_full_load=True)
+        sampling = model.get_model_object("model_sampling")
+        sigma = sampling.sigmas[500].reshape(1)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        out_c, out_a = (model.model.apply_model(x, sigma, c_crossattn=a_ctx, y=y) for y in ys)
+        assert float((out_c - out_a).norm()) > 1e-3 * float(out_a.norm())  # the pooled path carries the prompt
+
+        templates = tpl.templates_for("style")[:4]
+        parsed = pack.mace_ops.concepts.parse_concepts(CONCEPT, "concepts")
+        keep = [tpl.fill(t, PRESERVE) for t in templates]
+        config = pack.mace_ops.cfr.CFRConfig(1.0, 1.0)
+        edit, weight, why = cfr_node.pooled_edit(model, enc, parsed, templates, "", keep, config, ())
+        assert why == "" and edit.key == cm.POOLED_KEY and weight.shape == (1280, 2816)
+        d = cm.pooled_text_width(model)
+        assert d == 1280 and float(edit.delta[:, d:].abs().max()) == 0 and float(edit.delta[:, :d].abs().max()) > 0
+        w_new = weight + edit.delta
+        pc = enc.encode_pooled([tpl.fill(t, CONCEPT) for t in templates])
+        pa = enc.encode_pooled([tpl.fill(t, "") for t in templates])
+        pq = enc.encode_pooled(keep)
+        before = (weight[:, :d] @ (pc - pa).T).norm()
+        after = (w_new[:, :d] @ pc.T - weight[:, :d] @ pa.T).norm()
+        assert after < 0.1 * before, (float(after), float(before))
+        kept = (w_new[:, :d] @ pq.T - weight[:, :d] @ pq.T).norm() / (weight[:, :d] @ pq.T).norm()
+        assert kept < 0.05, float(kept)
+
+        # in the record and the file; the stock loader applies it
+        base = cm.effective_kv_weights(model)
+        erased = cm.apply_erasure(model, {edit.key: edit.delta}, {**base, edit.key: weight}, {"method": "test"})
+        folder = _loras_folder(comfy)
+        path = Path(pack.nodes.erasure_io_nodes.MaceSaveErasure.execute(
+            erased, "loras/mace_pooled_test", "fp32").result[0])
+        assert path.parent == folder and "diffusion_model.label_emb.0.0.diff" in load_file(str(path))
+        (lora_model,) = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, path.name, 1.0)
+        mm.load_models_gpu([lora_model], force_patch_weights=True)
+        patched = lora_model.model.state_dict()[edit.key].float().cpu().clone()
+        mm.unload_all_models()
+        assert torch.allclose(patched, w_new, atol=1e-5) and not torch.equal(patched, weight)
+        loaded = pack.nodes.erasure_io_nodes.MaceLoadErasure.execute(model, path.name, 1.0, False).result[0]
+        assert torch.equal(cm.get_record(loaded).deltas[edit.key], edit.delta)
+
+        sd2, sd2_clip, _ = ch.load_tiny_checkpoint(tiny_sd2_ckpt)
+        sd2_enc = pack.nodes.comfy_text_encoder.ComfyTextEncoder(sd2_clip)
+        assert cfr_node.pooled_edit(sd2, sd2_enc, parsed, templates, "", keep, config, ())[2] == \
+            "this model reads no pooled text"
