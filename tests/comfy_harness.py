@@ -691,6 +691,29 @@ def stock_t2i_prompt(ckpt_name: str, *, positive="a photo of a cat", negative=""
     }
 
 
+def checkpoint_family(name: str) -> str:
+    """"sdxl", "sd2" or "sd15" from a checkpoint file name (the shipped workflows' names)."""
+    low = name.lower()
+    if "xl" in low:
+        return "sdxl"
+    if "v2-" in low or "sd2" in low or "2-1" in low or "2.1" in low:
+        return "sd2"
+    return "sd15"
+
+
+def renumber(api_prompt: Mapping, rename: Mapping[str, str]) -> dict:
+    """Copy of an API prompt with node ids renamed (``{old: new}``), links rewritten; other ids
+    become "n<old>" so they cannot collide with the new ones."""
+    new_id = lambda k: rename.get(k, f"n{k}")  # noqa: E731
+    out = {}
+    for k, node in api_prompt.items():
+        node = copy.deepcopy(dict(node))
+        node["inputs"] = {n: ([new_id(str(v[0])), v[1]] if isinstance(v, list) and len(v) == 2
+                              and str(v[0]) in api_prompt else v) for n, v in node["inputs"].items()}
+        out[new_id(str(k))] = node
+    return out
+
+
 def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64,
                       max_steps: int = 2) -> dict:
     """Copy of an API prompt made cheap enough for CI: every ``ckpt_name`` input points at
