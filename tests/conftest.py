@@ -10,7 +10,8 @@
   and SDXL-layout (CLIP-L + OpenCLIP-bigG, adm 2816) checkpoints with 3-layer text encoders,
   registered the same way (``comfy_harness.make_tiny_checkpoint``; the harness makes the stock
   loader build their encoders at that depth, see ``install_tiny_te_depth_hook``).
-  ``family_ckpt`` is one of the three, parametrized by ``FAMILIES`` through ``indirect``.
+  ``family_ckpt`` is one of the three (``tiny_ckpt`` for "sd15"), chosen with
+  ``@pytest.mark.parametrize("family_ckpt", [...], indirect=True)``.
 
 Any test that uses ``comfy`` (directly or through ``tiny_ckpt``) is marked ``integration``
 automatically.
@@ -148,14 +149,9 @@ def tiny_sdxl_ckpt(comfy, tmp_path_factory):
     return _tiny_family_ckpt(comfy, tmp_path_factory, "sdxl")
 
 
-@pytest.fixture(scope="session")
-def tiny_sd15_small_ckpt(comfy, tmp_path_factory):
-    """Tiny SD1.5-layout checkpoint with a 3-layer CLIP-L (loaded at that depth by the harness)."""
-    return _tiny_family_ckpt(comfy, tmp_path_factory, "sd15")
-
-
 @pytest.fixture
 def family_ckpt(request):
-    """``request.param`` in ("sd15", "sd2", "sdxl") -> that family's tiny checkpoint path."""
-    name = {"sd15": "tiny_sd15_small_ckpt", "sd2": "tiny_sd2_ckpt", "sdxl": "tiny_sdxl_ckpt"}[request.param]
+    """``request.param`` in ("sd15", "sd2", "sdxl") -> that family's tiny checkpoint path (SD1.5:
+    ``tiny_ckpt``, which the suite builds anyway)."""
+    name = {"sd15": "tiny_ckpt", "sd2": "tiny_sd2_ckpt", "sdxl": "tiny_sdxl_ckpt"}[request.param]
     return request.getfixturevalue(name)

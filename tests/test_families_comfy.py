@@ -263,8 +263,30 @@ def _run_training(comfy, family: str, ckpt: Path):
 
 def test_training_nodes_on_sd2_v_prediction(comfy, tiny_sd2_ckpt):
     """Training Images, Train Concept LoRA, Fuse and Mass Erase through the executor on the
-    v-prediction SD2 layout."""
+    v-prediction SD2 layout; the trainer's denoiser noises and predicts with ComfyUI's own
+    v-prediction model_sampling (what KSampler uses for this model)."""
+    import comfy.model_sampling as model_sampling
+
     _run_training(comfy, "sd2", tiny_sd2_ckpt)
+    model = comfy.node_output("1", 0)
+    clip = comfy.node_output("1", 1)
+    den = comfy.pack_module.nodes.comfy_denoiser.ComfyDenoiser(model)
+    try:
+        assert isinstance(den.model_sampling, model_sampling.V_PREDICTION)
+        assert den.model_sampling is model.get_model_object("model_sampling")
+        gen = torch.Generator().manual_seed(0)
+        x0, noise = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+        t = torch.tensor([600])
+        sigma = den.sigma(t)
+        x_t = den.add_noise(x0, noise, t)
+        assert torch.equal(x_t, den.model_sampling.noise_scaling(sigma, noise, x0))
+        ctx = comfy.pack_module.nodes.comfy_text_encoder.ComfyTextEncoder(clip).encode([CONCEPT])[0].features[None]
+        with torch.inference_mode():
+            out = den.forward_with_attention(x_t, t, ctx, lambda probe: None)
+            ref = model.model.apply_model(x_t, sigma, c_crossattn=ctx)  # calculate_denoised of a v model
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    finally:
+        den.release()
 
 
 @pytest.mark.slow
