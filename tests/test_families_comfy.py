@@ -140,26 +140,27 @@ def edit_prompt(comfy, ckpt_name: str, family: str) -> dict:
 
 
 def training_prompts(comfy, ckpt_name: str, family: str) -> tuple[dict, dict]:
-    """Two prompts run one after the other on one executor: Training Images (original) -> Train
-    Concept LoRA (on the CFR model); then Fuse (the LoRA folder the first wrote) -> Save, and
-    Mass Erase on the original."""
+    """Two prompts run one after the other on one executor: the family workflow's loader and CFR
+    ("1", "2": on the executor :func:`edit_run` used, their cached outputs are reused), Training
+    Images (original) -> Train Concept LoRA (on the CFR model); then Fuse (the LoRA folder the
+    first wrote) -> Save, and Mass Erase on the original."""
     ni = lambda ct, **kw: {"class_type": ct, "inputs": node_inputs(comfy, ct, **kw)}  # noqa: E731
     model, clip, vae = ["1", 0], ["1", 1], ["1", 2]
-    head = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-            "2": ni("MaceRefineCrossAttention", model=model, clip=clip, concepts=CONCEPT, concept_type="style",
-                    preserve=PRESERVE, builtin_preserve=False)}
+    edit = edit_prompt(comfy, ckpt_name, family)
+    head = {k: edit[k] for k in ("1", "2")}
+    concept, kind = edit["2"]["inputs"]["concepts"].split(",")[0].strip(), edit["2"]["inputs"]["concept_type"]
     first = head | {
-        "10": ni("MaceTrainingImages", model=model, clip=clip, vae=vae, concept=CONCEPT, concept_type="style",
+        "10": ni("MaceTrainingImages", model=model, clip=clip, vae=vae, concept=concept, concept_type=kind,
                  count=1, steps=1, **SMALL),
-        "11": ni("MaceTrainConceptLora", model=["2", 0], clip=clip, vae=vae, images=["10", 0], concept=CONCEPT,
-                 concept_type="style", mask_mode="whole image", steps=2, rank=1, sampler="uniform",
+        "11": ni("MaceTrainConceptLora", model=["2", 0], clip=clip, vae=vae, images=["10", 0], concept=concept,
+                 concept_type=kind, mask_mode="whole image", steps=2, rank=1, sampler="uniform",
                  filename_prefix=f"loras/mace_{family}/{{concept}}"),
     }
     second = head | {
-        "12": ni("MaceFuseLoras", model=["2", 0], clip=clip, lora_files=f"mace_{family}/", concept_type="style",
+        "12": ni("MaceFuseLoras", model=["2", 0], clip=clip, lora_files=f"mace_{family}/", concept_type=kind,
                  preserve=PRESERVE, builtin_preserve=False),
         "13": ni("MaceSaveErasure", model=["12", 0], filename_prefix=f"loras/mace_{family}_fused", dtype="fp32"),
-        "14": ni("MaceMassErase", model=model, clip=clip, vae=vae, concepts=CONCEPT, concept_type="style",
+        "14": ni("MaceMassErase", model=model, clip=clip, vae=vae, concepts=concept, concept_type=kind,
                  preserve=PRESERVE, builtin_preserve=False, run_name=f"fam_{family}", lora_steps=2,
                  images_per_concept=1, image_size=64, sampling_steps=1),
     }
@@ -173,6 +174,9 @@ def _loras_folder(comfy) -> Path:
     return folder
 
 
+_EXECUTORS: dict = {}  # family -> the executor edit_run used (its cache holds the loader and CFR outputs)
+
+
 @pytest.fixture(scope="module", params=["sd2", "sdxl"])
 def edit_run(request, comfy):
     comfy.require_pack()
@@ -181,6 +185,7 @@ def edit_run(request, comfy):
     _loras_folder(comfy)
     api = edit_prompt(comfy, ckpt.name, family)
     history, messages = comfy.run_workflow(api)
+    _EXECUTORS[family] = comfy.last_executor
     return family, ckpt, api, history, comfy.last_executor
 
 
@@ -241,7 +246,7 @@ def _run_training(comfy, family: str, ckpt: Path):
     comfy.require_pack()
     folder = _loras_folder(comfy)
     first, second = training_prompts(comfy, ckpt.name, family)
-    comfy.run_workflow(first)
+    comfy.run_workflow(first, executor=_EXECUTORS.get(family))
     ex = comfy.last_executor
     lora_model = comfy.node_output("11", 0, ex)
     lora_path = Path(comfy.node_output("11", 1, ex))
