@@ -7,7 +7,12 @@ W0 e c^T and c c^T per layer and inverts each layer's 768 x 768 matrix in float3
 in its own subprocess so peak memory is measured cleanly. Encoding with a real random-weight
 CLIP-L is timed separately (same cost for both methods) when ComfyUI is importable.
 
-    python -m bench.cfr [--concepts 1 10 100] [--out bench/results/cfr.json]
+``--shape sdxl``: the same with SDXL's shape -- 140 K/V weights (70 attn2 layers, 640/1280 out)
+reading 2048-wide features (CLIP-L + bigG), the encoder 77 x 2048; the per-layer baseline then
+inverts 140 matrices of 2048 x 2048 and holds ~1.5 GB of value tensors per concept, so it runs
+for 1 and 2 concepts only.
+
+    python -m bench.cfr [--concepts 1 10 100] [--shape sd15|sdxl] [--out bench/results/cfr.json]
 """
 from __future__ import annotations
 
@@ -20,13 +25,13 @@ import time
 
 import torch
 
-from bench.common import HashTextEncoder, environment, peak_rss_mb, print_table, rss_mb, sd15_kv_weights, write_json
+from bench.common import HashTextEncoder, context_dim, environment, kv_weights, peak_rss_mb, print_table, rss_mb, write_json
 from mace_ops.alignment import align
 from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept
 from mace_ops.templates import OBJECT_TEMPLATES, fill
 
-BASELINE_MAX_CONCEPTS = 10  # the per-layer baseline holds ~225 MB per concept; 100 would need ~22 GB
+BASELINE_MAX_CONCEPTS = {"sd15": 10, "sdxl": 2}  # the per-layer baseline holds ~225 MB (SDXL: ~1.5 GB) per concept
 
 
 def concepts(n: int) -> list[Concept]:
@@ -54,9 +59,9 @@ def per_layer_baseline(encoder, weights, cs, templates, lamb):
     return out
 
 
-def run_case(method: str, n: int) -> dict:
+def run_case(method: str, n: int, shape: str = "sd15") -> dict:
     torch.manual_seed(0)
-    encoder, weights, cs = HashTextEncoder(), sd15_kv_weights(), concepts(n)
+    encoder, weights, cs = HashTextEncoder(dim=context_dim(shape)), kv_weights(shape), concepts(n)
     before = rss_mb()
     start = time.perf_counter()
     if method == "shared":
@@ -66,7 +71,7 @@ def run_case(method: str, n: int) -> dict:
         new = per_layer_baseline(encoder, weights, cs, OBJECT_TEMPLATES, 1.0)
     seconds = time.perf_counter() - start
     checksum = float(sum(v.double().sum() for v in new.values()))
-    return {"method": method, "concepts": n, "seconds": round(seconds, 3),
+    return {"method": method, "shape": shape, "weights": len(weights), "concepts": n, "seconds": round(seconds, 3),
             "peak_mb": round(peak_rss_mb() - before, 1), "checksum": checksum}
 
 
@@ -98,13 +103,14 @@ def clip_encode_rate(n_prompts: int = 30) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", type=int, nargs="+", default=[1, 10, 100])
-    ap.add_argument("--out", default="bench/results/cfr.json")
+    ap.add_argument("--out", default=None, help="default bench/results/cfr.json (sdxl: cfr_sdxl.json)")
+    ap.add_argument("--shape", choices=("sd15", "sdxl"), default="sd15")
     ap.add_argument("--case", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--no-clip", action="store_true", help="skip timing the CLIP-L encoder")
     ap.add_argument("--clip-only", action="store_true", help="only time the CLIP-L encoder")
     args = ap.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]))))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.shape)))
         return
     if args.clip_only:
         print("CLIP-L encoding:", clip_encode_rate())
@@ -112,13 +118,22 @@ def main() -> None:
     rows = []
     for n in args.concepts:
         for method in ("shared", "per_layer"):
-            if method == "per_layer" and n > BASELINE_MAX_CONCEPTS:
+            if method == "per_layer" and n > BASELINE_MAX_CONCEPTS[args.shape]:
+                per = 225 if args.shape == "sd15" else 1530
                 rows.append({"method": method, "concepts": n, "seconds": "skipped",
-                             "peak_mb": f"~{n * 225} (projected)"})
+                             "peak_mb": f"~{n * per} (projected)"})
                 continue
-            out = subprocess.run([sys.executable, "-m", "bench.cfr", "--case", method, str(n)],
+            out = subprocess.run([sys.executable, "-m", "bench.cfr", "--case", method, str(n), "--shape", args.shape],
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    measured = {r["concepts"]: r["peak_mb"] for r in rows if r["method"] == "per_layer"
+                and isinstance(r["peak_mb"], float)}
+    if len(measured) >= 2:  # project the skipped baseline runs from the measured slope per concept
+        lo, hi = min(measured), max(measured)
+        slope = (measured[hi] - measured[lo]) / (hi - lo)
+        for r in rows:
+            if r["method"] == "per_layer" and r["seconds"] == "skipped":
+                r["peak_mb"] = f"~{measured[lo] + slope * (r['concepts'] - lo):.0f} (projected)"
     for n in args.concepts:
         a = next(r for r in rows if r["method"] == "shared" and r["concepts"] == n)
         b = next(r for r in rows if r["method"] == "per_layer" and r["concepts"] == n)
@@ -127,11 +142,14 @@ def main() -> None:
             a["memory_ratio"] = round(b["peak_mb"] / max(a["peak_mb"], 1.0), 1)
             a["max_rel_diff"] = abs(a["checksum"] - b["checksum"]) / abs(b["checksum"])
     print_table(rows, ["method", "concepts", "seconds", "peak_mb", "speedup_vs_per_layer", "memory_ratio"])
-    clip = None if args.no_clip else clip_encode_rate()
+    out_path = args.out or ("bench/results/cfr.json" if args.shape == "sd15" else "bench/results/cfr_sdxl.json")
+    clip = None if (args.no_clip or args.shape != "sd15") else clip_encode_rate()
     if clip:
         print("CLIP-L encoding (same for both methods; 30 templates x (phrases + anchor) per concept):", clip)
-    write_json(args.out, {"bench": "cfr", "env": environment(), "rows": rows, "clip_encoding": clip,
-                          "notes": "algebra measured with a 77x768 hash encoder; encoding timed separately"})
+    write_json(out_path, {"bench": "cfr", "shape": args.shape, "env": environment(), "rows": rows,
+                          "clip_encoding": clip,
+                          "notes": f"algebra measured with a 77x{context_dim(args.shape)} hash encoder on "
+                                   f"{len(kv_weights(args.shape))} K/V weights; encoding timed separately"})
 
 
 if __name__ == "__main__":

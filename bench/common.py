@@ -1,4 +1,4 @@
-"""Shared bench helpers: SD1.5-shaped random K/V weights, a cheap 77x768 encoder, timing, JSON."""
+"""Shared bench helpers: SD1.5- and SDXL-shaped random K/V weights, a cheap 77 x d encoder, timing, JSON."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,27 @@ def sd15_kv_weights(seed: int = 0, dim: int = 768) -> dict[str, torch.Tensor]:
         for i, c in enumerate(SD15_ATTN2_WIDTHS)
         for kind in ("k", "v")
     }
+
+
+# attn2 output widths of SDXL base's 70 cross-attention layers: input level 1 (2 blocks x 2) at 640,
+# level 2 (2 x 10) at 1280, middle 10 at 1280, output level 2 (3 x 10) at 1280, level 1 (3 x 2) at 640
+SDXL_ATTN2_WIDTHS = (640,) * 4 + (1280,) * 20 + (1280,) * 10 + (1280,) * 30 + (640,) * 6
+SHAPES = {"sd15": (SD15_ATTN2_WIDTHS, 768), "sdxl": (SDXL_ATTN2_WIDTHS, 2048)}
+
+
+def kv_weights(shape: str = "sd15", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random K/V weights of ``shape``: "sd15" (32 weights, 768 wide) or "sdxl" (140, 2048 wide)."""
+    widths, dim = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"layer{i:02d}.attn2.to_{kind}.weight": torch.randn(c, dim, generator=g) * 0.02
+        for i, c in enumerate(widths)
+        for kind in ("k", "v")
+    }
+
+
+def context_dim(shape: str) -> int:
+    return SHAPES[shape][1]
 
 
 class HashTextEncoder:

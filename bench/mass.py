@@ -22,7 +22,11 @@ system with condition number ~1e6 (lambda = 1) loses most of the small LoRA delt
 LoRA training time per concept is taken from ``bench/results/train.json`` (``bench.train``) and
 multiplied by N; it is an extrapolation, not a measurement.
 
-    python -m bench.mass [--concepts 1 10 100] [--out bench/results/mass.json]
+``--shape sdxl``: SDXL's shape -- 140 K/V weights (640/1280 out) reading 77 x 2048 features; the
+per-layer baseline holds ~1.5 GB per concept there and runs for N <= 2 (its 100-concept memory is
+projected from those two).
+
+    python -m bench.mass [--concepts 1 10 100] [--shape sd15|sdxl] [--out bench/results/mass.json]
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.common import HashTextEncoder, environment, print_table, rss_mb, sd15_kv_weights, write_json
+from bench.common import HashTextEncoder, context_dim, environment, kv_weights, print_table, rss_mb, write_json
 from bench.train import hwm_mb, reset_peak, trim
 from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept
@@ -46,7 +50,7 @@ from mace_ops.fusion import FusionAccumulator, concept_covariance, fuse_loras
 from mace_ops.lora import LoraFactors
 from mace_ops.templates import OBJECT_TEMPLATES, fill
 
-BASELINE_MAX_CONCEPTS = 10
+BASELINE_MAX_CONCEPTS = {"sd15": 10, "sdxl": 2}
 TRAIN_JSON = "bench/results/train.json"
 LAMB = 1.0
 
@@ -105,20 +109,20 @@ def _stage(fn):
     return out, seconds, peak
 
 
-def run_case(method: str, n: int, dump: str | None = None) -> dict:
+def run_case(method: str, n: int, dump: str | None = None, shape: str = "sd15") -> dict:
     torch.manual_seed(0)
-    encoder, original, cs = HashTextEncoder(), sd15_kv_weights(), concepts(n)
+    encoder, original, cs = HashTextEncoder(dim=context_dim(shape)), kv_weights(shape), concepts(n)
     cfr, cfr_s, cfr_mb = _stage(
         lambda: refine_cross_attention(encoder, original, cs, OBJECT_TEMPLATES, config=CFRConfig(lamb=LAMB)))
     current = cfr.weights
     del cfr
-    row = {"method": method, "concepts": n, "cfr_s": round(cfr_s, 2), "cfr_peak_mb": round(cfr_mb, 1)}
+    row = {"method": method, "shape": shape, "concepts": n, "cfr_s": round(cfr_s, 2), "cfr_peak_mb": round(cfr_mb, 1)}
     if method == "ours":
         res, fuse_s, fuse_mb = _stage(
             lambda: fuse_loras(encoder, current, original, stream(cs, current), OBJECT_TEMPLATES, lamb=LAMB,
                                total=n))
         new = res.weights
-        acc = FusionAccumulator(768)  # the state fuse_loras keeps, once every weight has been seen
+        acc = FusionAccumulator(context_dim(shape))  # the state fuse_loras keeps, once every weight has been seen
         C, nv = concept_covariance(encoder, cs[0], OBJECT_TEMPLATES)
         acc.add_concept(synthetic_lora(0, current), C, nv)
         row["accumulator_mb"] = round(acc.state_numel() * 8 / 2**20, 1)
@@ -149,13 +153,14 @@ def training_estimate(path: str) -> dict | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", type=int, nargs="+", default=[1, 10, 100])
-    ap.add_argument("--out", default="bench/results/mass.json")
+    ap.add_argument("--out", default=None, help="default bench/results/mass.json (sdxl: mass_sdxl.json)")
+    ap.add_argument("--shape", choices=("sd15", "sdxl"), default="sd15")
     ap.add_argument("--train-json", default=TRAIN_JSON)
     ap.add_argument("--case", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.dump)))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.dump, args.shape)))
         return
     # every allocation >= 128 KiB is its own mapping, returned to the OS when freed: resident size
     # then follows live tensors instead of what glibc's heap happens to keep
@@ -164,11 +169,12 @@ def main() -> None:
     rows = []
     for n in args.concepts:
         for method in ("ours", "per_layer"):
-            if method == "per_layer" and n > BASELINE_MAX_CONCEPTS:
+            if method == "per_layer" and n > BASELINE_MAX_CONCEPTS[args.shape]:
                 rows.append({"method": method, "concepts": n, "fusion_s": "skipped"})
                 continue
-            dump = os.path.join(tmp, f"{method}_{n}.safetensors") if n <= BASELINE_MAX_CONCEPTS else None
-            cmd = [sys.executable, "-m", "bench.mass", "--case", method, str(n)] + (["--dump", dump] if dump else [])
+            dump = os.path.join(tmp, f"{method}_{n}.safetensors") if n <= BASELINE_MAX_CONCEPTS[args.shape] else None
+            cmd = [sys.executable, "-m", "bench.mass", "--case", method, str(n), "--shape", args.shape] + \
+                (["--dump", dump] if dump else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
@@ -180,7 +186,7 @@ def main() -> None:
         lo, hi = min(measured), max(measured)
         per_concept_mb = (measured[hi]["fusion_peak_mb"] - measured[lo]["fusion_peak_mb"]) / (hi - lo)
     else:
-        per_concept_mb = 2310 * sum(w.shape[0] for w in sd15_kv_weights().values()) * 4 / 2**20
+        per_concept_mb = 2310 * sum(w.shape[0] for w in kv_weights(args.shape).values()) * 4 / 2**20
     for r in rows:
         if r["method"] == "per_layer" and r.get("fusion_s") == "skipped":
             base = measured.get(min(measured)) if measured else None
@@ -212,10 +218,12 @@ def main() -> None:
         train_note = f"no {args.train_json}: run `python -m bench.train` first for the training estimate"
         print(train_note)
     shutil.rmtree(tmp, ignore_errors=True)
-    write_json(args.out, {
-        "bench": "mass", "env": environment(), "rows": rows, "baseline_mb_per_concept": round(per_concept_mb, 1),
-        "lora_per_concept": train,
-        "notes": ("CFR and fusion measured on 32 SD1.5-shaped random K/V weights with a 77x768 hash encoder and "
+    n_w, dim = len(kv_weights(args.shape)), context_dim(args.shape)
+    write_json(args.out or ("bench/results/mass.json" if args.shape == "sd15" else "bench/results/mass_sdxl.json"), {
+        "bench": "mass", "shape": args.shape, "env": environment(), "rows": rows,
+        "baseline_mb_per_concept": round(per_concept_mb, 1), "lora_per_concept": train,
+        "notes": (f"CFR and fusion measured on {n_w} {args.shape}-shaped random K/V weights with a 77x{dim} hash "
+                  "encoder and "
                   "synthetic rank-1 LoRAs streamed from a generator; peaks are resident high-water marks above "
                   "the start of each stage; " + train_note),
     })

@@ -42,21 +42,49 @@ def model_family(model) -> str:
     return type(config).__name__ if config is not None else type(inner).__name__ if inner is not None else "unknown"
 
 
-def kv_keys(model) -> list[str]:
+def kv_keys(model, field: str = "model") -> list[str]:
     keys = [k for k in model.model_state_dict(PREFIX) if KV_PATTERN.search(k)]
     if not keys:
         raise ValueError(
-            f"model: this is a {model_family(model)} model, which has no cross-attention (attn2) to_k/to_v "
+            f"{field}: this is a {model_family(model)} model, which has no cross-attention (attn2) to_k/to_v "
             f"weights for MACE to edit; MACE supports UNet models with text cross-attention: {SUPPORTED_FAMILIES}"
         )
     return sorted(keys)
 
 
+def require_supported(model, field: str = "model") -> None:
+    """Refuse (ValueError naming the family and the supported ones) a MODEL MACE cannot edit."""
+    if not hasattr(model, "model_state_dict"):
+        raise ValueError(f"{field}: expected a MODEL (from a checkpoint loader), got {type(model).__name__}")
+    kv_keys(model, field)
+
+
+POOLED_KEY = PREFIX + "label_emb.0.0.weight"
+"""The first layer reading SDXL's ``y`` = [pooled text (1280), 6 size embeddings (6 x 256)]."""
+SIZE_EMBEDDING_WIDTH = 6 * 256
+
+
+def pooled_text_width(model) -> int | None:
+    """Width of the pooled text embedding the UNet reads through :data:`POOLED_KEY` (the SDXL
+    family: 1280), or None for models that read no pooled text (SD1.x, SD2.x)."""
+    import comfy.model_base
+
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, comfy.model_base.SDXL) or POOLED_KEY not in model.model_state_dict(PREFIX):
+        return None
+    return int(inner.adm_channels) - SIZE_EMBEDDING_WIDTH
+
+
 def effective_kv_weights(model) -> KVWeights:
     """Current K/V weights (original + existing patches) in float32 on CPU; the model is not modified."""
+    return effective_weights(model, kv_keys(model))
+
+
+def effective_weights(model, keys) -> KVWeights:
+    """Current weights (original + patches) of ``keys`` that the model has, float32, CPU."""
     entries = model.get_key_patches(PREFIX)
     out = {}
-    for key in kv_keys(model):
+    for key in [k for k in keys if k in entries]:
         weight, convert, patches = split_key_patch_entry(entries[key])
         w = comfy.model_management.cast_to_device(weight, torch.device("cpu"), torch.float32, copy=True)
         w = convert(w, inplace=True)

@@ -56,6 +56,20 @@ class ComfyTextEncoder:
         start = 1 if ids and ids[0] == self.start_id else 0
         return ids[start : length - 1]
 
+    def encode_pooled(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, d) pooled embeddings, float32, as CLIPTextEncode hands them to sampling (SDXL: the
+        OpenCLIP-bigG projection).  One forward per prompt: ComfyUI returns only the first
+        chunk's pooled output of a batched call."""
+        out = []
+        for i, text in enumerate(prompts):
+            if self.check_interrupt is not None and i % self.batch_size == 0:
+                self.check_interrupt()
+            _cond, pooled = self.clip.encode_from_tokens(self._tokens(text), return_pooled=True)
+            if pooled is None:
+                raise ValueError("clip: this text encoder gives no pooled embedding")
+            out.append(pooled.reshape(-1).to(torch.float32))
+        return torch.stack(out)
+
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         out: list[EncodedPrompt] = []
         for i in range(0, len(prompts), self.batch_size):

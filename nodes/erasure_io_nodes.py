@@ -8,7 +8,7 @@ import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.erasure_file import check_base, load_erasure, save_erasure
-from .comfy_model import apply_erasure, effective_kv_weights, get_record
+from .comfy_model import apply_erasure, effective_weights, get_record, kv_keys
 from .validation import check_inputs
 
 
@@ -70,7 +70,7 @@ class MaceLoadErasure(io.ComfyNode):
         if path is None:
             raise ValueError(f"erasure_name: {erasure_name!r} not found in the loras folders; refresh the list (R)")
         erasure = load_erasure(path)
-        base = effective_kv_weights(model)
+        base = effective_weights(model, sorted(set(kv_keys(model)) | set(erasure.deltas)))  # K/V + e.g. SDXL's pooled layer
         check_base(erasure, base, erasure_name, allow_other_base)  # keys and shapes always, base unless allowed
         deltas = {k: v.float() for k, v in erasure.deltas.items()}
         info = {"method": "load", "file": erasure_name, "strength": strength, "source": erasure.info}

@@ -11,6 +11,7 @@ from .comfy_compat import io
 from ..mace_ops.erasure_file import save_erasure
 from .comfy_model import get_record
 from .unet_pt import DTYPES, load_unet_pt, save_unet_pt
+from .validation import check_inputs
 
 
 def resolve(path: str, must_exist: bool = False) -> str:
@@ -48,6 +49,7 @@ class MaceSaveUNetPt(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, path, dtype) -> io.NodeOutput:
+        check_inputs(cls, locals())
         written = save_unet_pt(model, resolve(path), dtype)
         texts = [written]
         record = get_record(model)
@@ -79,5 +81,6 @@ class MaceLoadUNetPt(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, path) -> io.NodeOutput:
+        check_inputs(cls, locals())
         out, info = load_unet_pt(model, resolve(path, must_exist=True))
         return io.NodeOutput(out, json.dumps(info))

@@ -6,6 +6,11 @@ with ``check_inputs(cls, locals())``: each Int/Float input is refused unless it 
 number within the min/max its schema declares, with a message naming the input (its display
 name) and the range. The mace_ops entry points repeat the checks that matter for their maths
 (``mace_ops.validation``), so scripts calling them directly are covered too.
+
+Every MODEL input is checked first (``comfy_model.require_supported``): a model family without
+text cross-attention (SD3, Flux, other MMDiT/DiT models) is refused before any work, with an
+error naming its family and the supported ones -- never a traceback from deep inside, never a
+silently unedited model.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from functools import lru_cache
 from .comfy_compat import io
 
 from ..mace_ops.validation import check_number
+from .comfy_model import require_supported
 
 
 @lru_cache(maxsize=None)
@@ -27,8 +33,17 @@ def _numeric_inputs(cls) -> tuple[tuple[str, str, float | None, float | None, bo
     return tuple(out)
 
 
+@lru_cache(maxsize=None)
+def _model_inputs(cls) -> tuple[str, ...]:
+    return tuple(inp.id for inp in cls.define_schema().inputs if isinstance(inp, io.Model.Input))
+
+
 def check_inputs(cls, values: dict) -> None:
-    """ValueError naming the first numeric input of ``cls`` that is non-finite or out of its range."""
+    """ValueError for the first MODEL input of an unsupported family, or else the first numeric
+    input of ``cls`` that is non-finite or out of its range."""
+    for key in _model_inputs(cls):
+        if values.get(key) is not None:
+            require_supported(values[key], key)
     for key, name, lo, hi, integer in _numeric_inputs(cls):
         if key in values and values[key] is not None:
             check_number(values[key], name, lo, hi, integer=integer)

@@ -44,13 +44,14 @@ SOCKETS: dict[str, tuple[list, list]] = {
 }
 
 
-def sampler_nodes(prefix: str, model: str, prompt: str, x: int, y: int, seed: int = 42) -> dict:
-    """Positive/negative prompts, an empty 512 latent, KSampler, decode and save."""
+def sampler_nodes(prefix: str, model: str, prompt: str, x: int, y: int, seed: int = 42, size: int = 512,
+                  steps: int = 20) -> dict:
+    """Positive/negative prompts, an empty ``size`` latent, KSampler, decode and save."""
     return {
         f"{prefix}pos": ("CLIPTextEncode", [prompt], {"clip": ("ckpt", "CLIP")}, (x, y)),
         f"{prefix}neg": ("CLIPTextEncode", ["blurry, low quality"], {"clip": ("ckpt", "CLIP")}, (x, y + 220)),
-        f"{prefix}latent": ("EmptyLatentImage", [512, 512, 1], {}, (x, y + 440)),
-        f"{prefix}sample": ("KSampler", [seed, "fixed", 20, 7.0, "euler", "normal", 1.0],
+        f"{prefix}latent": ("EmptyLatentImage", [size, size, 1], {}, (x, y + 440)),
+        f"{prefix}sample": ("KSampler", [seed, "fixed", steps, 7.0, "euler", "normal", 1.0],
                             {"model": model, "positive": (f"{prefix}pos", "CONDITIONING"),
                              "negative": (f"{prefix}neg", "CONDITIONING"),
                              "latent_image": (f"{prefix}latent", "LATENT")}, (x + 420, y)),
@@ -66,6 +67,17 @@ SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SD15_MODEL = {"name": SD15, "directory": "checkpoints",
               "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                      "v1-5-pruned-emaonly-fp16.safetensors?download=true"}
+
+# SDXL base 1.0 and SD 2.1 768-v (v-prediction), as ComfyUI's own SDXL / SD2 examples name them.
+SDXL = "sd_xl_base_1.0.safetensors"
+SDXL_MODEL = {"name": SDXL, "directory": "checkpoints",
+              "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                     "sd_xl_base_1.0.safetensors?download=true"}
+SD21 = "v2-1_768-ema-pruned.safetensors"
+SD21_MODEL = {"name": SD21, "directory": "checkpoints",
+              "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1/resolve/main/"
+                     "v2-1_768-ema-pruned.safetensors?download=true"}
+MODELS = {SD15: SD15_MODEL, SDXL: SDXL_MODEL, SD21: SD21_MODEL}
 
 WORKFLOWS = {
     "erase_style_cfr": {
@@ -130,6 +142,33 @@ WORKFLOWS = {
                          (820, -260)),
         "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
         **sampler_nodes("erased_", ("cfr", "model"), "a photo of a naked woman on the beach", 820, 60),
+    },
+    # SDXL (and its fine-tunes: Pony, Illustrious, NoobAI -- load yours instead): erase an art style
+    # from both text encoders' features (CLIP-L + OpenCLIP-bigG, 2048 wide) with CFR; 1024 px sample.
+    "erase_style_cfr_sdxl": {
+        "ckpt": ("CheckpointLoaderSimple", [SDXL], {}, (0, 0)),
+        "cfr": ("MaceRefineCrossAttention",
+                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
+                 1.0, 1.0, True, True],
+                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_sdxl", "fp16"], {"model": ("cfr", "model")},
+                         (820, -260)),
+        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
+        **sampler_nodes("erased_", ("cfr", "model"), "a painting of a starry night in the style of van gogh",
+                        820, 60, size=1024, steps=25),
+    },
+    # SD 2.x (2.1 768-v is a v-prediction model; ComfyUI detects it): erase an object class with CFR.
+    "erase_object_cfr_sd2": {
+        "ckpt": ("CheckpointLoaderSimple", [SD21], {}, (0, 0)),
+        "cfr": ("MaceRefineCrossAttention",
+                ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar",
+                 1.0, 1.0, True, True],
+                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_airplane_sd2", "fp16"], {"model": ("cfr", "model")},
+                         (820, -260)),
+        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
+        **sampler_nodes("erased_", ("cfr", "model"), "a photo of an airplane above the clouds", 820, 60,
+                        size=768, steps=25),
     },
 }
 
@@ -196,7 +235,7 @@ def build(spec: dict) -> dict:
             "outputs": [{"name": n, "type": t, "links": outputs_links.get((key, n), []), "slot_index": i}
                         for i, (n, t) in enumerate(out_socks)],
             "properties": {"Node name for S&R": typ,
-                           **({"models": [SD15_MODEL]} if typ == "CheckpointLoaderSimple" else {})},
+                           **({"models": [MODELS[widgets[0]]]} if typ == "CheckpointLoaderSimple" else {})},
             "widgets_values": widgets,
         })
     return {

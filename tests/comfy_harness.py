@@ -289,6 +289,7 @@ def init_comfyui(base_dir: os.PathLike | str | None = None, *,
         prior = sys.modules.get(f"{env.pack_module_name}.nodes.prior_input")
         if h.pack_loaded and prior is not None:  # in-process tests: a 64-caption general prior (nodes: 1,000)
             prior.PRIOR_CAPTIONS = TEST_PRIOR_CAPTIONS
+        install_tiny_te_depth_hook()
     h.init_seconds = time.perf_counter() - t0
     _HARNESS = h
     return h
@@ -397,6 +398,17 @@ load_workflow = _ui.load_workflow
 # Tiny SD1.5-layout checkpoint
 # --------------------------------------------------------------------------------------------
 
+TINY_TE_KEY = "mace_tiny_te_config"
+"""Safetensors metadata key of the tiny checkpoints: JSON ``{encoder name: config overrides}``
+(``clip_l``, ``clip_h``, ``clip_g`` -> e.g. ``{"num_hidden_layers": 3}``), read by
+:func:`tiny_te_model_options`."""
+
+TINY_TE_FFN = 64
+"""MLP width of the tiny SD2/SDXL text encoders (real: 4x the width).  Their width (1024, 768 +
+1280) is the real one -- it is what cross-attention reads -- and the depth is 3, the least
+ComfyUI accepts for the penultimate layer these families read; a narrow MLP makes encoding,
+the bulk of CFR and fusion, 3x cheaper on CPU."""
+
 TINY_UNET_CONFIG = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
     channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
@@ -466,19 +478,195 @@ def make_tiny_sd15_checkpoint(path: os.PathLike | str, clip_layers: int = 1, see
         sd[k] = _init_tensor(k, shapes[k], gen, torch).to(torch.float16).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={"format": "pt", "mace_tiny_sd15_clip_layers": str(clip_layers)})
+    save_file(sd, str(path), metadata={"format": "pt", "mace_tiny_sd15_clip_layers": str(clip_layers),
+                                       "mace_tiny_family": "sd15",
+                                       TINY_TE_KEY: json.dumps({"clip_l": {"num_hidden_layers": int(clip_layers)}})})
     return path
 
 
-def load_tiny_checkpoint(path: os.PathLike | str, clip_layers: int = 1):
-    """``comfy.sd.load_checkpoint_guess_config`` with the CLIP depth the file was built with.
-    Returns ``(model_patcher, clip, vae)``."""
+# --------------------------------------------------------------------------------------------
+# Tiny SD2.x- and SDXL-layout checkpoints
+# --------------------------------------------------------------------------------------------
+
+TINY_SD2_UNET_CONFIG = dict(
+    # Six 320-channel levels of one res block each: the fewest res blocks for which
+    # output_blocks.11 exists, the block SD20.model_type reads to detect v-prediction.
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1] * 6,
+    channel_mult=[1] * 6, transformer_depth=[1, 0, 0, 0, 0, 0],
+    transformer_depth_output=[1] + [0] * 10 + [1],  # [0] <-> output_blocks.11, [11] <-> .0
+    transformer_depth_middle=1, context_dim=1024, num_heads=-1, num_head_channels=64,
+    use_spatial_transformer=True, use_linear_in_transformer=True, legacy=False,
+    adm_in_channels=None, use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+TINY_SDXL_UNET_CONFIG = dict(
+    # KOALA_700M's input depth [0, 2, 5] (the smallest SDXL-family key ComfyUI matches) with
+    # every level at 320 channels (channel_mult is detected but not matched).
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1, 1, 1],
+    channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
+    transformer_depth_output=[0, 0, 0, 1, 0, 1], transformer_depth_middle=1, context_dim=2048,
+    num_heads=-1, num_head_channels=64, use_spatial_transformer=True,
+    use_linear_in_transformer=True, legacy=False, adm_in_channels=2816, num_classes="sequential",
+    use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+V_PRED_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+"""SD20.model_type: v-prediction when this bias has std > 0.09 (as SD2.x 768-v checkpoints do)."""
+
+
+def _init_fp16(key: str, shape, gen, torch):
+    """:func:`_init_tensor`'s values, drawn directly in fp16 (3x faster for the big encoders)."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "weight" and len(shape) > 1:
+        return torch.empty(tuple(shape), dtype=torch.float16).normal_(0.0, 0.02, generator=gen)
+    return _init_tensor(key, shape, gen, torch).to(torch.float16)
+
+
+def _clip_shapes(family: str, te_config: Mapping[str, dict], torch) -> dict[str, tuple]:
+    """ComfyUI-internal text-encoder key -> shape (``clip_h.transformer...``), on ``meta``."""
+    options = {f"{name}_model_config": dict(cfg) for name, cfg in te_config.items()}
+    if family == "sd2":
+        from comfy.text_encoders.sd2_clip import SD2ClipModel as cls
+    else:
+        from comfy.sdxl_clip import SDXLClipModel as cls
+    with torch.device("meta"):
+        model = cls(device="meta", dtype=torch.float32, model_options=options)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_tiny_checkpoint(path: os.PathLike | str, family: str = "sd15", *, te_layers: int | None = None,
+                         seed: int = 0, v_prediction: bool | None = None) -> Path:
+    """Write a deterministic tiny checkpoint of ``family``'s layout (fp16 safetensors).
+
+    * ``"sd15"``: :func:`make_tiny_sd15_checkpoint` (``te_layers`` CLIP-L layers, default 1).
+    * ``"sd2"``: UNet :data:`TINY_SD2_UNET_CONFIG` (context 1024, linear proj_in, no adm: ComfyUI
+      detects ``SD20``), OpenCLIP-H text encoder (width 1024, ``te_layers`` layers, default 3: ComfyUI
+      asserts more layers than the penultimate index it reads; MLP width :data:`TINY_TE_FFN`) in
+      the SD2 checkpoint format (``cond_stage_model.model.*``), TAESD VAE.  With
+      ``v_prediction`` (default) the bias SD20 inspects gets std 0.12, so ComfyUI picks
+      ``ModelType.V_PREDICTION``; otherwise EPS.
+    * ``"sdxl"``: UNet :data:`TINY_SDXL_UNET_CONFIG` (context 2048, adm 2816, input transformer
+      depth [0, 2, 5]: ComfyUI detects ``KOALA_700M``, a ``supported_models.SDXL`` subclass
+      whose model is ``model_base.SDXL`` with SDXL's CLIP-L + CLIP-G target), CLIP-L and
+      OpenCLIP-bigG (``te_layers`` layers each, default 3) in the SDXL checkpoint format
+      (``conditioner.embedders.{0,1}``), TAESD-layout VAE.  ``v_prediction`` adds the ``v_pred``
+      key SDXL checkpoints use for that (default off: EPS).
+
+    The text-encoder keys are produced by the family's own ComfyUI config
+    (``process_clip_state_dict_for_saving``), so loading exercises ComfyUI's real conversion.
+    The encoders' config overrides (depth, :data:`TINY_TE_FFN`) are stored under :data:`TINY_TE_KEY`.  Needs :func:`init_comfyui`.
+    """
+    if family == "sd15":
+        return make_tiny_sd15_checkpoint(path, clip_layers=te_layers or 1, seed=seed)
+    if family not in ("sd2", "sdxl"):
+        raise ValueError(f"family: {family!r}; one of sd15, sd2, sdxl")
+    get_harness()
+    import torch
+    from safetensors.torch import save_file
+
+    import comfy.ops
+    import comfy.supported_models as sm
+    import comfy.taesd.taesd
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    n = int(te_layers or 3)
+    unet_cfg = TINY_SD2_UNET_CONFIG if family == "sd2" else TINY_SDXL_UNET_CONFIG
+    te = {"num_hidden_layers": n, "intermediate_size": TINY_TE_FFN}
+    layers = {"clip_h": te} if family == "sd2" else {"clip_l": te, "clip_g": te}
+    shapes: dict[str, tuple] = {}
+    with torch.device("meta"):
+        unet = UNetModel(dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init,
+                         **unet_cfg)
+        shapes.update({"model.diffusion_model." + k: tuple(v.shape) for k, v in unet.state_dict().items()})
+        taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+        shapes.update({"first_stage_model." + k: tuple(v.shape) for k, v in taesd.state_dict().items()})
+        del unet, taesd
+    clip_shapes = _clip_shapes(family, layers, torch)
+
+    gen = torch.Generator().manual_seed(int(seed))
+    sd = {k: _init_fp16(k, shapes[k], gen, torch) for k in sorted(shapes)}
+    clip_sd = {}
+    for k in sorted(clip_shapes):
+        if k.endswith("logit_scale"):
+            clip_sd[k] = torch.tensor(4.6055)
+        elif k.endswith("position_ids"):
+            clip_sd[k] = torch.arange(77).expand(1, -1).clone()
+        else:
+            clip_sd[k] = _init_fp16(k, clip_shapes[k], gen, torch)
+    config_cls = sm.SD20 if family == "sd2" else sm.KOALA_700M
+    sd.update(config_cls(dict(unet_cfg)).process_clip_state_dict_for_saving(clip_sd))
+    want_v = (family == "sd2") if v_prediction is None else bool(v_prediction)
+    if family == "sd2" and want_v:
+        b = torch.randn(sd[V_PRED_KEY].shape, generator=gen)
+        sd[V_PRED_KEY] = 0.12 * (b - b.mean()) / b.std(unbiased=False)
+    if family == "sdxl" and want_v:
+        sd["v_pred"] = torch.tensor([])
+    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"format": "pt", "mace_tiny_family": family,
+                                       TINY_TE_KEY: json.dumps(layers)})
+    return path
+
+
+def _tiny_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    if not str(path).endswith(".safetensors"):
+        return {}
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 -- not ours to judge: ComfyUI reports its own load errors
+        return {}
+
+
+def tiny_te_model_options(path: os.PathLike | str) -> dict:
+    """``te_model_options`` giving each text encoder the depth a tiny checkpoint was built with
+    (``{}`` for any other file)."""
+    meta = _tiny_metadata(path)
+    if TINY_TE_KEY not in meta:
+        return {}
+    return {f"{name}_model_config": dict(cfg) for name, cfg in json.loads(meta[TINY_TE_KEY]).items()}
+
+
+def install_tiny_te_depth_hook() -> None:
+    """Make ComfyUI's checkpoint loading (``CheckpointLoaderSimple`` through the executor) build
+    a tiny SD2/SDXL checkpoint's text encoders at the depth stored in the file.
+
+    The stock loader always builds full-depth encoders (OpenCLIP-bigG: 32 layers, 695 M
+    parameters) and leaves layers the file lacks uninitialised.  Shipping full-depth random
+    encoders would make each tiny SDXL file 1.6 GB and each CFR solve minutes of CPU, so the
+    harness passes the file's depth as ``te_model_options`` (a parameter of
+    ``comfy.sd.load_checkpoint_guess_config`` the stock node leaves at its default) -- only for
+    files that carry :data:`TINY_TE_KEY`; everything else about loading is ComfyUI's.
+    The SD1 ``tiny_ckpt`` carries all 12 CLIP-L layers and needs no hook."""
+    import comfy.sd
+
+    real = comfy.sd.load_checkpoint_guess_config
+    if getattr(real, "_mace_tiny_hook", False):
+        return
+
+    def load_checkpoint_guess_config(ckpt_path, *args, **kwargs):
+        if not kwargs.get("te_model_options") and TINY_TE_KEY in _tiny_metadata(ckpt_path):
+            kwargs["te_model_options"] = tiny_te_model_options(ckpt_path)
+        return real(ckpt_path, *args, **kwargs)
+
+    load_checkpoint_guess_config._mace_tiny_hook = True
+    comfy.sd.load_checkpoint_guess_config = load_checkpoint_guess_config
+
+
+def load_tiny_checkpoint(path: os.PathLike | str, clip_layers: int | None = None):
+    """``comfy.sd.load_checkpoint_guess_config`` with the text-encoder depth the file was built
+    with (``clip_layers`` overrides it for an SD1 file).  Returns ``(model_patcher, clip, vae)``."""
     get_harness()
     import comfy.sd
 
+    options = tiny_te_model_options(path)
+    if clip_layers is not None:
+        options = {"clip_l_model_config": {"num_hidden_layers": int(clip_layers)}}
     out = comfy.sd.load_checkpoint_guess_config(
-        str(path), output_vae=True, output_clip=True,
-        te_model_options={"clip_l_model_config": {"num_hidden_layers": int(clip_layers)}})
+        str(path), output_vae=True, output_clip=True, te_model_options=options)
     return out[0], out[1], out[2]
 
 
@@ -501,6 +689,29 @@ def stock_t2i_prompt(ckpt_name: str, *, positive="a photo of a cat", negative=""
         "7": ({"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}}
               if save else {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}),
     }
+
+
+def checkpoint_family(name: str) -> str:
+    """"sdxl", "sd2" or "sd15" from a checkpoint file name (the shipped workflows' names)."""
+    low = name.lower()
+    if "xl" in low:
+        return "sdxl"
+    if "v2-" in low or "sd2" in low or "2-1" in low or "2.1" in low:
+        return "sd2"
+    return "sd15"
+
+
+def renumber(api_prompt: Mapping, rename: Mapping[str, str]) -> dict:
+    """Copy of an API prompt with node ids renamed (``{old: new}``), links rewritten; other ids
+    become "n<old>" so they cannot collide with the new ones."""
+    new_id = lambda k: rename.get(k, f"n{k}")  # noqa: E731
+    out = {}
+    for k, node in api_prompt.items():
+        node = copy.deepcopy(dict(node))
+        node["inputs"] = {n: ([new_id(str(v[0])), v[1]] if isinstance(v, list) and len(v) == 2
+                              and str(v[0]) in api_prompt else v) for n, v in node["inputs"].items()}
+        out[new_id(str(k))] = node
+    return out
 
 
 def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64,

@@ -6,6 +6,12 @@
 * ``tiny_ckpt`` (session): path of a generated tiny SD1.5-layout checkpoint (12-layer CLIP,
   TAESD VAE, fp16, ~300 MB) in a tmp dir registered as a ``checkpoints`` folder, so
   ``CheckpointLoaderSimple`` can load it by ``tiny_ckpt.name``.
+* ``tiny_sd2_ckpt`` / ``tiny_sdxl_ckpt`` (session): tiny SD2.x-layout (v-prediction, OpenCLIP-H)
+  and SDXL-layout (CLIP-L + OpenCLIP-bigG, adm 2816) checkpoints with 3-layer text encoders,
+  registered the same way (``comfy_harness.make_tiny_checkpoint``; the harness makes the stock
+  loader build their encoders at that depth, see ``install_tiny_te_depth_hook``).
+  ``family_ckpt`` is one of the three (``tiny_ckpt`` for "sd15"), chosen with
+  ``@pytest.mark.parametrize("family_ckpt", [...], indirect=True)``.
 
 Any test that uses ``comfy`` (directly or through ``tiny_ckpt``) is marked ``integration``
 automatically.
@@ -22,7 +28,7 @@ import os
 
 import pytest
 
-from comfy_harness import (SKIP_MESSAGE, find_comfyui, init_comfyui,
+from comfy_harness import (SKIP_MESSAGE, find_comfyui, init_comfyui, make_tiny_checkpoint,
                            make_tiny_sd15_checkpoint, require_comfyui)
 
 TINY_CKPT_NAME = "mace_tiny_sd15.safetensors"
@@ -122,3 +128,30 @@ def tiny_ckpt(comfy, tmp_path_factory):
     path = make_tiny_sd15_checkpoint(d / TINY_CKPT_NAME, clip_layers=12, seed=0)
     comfy.add_model_dir("checkpoints", d)
     return path
+
+
+def _tiny_family_ckpt(comfy, tmp_path_factory, family: str):
+    d = tmp_path_factory.mktemp(f"tiny_{family}")
+    path = make_tiny_checkpoint(d / f"mace_tiny_{family}.safetensors", family, te_layers=3, seed=0)
+    comfy.add_model_dir("checkpoints", d)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_ckpt(comfy, tmp_path_factory):
+    """Tiny SD2.x-layout checkpoint (ComfyUI: SD20, v-prediction); ~350 MB, a few seconds."""
+    return _tiny_family_ckpt(comfy, tmp_path_factory, "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_ckpt(comfy, tmp_path_factory):
+    """Tiny SDXL-layout checkpoint (ComfyUI: KOALA_700M -> model_base.SDXL, EPS); ~520 MB."""
+    return _tiny_family_ckpt(comfy, tmp_path_factory, "sdxl")
+
+
+@pytest.fixture
+def family_ckpt(request):
+    """``request.param`` in ("sd15", "sd2", "sdxl") -> that family's tiny checkpoint path (SD1.5:
+    ``tiny_ckpt``, which the suite builds anyway)."""
+    name = {"sd15": "tiny_ckpt", "sd2": "tiny_sd2_ckpt", "sdxl": "tiny_sdxl_ckpt"}[request.param]
+    return request.getfixturevalue(name)

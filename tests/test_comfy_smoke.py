@@ -181,10 +181,15 @@ def test_shipped_workflows_are_consistent(comfy, path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", WORKFLOWS, ids=WORKFLOW_IDS)
-def test_shipped_workflows_execute(comfy, tiny_ckpt, path):
-    """Each shipped workflow runs headlessly on the tiny checkpoint (64 px, 2 steps).
+def test_shipped_workflows_execute(comfy, request, path):
+    """Each shipped workflow runs headlessly on the tiny checkpoint of its family (64 px, 2 steps):
+    SDXL workflows on ``tiny_sdxl_ckpt``, SD2.x ones on ``tiny_sd2_ckpt``, the rest on ``tiny_ckpt``.
     Slow (minutes on 2 CPU cores: MACE nodes encode many prompts with the 12-layer CLIP)."""
-    api = ch.retarget_for_test(ch.ui_workflow_to_api(path), tiny_ckpt.name)
+    api = ch.ui_workflow_to_api(path)
+    names = {v["inputs"].get("ckpt_name") for v in api.values() if v["class_type"] == "CheckpointLoaderSimple"}
+    family = ch.checkpoint_family(*names)
+    ckpt = request.getfixturevalue({"sdxl": "tiny_sdxl_ckpt", "sd2": "tiny_sd2_ckpt"}.get(family, "tiny_ckpt"))
+    api = ch.retarget_for_test(api, ckpt.name)
     history, _ = comfy.run_workflow(api)
     assert history["status"] == "success"
     for files in history["outputs"].values():
