@@ -101,6 +101,9 @@ class GatedErasure:
         P = torch.einsum("ndr,ner->de", U, U)
         return {k: -(w.double() @ P).to(w.dtype) for k, w in weights.items()}
 
+    def to(self, device) -> "GatedErasure":
+        return GatedErasure(*(getattr(self, k).to(device) for k in STATE_KEYS), temperature=self.temperature)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).detach().cpu().contiguous() for k in STATE_KEYS}
 
@@ -184,9 +187,15 @@ def fit_gated_erasure(
 
 def attn2_patch(erasure: GatedErasure):
     """A ComfyUI ``attn2_patch`` (``ModelPatcher.set_model_attn2_patch``): the gated null-out applied
-    to the context the keys read and to the one the values read (plain torch, no ComfyUI import)."""
+    to the context the keys read and to the one the values read (plain torch, no ComfyUI import).
+    The gate's tensors are copied to the context's device once, not on every call."""
+    on_device: dict = {}
+
     def patch(n, context, value, extra_options):
-        return n, erasure(context), erasure(value)
+        e = on_device.get(context.device)
+        if e is None:
+            e = on_device.setdefault(context.device, erasure.to(context.device))
+        return n, e(context), e(value)
     return patch
 
 
