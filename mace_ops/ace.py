@@ -27,8 +27,9 @@ cross-attention and uses the context and value it returns), put on a clone by th
 Gated Erasure (ACE)`` (``nodes/ace_node.py``) and by our Load node from a file
 ``save_gated_erasure`` writes; a stock LoRA loader reads only the file's ``.diff`` fallback deltas.
 ``linear_part`` is the ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a
-plain LoRA could carry; it applies the null-out to every prompt, which on toy world v2 erases every name from 10 concepts on,
-so the file's stock-loader part is a caller-chosen fallback instead (``save_gated_erasure``).
+plain LoRA could carry; it applies the null-out to every prompt, which on toy world v2 erases every
+name from 10 concepts on, so the file's stock-loader part is a caller-chosen fallback instead
+(``save_gated_erasure``).
 """
 from __future__ import annotations
 

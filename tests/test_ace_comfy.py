@@ -52,8 +52,8 @@ def ace_run(comfy, tiny_ckpt):
         # The default temperature (0.02, the toy world's) leaks on this random CLIP, whose token features all
         # sit within cosine 0.85-0.93 of the prototypes: every token gets gate ~0.08 (README, node section).
         "temperature": 0.002}}
-    api["11"] = {"class_type": "MaceSaveErasure", "inputs": {"model": ["10", 0], "filename_prefix": "loras/mace_test_ace",
-                                                             "dtype": "fp32"}}
+    api["11"] = {"class_type": "MaceSaveErasure",
+                 "inputs": {"model": ["10", 0], "filename_prefix": "loras/mace_test_ace", "dtype": "fp32"}}
     for i, (model, pos) in enumerate([(["1", 0], ["2", 0]), (["10", 0], ["2", 0]), (["1", 0], ["5", 0]),
                                       (["10", 0], ["5", 0])]):
         api[f"2{i}"] = sampler(model, pos)
