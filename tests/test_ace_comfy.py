@@ -131,6 +131,14 @@ def test_file_with_fallback_stock_loader_and_bad_input(ace_run, comfy):
     for k, d in cm.get_record(loaded).deltas.items():
         assert torch.allclose(d, deltas[k])
 
+    # the weight edit before the gate (a CFR node, then ACE): the file still names the original base
+    edited = cm.apply_erasure(base_model, deltas, base, {"method": "test"})
+    record = gate_mod.GateRecord(gate_mod.get_gate(gated).erasure,
+                                 gate_mod.base_fingerprint(edited, cm.effective_kv_weights(edited)), {})
+    saved2 = Path(io_nodes.MaceSaveErasure.execute(gate_mod.apply_gate(edited, record), "loras/mace_test_ace_before",
+                                                   "fp32").result[0])
+    io_nodes.MaceLoadErasure.execute(base_model, saved2.name, 1.0, False)  # base check passes
+
     with pytest.raises(ValueError, match="strength"):
         io_nodes.MaceLoadErasure.execute(base_model, path.name, 0.5, False)
     with pytest.raises(ValueError, match="already carries an ACE gate"):
