@@ -21,14 +21,15 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
    features join the prototypes and their pairs join the directions, and the edit is refit.
    The paper fine-tunes; here the refit is the same closed form (no gradient fine-tuning).
 
-Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it is meant to
-run as an ``attn2_patch`` (``attn2_patch``: ComfyUI calls it with (n, context, value, options) before
-every cross-attention and uses the context and value it returns), put on a clone by our Load node
-from a file ``save_gated_erasure`` writes (not wired into the nodes yet); a stock LoRA loader
-reads only the file's ``.diff`` fallback deltas. ``linear_part`` is the
-ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a plain LoRA could carry; it
-applies the null-out to every prompt, which on toy world v2 erases every name from 10 concepts on,
-so the file's stock-loader part is a caller-chosen fallback instead (``save_gated_erasure``).
+Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it runs as an
+``attn2_patch`` (``attn2_patch``: ComfyUI calls it with (n, context, value, options) before every
+cross-attention and uses the context and value it returns), put on a clone by the node ``MACE
+Gated Erasure (ACE)`` (``nodes/ace_node.py``) and by our Load node from a file
+``save_gated_erasure`` writes; a stock LoRA loader reads only the file's ``.diff`` fallback deltas.
+``linear_part`` is the ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a
+plain LoRA could carry; it applies the null-out to every prompt, which on toy world v2 erases every
+name from 10 concepts on, so the file's stock-loader part is a caller-chosen fallback instead
+(``save_gated_erasure``).
 """
 from __future__ import annotations
 
@@ -100,6 +101,9 @@ class GatedErasure:
         U = self.bases.double()
         P = torch.einsum("ndr,ner->de", U, U)
         return {k: -(w.double() @ P).to(w.dtype) for k, w in weights.items()}
+
+    def to(self, device) -> "GatedErasure":
+        return GatedErasure(*(getattr(self, k).to(device) for k in STATE_KEYS), temperature=self.temperature)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).detach().cpu().contiguous() for k in STATE_KEYS}
@@ -184,14 +188,20 @@ def fit_gated_erasure(
 
 def attn2_patch(erasure: GatedErasure):
     """A ComfyUI ``attn2_patch`` (``ModelPatcher.set_model_attn2_patch``): the gated null-out applied
-    to the context the keys read and to the one the values read (plain torch, no ComfyUI import)."""
+    to the context the keys read and to the one the values read (plain torch, no ComfyUI import).
+    The gate's tensors are copied to the context's device once, not on every call."""
+    on_device: dict = {}
+
     def patch(n, context, value, extra_options):
-        return n, erasure(context), erasure(value)
+        e = on_device.get(context.device)
+        if e is None:
+            e = on_device.setdefault(context.device, erasure.to(context.device))
+        return n, e(context), e(value)
     return patch
 
 
 def save_gated_erasure(path: str, erasure: GatedErasure, base_fingerprint: str, info: Mapping,
-                       fallback_deltas: KVWeights | None = None) -> dict[str, str]:
+                       fallback_deltas: KVWeights | None = None, dtype: torch.dtype = torch.float16) -> dict[str, str]:
     """One safetensors file: the gate (``mace_gate.*``, float32) and, as ``<module>.diff``, the K/V
     deltas a stock LoRA loader applies instead (``fallback_deltas``; e.g. the CFR erasure of the same
     concepts). The gate's own ungated ``linear_part`` is *not* a good fallback: on toy world v2 it
@@ -199,7 +209,7 @@ def save_gated_erasure(path: str, erasure: GatedErasure, base_fingerprint: str, 
     from .erasure_file import atomic_save, diff_key, mace_metadata  # local: erasure_file imports torch I/O
     from . import __version__
     tensors = {GATE_PREFIX + k: v.float() if v.is_floating_point() else v for k, v in erasure.state_dict().items()}
-    tensors.update({diff_key(k): v.detach().cpu().to(torch.float16) for k, v in (fallback_deltas or {}).items()})
+    tensors.update({diff_key(k): v.detach().cpu().to(dtype) for k, v in (fallback_deltas or {}).items()})
     metadata = mace_metadata({"mace.format": GATE_FORMAT, "mace.pack_version": __version__,
                               "mace.base_model": base_fingerprint, "mace.gate_temperature": str(erasure.temperature)},
                              info)
@@ -209,11 +219,21 @@ def save_gated_erasure(path: str, erasure: GatedErasure, base_fingerprint: str, 
 
 def load_gated_erasure(path: str) -> tuple[GatedErasure, dict[str, str]]:
     """(gate, metadata) of a file ``save_gated_erasure`` wrote; ValueError naming the file otherwise."""
-    from .erasure_file import read_mace_file
+    gate, _fallback, metadata = load_gated_file(path)
+    return gate, metadata
+
+
+def load_gated_file(path: str) -> tuple[GatedErasure, KVWeights, dict[str, str]]:
+    """(gate, fallback deltas keyed by weight name, metadata) of a ``save_gated_erasure`` file."""
+    import os
+    from .erasure_file import read_mace_file, weight_name
+    from .validation import require_finite
     metadata, tensors = read_mace_file(path, GATE_FORMAT, "gated erasure")
+    require_finite(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; save it again")
     state = {k[len(GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
+    fallback = {weight_name(k): v for k, v in tensors.items() if k.endswith(".diff")}
     try:
         temperature = float(metadata["mace.gate_temperature"])
-        return GatedErasure.from_state_dict(state, temperature), metadata
+        return GatedErasure.from_state_dict(state, temperature), fallback, metadata
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: not a complete gated erasure ({err})") from None

@@ -6,6 +6,7 @@ from .comfy_compat import ComfyExtension, check_core, io
 check_core()  # an incompatible ComfyUI: one clear ImportError here, not a traceback mid-run
 
 from .cfr_node import MaceRefineCrossAttention
+from .ace_node import MaceGatedErasure
 from .erasure_io_nodes import MaceLoadErasure, MaceSaveErasure
 from .fusion_node import MaceFuseLoras
 from .mass_erase_node import MaceMassErase
@@ -16,7 +17,7 @@ from .unet_pt_nodes import MaceLoadUNetPt, MaceSaveUNetPt
 
 NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras,
                                   MaceTrainingImages, MaceTrainConceptLora, MaceMassErase, MaceBeforeAfterGrid,
-                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt]
+                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt, MaceGatedErasure]
 
 
 class MaceExtension(ComfyExtension):

@@ -8,6 +8,7 @@ import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.erasure_file import check_base, load_erasure, save_erasure
+from .comfy_gate import get_gate, is_gate_file, load_gate, save_gate
 from .comfy_model import apply_erasure, effective_weights, get_record, kv_keys
 from .validation import check_inputs
 
@@ -35,11 +36,14 @@ class MaceSaveErasure(io.ComfyNode):
     def execute(cls, model, filename_prefix, dtype) -> io.NodeOutput:
         check_inputs(cls, locals())
         record = get_record(model)
-        if record is None:
+        if record is None and get_gate(model) is None:
             raise ValueError("model: carries no MACE erasure; connect the MODEL output of a MACE node")
         folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+        if get_gate(model) is not None:  # an ACE gate: gate + the record's deltas as the stock-loader part
+            save_gate(path, model, get_gate(model), dtype)
+            return io.NodeOutput(path, ui={"text": [path]})
         info = {"stages": list(record.stages)}
         save_erasure(path, record.deltas, record.base_fingerprint, info, dtype)
         return io.NodeOutput(path, ui={"text": [path]})
@@ -69,6 +73,8 @@ class MaceLoadErasure(io.ComfyNode):
         path = folder_paths.get_full_path("loras", erasure_name)
         if path is None:
             raise ValueError(f"erasure_name: {erasure_name!r} not found in the loras folders; refresh the list (R)")
+        if is_gate_file(path):  # an ACE gate file: gate (attn2 patch) + its fallback deltas
+            return io.NodeOutput(*load_gate(model, path, erasure_name, strength, allow_other_base))
         erasure = load_erasure(path)
         base = effective_weights(model, sorted(set(kv_keys(model)) | set(erasure.deltas)))  # K/V + e.g. SDXL's pooled layer
         check_base(erasure, base, erasure_name, allow_other_base)  # keys and shapes always, base unless allowed
