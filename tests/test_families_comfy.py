@@ -294,9 +294,8 @@ def test_training_nodes_on_sd2_v_prediction(comfy, tiny_sd2_ckpt):
         den.release()
 
 
-@pytest.mark.slow
 def test_training_nodes_on_sdxl(comfy, tiny_sdxl_ckpt):
-    """The same on the SDXL layout (slow: ~2 min on 2 CPU cores -- every CFR/fusion solve is
+    """The same on the SDXL layout (~50 s on 2 quiet CPU cores -- every CFR/fusion solve is
     2048 wide and the prompts go through CLIP-L and CLIP-G)."""
     _run_training(comfy, "sdxl", tiny_sdxl_ckpt)
 
