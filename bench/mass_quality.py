@@ -11,8 +11,10 @@ each edit. Fixed seeds; binomial SEs.
 Methods: none | cfr (MACE stage 1 alone) | cfr_prior (the same + the toy caption prior, weight 1,
 as the CFR node does by default) | uce (UCE-style closed form, bare phrases) |
 cfr_lora (MACE CFR + LoRA deltas added) | full_ref (CFR -> LoRA -> fusion, the paper's stage 2/3) |
-full (the pack's recommended settings, ``erase.RECOMMENDED``). cfr_lora and full_ref share one run
-(the same LoRAs); cfr_lora's time is CFR + LoRA, full_ref's adds fusion.
+full (the pack's recommended settings, ``erase.RECOMMENDED``) | ace (the ACE-style gated null-out,
+``mace_ops.ace`` with its default config: not a weight edit, a transform of every text context).
+cfr_lora and full_ref share one run (the same LoRAs); cfr_lora's time is CFR + LoRA, full_ref's
+adds fusion.
 
     python -m bench.mass_quality                                   # the README table (~30 min, 2 cores)
     python -m bench.mass_quality --counts 1 10 --style-counts 1 --methods none cfr uce
@@ -32,45 +34,51 @@ from bench.plot import save_panels
 from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
-METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full")
+METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace")
 COLUMNS = ["method", "kind", "concepts", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
            "n_s", "integrity", "fd", "seconds", "peak_mb"]
 
 
 def edits(world, task: erase.Task, methods, log):
-    """Yield (method, kv_weights or None, seconds, peak MB) for every requested method."""
+    """Yield (method, kv_weights or None, context transform or None, seconds, peak MB) per method."""
     if "none" in methods:
-        yield "none", None, 0.0, 0.0
+        yield "none", None, None, 0.0, 0.0
     for name, fn in (("cfr", erase.cfr_erase), ("cfr_prior", lambda w, t: erase.cfr_erase(w, t, prior_weight=1.0)),
                      ("uce", erase.uce_erase)):
         if name in methods:
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 w = fn(world, task).weights
-            yield name, w, time.perf_counter() - t0, mem.peak_mb
+            yield name, w, None, time.perf_counter() - t0, mem.peak_mb
     if "full_ref" in methods or "cfr_lora" in methods:
         with PeakRSS() as mem:
             run = erase.mace_erase(world, task, log=log, **erase.mace_setting("reference"))
         s = run.seconds
         if "cfr_lora" in methods:
-            yield "cfr_lora", run.summed, s.get("cfr", 0) + s.get("lora", 0), mem.peak_mb
+            yield "cfr_lora", run.summed, None, s.get("cfr", 0) + s.get("lora", 0), mem.peak_mb
         if "full_ref" in methods:
-            yield "full_ref", run.fused, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
+            yield "full_ref", run.fused, None, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
     if "full" in methods:
         with PeakRSS() as mem:
             run = erase.mace_erase(world, task, log=log, **erase.mace_setting("recommended"))
         s = run.seconds
-        yield "full", run.fused, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
+        yield "full", run.fused, None, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
+    if "ace" in methods:
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            gate = erase.ace_erase(world, task)
+        yield "ace", None, gate, time.perf_counter() - t0, mem.peak_mb
 
 
-def save_grid(world, path: str, task: erase.Task, retained, weights_by_method: dict) -> None:
+def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict) -> None:
     """Rows: 4 erased names, their nicknames, 4 retained names (one prompt each); columns: methods."""
     erased = list(task.erase[:4])
     rows = ([(f"erased: a photo of {n}", f"a photo of {n}") for n in erased]
             + [(f"nickname: a photo of {vocab.NICKNAMES[n][0]}", f"a photo of {vocab.NICKNAMES[n][0]}") for n in erased]
             + [(f"retained: a photo of {n}", f"a photo of {n}") for n in list(retained)[:4]])
     prompts = [p for _, p in rows]
-    cols = {m: diffusion.sample(world.model, prompts, seed=5, kv_weights=w) for m, w in weights_by_method.items()}
+    cols = {m: diffusion.sample(world.model, prompts, seed=5, kv_weights=w, context_transform=ct)
+            for m, (w, ct) in edits_by_method.items()}
     labels = [f"{label}  [{vocab.describe(label.split()[-1]).split(': ')[1]}]" for label, _ in rows]
     grid = labelled_grid(list(cols), labels, [[cols[m][r] for m in cols] for r in range(len(rows))],
                          title=f"toy world v2: {len(task.erase)} names erased, same seed per row", label_width=420)
@@ -112,13 +120,13 @@ def main(argv=None) -> None:
                 raise SystemExit(f"--{'counts' if kind == 'name' else 'style-counts'}: {count} outside 1..{most}")
             task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
             keep = {} if kind == "name" and count == args.grid_count and args.grid else None
-            for method, weights, seconds, peak in edits(world, task, args.methods, log=lambda s: None):
+            for method, weights, transform, seconds, peak in edits(world, task, args.methods, log=lambda s: None):
                 if keep is not None:
-                    keep[method] = weights
+                    keep[method] = (weights, transform)
                 m, ret = evaluate.mass_metrics(world, kind, task.erase, retained, kv_weights=weights,
                                                base_retained=base_retained, n_erased=args.n_erased,
-                                               n_retained=args.n_retained)
-                if weights is None:
+                                               n_retained=args.n_retained, context_transform=transform)
+                if weights is None and transform is None:
                     base_retained = ret
                 rows.append({"method": method, **m.row(), "seconds": round(seconds, 2), "peak_mb": round(peak, 1)})
                 print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
