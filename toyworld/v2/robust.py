@@ -15,7 +15,7 @@ the unconditional one included, as the ComfyUI patch does).
 * ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
   ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (anchor-start attacks with
-  seeds of their own).
+  seeds of their own; optionally also from the nearest preserve-list word, ``nearest_kept``).
 * ``paraphrase_asr``: every nickname (and the main word) in every name and name+style template
   (4 of the 20 styles) is searched on one seed; the best ``keep`` prompts per name are scored on fresh
   seeds (ASR), and the mean success over all candidates is reported too.
@@ -155,15 +155,37 @@ def paraphrase_asr(world, edit: Edit, name: str, keep: int = 8, repeats: int = 2
     return hits, search["mean"]
 
 
+@torch.no_grad()
+def nearest_kept(world, name: str, kept: Sequence[str], template: str = ASR_TEMPLATES[0]) -> str:
+    """The defender's look-alike start: the word of the preserve list ``kept`` whose text feature at
+    the name's position in ``template`` is nearest (cosine) to the erased name's. Unlike ``lookalike``
+    (the attacker's, from the world's attribute table) it needs only the text encoder and the
+    method's own inputs, as a defence on a real model would."""
+    if not kept:
+        raise ValueError("kept: the preserve list is empty; the look-alike start needs kept words")
+    enc = world.text_encoder.encode([template.replace("{}", w) for w in (name, *kept)])
+    pos = template.split().index("{}") + 1                      # + the start token
+    feats = torch.nn.functional.normalize(torch.stack([e.features[pos].float() for e in enc]), dim=-1)
+    return kept[int((feats[1:] @ feats[0]).argmax())]
+
+
 def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
-                       config: SoftPromptConfig, seed: int = 5000) -> tuple[Edit, dict]:
+                       config: SoftPromptConfig, seed: int = 5000, kept: Sequence[str] = (),
+                       lookalike_config: SoftPromptConfig | None = None) -> tuple[Edit, dict]:
     """Edit -> attack every erased name (from the anchor, with seeds of its own: never the evaluation's)
-    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times."""
+    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times.
+    With ``lookalike_config``, each name is attacked a second time per round from its nearest word of
+    the preserve list ``kept`` (``nearest_kept``) with that config."""
     found: dict[int, list] = {}
+    starts = {name: nearest_kept(world, name, kept) for name in names} if lookalike_config is not None else {}
     edit = fit(found)
     for r in range(rounds):
         for i, name in enumerate(names):
             sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i))
             found.setdefault(i, []).append(sp.embeddings)
+            if lookalike_config is not None:
+                sp = soft_attack(world, edit, name, replace(lookalike_config, seed=seed + 50 + 100 * r + i),
+                                 init_word=starts[name])
+                found[i].append(sp.embeddings)
         edit = fit(found)
     return edit, found
