@@ -11,6 +11,9 @@
   The loss assumes an eps-predicting denoiser (SD1.x, SDXL, the toy worlds). Adam on v only,
   ``steps`` steps (cosine-decayed step size), everything random from ``seed``; v starts at the anchor word's embedding.
   The text encoder must implement ``EmbeddingTextEncoder``.
+* Adversarial augmentation, the defence's loop (``adversarial_rounds``): fit the edit, attack every
+  erased concept against it, refit with everything found so far, ``rounds`` times (ACE's refit,
+  ``ace.fit_gated_erasure(adversarial=...)``; the toy world and the ACE node both run it).
 * Paraphrase attack: every other word for the concept (nicknames, synonyms) in every template the
   caller lists; ``paraphrase_attack`` keeps the prompts that succeed most on a search seed
   (the attacker's choice), which the caller then scores on fresh seeds.
@@ -127,6 +130,21 @@ def soft_prompt_attack(
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
     return SoftPrompt(v.detach().clone(), losses, time.perf_counter() - start)
+
+
+def adversarial_rounds(fit: Callable[[dict], object], attack: Callable[[object, int, int], SoftPrompt],
+                       n_concepts: int, rounds: int) -> tuple[object, dict[int, list[torch.Tensor]]]:
+    """``edit = fit({})``; then ``rounds`` times: ``attack(edit, i, r)`` for every concept i (round r),
+    ``edit = fit(found)`` with every soft prompt found so far (concept index -> embeddings, in order).
+    Returns (the last edit, found)."""
+    check_number(rounds, "adversarial rounds", 0, 1000, integer=True)
+    found: dict[int, list[torch.Tensor]] = {}
+    edit = fit(found)
+    for r in range(rounds):
+        for i in range(n_concepts):
+            found.setdefault(i, []).append(attack(edit, i, r).embeddings)
+        edit = fit(found)
+    return edit, found
 
 
 def paraphrase_candidates(words: Sequence[str], templates: Sequence[str]) -> list[str]:

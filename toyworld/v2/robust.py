@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from mace_ops.attacks import SoftPrompt, SoftPromptConfig, paraphrase_attack, paraphrase_candidates, soft_prompt_attack
+from mace_ops.attacks import adversarial_rounds as defence_rounds
 
 from ..v1 import diffusion
 from . import scorer, vocab
@@ -158,12 +159,8 @@ def paraphrase_asr(world, edit: Edit, name: str, keep: int = 8, repeats: int = 2
 def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
                        config: SoftPromptConfig, seed: int = 5000) -> tuple[Edit, dict]:
     """Edit -> attack every erased name (from the anchor, with seeds of its own: never the evaluation's)
-    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times."""
-    found: dict[int, list] = {}
-    edit = fit(found)
-    for r in range(rounds):
-        for i, name in enumerate(names):
-            sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i))
-            found.setdefault(i, []).append(sp.embeddings)
-        edit = fit(found)
-    return edit, found
+    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times
+    (``mace_ops.attacks.adversarial_rounds``)."""
+    def attack(edit, i, r):
+        return soft_attack(world, edit, names[i], replace(config, seed=seed + 100 * r + i))
+    return defence_rounds(fit, attack, len(names), rounds)
