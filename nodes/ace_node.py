@@ -33,13 +33,14 @@ from ..mace_ops.attacks import SoftPromptConfig, soft_prompt_attack
 from ..mace_ops.attacks import adversarial_rounds as refit_rounds
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.encoding_cache import CachedTextEncoder
-from ..mace_ops.templates import DEFAULT_ANCHORS, TEMPLATES, templates_for
+from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
 from . import prior_input
 from .cfr_node import preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_gate import GateRecord, apply_gate, base_fingerprint, check_gate_fits, get_gate
 from .comfy_model import effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
+from .concept_inputs import concept_inputs
 from .progress import NodeProgress
 from .training_images_node import DEFAULT_CFG, DEFAULT_SCHEDULER, concept_prompts, default_sampler, sample_latents
 from .validation import check_inputs
@@ -96,6 +97,8 @@ class _Counted:
 class MaceGatedErasure(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line; they also calibrate the gate.",
+                           builtin_tooltip="Also calibrate the gate on a built-in set of 20 everyday prompts.")
         return io.Schema(
             node_id="MaceGatedErasure",
             display_name="MACE Gated Erasure (ACE)",
@@ -106,17 +109,7 @@ class MaceGatedErasure(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
-                io.String.Input("concepts", multiline=True, default="van gogh, vincent van gogh",
-                                tooltip="One concept per line; synonyms on one line separated by commas; "
-                                "optional per-line anchor after '->' (e.g. 'ship -> ground')."),
-                io.Combo.Input("concept_type", options=sorted(TEMPLATES), default="style",
-                               tooltip="Chooses the prompt templates the erasure is built from."),
-                io.String.Input("anchor", default="", tooltip="What the concept becomes (e.g. 'art', 'a person'); "
-                                "empty = neutral."),
-                io.String.Input("preserve", multiline=True, default="",
-                                tooltip="Concepts to keep unchanged, one per line; they also calibrate the gate."),
-                io.Boolean.Input("builtin_preserve", default=True,
-                                 tooltip="Also calibrate the gate on a built-in set of 20 everyday prompts."),
+                c["concepts"], c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
                 io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=4096,
                              tooltip="Directions nulled out per concept (top singular vectors)."),
                 io.Float.Input("quantile", default=DEFAULTS.quantile, min=0.5, max=1.0, step=0.0005,

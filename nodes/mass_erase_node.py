@@ -28,6 +28,7 @@ from .cfr_node import preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
+from .concept_inputs import concept_inputs
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
 from .paths import text_roots
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
@@ -40,6 +41,10 @@ from .validation import check_inputs
 class MaceMassErase(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        c = concept_inputs(concepts_default="",
+                           concepts_tooltip="One concept per line, synonyms comma separated (or use concept_file).",
+                           type_options=CONCEPT_TYPES, type_default="person", type_tooltip=None,
+                           anchor_default="a person", anchor_tooltip=None)
         return io.Schema(
             node_id="MaceMassErase",
             display_name="MACE Mass Erase",
@@ -52,15 +57,11 @@ class MaceMassErase(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
                 io.Vae.Input("vae"),
-                io.String.Input("concepts", multiline=True, default="",
-                                tooltip="One concept per line, synonyms comma separated (or use concept_file)."),
+                c["concepts"],
                 io.String.Input("concept_file", default="",
                                 tooltip="Optional .txt/.csv file in ComfyUI's input (or output) folder, same format; overrides 'concepts'. "
                                 "Names are relative to that folder; absolute paths and '..' are refused."),
-                io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="person"),
-                io.String.Input("anchor", default="a person"),
-                io.String.Input("preserve", multiline=True, default=""),
-                io.Boolean.Input("builtin_preserve", default=True),
+                c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
                 io.String.Input("run_name", default="mass_erase"),
                 io.Float.Input("cfr_lambda", default=1.0, min=0.0, max=1e6, step=0.1),
                 io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
