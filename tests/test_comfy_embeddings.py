@@ -6,7 +6,8 @@ Tiny random-weight checkpoints, loaded under ``torch.inference_mode()`` as the e
 
 * a template encoded with the phrase's own token embeddings in its slot gives the features
   ``encode`` gives for the filled prompt (same ids elsewhere, ``SOFT_TOKEN_ID`` in the slot), on
-  SD1 (CLIP-L) and SDXL (CLIP-L + bigG concatenated), at the default layer and with a clip skip;
+  SD1 (CLIP-L), SD2 (OpenCLIP-H) and SDXL (CLIP-L + bigG concatenated), at the default layer and
+  with a clip skip;
 * the gradient of the features w.r.t. the embeddings is finite and non-zero, the CLIP's weights get
   none, and the shared modules are left as they were;
 * ``mace_ops.attacks.soft_prompt_attack`` runs end to end through ``ComfyDenoiser`` (eps output):
@@ -39,6 +40,12 @@ def sd15(comfy, tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
+def sd2(comfy, tiny_sd2_ckpt):
+    comfy.require_pack()
+    return _load(tiny_sd2_ckpt)
+
+
+@pytest.fixture(scope="module")
 def sdxl(comfy, tiny_sdxl_ckpt):
     comfy.require_pack()
     return _load(tiny_sdxl_ckpt)
@@ -51,7 +58,7 @@ def _encoder(comfy, clip, skip):
     return comfy.pack_module.nodes.comfy_text_encoder.ComfyTextEncoder(clip)
 
 
-@pytest.mark.parametrize("family,skip,width", [("sd15", None, 768), ("sd15", -2, 768),
+@pytest.mark.parametrize("family,skip,width", [("sd15", None, 768), ("sd15", -2, 768), ("sd2", -2, 1024),
                                                ("sdxl", None, 2048), ("sdxl", -1, 2048)])
 def test_own_embeddings_give_the_prompt_features(comfy, request, family, skip, width):
     pack = comfy.pack_module
@@ -63,7 +70,7 @@ def test_own_embeddings_give_the_prompt_features(comfy, request, family, skip, w
     assert words.shape == (len(enc.tokenize(WORD)), width) and not words.requires_grad
     with torch.inference_mode():
         ref = enc.encode([fill(t, WORD) for t in TEMPLATES])
-        other_layer = _encoder(comfy, clip, -3 if skip is None else None).encode([fill(TEMPLATES[0], WORD)])
+        other_layer = _encoder(comfy, clip, -3 if skip in (None, -2) else -2).encode([fill(TEMPLATES[0], WORD)])
     got = enc.encode_embeddings(TEMPLATES, words)
     for r, g in zip(ref, got):
         assert g.features.shape == r.features.shape == (77, width)
