@@ -158,7 +158,7 @@ class MaceGatedErasure(io.ComfyNode):
         base = effective_kv_weights(model)
         raw = ComfyTextEncoder(clip)
         if rounds:
-            raw._parts()  # a CLIP without continuous embeddings is refused before any work
+            raw.require_embeddings()  # a CLIP without continuous embeddings is refused before any work
         anchors = {c.anchor for c in parsed if c.anchor is not None and c.anchor != default_anchor}
         fit_prompts = len(templates) * (1 + len(anchors) + sum(len(c.phrases) for c in parsed)) + len(keep)
         n = len(parsed)

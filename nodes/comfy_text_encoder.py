@@ -125,6 +125,10 @@ class ComfyTextEncoder:
                              "the adversarial refit need them); supported: SD1.x, SD2.x, SDXL")
         return parts
 
+    def require_embeddings(self) -> None:
+        """ValueError naming the supported families unless this CLIP can take continuous embeddings."""
+        self._parts()
+
     @staticmethod
     def _width(sub) -> int:
         return int(sub.transformer.get_input_embeddings().weight.shape[1])
