@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mace_ops.ace import ACEConfig, GatedErasure
-from mace_ops.attacks import SoftPromptConfig, paraphrase_attack, paraphrase_candidates, soft_prompt_attack
+from mace_ops.attacks import (SoftPrompt, SoftPromptConfig, adversarial_rounds, paraphrase_attack, paraphrase_candidates,
+                              soft_prompt_attack)
 from mace_ops.interfaces import SOFT_TOKEN_ID
 
 
@@ -161,3 +162,23 @@ def test_gated_erasure_file_round_trip(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
     with pytest.raises(ValueError, match="bad.safetensors"):
         load_gated_erasure(str(tmp_path / "bad.safetensors"))
+
+
+def test_adversarial_rounds_attack_every_concept_against_the_current_edit():
+    fits, attacks = [], []
+
+    def fit(found):
+        fits.append({i: len(v) for i, v in found.items()})
+        return len(fits)  # the edit: its fit number
+
+    def attack(edit, i, r):
+        attacks.append((edit, i, r))
+        return SoftPrompt(torch.full((2, 3), float(10 * r + i)))
+
+    edit, found = adversarial_rounds(fit, attack, 2, 2)
+    assert edit == 3 and fits == [{}, {0: 1, 1: 1}, {0: 2, 1: 2}]
+    assert attacks == [(1, 0, 0), (1, 1, 0), (2, 0, 1), (2, 1, 1)]
+    assert [float(v[0, 0]) for v in found[1]] == [1.0, 11.0]
+    assert adversarial_rounds(fit, attack, 2, 0)[0] == 4
+    with pytest.raises(ValueError, match="rounds"):
+        adversarial_rounds(fit, attack, 2, -1)

@@ -28,6 +28,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from mace_ops.attacks import SoftPrompt, SoftPromptConfig, paraphrase_attack, paraphrase_candidates, soft_prompt_attack
+from mace_ops.attacks import adversarial_rounds as defence_rounds
 
 from ..v1 import diffusion
 from . import scorer, vocab
@@ -173,19 +174,15 @@ def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit],
                        config: SoftPromptConfig, seed: int = 5000, kept: Sequence[str] = (),
                        lookalike_config: SoftPromptConfig | None = None) -> tuple[Edit, dict]:
     """Edit -> attack every erased name (from the anchor, with seeds of its own: never the evaluation's)
-    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times.
-    With ``lookalike_config``, each name is attacked a second time per round from its nearest word of
-    the preserve list ``kept`` (``nearest_kept``) with that config."""
-    found: dict[int, list] = {}
+    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times
+    (``mace_ops.attacks.adversarial_rounds``). With ``lookalike_config``, each name is attacked a
+    second time per round from its nearest word of the preserve list ``kept`` (``nearest_kept``)."""
     starts = {name: nearest_kept(world, name, kept) for name in names} if lookalike_config is not None else {}
-    edit = fit(found)
-    for r in range(rounds):
-        for i, name in enumerate(names):
-            sp = soft_attack(world, edit, name, replace(config, seed=seed + 100 * r + i))
-            found.setdefault(i, []).append(sp.embeddings)
-            if lookalike_config is not None:
-                sp = soft_attack(world, edit, name, replace(lookalike_config, seed=seed + 50 + 100 * r + i),
-                                 init_word=starts[name])
-                found[i].append(sp.embeddings)
-        edit = fit(found)
-    return edit, found
+
+    def attack(edit, i, r):
+        found = [soft_attack(world, edit, names[i], replace(config, seed=seed + 100 * r + i))]
+        if lookalike_config is not None:
+            found.append(soft_attack(world, edit, names[i], replace(lookalike_config, seed=seed + 50 + 100 * r + i),
+                                     init_word=starts[names[i]]))
+        return found
+    return defence_rounds(fit, attack, len(names), rounds)
