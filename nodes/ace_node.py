@@ -2,8 +2,9 @@
 
 The gate is fitted with the connected CLIP (the pack's ComfyUI text-encoder adapter) and
 calibrated on the preserve prompts plus the pack's general captions (``prior_input.PRIOR_CAPTIONS``,
-1,000): its threshold is the ``quantile`` of the similarity of those prompts' token features to the
-concept's, so a prompt without the concept leaves the gate closed and the model's output as it was.
+1,000): its threshold is the ``quantile``, over those prompts, of each prompt's largest similarity
+(over its tokens) to the concept's features (prompts that name the concept are left out), so a
+prompt without the concept leaves the gate closed and the model's output as it was.
 No weight changes: the clone carries the gate as an attn2 patch (``comfy_gate``). For a stock-LoRA
 fallback in the saved file, chain the CFR node too (its deltas become the file's ``.diff`` part).
 
@@ -113,8 +114,8 @@ class MaceGatedErasure(io.ComfyNode):
                 io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=4096,
                              tooltip="Directions nulled out per concept (top singular vectors)."),
                 io.Float.Input("quantile", default=DEFAULTS.quantile, min=0.5, max=1.0, step=0.0005,
-                               tooltip="Gate threshold: this quantile of the similarity of ordinary prompts' "
-                               "tokens to the concept (higher = opens less often on other prompts)."),
+                               tooltip="Gate threshold: this quantile, over ordinary prompts, of each prompt's "
+                               "largest similarity to the concept (higher = opens less often on other prompts)."),
                 io.Float.Input("margin", default=DEFAULTS.margin, min=-2.0, max=2.0, step=0.01, optional=True,
                                tooltip="Added to the threshold (cosine units); > 0 opens the gate less often."),
                 io.Float.Input("temperature", default=DEFAULTS.temperature, min=1e-6, max=10.0, step=0.005,
