@@ -27,14 +27,13 @@ evaluation's).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import replace
 
 import torch
 
-from bench.common import environment, markdown_table, print_table, write_json
+from bench.common import environment, markdown_table, print_table, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json
 from mace_ops.ace import ACEConfig
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
@@ -74,7 +73,7 @@ def cluster_se(values: list[float]) -> float:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = toy_v2_parser(__doc__)
     ap.add_argument("--counts", type=int, nargs="*", default=[1, 10])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--runs", type=int, default=3, help="soft-prompt attacks per cell")
@@ -83,12 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--defence-steps", type=int, default=40, help="Adam steps of the defence's attacks")
     ap.add_argument("--para-names", type=int, default=1, help="names per cell under the paraphrase attack")
     ap.add_argument("--n-clean", type=int, default=100, help="prompts per clean set (erased, nicknames, retained)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/attack.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    world = evaluate.load_world()
-    preserve, retained, _ = erase.preserve_and_retained("name")
+    args = toy_v2_args(ap, argv, out="bench/results/attack.json")
+    toy = toy_v2_setup(args)
+    world, preserve, retained = toy.world, toy.preserve, toy.retained
     attack_cfg = replace(robust.ATTACK_CONFIG, steps=args.steps)
     defence_cfg = replace(robust.ATTACK_CONFIG, steps=args.defence_steps)
     t_start, rows = time.time(), []
