@@ -33,7 +33,7 @@ from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
 METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace")
-COLUMNS = ["method", "kind", "concepts", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
+COLUMNS = ["method", "kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
            "n_s", "integrity", "fd", "seconds", "peak_mb"]
 
 

@@ -3,6 +3,7 @@ the shipped model's prompt following, and a 10-name CFR erasure measured end to 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,14 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_a_shift():
 def test_harmonic_mean_and_binomial_se():
     assert evaluate.harmonic(1.0, 1.0, 1.0) == 1.0 and evaluate.harmonic(0.5, 1.0, 0.0) == 0.0
     assert evaluate.binomial_se(0.5, 100) == pytest.approx(0.05)
+    # the delta-method SE of H matches the spread of H over resampled components
+    xs, ses = (0.9, 0.6, 0.75), (0.02, 0.035, 0.03)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.tensor(xs) + torch.tensor(ses) * torch.randn(20000, 3, generator=gen)
+    spread = float((3 / (1 / draws).sum(1)).std())
+    assert evaluate.harmonic_se(xs, ses) == pytest.approx(spread, rel=0.05)
+    assert evaluate.harmonic_se(xs, (0, 0, 0)) == 0.0
+    assert math.isnan(evaluate.harmonic_se((0.0, 0.5, 0.5), ses))
 
 
 def test_training_resumes_exactly(tmp_path: Path):

@@ -139,6 +139,16 @@ def harmonic(*xs: float) -> float:
     return len(xs) / sum(1 / x for x in xs)
 
 
+def harmonic_se(xs: Sequence[float], ses: Sequence[float]) -> float:
+    """Delta-method SE of ``harmonic(*xs)`` from independent SEs of its terms:
+    dH/dx_i = n / (S x_i)^2 with S = sum 1/x_j, so se_H^2 = sum (n se_i / (S x_i)^2)^2.
+    A term at 0 makes H 0 with a one-sided error; the SE is then reported as nan."""
+    if any(x <= 0 for x in xs):
+        return float("nan")
+    S = sum(1 / x for x in xs)
+    return math.sqrt(sum((len(xs) * se / (S * x) ** 2) ** 2 for x, se in zip(xs, ses)))
+
+
 # ----------------------------------------------------------------------------- the celebrity protocol
 @dataclass
 class MassMetrics:
@@ -156,9 +166,13 @@ class MassMetrics:
     H: float
     integrity: float   # fraction of retained-set images that show an object at all
     fd: float          # Fréchet distance of retained-set probe features, base vs this model
+    se_H: float = float("nan")   # delta-method SE of H from se_e, se_g, se_s (``harmonic_se``)
 
     def row(self) -> dict:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        if out["se_H"] != out["se_H"]:
+            out["se_H"] = None        # H = 0 (a term at 0): no symmetric SE; None keeps the JSON strict
+        return out
 
 
 def prompt_sets(kind: str, erased: Sequence[str], retained: Sequence[str], n_erased: int = 200,
@@ -191,6 +205,7 @@ def mass_metrics(world: ToyWorld, kind: str, erased: Sequence[str], retained: Se
     m = MassMetrics(kind, len(erased), acc(e), acc(g), acc(s), binomial_se(acc(e), e.n), binomial_se(acc(g), g.n),
                     binomial_se(acc(s), s.n), e.n, g.n, s.n, harmonic(1 - acc(e), 1 - acc(g), acc(s)),
                     s.integrity, fd)
+    m.se_H = harmonic_se((1 - m.acc_e, 1 - m.acc_g, m.acc_s), (m.se_e, m.se_g, m.se_s))
     return m, s
 
 
