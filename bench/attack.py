@@ -113,7 +113,8 @@ def main(argv=None) -> None:
             clean, _ = evaluate.mass_metrics(world, kind, task.erase, retained, kv_weights=edit.kv_weights,
                                              context_transform=edit.context_transform, n_erased=args.n_clean,
                                              n_retained=args.n_clean)
-            base = {"method": method, "kind": kind, "concepts": count, "H": round(clean.H, 4), "acc_e": round(clean.acc_e, 4),
+            base = {"method": method, "kind": kind, "concepts": count, "H": round(clean.H, 4),
+                    "se_H": clean.row()["se_H"], "acc_e": round(clean.acc_e, 4),
                     "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
                     "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
                     "seconds": round(seconds, 1)}
