@@ -34,6 +34,7 @@ evaluation's).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import replace
@@ -80,6 +81,53 @@ def cluster_se(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
+LABELS = {"none": "no edit", "cfr_prior": "CFR + prior (CFR node defaults)", "full": "full MACE (pack defaults)",
+          "uce": "UCE-style", "ace": "ACE-style (gated)", "cfr_prior_adv": "CFR + prior + adversarial pairs",
+          "ace_adv": "ACE-style + adversarial refit"}
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's table: one line per (concepts, method), the attacks side by side, clean H beside."""
+    def cell(r):
+        if r is None:
+            return "—"
+        if r["attack"] == "paraphrase":
+            return f"{r['asr']:.2f} (n {r['n']})"
+        se = "—" if r["se"] != r["se"] else f"{r['se']:.2f}"
+        return f"{r['asr']:.2f} ± {se} ({r['n_attacks']})"
+    lines = ["| erased | method | soft ASR (from anchor) | soft ASR (from look-alike) | paraphrase ASR | clean H ± SE "
+             "| Acc_e | Acc_g | Acc_s ± SE | edit s |", "|" + "---|" * 10]
+    keys = list(dict.fromkeys((r["concepts"], r["method"]) for r in rows))
+    for count, method in keys:
+        by = {r["attack"]: r for r in rows if (r["concepts"], r["method"]) == (count, method)}
+        r = next(iter(by.values()))
+        se_h = "—" if r.get("se_H") is None else f"{r['se_H']:.3f}"
+        lines.append(f"| {count} | {LABELS.get(method, method)} | {cell(by.get('soft'))} | "
+                     f"{cell(by.get('soft_lookalike'))} | {cell(by.get('paraphrase'))} | {r['H']:.3f} ± {se_h} | "
+                     f"{r['acc_e']:.2f} | {r['acc_g']:.2f} | {r['acc_s']:.2f} ± {r['se_s']:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def combine(paths: list[str], out: str) -> None:
+    """Merge the rows of earlier runs (the same --kind, methods run apart) into ``out``, methods in
+    METHODS order; each part's settings and minutes are kept."""
+    parts = [json.load(open(p)) for p in paths]
+    kinds = {p["settings"]["kind"] for p in parts}
+    if len(kinds) != 1:
+        raise SystemExit(f"--combine: the parts attack different kinds {sorted(kinds)}; combine one kind at a time")
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["concepts"], order.get(r["method"], 99)))
+    write_json(out, {"bench": "attack", "env": parts[0]["env"], "world": parts[0]["world"],
+                     "minutes": round(sum(p["minutes"] for p in parts), 1), "settings": parts[0]["settings"],
+                     "parts": [{"file": path, "methods": list(dict.fromkeys(r["method"] for r in p["rows"])),
+                                "minutes": p["minutes"], "env": p["env"], "settings": p["settings"]}
+                               for path, p in zip(paths, parts)],
+                     "rows": rows})
+    print(markdown_table(rows, COLUMNS))
+    print()
+    print(readme_table(rows))
+
+
 def main(argv=None) -> None:
     ap = toy_v2_parser(__doc__)
     ap.add_argument("--kind", choices=("name", "style"), default="name", help="what is erased and attacked")
@@ -92,10 +140,14 @@ def main(argv=None) -> None:
     ap.add_argument("--defence-steps", type=int, default=40, help="Adam steps of the defence's attacks")
     ap.add_argument("--para-names", type=int, default=1, help="concepts per cell under the paraphrase attack")
     ap.add_argument("--n-clean", type=int, default=100, help="prompts per clean set (erased, nicknames, retained)")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="only merge the rows of earlier runs of one --kind (e.g. methods run apart) into --out")
     args = toy_v2_args(ap, argv, out=None)
     kind = args.kind
     counts = args.counts if args.counts is not None else ([1, 10] if kind == "name" else [1, 5])
     out = args.out or ("bench/results/attack.json" if kind == "name" else "bench/results/attack_styles.json")
+    if args.combine:
+        return combine(args.combine, out)
     toy = toy_v2_setup(args, kind)
     world, preserve, retained = toy.world, toy.preserve, toy.retained
     tgt = robust.TARGETS[kind]
@@ -154,6 +206,8 @@ def main(argv=None) -> None:
                                   "paraphrase_styles": list(robust.PARAPHRASE_STYLES) if kind == "name" else []},
                      "rows": rows})
     print(markdown_table(rows, COLUMNS))
+    print()
+    print(readme_table(rows))
 
 
 if __name__ == "__main__":
