@@ -27,7 +27,9 @@ Methods: none | cfr_prior (CFR + toy caption prior: the CFR node's defaults) | f
 pack's defaults) | uce (UCE-style) | ace (ACE-style gated null-out, ``mace_ops.ace``) |
 cfr_prior_adv / ace_adv (the same + ``--rounds`` rounds of adversarial augmentation: the attack's
 embeddings join the erase set; the defence's attacks use other init words and seeds than the
-evaluation's).
+evaluation's) | ace_adv_both (ace_adv whose rounds also attack each name from its nearest word of
+the preserve list by text-feature cosine, ``robust.nearest_kept``: the defender's own look-alike,
+found without the world's attribute table; the evaluation's look-alike is another, unseen name).
 
     nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack       # docs/results/attack.json (~20 min)
     nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack --kind style --out docs/results/attack_styles.json
@@ -47,7 +49,7 @@ from mace_ops.ace import ACEConfig
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
 
-METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv")
+METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both")
 COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
 
 
@@ -60,7 +62,7 @@ def build(world, method: str, task: erase.Task, rounds: int, defence: robust.Sof
         return robust.Edit(erase.uce_erase(world, task).weights)
     if method == "full":
         return robust.Edit(erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused)
-    if method in ("ace", "ace_adv"):
+    if method in ("ace", "ace_adv", "ace_adv_both"):
         fit = lambda found: robust.Edit(None, erase.ace_erase(world, task, config=ACEConfig(), adversarial=found))  # noqa: E731
     elif method == "cfr_prior_adv":
         def fit(found):
@@ -69,9 +71,11 @@ def build(world, method: str, task: erase.Task, rounds: int, defence: robust.Sof
             return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0, extra_pairs=extra).weights)
     else:
         raise ValueError(f"method: unknown {method!r}")
-    if not method.endswith("_adv"):
+    if not method.endswith(("_adv", "_adv_both")):
         return fit({})
-    return robust.adversarial_rounds(world, task.erase, fit, rounds, defence)[0]
+    both = method.endswith("_both")
+    return robust.adversarial_rounds(world, task.erase, fit, rounds, defence, kept=task.preserve,
+                                     lookalike_config=robust.TARGETS[task.kind].lookalike_attack if both else None)[0]
 
 
 def cluster_se(values: list[float]) -> float:
@@ -83,7 +87,7 @@ def cluster_se(values: list[float]) -> float:
 
 LABELS = {"none": "no edit", "cfr_prior": "CFR + prior (CFR node defaults)", "full": "full MACE (pack defaults)",
           "uce": "UCE-style", "ace": "ACE-style (gated)", "cfr_prior_adv": "CFR + prior + adversarial pairs",
-          "ace_adv": "ACE-style + adversarial refit"}
+          "ace_adv": "ACE-style + adversarial refit", "ace_adv_both": "ACE-style + refit from both starts"}
 
 
 def readme_table(rows: list[dict]) -> str:

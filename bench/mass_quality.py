@@ -12,7 +12,9 @@ Methods: none | cfr (MACE stage 1 alone) | cfr_prior (the same + the toy caption
 as the CFR node does by default) | uce (UCE-style closed form, bare phrases) |
 cfr_lora (MACE CFR + LoRA deltas added) | full_ref (CFR -> LoRA -> fusion, the paper's stage 2/3) |
 full (the pack's recommended settings, ``erase.RECOMMENDED``) | ace (the ACE-style gated null-out,
-``mace_ops.ace`` with its default config: not a weight edit, a transform of every text context).
+``mace_ops.ace`` with its default config: not a weight edit, a transform of every text context) |
+cfr_prior_ace, full_ace (that gate on top of the cfr_prior / full weights: what chaining the CFR or
+Mass Erase node with the ACE node gives; the gate's time is added to the weights').
 cfr_lora and full_ref share one run (the same LoRAs); cfr_lora's time is CFR + LoRA, full_ref's
 adds fusion.
 
@@ -32,7 +34,7 @@ from bench.plot import save_panels
 from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
-METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace")
+METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace", "cfr_prior_ace", "full_ace")
 COLUMNS = ["method", "kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
            "n_s", "integrity", "fd", "seconds", "peak_mb"]
 
@@ -56,16 +58,27 @@ def edits(world, task: erase.Task, methods, log):
             yield "cfr_lora", run.summed, None, s.get("cfr", 0) + s.get("lora", 0), mem.peak_mb
         if "full_ref" in methods:
             yield "full_ref", run.fused, None, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
-    if "full" in methods:
-        with PeakRSS() as mem:
-            run = erase.mace_erase(world, task, log=log, **erase.mace_setting("recommended"))
-        s = run.seconds
-        yield "full", run.fused, None, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
-    if "ace" in methods:
+    gate = None
+    if {"ace", "cfr_prior_ace", "full_ace"} & set(methods):
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             gate = erase.ace_erase(world, task)
-        yield "ace", None, gate, time.perf_counter() - t0, mem.peak_mb
+        gate_s, gate_mb = time.perf_counter() - t0, mem.peak_mb
+        if "ace" in methods:
+            yield "ace", None, gate, gate_s, gate_mb
+    if "cfr_prior_ace" in methods:
+        t0 = time.perf_counter()
+        w = erase.cfr_erase(world, task, prior_weight=1.0).weights
+        yield "cfr_prior_ace", w, gate, time.perf_counter() - t0 + gate_s, gate_mb
+    if "full" in methods or "full_ace" in methods:
+        with PeakRSS() as mem:
+            run = erase.mace_erase(world, task, log=log, **erase.mace_setting("recommended"))
+        s = run.seconds
+        full_s = s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0)
+        if "full" in methods:
+            yield "full", run.fused, None, full_s, mem.peak_mb
+        if "full_ace" in methods:
+            yield "full_ace", run.fused, gate, full_s + gate_s, max(mem.peak_mb, gate_mb)
 
 
 def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict) -> None:

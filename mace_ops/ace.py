@@ -14,8 +14,14 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
    sigmoid((max_q cos(c_l, q) - tau_i) / T), q over concept i's prototypes (its features at the
    concept-token positions of every template). The max over earlier positions follows the causal
    text encoder: once a concept token is read, every later position carries it. tau_i is the
-   ``quantile`` of the same similarity over calibration prompts (the preserve list and captions),
-   so ~1 - quantile of ordinary positions open the gate; ``margin`` lifts it further.
+   ``quantile``, over the calibration prompts (the preserve list and captions), of each prompt's
+   largest similarity (max over its positions) — the same statistic the carried-forward gate
+   compares at a prompt's last position, so ~1 - quantile of ordinary *prompts* open the gate;
+   ``margin`` lifts it further. A calibration prompt that names concept i (one of its phrases, as
+   whole words) is left out of tau_i: it is a concept prompt, not an ordinary one (toy world v2's
+   caption prior names every style; left in, it set the styles' tau at ~1). (The first version took the quantile over positions, which the
+   template words and pads of most prompts dominate; that set tau below the preserved names' own
+   similarity, and on toy world v2 the gate opened on most unseen names from 50 concepts on.)
 3. **Adversarial augmentation** (``fit_gated_erasure(adversarial=...)``): soft prompts that an
    attack found against the current edit are filled into the templates; their soft-position
    features join the prototypes and their pairs join the directions, and the edit is refit.
@@ -180,10 +186,40 @@ def fit_gated_erasure(
         owner.append(torch.full((P.shape[0],), i, dtype=torch.long))
     erasure = GatedErasure(torch.cat(protos), torch.cat(owner), torch.zeros(len(concepts)), torch.stack(bases),
                            torch.stack(targets), config.temperature)
-    feats = torch.cat([e.features.float() for e in encoder.encode(list(calibration_prompts))])
-    sims = erasure.similarity(feats)                          # (N, n)
-    erasure.thresholds = torch.quantile(sims, config.quantile, dim=0) + config.margin
+    peaks = prompt_peaks(erasure, encoder.encode(list(calibration_prompts)))   # (P, n)
+    names = mentions(calibration_prompts, concepts)                          # (P, n)
+    if bool(names.all(dim=0).any()):
+        i = int(names.all(dim=0).nonzero()[0])
+        raise ValueError(f"calibration prompts: every one names '{concepts[i].name}'; the gate needs ordinary "
+                         "prompts (the preserve list or captions without the concept) to set its threshold")
+    erasure.thresholds = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0) + config.margin
     return erasure
+
+
+def mentions(prompts: Sequence[str], concepts: Sequence[Concept]) -> torch.Tensor:
+    """(P, n) bool: prompt p names concept i (one of its phrases, whole words, case-insensitive)."""
+    import re
+    from .concepts import normalise_phrase
+    pats = [re.compile("|".join(rf"(?<!\w){re.escape(ph)}(?!\w)" for ph in c.phrases)) for c in concepts]
+    texts = [normalise_phrase(p) for p in prompts]
+    return torch.tensor([[bool(pat.search(t)) for pat in pats] for t in texts], dtype=torch.bool).reshape(len(texts), len(pats))
+
+
+def prompt_peaks(erasure: GatedErasure, encoded, chunk: int = 256) -> torch.Tensor:
+    """(P, n): each prompt's largest similarity to each concept, over all its positions (pads too:
+    the gate sees them). Prompts of one length are stacked ``chunk`` at a time, so thousands of
+    77-token prompts fit in memory."""
+    peaks = [None] * len(encoded)
+    by_length: dict[int, list[int]] = {}
+    for i, e in enumerate(encoded):
+        by_length.setdefault(int(e.features.shape[0]), []).append(i)
+    for idx in by_length.values():
+        for k in range(0, len(idx), chunk):
+            part = idx[k:k + chunk]
+            feats = torch.stack([encoded[i].features.float() for i in part])    # (p, L, d)
+            for i, row in zip(part, erasure.similarity(feats).amax(dim=1)):
+                peaks[i] = row
+    return torch.stack(peaks)
 
 
 def attn2_patch(erasure: GatedErasure):

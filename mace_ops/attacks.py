@@ -15,6 +15,9 @@
   image's coarse layout (a style's background) is not drowned by them. Adam on v only,
   ``steps`` steps (cosine-decayed step size), everything random from ``seed``; v starts at the anchor word's embedding.
   The text encoder must implement ``EmbeddingTextEncoder``.
+* Adversarial augmentation, the defence's loop (``adversarial_rounds``): fit the edit, attack every
+  erased concept against it, refit with everything found so far, ``rounds`` times (ACE's refit,
+  ``ace.fit_gated_erasure(adversarial=...)``; the toy world and the ACE node both run it).
 * Paraphrase attack: every other word for the concept (nicknames, synonyms) in every template the
   caller lists; ``paraphrase_attack`` keeps the prompts that succeed most on a search seed
   (the attacker's choice), which the caller then scores on fresh seeds.
@@ -93,31 +96,35 @@ def soft_prompt_attack(
     if images.ndim < 2 or images.shape[0] == 0:
         raise ValueError("images: need at least one image of the concept")
     start = time.perf_counter()
-    init = encoder.word_embeddings(init_word).float()
-    if init.shape[0] == 0:
-        raise ValueError(f"init_word {init_word!r} gives no tokens")
-    scale = float(init.pow(2).mean().sqrt()) or 1.0
-    rows = torch.arange(config.tokens) % init.shape[0]
-    v = init[rows].clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=config.lr * scale)
-    sched = torch.optim.lr_scheduler.LambdaLR(                # cosine decay to 0 over the budget
-        opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, config.steps))) if config.schedule == "cosine" else 1.0)
     gen = torch.Generator().manual_seed(int(config.seed))
     n, T = images.shape[0], denoiser.num_train_timesteps
     losses = []
+    # every tensor the optimiser touches is made outside inference mode (a ComfyUI node runs in it)
     with torch.inference_mode(False), torch.enable_grad():
-        x_all = images.detach().clone().float()
+        init = encoder.word_embeddings(init_word).detach().float()
+        if init.shape[0] == 0:
+            raise ValueError(f"init_word {init_word!r} gives no tokens")
+        scale = float(init.pow(2).mean().sqrt()) or 1.0
+        rows = torch.arange(config.tokens) % init.shape[0]
+        v = init[rows].clone().requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=config.lr * scale)
+        sched = torch.optim.lr_scheduler.LambdaLR(            # cosine decay to 0 over the budget
+            opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / max(1, config.steps))) if config.schedule == "cosine"
+            else 1.0)
+        weights = denoiser.kv_weights()                       # the denoiser's device (draws stay on the CPU)
+        device = next(iter(weights.values())).device if weights else torch.device("cpu")
+        x_all = images.detach().clone().float().to(device)
         for _ in range(config.steps):
             if should_stop is not None and should_stop():
                 raise InterruptedError("soft-prompt attack interrupted")
             idx = torch.randint(0, n, (config.batch_size,), generator=gen)
             tpl = torch.randint(0, len(templates), (config.batch_size,), generator=gen)
-            t = torch.randint(0, T, (config.batch_size,), generator=gen)
-            x0 = x_all[idx]
-            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, T, (config.batch_size,), generator=gen).to(device)
+            x0 = x_all[idx.to(device)]
+            noise = torch.randn(x0.shape, generator=gen).to(device)
             x_t = denoiser.add_noise(x0, noise, t)
             enc = encoder.encode_embeddings([templates[int(i)] for i in tpl], v)
-            ctx = torch.stack([e.features for e in enc]).float()
+            ctx = torch.stack([e.features for e in enc]).float().to(device)
             if context_transform is not None:
                 ctx = context_transform(ctx)
             pred = denoiser.forward_with_attention(x_t, t, ctx, _ignore, weight_transform)
@@ -141,6 +148,22 @@ def min_snr_weights(denoiser: CrossAttentionDenoiser, like: torch.Tensor, t: tor
     abar = denoiser.add_noise(torch.ones_like(like), torch.zeros_like(like), t).float().flatten(1)[:, 0].pow(2)
     snr = abar / (1 - abar).clamp(min=1e-12)
     return snr.clamp(max=gamma) / snr.clamp(min=1e-12)
+
+
+def adversarial_rounds(fit: Callable[[dict], object], attack: Callable[[object, int, int], SoftPrompt],
+                       n_concepts: int, rounds: int) -> tuple[object, dict[int, list[torch.Tensor]]]:
+    """``edit = fit({})``; then ``rounds`` times: ``attack(edit, i, r)`` for every concept i (round r;
+    one SoftPrompt or a list of them, e.g. one per start), ``edit = fit(found)`` with every soft
+    prompt found so far (concept index -> embeddings, in order). Returns (the last edit, found)."""
+    check_number(rounds, "adversarial rounds", 0, 1000, integer=True)
+    found: dict[int, list[torch.Tensor]] = {}
+    edit = fit(found)
+    for r in range(rounds):
+        for i in range(n_concepts):
+            out = attack(edit, i, r)
+            found.setdefault(i, []).extend(sp.embeddings for sp in (out if isinstance(out, (list, tuple)) else [out]))
+        edit = fit(found)
+    return edit, found
 
 
 def paraphrase_candidates(words: Sequence[str], templates: Sequence[str]) -> list[str]:

@@ -6,7 +6,10 @@ encode the concept's prompts again, and fusion encodes them and the preserve pro
 ``CachedTextEncoder`` wraps any ``TextEncoder``: ``encode`` looks every prompt up in a bounded
 LRU (``max_prompts``; features are (L, d) per prompt, so the bound caps memory — 512 prompts of
 77 x 768 float32 are 120 MB) and encodes only the missing ones, in one call, in their order.
-Results are the wrapped encoder's, bit for bit; wrapping twice does not nest.
+Results are the wrapped encoder's, bit for bit; wrapping twice does not nest. ``remember`` seeds the
+memo with encodings made elsewhere (e.g. cached calibration captions); anything else (an
+``EmbeddingTextEncoder``'s ``word_embeddings`` / ``encode_embeddings``) passes through to the
+wrapped encoder, uncached.
 """
 from __future__ import annotations
 
@@ -26,8 +29,23 @@ class CachedTextEncoder:
         self._memo: OrderedDict[str, EncodedPrompt] = OrderedDict()
         self.hits = self.misses = 0
 
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (during construction or unpickling)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def tokenize(self, text: str) -> list[int]:
         return self.inner.tokenize(text)
+
+    def remember(self, prompts: Sequence[str], encoded: Sequence[EncodedPrompt]) -> None:
+        """Put ``encoded[i]`` in the memo as the encoding of ``prompts[i]`` (newest last, bound kept)."""
+        if len(prompts) != len(encoded):
+            raise ValueError(f"remember: {len(prompts)} prompts for {len(encoded)} encodings")
+        for p, enc in zip(prompts, encoded):
+            self._memo[p] = enc
+            self._memo.move_to_end(p)
+        while len(self._memo) > self.max_prompts:
+            self._memo.popitem(last=False)
 
     def encode(self, prompts: Sequence[str]) -> list[EncodedPrompt]:
         prompts = list(prompts)

@@ -14,7 +14,9 @@ skip and CLIP variant are honoured) and the preserve set's sum P over n_preserve
 so after the usual ``s = preserve_scale * n_pairs / n_preserve`` the prior weighs w times the
 preserve list (w = ``prior_weight``; 0 = off). ``PriorCache`` keeps M per (text encoder,
 captions) in memory and, given a folder, as a safetensors file keyed by a fingerprint of the
-encoder's features on fixed probe prompts, so a run encodes the captions once per encoder.
+encoder's features on fixed probe prompts, so a run encodes the captions once per encoder. It
+keeps the captions' encodings the same way (``PriorCache.encode``: ACE's gate is calibrated on
+them, per position, so it needs the features, not only their moment).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from .covariance import PairStats
-from .interfaces import TextEncoder
+from .interfaces import EncodedPrompt, TextEncoder
 from .validation import check_number, require_finite
 
 SUBJECTS = (
@@ -111,38 +113,89 @@ def encoder_fingerprint(encoder: TextEncoder, probes: Sequence[str]) -> str:
 
 
 class PriorCache:
-    """M per (encoder fingerprint, captions digest): in memory, and in ``folder`` when given."""
+    """Per (encoder fingerprint, captions digest): the moment M, and the captions' encodings (ACE's
+    gate calibration), in memory and, given a folder, as safetensors files."""
 
-    def __init__(self, folder: str | None = None):
+    def __init__(self, folder: str | None = None, max_encodings: int = 2):
         self.folder = folder
         self.memory: dict[str, torch.Tensor] = {}
+        self.encodings: dict[str, dict[str, torch.Tensor]] = {}   # newest last, at most max_encodings
+        self.max_encodings = int(max_encodings)
+
+    @staticmethod
+    def _key(kind: str, encoder: TextEncoder, captions: Sequence[str]) -> str:
+        digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+        return f"{kind}-{encoder_fingerprint(encoder, list(captions[:2]) + [''])}-{digest}"
+
+    def _path(self, key: str) -> str | None:
+        return os.path.join(self.folder, key + ".safetensors") if self.folder else None
+
+    def _read(self, key: str, names: Sequence[str]) -> dict[str, torch.Tensor] | None:
+        path = self._path(key)
+        if not path or not os.path.isfile(path):
+            return None
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(path)
+            if any(n not in tensors for n in names):
+                return None
+            require_finite({n: tensors[n] for n in names if tensors[n].is_floating_point()}, "prior cache",
+                           "delete the file")
+            return tensors
+        except Exception:  # unreadable cache: recompute and replace it
+            return None
+
+    def _write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        path = self._path(key)
+        if not path:  # a folder we cannot write to costs the cache, not the run
+            return
+        from safetensors.torch import save_file
+        tmp = path + ".tmp"
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def moment(self, encoder: TextEncoder, captions: Sequence[str],
                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
-        digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
-        key = f"prior-{encoder_fingerprint(encoder, list(captions[:2]) + [''])}-{digest}"
+        key = self._key("prior", encoder, captions)
         if key in self.memory:
             return self.memory[key]
-        path = os.path.join(self.folder, key + ".safetensors") if self.folder else None
-        if path and os.path.isfile(path):
-            from safetensors.torch import load_file
-            try:
-                M = load_file(path)["moment"].to(torch.float64)
-                require_finite(M, "prior cache", "delete the file")
-                self.memory[key] = M
-                return M
-            except Exception:  # unreadable cache: recompute and replace it
-                pass
+        stored = self._read(key, ["moment"])
+        if stored is not None:
+            self.memory[key] = stored["moment"].to(torch.float64)
+            return self.memory[key]
         M, _ = prior_moment(encoder, captions, on_batch=on_batch)
         self.memory[key] = M
-        if path:  # a folder we cannot write to costs the cache, not the run
-            from safetensors.torch import save_file
-            tmp = path + ".tmp"
-            try:
-                os.makedirs(self.folder, exist_ok=True)
-                save_file({"moment": M.contiguous()}, tmp)
-                os.replace(tmp, path)
-            except OSError:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+        self._write(key, {"moment": M})
         return M
+
+    def encode(self, encoder: TextEncoder, captions: Sequence[str], batch: int = 64,
+               on_batch: Callable[[], None] | None = None) -> list[EncodedPrompt]:
+        """``encoder.encode(captions)``, features rounded to float16 (how they are kept: 1,000 captions
+        of 77 x 768 are 118 MB, SDXL's 2048 wide 315 MB), read back from the cache when present; the
+        same values on the first run and every later one."""
+        if not captions:
+            raise ValueError("captions: none to encode")
+        key = self._key("captions", encoder, captions)
+        tensors = self.encodings.pop(key, None) or self._read(key, ["features", "ids", "lengths"])
+        if tensors is None or tensors["features"].shape[0] != len(captions):
+            encoded = []
+            for i in range(0, len(captions), batch):
+                encoded += encoder.encode(list(captions[i: i + batch]))
+                if on_batch:
+                    on_batch()
+            tensors = {"features": torch.stack([e.features.detach().cpu().to(torch.float16) for e in encoded]),
+                       "ids": torch.tensor([e.ids for e in encoded], dtype=torch.int32),
+                       "lengths": torch.tensor([e.length for e in encoded], dtype=torch.int32)}
+            require_finite(tensors["features"], "captions: the text encoder's features (as float16)",
+                           "use the CLIP that belongs to the model")
+            self._write(key, tensors)
+        self.encodings[key] = tensors
+        while len(self.encodings) > self.max_encodings:
+            self.encodings.pop(next(iter(self.encodings)))
+        f, ids, lengths = tensors["features"], tensors["ids"].tolist(), tensors["lengths"].tolist()
+        return [EncodedPrompt(tuple(ids[i]), int(lengths[i]), f[i].float()) for i in range(len(captions))]

@@ -8,10 +8,11 @@ from .comfy_compat import io
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.scope import parse_erase_from
-from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, TEMPLATES, fill, templates_for
+from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, fill, templates_for
 from ..mace_ops.pooled import edit_pooled_projection, pooled_stats
 from .comfy_model import POOLED_KEY, apply_erasure, effective_kv_weights, effective_weights, pooled_text_width
 from .comfy_text_encoder import ComfyTextEncoder
+from .concept_inputs import concept_inputs
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
 from .validation import check_inputs
@@ -52,6 +53,8 @@ def preserve_prompts(preserve_text: str, templates, builtin: bool) -> list[str]:
 class MaceRefineCrossAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line (e.g. other artists).",
+                           builtin_tooltip="Also preserve a built-in set of 20 everyday prompts.")
         return io.Schema(
             node_id="MaceRefineCrossAttention",
             display_name="MACE Refine Cross-Attention (CFR)",
@@ -61,25 +64,12 @@ class MaceRefineCrossAttention(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
-                io.String.Input(
-                    "concepts",
-                    multiline=True,
-                    default="van gogh, vincent van gogh",
-                    tooltip="One concept per line; synonyms on one line separated by commas; "
-                    "optional per-line anchor after '->' (e.g. 'ship -> ground').",
-                ),
-                io.Combo.Input("concept_type", options=sorted(TEMPLATES), default="style",
-                               tooltip="Chooses the prompt templates the erasure is built from."),
-                io.String.Input("anchor", default="", tooltip="What the concept becomes (e.g. 'art', 'a person'); "
-                                "empty = neutral."),
-                io.String.Input("preserve", multiline=True, default="",
-                                tooltip="Concepts to keep unchanged, one per line (e.g. other artists)."),
+                c["concepts"], c["concept_type"], c["anchor"], c["preserve"],
                 io.Float.Input("lambda_", display_name="lambda", default=1.0, min=0.0, max=1e6, step=0.1,
                                tooltip="Pull toward the original weights (ridge); larger = gentler edit."),
                 io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1,
                                tooltip="Weight of the preserve prompts relative to the erase prompts."),
-                io.Boolean.Input("builtin_preserve", default=True,
-                                 tooltip="Also preserve a built-in set of 20 everyday prompts."),
+                c["builtin_preserve"],
                 io.Boolean.Input("erase_concept_tokens", default=True, optional=True,
                                  tooltip="Also remap the concept's own tokens (needed when CFR is used alone). "
                                  "Turn off before MACE LoRA training + fusion, which handle those tokens."),

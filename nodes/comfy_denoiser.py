@@ -47,7 +47,10 @@ What LoRA training needs from the model, and how it is done without touching the
   ``model_sampling.timestep(sigma_t) = t``. With ``alpha_bar_t = 1 / (1 + sigma_t^2)`` the UNet
   input is ``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise``: the DDPM ``add_noise`` of the
   reference, for eps and v-prediction models alike. ``forward_with_attention`` returns ComfyUI's
-  denoised estimate (``calculate_denoised``), float32. SDXL-style UNets that need a ``y``
+  denoised estimate (``calculate_denoised``), float32; with ``prediction="eps"`` it returns the
+  noise that estimate implies, ``(x_t - denoised) / sigma_t`` (the model's eps for an eps model,
+  the eps-equivalent of a v-prediction model's output): what the soft-prompt attack's
+  textual-inversion loss ``||eps_hat - eps||^2`` compares with the noise. SDXL-style UNets that need a ``y``
   (pooled text + size) vector get zeros: the pooled embedding is not part of the text-encoder
   interface. The loss only reads cross-attention maps.
 * **Devices.** Each forward calls ``comfy.model_management.load_models_gpu([clone],
@@ -172,9 +175,12 @@ def _attn2_patch(state: _State):
 class ComfyDenoiser:
     """``CrossAttentionDenoiser`` over a ComfyUI MODEL; the given model is never modified."""
 
-    def __init__(self, model, backward: bool = True):
+    def __init__(self, model, backward: bool = True, prediction: str = "denoised"):
         if model is None:
             raise ValueError("model: no MODEL connected")
+        if prediction not in ("denoised", "eps"):
+            raise ValueError(f"prediction: unknown {prediction!r}; choose 'denoised' or 'eps'")
+        self.prediction = prediction
         self.source = model
         keys = kv_keys(model)
         blocks = attn2_blocks(keys)
@@ -272,6 +278,8 @@ class ComfyDenoiser:
             st.transform = st.on_attention = None
         if on_attention is not None and reported == 0:
             raise RuntimeError("the model ran without its cross-attention patches (another patch replaced attn2?)")
+        if self.prediction == "eps":
+            out = (x_t - out) / sigma.to(out.dtype).reshape(-1, *([1] * (out.ndim - 1)))
         return out
 
     # ------------------------------------------------------------------ cleanup

@@ -15,7 +15,6 @@ import logging
 import os
 
 import comfy.model_management
-import comfy.samplers
 import folder_paths
 from .comfy_compat import io
 
@@ -24,23 +23,28 @@ from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES,
                                    PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure, slug
-from ..mace_ops.templates import fill
 from ..mace_ops.scope import parse_erase_from
 from .cfr_node import preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
+from .concept_inputs import concept_inputs
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
 from .paths import text_roots
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
-from .training_images_node import sample_images
+from .training_images_node import (DEFAULT_CFG, DEFAULT_SCHEDULER, concept_prompts, default_sampler,
+                                   sample_images)
 from .validation import check_inputs
 
 
 class MaceMassErase(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        c = concept_inputs(concepts_default="",
+                           concepts_tooltip="One concept per line, synonyms comma separated (or use concept_file).",
+                           type_options=CONCEPT_TYPES, type_default="person", type_tooltip=None,
+                           anchor_default="a person", anchor_tooltip=None)
         return io.Schema(
             node_id="MaceMassErase",
             display_name="MACE Mass Erase",
@@ -53,15 +57,11 @@ class MaceMassErase(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
                 io.Vae.Input("vae"),
-                io.String.Input("concepts", multiline=True, default="",
-                                tooltip="One concept per line, synonyms comma separated (or use concept_file)."),
+                c["concepts"],
                 io.String.Input("concept_file", default="",
                                 tooltip="Optional .txt/.csv file in ComfyUI's input (or output) folder, same format; overrides 'concepts'. "
                                 "Names are relative to that folder; absolute paths and '..' are refused."),
-                io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="person"),
-                io.String.Input("anchor", default="a person"),
-                io.String.Input("preserve", multiline=True, default=""),
-                io.Boolean.Input("builtin_preserve", default=True),
+                c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
                 io.String.Input("run_name", default="mass_erase"),
                 io.Float.Input("cfr_lambda", default=1.0, min=0.0, max=1e6, step=0.1),
                 io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
@@ -138,18 +138,16 @@ class MaceMassErase(io.ComfyNode):
         if lora_preserve > 0 and not keep and prior is None:
             raise ValueError("lora_preserve > 0 needs something to preserve: turn builtin_preserve on, fill "
                              "'preserve', raise prior_weight, or set lora_preserve to 0")
-        sampler = comfy.samplers.KSampler.SAMPLERS[0] if "dpmpp_2m" not in comfy.samplers.KSampler.SAMPLERS \
-            else "dpmpp_2m"
+        sampler = default_sampler()
 
         def training_data(concept):
-            prompts = [fill(templates[i % len(templates)], concept.phrases[i % len(concept.phrases)])
-                       for i in range(int(images_per_concept))]
-            images = sample_images(model, clip, vae, prompts, int(sampling_steps), 7.5, int(seed), int(image_size),
-                                   int(image_size), sampler, "karras", "")
+            prompts = concept_prompts(concept, templates, int(images_per_concept))
+            images = sample_images(model, clip, vae, prompts, int(sampling_steps), DEFAULT_CFG, int(seed),
+                                   int(image_size), int(image_size), sampler, DEFAULT_SCHEDULER, "")
             return encode_images(vae, model, images), None
 
         data_settings = {"images": int(images_per_concept), "size": int(image_size), "steps": int(sampling_steps),
-                         "cfg": 7.5, "sampler": sampler, "scheduler": "karras", "seed": int(seed)}
+                         "cfg": DEFAULT_CFG, "sampler": sampler, "scheduler": DEFAULT_SCHEDULER, "seed": int(seed)}
         n_eff = len(parsed) * max(1, len(parse_erase_from(erase_from)))  # scoped concepts
         denoiser = ComfyDenoiser(model, backward=lora.path == "full")
         try:

@@ -3,6 +3,8 @@
 ``prior_for(encoder, weight)`` returns the ``(moment, weight)`` pair mace_ops takes, or None when
 the weight is 0. The moment is computed with the user's own CLIP (its clip-skip setting included)
 over ``mace_ops.prior.general_captions`` once, then read from ``<user>/mace_cache``.
+``caption_encodings(encoder)``: the same captions' encodings (float16-rounded features), cached the
+same way: the ACE node calibrates its gate on them.
 """
 from __future__ import annotations
 
@@ -18,12 +20,23 @@ TOOLTIP = ("Weight of the pack's general caption prior (1,000 everyday captions,
 _CACHE: PriorCache | None = None
 
 
-def prior_for(encoder, weight: float):
+def _cache() -> PriorCache:
     global _CACHE
-    if weight <= 0:
-        return None
     if _CACHE is None:
         _CACHE = PriorCache(prior_cache_folder())
-    moment = _CACHE.moment(encoder, general_captions(PRIOR_CAPTIONS),
+    return _CACHE
+
+
+def caption_encodings(encoder):
+    """``(captions, encodings)`` of the ``PRIOR_CAPTIONS`` general captions with this encoder."""
+    captions = general_captions(PRIOR_CAPTIONS)
+    return captions, _cache().encode(encoder, captions,
+                                     on_batch=comfy.model_management.throw_exception_if_processing_interrupted)
+
+
+def prior_for(encoder, weight: float):
+    if weight <= 0:
+        return None
+    moment = _cache().moment(encoder, general_captions(PRIOR_CAPTIONS),
                            on_batch=comfy.model_management.throw_exception_if_processing_interrupted)
     return moment, float(weight)

@@ -23,18 +23,32 @@ from .progress import NodeProgress
 from .validation import check_inputs
 
 
-def training_prompts(concept_text: str, concept_type: str, count: int) -> list[str]:
-    concept = one_concept(concept_text)
-    templates = concept_templates(concept_type)
+DEFAULT_CFG = 7.5
+DEFAULT_SCHEDULER = "karras"
+
+
+def default_sampler() -> str:
+    """dpmpp_2m where this ComfyUI has it (the nodes' default), else its first sampler."""
+    samplers = comfy.samplers.KSampler.SAMPLERS
+    return "dpmpp_2m" if "dpmpp_2m" in samplers else samplers[0]
+
+
+def concept_prompts(concept, templates, count: int) -> list[str]:
+    """Prompt i = template i with synonym i (both cycling)."""
     phrases = concept.phrases
     return [fill(templates[i % len(templates)], phrases[i % len(phrases)]) for i in range(count)]
 
 
-def sample_images(model, clip, vae, prompts, steps: int, cfg: float, seed: int, width: int, height: int,
-                  sampler_name: str, scheduler: str, negative: str = "", progress=None) -> torch.Tensor:
-    """One decoded image per prompt with ComfyUI's KSampler path; image i uses seed + i. IMAGE (N, H, W, C)."""
+def training_prompts(concept_text: str, concept_type: str, count: int) -> list[str]:
+    return concept_prompts(one_concept(concept_text), concept_templates(concept_type), count)
+
+
+def sample_latents(model, clip, prompts, steps: int, cfg: float, seed: int, width: int, height: int,
+                   sampler_name: str, scheduler: str, negative: str = "", progress=None) -> torch.Tensor:
+    """One latent per prompt with ComfyUI's KSampler path (image i uses seed + i), in the VAE's latent
+    space as KSampler outputs it (``model.model.process_latent_in`` gives the model's), float32 (N, C, h, w)."""
     negative_cond = clip.encode_from_tokens_scheduled(clip.tokenize(negative))
-    images = []
+    out = []
     for i, prompt in enumerate(prompts):
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         latent = torch.zeros([1, 4, height // 8, width // 8])
@@ -51,7 +65,18 @@ def sample_images(model, clip, vae, prompts, steps: int, cfg: float, seed: int, 
             model, noise, steps, cfg, sampler_name, scheduler, positive, negative_cond, latent,
             denoise=1.0, callback=callback, disable_pbar=True, seed=image_seed,
         )
-        decoded = vae.decode(samples)
+        out.append(samples.to(torch.float32).cpu())
+    return torch.cat(out, 0)
+
+
+def sample_images(model, clip, vae, prompts, steps: int, cfg: float, seed: int, width: int, height: int,
+                  sampler_name: str, scheduler: str, negative: str = "", progress=None) -> torch.Tensor:
+    """One decoded image per prompt with ComfyUI's KSampler path; image i uses seed + i. IMAGE (N, H, W, C)."""
+    latents = sample_latents(model, clip, prompts, steps, cfg, seed, width, height, sampler_name, scheduler,
+                             negative, progress)
+    images = []
+    for samples in latents:
+        decoded = vae.decode(samples[None])
         if decoded.ndim == 5:  # video VAEs return (B, T, H, W, C)
             decoded = decoded.reshape(-1, *decoded.shape[-3:])
         images.append(decoded.to(torch.float32).cpu())

@@ -31,6 +31,7 @@ SOCKETS: dict[str, tuple[list, list]] = {
     "MaceRefineCrossAttention": ([("model", "MODEL"), ("clip", "CLIP")],
                                  [("model", "MODEL"), ("summary", "STRING")]),
     "MaceSaveErasure": ([("model", "MODEL")], [("path", "STRING")]),
+    "MaceGatedErasure": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("summary", "STRING")]),
     "MaceMassErase": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                       [("model", "MODEL"), ("summary", "STRING")]),
     "MaceFuseLoras": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("summary", "STRING")]),
@@ -157,6 +158,23 @@ WORKFLOWS = {
         **sampler_nodes("erased_", ("cfr", "model"), "a painting of a starry night in the style of van gogh",
                         820, 60, size=1024, steps=25),
     },
+    # ACE-style gated erasure: the style's directions are nulled out only where the prompt carries it (an
+    # attn2 patch, no weight change); a second sample from a preserved painter shows the gate closed.
+    # adversarial_rounds 0 here (seconds); 2 runs the adversarial refit (attacks through the model).
+    "erase_gated_ace": {
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
+        "ace": ("MaceGatedErasure",
+                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt", True,
+                 8, 0.999, 0.0, 0.02, 0, 40, 8, 512, 20, 0, "fixed"],
+                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_ace", "fp16"], {"model": ("ace", "model")},
+                         (820, -260)),
+        "summary": ("PreviewAny", [], {"source": ("ace", "summary")}, (820, -120)),
+        **sampler_nodes("erased_", ("ace", "model"), "a painting of a starry night in the style of van gogh",
+                        820, 60),
+        **sampler_nodes("kept_", ("ace", "model"), "a painting of water lilies in the style of claude monet",
+                        820, 760),
+    },
     # SD 2.x (2.1 768-v is a v-prediction model; ComfyUI detects it): erase an object class with CFR.
     "erase_object_cfr_sd2": {
         "ckpt": ("CheckpointLoaderSimple", [SD21], {}, (0, 0)),
@@ -176,7 +194,7 @@ WORKFLOWS = {
 # Layout: nodes keep their declared (x, y) only as an ordering -- columns by x, top to bottom by
 # y -- and get sizes estimated from their sockets and widgets, so that no two nodes overlap in
 # the frontend (a test checks the rectangles; tests/test_browser.py measures the real ones).
-MULTILINE = {"CLIPTextEncode": 1, "MaceRefineCrossAttention": 2, "MaceMassErase": 2, "MaceFuseLoras": 2,
+MULTILINE = {"CLIPTextEncode": 1, "MaceRefineCrossAttention": 2, "MaceGatedErasure": 2, "MaceMassErase": 2, "MaceFuseLoras": 2,
              "MaceTrainingImages": 0, "MaceTrainConceptLora": 0, "PreviewAny": 1}
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 110
 COL_GAP, ROW_GAP = 60, 50

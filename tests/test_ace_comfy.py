@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+import comfy_harness as ch
 
-CONCEPT_PROMPT = "a painting by van gogh"
+pytestmark = pytest.mark.integration
+WORKFLOW = ch.REPO_ROOT / "workflows" / "erase_gated_ace.json"
+
+# One of the style templates: on this random-weight CLIP a free-form prompt ("a painting by van gogh")
+# peaks at cosine 0.965 to the prototypes, inside the captions' own range (median 0.92, max 0.97), so
+# the prompt-level threshold (0.972) rightly keeps the gate closed there; a template prompt peaks at 1.
+CONCEPT_PROMPT = "an artwork by van gogh"
 OTHER_PROMPT = "a photo of a red apple on a wooden table"
 
 
@@ -49,8 +55,8 @@ def ace_run(comfy, tiny_ckpt):
     api["10"] = {"class_type": "MaceGatedErasure", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "concepts": "van gogh", "concept_type": "style", "anchor": "",
         "preserve": "claude monet", "builtin_preserve": False, "rank": 8, "quantile": 0.999,
-        # The default temperature (0.02, the toy world's) leaks on this random CLIP, whose token features all
-        # sit within cosine 0.85-0.93 of the prototypes: every token gets gate ~0.08 (README, node section).
+        # The default temperature (0.02, the toy world's) leaks on this random CLIP: a prompt without the
+        # concept peaks ~0.05 below the threshold, so its gate is ~0.07, not 0 (README, node section).
         "temperature": 0.002}}
     api["11"] = {"class_type": "MaceSaveErasure",
                  "inputs": {"model": ["10", 0], "filename_prefix": "loras/mace_test_ace", "dtype": "fp32"}}
@@ -180,3 +186,91 @@ def test_cancel_stops_the_fit(ace_run, comfy):
         enc_cls.encode = real_encode
         mm.interrupt_current_processing(False)
     assert len(calls) == 1
+
+
+
+ADV = {"adversarial_rounds": 1, "attack_steps": 2, "attack_images": 1, "image_size": 64, "sampling_steps": 1,
+       "seed": 3}
+
+
+def test_cancel_stops_the_attack_and_bad_input(ace_run, comfy, monkeypatch):
+    """Cancel pressed during the first attack step: InterruptProcessingException, the private denoiser's
+    wrappers are off the shared model. (The fit is the fixture's gate: no encoding here.)"""
+    import comfy.model_management as mm
+
+    pack = comfy.pack_module
+    node_mod = pack.nodes.ace_node
+    _, _, _, ex, _, _ = ace_run
+    model, clip = comfy.node_output("1", 0, ex), comfy.node_output("1", 1, ex)
+    plain = pack.nodes.comfy_gate.get_gate(comfy.node_output("10", 0, ex)).erasure
+    monkeypatch.setattr(node_mod, "fit_gated_erasure", lambda *a, **k: plain)
+    monkeypatch.setattr(node_mod.prior_input, "caption_encodings", lambda enc: ([], []))
+    den_cls = pack.nodes.comfy_denoiser.ComfyDenoiser
+    real_forward, calls = den_cls.forward_with_attention, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        mm.interrupt_current_processing(True)  # the user presses Cancel
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(den_cls, "forward_with_attention", forward)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node_mod.MaceGatedErasure.execute(model, clip, "van gogh", "style", "", "", False, 8, 0.999,
+                                              temperature=0.002, **ADV)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 1
+    assert not [n for n, m in model.model.named_modules() if m.__dict__.get("weight_function")]
+    with pytest.raises(ValueError, match="attack_steps"):
+        node_mod.MaceGatedErasure.execute(model, clip, "van gogh", "style", "", "", False, 8, 0.999,
+                                          **{**ADV, "attack_steps": 0})
+
+
+def test_workflow_with_adversarial_refit_and_cached_captions(ace_run, comfy, tiny_ckpt):  # keep it last: see below
+    """workflows/erase_gated_ace.json on the tiny checkpoint (64 px, 2 steps), its ACE node set to one
+    adversarial round: an image drawn by the model, one soft-prompt attack through ComfyUI's denoiser,
+    the refit. The refit gate holds the attack's soft-token prototypes (2 per template) on top of the
+    plain gate's. The captions were encoded by the module fixture's run with this CLIP: this run reads
+    them from the cache."""
+    pack = comfy.pack_module
+    _, _, _, ex, _, _ = ace_run
+    plain = pack.nodes.comfy_gate.get_gate(comfy.node_output("10", 0, ex))
+    captions = pack.mace_ops.prior.general_captions(pack.nodes.prior_input.PRIOR_CAPTIONS)
+    captions = set(captions[2:])  # the first two are the cache key's probe prompts, encoded on every run
+    api = ch.retarget_for_test(ch.ui_workflow_to_api(WORKFLOW), Path(tiny_ckpt).name)
+    loader = next(k for k, v in api.items() if v["class_type"] == "CheckpointLoaderSimple")
+    api = ch.renumber(api, {loader: "1"})  # the fixture's executor has the loaded checkpoint cached as "1"
+    node = next(k for k, v in api.items() if v["class_type"] == "MaceGatedErasure")
+    assert api[node]["inputs"]["adversarial_rounds"] == 0  # the shipped setting; one round here
+    api[node]["inputs"].update(concepts="van gogh", anchor="", preserve="", builtin_preserve=False,
+                               temperature=0.002, **ADV)
+    save = next(k for k, v in api.items() if v["class_type"] == "MaceSaveErasure")
+    api[save]["inputs"].update(dtype="fp32", filename_prefix="loras/mace_test_ace_workflow")
+    enc_cls = pack.nodes.comfy_text_encoder.ComfyTextEncoder
+    real_encode, seen = enc_cls.encode, []
+
+    def encode(self, prompts):
+        seen.extend(prompts)
+        return real_encode(self, prompts)
+
+    enc_cls.encode = encode
+    try:
+        history, messages = comfy.run_workflow(api, executor=ex)  # last test here: it may evict ex's outputs
+    finally:
+        enc_cls.encode = real_encode
+    assert history["status"] == "success"
+    assert seen and not captions & set(seen)
+    ex2 = comfy.last_executor
+    progress = [d for e, d in messages if e == "progress" and d.get("node") == node]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] and len(progress) > 3
+    summary = comfy.node_output(node, 1, ex2)
+    assert "1 adversarial round(s)" in summary, summary
+    gate = pack.nodes.comfy_gate.get_gate(comfy.node_output(node, 0, ex2))
+    templates = pack.mace_ops.templates.templates_for("style")
+    assert gate.erasure.prototypes.shape[0] == plain.erasure.prototypes.shape[0] + 2 * len(templates)
+    assert not torch.equal(gate.erasure.bases, plain.erasure.bases)
+    assert gate.info["adversarial"]["rounds"] == 1
+    assert Path(history["outputs"][save]["text"][0]).is_file()
+    samplers = [k for k, v in api.items() if v["class_type"] == "KSampler"]
+    assert len(samplers) == 2 and all(torch.isfinite(comfy.node_output(k, 0, ex2)["samples"]).all() for k in samplers)

@@ -64,3 +64,16 @@ def test_cfr_gives_identical_weights_with_fewer_encodings():
     b = refine_cross_attention(Plain(), weights, concepts, OBJECT_TEMPLATES, "boat")
     for k in weights:
         assert torch.equal(a.weights[k], b.weights[k])
+
+
+def test_remember_seeds_the_memo_and_other_methods_pass_through():
+    inner = Counting()
+    enc = CachedTextEncoder(inner, max_prompts=3)
+    made = FakeTextEncoder().encode(["ship", "car"])
+    enc.remember(["ship", "car"], made)
+    assert enc.encode(["car", "ship"])[0] is made[1] and inner.encoded == 0
+    enc.remember(["boat", "dog"], FakeTextEncoder().encode(["boat", "dog"]))  # bounded: "car" (least recent) goes
+    enc.encode(["car"])
+    assert inner.encoded == 1
+    assert enc.__class__.__getattr__(enc, "end_id") == inner.end_id  # delegated lookup
+    assert not hasattr(enc, "encode_embeddings")  # the inner encoder has none: no capability appears

@@ -89,6 +89,23 @@ def test_prior_cache_is_per_encoder_and_on_disk(tmp_path):
     assert torch.equal(fresh_moment, Ma)
 
 
+def test_caption_encodings_are_cached_per_encoder_as_float16(tmp_path):
+    a, b = WordEncoder(seed=0), WordEncoder(seed=1)
+    caps = general_captions(12)
+    cache = PriorCache(str(tmp_path), max_encodings=1)
+    first = cache.encode(a, caps, batch=5)
+    ref = a.encode(caps)
+    assert [e.ids for e in first] == [e.ids for e in ref] and [e.length for e in first] == [e.length for e in ref]
+    for e, r in zip(first, ref):
+        assert e.features.dtype == torch.float32 and torch.equal(e.features, r.features.half().float())
+    assert len(list(tmp_path.glob("captions-*.safetensors"))) == 1
+    assert not torch.equal(cache.encode(b, caps)[0].features, first[0].features)  # per encoder (a evicted)
+    fresh = PriorCache(str(tmp_path))  # a new process: read back, not re-encoded
+    again = fresh.encode(a, caps, on_batch=lambda: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    assert all(torch.equal(x.features, y.features) for x, y in zip(again, first))
+    assert torch.equal(PriorCache(str(tmp_path)).moment(a, caps), cache.moment(a, caps))  # the moment file too
+
+
 def _train(config, den, moment=None):
     return train_concept_lora(den, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, None, config, preserve_moment=moment)
 

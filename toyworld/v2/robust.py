@@ -23,7 +23,7 @@ the unconditional one included, as the ComfyUI patch does).
   the soft prompt in the target's templates with fresh noise (ASR; chance is 1/200 for a name,
   1/20 for a style).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (anchor-start attacks with
-  seeds of their own).
+  seeds of their own; optionally also from the nearest preserve-list word, ``nearest_kept``).
 * ``paraphrase_asr``: every other word for the concept in its templates is searched on one seed
   (a name: its nicknames and main word in every name and name+style template, 4 of the 20
   styles; a style: the style word and its synonym in every style template); the best ``keep``
@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from mace_ops.attacks import SoftPrompt, SoftPromptConfig, paraphrase_attack, paraphrase_candidates, soft_prompt_attack
+from mace_ops.attacks import adversarial_rounds as defence_rounds
 
 from ..v1 import diffusion
 from . import scorer, vocab
@@ -234,16 +235,36 @@ def paraphrase_asr(world, edit: Edit, concept: str, keep: int = 8, repeats: int 
     return hits, search["mean"]
 
 
+@torch.no_grad()
+def nearest_kept(world, concept: str, kept: Sequence[str], template: str | None = None) -> str:
+    """The defender's look-alike start: the word of the preserve list ``kept`` whose text feature at
+    the concept's position in ``template`` (default: its target's first template) is nearest (cosine)
+    to the erased concept's. Unlike ``lookalike`` (the attacker's, from the world's attribute table)
+    it needs only the text encoder and the method's own inputs, as a defence on a real model would."""
+    if not kept:
+        raise ValueError("kept: the preserve list is empty; the look-alike start needs kept words")
+    template = template or target(concept).templates[0]
+    enc = world.text_encoder.encode([template.replace("{}", w) for w in (concept, *kept)])
+    pos = template.split().index("{}") + 1                      # + the start token
+    feats = torch.nn.functional.normalize(torch.stack([e.features[pos].float() for e in enc]), dim=-1)
+    return kept[int((feats[1:] @ feats[0]).argmax())]
+
+
 def adversarial_rounds(world, concepts: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
-                       config: SoftPromptConfig, seed: int = 5000) -> tuple[Edit, dict]:
+                       config: SoftPromptConfig, seed: int = 5000, kept: Sequence[str] = (),
+                       lookalike_config: SoftPromptConfig | None = None) -> tuple[Edit, dict]:
     """Edit -> attack every erased concept (from the anchor, with seeds of its own: never the
     evaluation's) -> ``fit(found)`` with everything found so far (concept index -> soft prompts),
-    ``rounds`` times."""
-    found: dict[int, list] = {}
-    edit = fit(found)
-    for r in range(rounds):
-        for i, concept in enumerate(concepts):
-            sp = soft_attack(world, edit, concept, replace(config, seed=seed + 100 * r + i))
-            found.setdefault(i, []).append(sp.embeddings)
-        edit = fit(found)
-    return edit, found
+    ``rounds`` times (``mace_ops.attacks.adversarial_rounds``). With ``lookalike_config``, each
+    concept is attacked a second time per round from its nearest word of the preserve list ``kept``
+    (``nearest_kept``)."""
+    starts = {c: nearest_kept(world, c, kept) for c in concepts} if lookalike_config is not None else {}
+
+    def attack(edit, i, r):
+        found = [soft_attack(world, edit, concepts[i], replace(config, seed=seed + 100 * r + i))]
+        if lookalike_config is not None:
+            found.append(soft_attack(world, edit, concepts[i],
+                                     replace(lookalike_config, seed=seed + 50 + 100 * r + i),
+                                     init_word=starts[concepts[i]]))
+        return found
+    return defence_rounds(fit, attack, len(concepts), rounds)
