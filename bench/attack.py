@@ -1,7 +1,7 @@
 """How robust is each erasure? Attack success rates in toy world v2, every method side by side.
 
-For 1 and 10 erased names (the first names of the vocabulary; preserve list and retained set as
-in ``bench.mass_quality``), each method's edit is attacked:
+``--kind name`` (default): for 1 and 10 erased names (the first names of the vocabulary;
+preserve list and retained set as in ``bench.mass_quality``), each method's edit is attacked:
 
 * ``soft``: the soft-prompt attack (``mace_ops.attacks``; 2 tokens started at the anchor word,
   ``--steps`` Adam steps on the textual-inversion loss against 8 images the original model drew
@@ -15,6 +15,12 @@ in ``bench.mass_quality``), each method's edit is attacked:
   x 4 styles; the 8 best prompts per name on a search seed are scored on fresh noise (twice each);
   ``--para-names`` names per cell. SE over names' prompts (binomial over images, a lower bound).
 
+``--kind style``: the same for 1 and 5 erased styles (anchor ``art``; the soft prompt takes the style
+word's place in the 11 style templates; its loss is Min-SNR-1 weighted, ``robust.STYLE_ATTACK_CONFIG``;
+the look-alike is the nearest style not erased: same background pattern, nearest grey tone;
+ASR = the probe's style accuracy, chance 1/20, on 22 images per attack; paraphrase = the style
+word and its synonym in every style template, 22 prompts, the best 8 redrawn twice).
+
 Clean H (the celebrity protocol, ``--n-clean`` prompts per set) is measured in the same run.
 
 Methods: none | cfr_prior (CFR + toy caption prior: the CFR node's defaults) | full (MACE with the
@@ -25,24 +31,26 @@ evaluation's) | ace_adv_both (ace_adv whose rounds also attack each name from it
 the preserve list by text-feature cosine, ``robust.nearest_kept``: the defender's own look-alike,
 found without the world's attribute table; the evaluation's look-alike is another, unseen name).
 
-    nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack       # docs/results/attack.json (~10 min)
+    nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack       # docs/results/attack.json (~20 min)
+    nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack --kind style --out docs/results/attack_styles.json
 """
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import time
 from dataclasses import replace
 
 import torch
 
-from bench.common import environment, markdown_table, print_table, write_json
+from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
+                          toy_v2_setup, write_json)
 from mace_ops.ace import ACEConfig
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
 
 METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both")
-COLUMNS = ["method", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
+COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
 
 
 def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig) -> robust.Edit:
@@ -67,7 +75,7 @@ def build(world, method: str, task: erase.Task, rounds: int, defence: robust.Sof
         return fit({})
     both = method.endswith("_both")
     return robust.adversarial_rounds(world, task.erase, fit, rounds, defence, kept=task.preserve,
-                                     lookalike_config=robust.LOOKALIKE_CONFIG if both else None)[0]
+                                     lookalike_config=robust.TARGETS[task.kind].lookalike_attack if both else None)[0]
 
 
 def cluster_se(values: list[float]) -> float:
@@ -77,47 +85,105 @@ def cluster_se(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
+LABELS = {"none": "no edit", "cfr_prior": "CFR + prior (CFR node defaults)", "full": "full MACE (pack defaults)",
+          "uce": "UCE-style", "ace": "ACE-style (gated)", "cfr_prior_adv": "CFR + prior + adversarial pairs",
+          "ace_adv": "ACE-style + adversarial refit", "ace_adv_both": "ACE-style + refit from both starts"}
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's table: one line per (concepts, method), the attacks side by side, clean H beside."""
+    def cell(r):
+        if r is None:
+            return "—"
+        if r["attack"] == "paraphrase":
+            return f"{r['asr']:.2f} (n {r['n']})"
+        se = "—" if r["se"] != r["se"] else f"{r['se']:.2f}"
+        return f"{r['asr']:.2f} ± {se} ({r['n_attacks']})"
+    lines = ["| erased | method | soft ASR (from anchor) | soft ASR (from look-alike) | paraphrase ASR | clean H ± SE "
+             "| Acc_e | Acc_g | Acc_s ± SE | edit s |", "|" + "---|" * 10]
+    keys = list(dict.fromkeys((r["concepts"], r["method"]) for r in rows))
+    for count, method in keys:
+        by = {r["attack"]: r for r in rows if (r["concepts"], r["method"]) == (count, method)}
+        r = next(iter(by.values()))
+        se_h = "—" if r.get("se_H") is None else f"{r['se_H']:.3f}"
+        lines.append(f"| {count} | {LABELS.get(method, method)} | {cell(by.get('soft'))} | "
+                     f"{cell(by.get('soft_lookalike'))} | {cell(by.get('paraphrase'))} | {r['H']:.3f} ± {se_h} | "
+                     f"{r['acc_e']:.2f} | {r['acc_g']:.2f} | {r['acc_s']:.2f} ± {r['se_s']:.2f} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def combine(paths: list[str], out: str) -> None:
+    """Merge the rows of earlier runs (the same --kind, methods run apart) into ``out``, methods in
+    METHODS order; each part's settings and minutes are kept."""
+    parts = [json.load(open(p)) for p in paths]
+    kinds = {p["settings"]["kind"] for p in parts}
+    if len(kinds) != 1:
+        raise SystemExit(f"--combine: the parts attack different kinds {sorted(kinds)}; combine one kind at a time")
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["concepts"], order.get(r["method"], 99)))
+    write_json(out, {"bench": "attack", "env": parts[0]["env"], "world": parts[0]["world"],
+                     "minutes": round(sum(p["minutes"] for p in parts), 1), "settings": parts[0]["settings"],
+                     "parts": [{"file": path, "methods": list(dict.fromkeys(r["method"] for r in p["rows"])),
+                                "minutes": p["minutes"], "env": p["env"], "settings": p["settings"]}
+                               for path, p in zip(paths, parts)],
+                     "rows": rows})
+    print(markdown_table(rows, COLUMNS))
+    print()
+    print(readme_table(rows))
+
+
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--counts", type=int, nargs="*", default=[1, 10])
+    ap = toy_v2_parser(__doc__)
+    ap.add_argument("--kind", choices=("name", "style"), default="name", help="what is erased and attacked")
+    ap.add_argument("--counts", type=int, nargs="*", default=None,
+                    help="numbers of erased concepts (default 1 10 for names, 1 5 for styles)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--runs", type=int, default=3, help="soft-prompt attacks per cell")
     ap.add_argument("--steps", type=int, default=100, help="Adam steps of each evaluation attack")
     ap.add_argument("--rounds", type=int, default=2, help="adversarial augmentation rounds (_adv methods)")
     ap.add_argument("--defence-steps", type=int, default=40, help="Adam steps of the defence's attacks")
-    ap.add_argument("--para-names", type=int, default=1, help="names per cell under the paraphrase attack")
+    ap.add_argument("--para-names", type=int, default=1, help="concepts per cell under the paraphrase attack")
     ap.add_argument("--n-clean", type=int, default=100, help="prompts per clean set (erased, nicknames, retained)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/attack.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    world = evaluate.load_world()
-    preserve, retained, _ = erase.preserve_and_retained("name")
-    attack_cfg = replace(robust.ATTACK_CONFIG, steps=args.steps)
-    defence_cfg = replace(robust.ATTACK_CONFIG, steps=args.defence_steps)
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="only merge the rows of earlier runs of one --kind (e.g. methods run apart) into --out")
+    args = toy_v2_args(ap, argv, out=None)
+    kind = args.kind
+    counts = args.counts if args.counts is not None else ([1, 10] if kind == "name" else [1, 5])
+    out = args.out or ("bench/results/attack.json" if kind == "name" else "bench/results/attack_styles.json")
+    if args.combine:
+        return combine(args.combine, out)
+    toy = toy_v2_setup(args, kind)
+    world, preserve, retained = toy.world, toy.preserve, toy.retained
+    tgt = robust.TARGETS[kind]
+    pool = vocab.NAMES if kind == "name" else vocab.STYLES
+    attack_cfg = replace(tgt.attack, steps=args.steps)
+    defence_cfg = replace(tgt.attack, steps=args.defence_steps)
     t_start, rows = time.time(), []
-    for count in args.counts:
-        task = erase.Task("name", tuple(vocab.NAMES[:count]), tuple(preserve))
+    for count in counts:
+        check_count(count, toy.most, "--counts")
+        task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
         for method in args.methods:
             t0 = time.perf_counter()
             edit = build(world, method, task, args.rounds, defence_cfg)
             seconds = time.perf_counter() - t0
-            clean, _ = evaluate.mass_metrics(world, "name", task.erase, retained, kv_weights=edit.kv_weights,
+            clean, _ = evaluate.mass_metrics(world, kind, task.erase, retained, kv_weights=edit.kv_weights,
                                              context_transform=edit.context_transform, n_erased=args.n_clean,
                                              n_retained=args.n_clean)
-            base = {"method": method, "concepts": count, "H": round(clean.H, 4), "acc_e": round(clean.acc_e, 4),
+            base = {"method": method, "kind": kind, "concepts": count, "H": round(clean.H, 4),
+                    "se_H": clean.row()["se_H"], "acc_e": round(clean.acc_e, 4),
                     "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
                     "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
                     "seconds": round(seconds, 1)}
-            for attack, inits, cfg in (("soft", (vocab.NEUTRAL_NAME,), attack_cfg),
-                                       ("soft_lookalike", (None,), robust.LOOKALIKE_CONFIG)):
+            for attack, inits, cfg in (("soft", (tgt.anchor,), attack_cfg),
+                                       ("soft_lookalike", (None,), tgt.lookalike_attack)):
                 runs = robust.soft_attack_runs(world, edit, task.erase, args.runs, inits, seed=900, config=cfg)
                 per = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in runs]
-                n_img = len(per) * 2 * len(robust.ASR_TEMPLATES)
+                n_img = len(per) * 2 * len(tgt.templates)
                 rows.append({**base, "attack": attack, "asr": round(sum(per) / len(per), 4),
                              "se": round(cluster_se(per), 4), "n": n_img, "n_attacks": len(per),
                              "per_attack": [round(p, 3) for p in per], "attack_names": [n for n, _ in runs],
-                             "init_words": [inits[j % len(inits)] for j in range(len(runs))]})
+                             "init_words": [inits[j % len(inits)] or robust.lookalike(n, exclude=task.erase)
+                                            for j, (n, _) in enumerate(runs)]})
                 print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
             if args.para_names <= 0:
                 continue
@@ -136,14 +202,16 @@ def main(argv=None) -> None:
     minutes = (time.time() - t_start) / 60
     print()
     print_table(rows, COLUMNS)
-    write_json(args.out, {"bench": "attack", "env": environment(), "world": world.metadata, "minutes": round(minutes, 1),
-                          "settings": {"attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
-                                       "lookalike_attack": robust.LOOKALIKE_CONFIG.__dict__,
-                                       "runs": args.runs, "rounds": args.rounds, "para_names": args.para_names,
-                                       "n_clean": args.n_clean,                                         "ace": ACEConfig().__dict__,
-                                       "paraphrase_styles": list(robust.PARAPHRASE_STYLES)},
-                          "rows": rows})
+    write_json(out, {"bench": "attack", "env": environment(), "world": world.metadata, "minutes": round(minutes, 1),
+                     "settings": {"kind": kind, "attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
+                                  "lookalike_attack": tgt.lookalike_attack.__dict__,
+                                  "runs": args.runs, "rounds": args.rounds, "para_names": args.para_names,
+                                  "n_clean": args.n_clean, "ace": ACEConfig().__dict__,
+                                  "paraphrase_styles": list(robust.PARAPHRASE_STYLES) if kind == "name" else []},
+                     "rows": rows})
     print(markdown_table(rows, COLUMNS))
+    print()
+    print(readme_table(rows))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Shared bench helpers: SD1.5- and SDXL-shaped random K/V weights, a cheap 77 x d encoder, timing, JSON."""
+"""Shared bench helpers: SD1.5- and SDXL-shaped random K/V weights, a cheap 77 x d encoder, timing, JSON,
+and the toy world v2 benches' common preamble (``toy_v2_parser`` / ``toy_v2_args`` / ``toy_v2_setup``)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -142,3 +145,40 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- toy world v2 benches
+def toy_v2_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a toy world v2 bench: its module docstring as the help text."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def toy_v2_args(ap: argparse.ArgumentParser, argv=None, *, out: str | None, threads: int = 1) -> argparse.Namespace:
+    """Add the flags every toy world v2 bench has (``--threads``, ``--out``) and parse ``argv``."""
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--out", default=out)
+    return ap.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class ToyV2:
+    world: object                 # toyworld.v1.evaluate.ToyWorld (the shipped v2 generator and probe)
+    preserve: tuple[str, ...]     # the preserve list every method gets
+    retained: tuple[str, ...]     # the retained set Acc_s is measured on (no method sees it)
+    most: int                     # how many concepts of this kind may be erased
+
+
+def toy_v2_setup(args: argparse.Namespace, kind: str = "name") -> ToyV2:
+    """Threads from ``args``, the shipped toy world v2, and the benchmark's split for ``kind``."""
+    from toyworld.v2 import erase, evaluate
+
+    torch.set_num_threads(args.threads)
+    world = evaluate.load_world()
+    preserve, retained, most = erase.preserve_and_retained(kind)
+    return ToyV2(world, tuple(preserve), tuple(retained), most)
+
+
+def check_count(count: int, most: int, flag: str) -> None:
+    """A clear exit for a concept count the toy world's split cannot serve."""
+    if not 1 <= count <= most:
+        raise SystemExit(f"{flag}: {count} outside 1..{most}")

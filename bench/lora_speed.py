@@ -20,14 +20,11 @@ machine is shared, the time table also comes from ``--reps`` interleaved 1-name 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
 
-import torch
-
-from bench.common import environment, markdown_table, print_table, write_json
+from bench.common import environment, markdown_table, print_table, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json
 from toyworld.v2 import erase, evaluate, vocab
 
 COLUMNS = ["setting", "path", "concepts", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_s",
@@ -91,19 +88,16 @@ def interleaved_timing(world, preserve, pools, reps: int) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = toy_v2_parser(__doc__)
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--pools", type=int, nargs="+", default=[50, 16, 8], help="cached-query pool sizes")
     ap.add_argument("--settings", nargs="+", default=["reference", "recommended"])
     ap.add_argument("--n-erased", type=int, default=200)
     ap.add_argument("--n-retained", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5, help="interleaved timing runs per path")
-    ap.add_argument("--out", default="bench/results/lora_speed.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    world = evaluate.load_world()
-    preserve, retained, _ = erase.preserve_and_retained("name")
+    args = toy_v2_args(ap, argv, out="bench/results/lora_speed.json", threads=2)
+    toy = toy_v2_setup(args)
+    world, preserve, retained = toy.world, toy.preserve, toy.retained
     rows, t_start = [], time.time()
     warm = erase.Task("name", (vocab.NAMES[199],), tuple(preserve))
     for _, lora_over, k_only in paths(args.pools):  # first-call costs stay out of the timings

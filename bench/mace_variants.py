@@ -11,12 +11,10 @@ linear K/V edit can keep in this world.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-
-from bench.common import environment, markdown_table, print_table, write_json
+from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
+                          toy_v2_setup, write_json)
 from toyworld.v2 import erase, evaluate
 
 VARIANTS = {
@@ -62,20 +60,16 @@ def weights_for(world, task: erase.Task, variant: str, retained):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = toy_v2_parser(__doc__)
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 10], help="numbers of erased names")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="bench/results/mace_variants.json")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    world = evaluate.load_world()
-    preserve, retained, most = erase.preserve_and_retained("name")
+    args = toy_v2_args(ap, argv, out="bench/results/mace_variants.json")
+    toy = toy_v2_setup(args)
+    world, preserve, retained = toy.world, toy.preserve, toy.retained
     rows, t_start = [], time.time()
     for count in args.counts:
-        if not 1 <= count <= most:
-            raise SystemExit(f"--counts: {count} outside 1..{most}")
+        check_count(count, toy.most, "--counts")
         task = erase.Task("name", tuple(erase.vocab.NAMES[:count]), tuple(preserve))
         base, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, n_erased=args.n,
                                                n_retained=args.n)

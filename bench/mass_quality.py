@@ -23,14 +23,12 @@ adds fusion.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
-
-from bench.common import PeakRSS, environment, markdown_table, print_table, write_json
+from bench.common import (PeakRSS, check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
+                          toy_v2_setup, write_json)
 from bench.grid import labelled_grid
 from bench.plot import save_panels
 from toyworld.v1 import diffusion
@@ -100,23 +98,20 @@ def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dic
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = toy_v2_parser(__doc__)
     ap.add_argument("--counts", type=int, nargs="*", default=[1, 10, 50, 100], help="numbers of erased names")
     ap.add_argument("--style-counts", type=int, nargs="*", default=[1, 5, 10], help="numbers of erased styles")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--n-erased", type=int, default=200, help="prompts over the erased set (and its held-out words)")
     ap.add_argument("--n-retained", type=int, default=200, help="prompts over the retained set")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/mass_quality.json")
     ap.add_argument("--plot", default="bench/results/mass_quality.png")
     ap.add_argument("--grid", default="bench/results/mass_quality_grid.png",
                     help="labelled image grid of every method at --grid-count erased names")
     ap.add_argument("--grid-count", type=int, default=10)
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="only merge the rows of earlier runs (e.g. names and styles run in parallel) into --out")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    world = evaluate.load_world()
+    args = toy_v2_args(ap, argv, out="bench/results/mass_quality.json", threads=2)
+    world = toy_v2_setup(args).world
     t_start = time.time()
     rows = []
     if args.combine:
@@ -129,8 +124,7 @@ def main(argv=None) -> None:
         preserve, retained, most = erase.preserve_and_retained(kind)
         base_retained = None
         for count in counts:
-            if not 1 <= count <= most:
-                raise SystemExit(f"--{'counts' if kind == 'name' else 'style-counts'}: {count} outside 1..{most}")
+            check_count(count, most, "--counts" if kind == "name" else "--style-counts")
             task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
             keep = {} if kind == "name" and count == args.grid_count and args.grid else None
             for method, weights, transform, seconds, peak in edits(world, task, args.methods, log=lambda s: None):

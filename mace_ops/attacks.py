@@ -8,7 +8,11 @@
 
   where theta' is the erased denoiser (its K/V through ``weight_transform``) and T an optional
   context transform (a gated erasure such as ACE's, so the attack is white-box against the gate).
-  The loss assumes an eps-predicting denoiser (SD1.x, SDXL, the toy worlds). Adam on v only,
+  The loss assumes an eps-predicting denoiser (SD1.x, SDXL, the toy worlds). With ``min_snr`` = g > 0
+  each sample's loss is weighted by Min-SNR-g (Hang et al., 2023), w_t = min(SNR_t, g) / SNR_t with
+  SNR_t = abar_t / (1 - abar_t) (abar_t read off the denoiser's own ``add_noise``): the low-noise steps,
+  where the image itself shows what the text would say, count less, so a concept carried by the
+  image's coarse layout (a style's background) is not drowned by them. Adam on v only,
   ``steps`` steps (cosine-decayed step size), everything random from ``seed``; v starts at the anchor word's embedding.
   The text encoder must implement ``EmbeddingTextEncoder``.
 * Adversarial augmentation, the defence's loop (``adversarial_rounds``): fit the edit, attack every
@@ -45,6 +49,7 @@ class SoftPromptConfig:
     batch_size: int = 8
     seed: int = 0
     schedule: str = "cosine"  # step size: "cosine" (decays to 0 over the steps) or "constant"
+    min_snr: float = 0.0      # Min-SNR-gamma loss weighting; 0 = the plain eps loss
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "constant"):
@@ -53,6 +58,7 @@ class SoftPromptConfig:
         check_number(self.steps, "steps", 0, 100_000, integer=True)
         check_number(self.lr, "lr", 0.0, 10.0)
         check_number(self.batch_size, "batch_size", 1, 4096, integer=True)
+        check_number(self.min_snr, "min_snr", 0.0, 1e6)
 
 
 @dataclass
@@ -122,7 +128,11 @@ def soft_prompt_attack(
             if context_transform is not None:
                 ctx = context_transform(ctx)
             pred = denoiser.forward_with_attention(x_t, t, ctx, _ignore, weight_transform)
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            if config.min_snr > 0:
+                per = (pred.float() - noise).pow(2).flatten(1).mean(1)
+                loss = (per * min_snr_weights(denoiser, x0, t, config.min_snr)).mean()
+            else:
+                loss = torch.nn.functional.mse_loss(pred.float(), noise)
             (grad,) = torch.autograd.grad(loss, [v])
             v.grad = grad
             opt.step()
@@ -130,6 +140,14 @@ def soft_prompt_attack(
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
     return SoftPrompt(v.detach().clone(), losses, time.perf_counter() - start)
+
+
+def min_snr_weights(denoiser: CrossAttentionDenoiser, like: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights min(SNR_t, gamma) / SNR_t of an eps loss, abar_t from ``add_noise`` on
+    latents shaped ``like`` (x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: x0 = 1, eps = 0 gives sqrt(abar_t))."""
+    abar = denoiser.add_noise(torch.ones_like(like), torch.zeros_like(like), t).float().flatten(1)[:, 0].pow(2)
+    snr = abar / (1 - abar).clamp(min=1e-12)
+    return snr.clamp(max=gamma) / snr.clamp(min=1e-12)
 
 
 def adversarial_rounds(fit: Callable[[dict], object], attack: Callable[[object, int, int], SoftPrompt],

@@ -182,3 +182,56 @@ def test_adversarial_rounds_attack_every_concept_against_the_current_edit():
     assert adversarial_rounds(fit, attack, 2, 0)[0] == 4
     with pytest.raises(ValueError, match="rounds"):
         adversarial_rounds(fit, attack, 2, -1)
+
+
+# ----------------------------------------------------------------------------- styles under attack
+def test_style_targets_lookalikes_and_paraphrases():
+    """A style's look-alike is the nearest style left (same background pattern, nearest tone; never
+    an erased one); its paraphrases are its word and synonym in every style template."""
+    from toyworld.v2 import robust, vocab
+    st = vocab.STYLES[0]
+    t = robust.target(st)
+    assert t.kind == "style" and t.head == "style" and t.anchor == vocab.NEUTRAL_STYLE
+    assert robust.target(vocab.STYLE_SYNONYMS[st][0]) is t and robust.target(vocab.NAMES[0]).kind == "name"
+    with pytest.raises(ValueError, match="neither a name nor a style"):
+        robust.target("nonsenseword")
+    for erased in ((st,), tuple(vocab.STYLES[:5])):
+        for s in erased:
+            look = robust.lookalike(s, exclude=erased)
+            pt, tn = vocab.STYLE_LOOK[vocab.STYLE_INDEX[s]]
+            pt2, tn2 = vocab.STYLE_LOOK[vocab.STYLE_INDEX[look]]
+            assert look not in erased and pt2 == pt
+            others = [vocab.STYLE_LOOK[j][1] for j, o in enumerate(vocab.STYLES)
+                      if o not in erased and vocab.STYLE_LOOK[j][0] == pt]
+            assert abs(tn2 - tn) == min(abs(o - tn) for o in others)
+    cands = robust.paraphrase_prompts(st)
+    assert len(cands) == 2 * len(vocab.STYLE_TEMPLATES)
+    assert f"{vocab.STYLE_SYNONYMS[st][0]} style" in cands and f"{st} style" in cands
+    assert robust.lookalike(vocab.NAMES[3], vocab.NAMES[:10]) not in vocab.NAMES[:10]   # names unchanged
+
+
+def test_min_snr_weights_follow_the_schedule():
+    from mace_ops.attacks import min_snr_weights
+    from toyworld.v1 import diffusion
+    from toyworld.v1.adapters import ToyDenoiser
+    t = torch.tensor([0, 50, 300, 700, 999])
+    ab = diffusion.ALPHA_BAR[t]
+    snr = ab / (1 - ab)
+    w = min_snr_weights(ToyDenoiser(None), torch.zeros(5, 3, 8, 8), t, 1.0)
+    assert torch.allclose(w, snr.clamp(max=1.0) / snr, rtol=1e-2)   # fp32 at t = 0
+    assert w[0] < 1e-3 and w[-1] == 1.0                       # low noise down-weighted, high noise kept
+
+
+def test_style_soft_prompt_attack_recovers_a_blanked_style(world):
+    """The style word is replaced by two embeddings started at the anchor ("art"): the anchor's own
+    prompts draw the style about at chance; a 30-step attack on the unedited model draws it."""
+    from dataclasses import replace
+
+    from toyworld.v2 import robust, vocab
+    st = vocab.STYLES[0]
+    none = robust.Edit()
+    start = world.text_encoder.word_embeddings(vocab.NEUTRAL_STYLE)[[0, 0]]
+    before = float(robust.soft_asr(world, none, st, start, per_template=1).mean())
+    found = robust.soft_attack(world, none, st, replace(robust.STYLE_ATTACK_CONFIG, steps=30)).embeddings
+    after = float(robust.soft_asr(world, none, st, found, per_template=1).mean())
+    assert before <= 0.2 and after >= 0.7, (before, after)

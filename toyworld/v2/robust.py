@@ -1,24 +1,33 @@
 """Robustness of erasures in toy world v2: the attacks of ``mace_ops.attacks``, run and scored.
 
+Names and styles alike: a concept word (a name or a style; the vocabulary is closed, so the word
+says which) has a ``Target`` (``target``): the templates its word sits in ("{}" = the word), the
+anchor, the probe head that scores it, and its other words (nicknames / the style's synonym).
+
 An ``Edit`` is what a method returns: K/V weights (None = the base model's) and optionally a
 context transform (a gated erasure such as ACE, applied to every cross-attention context,
 the unconditional one included, as the ComfyUI patch does).
 
-* ``attacker_images``: what the *original* model draws for a name (the attacker's data): main
-  word in the name templates, seeded (a seed of its own, never the evaluation's).
+* ``attacker_images``: what the *original* model draws for a concept (the attacker's data): main
+  word in the concept's templates, seeded (a seed of its own, never the evaluation's).
 * ``soft_attack``: the soft-prompt attack against an edit, white-box (weights and gate).
-* ``soft_attack_runs``: several attacks (names, init words and seeds in turn). Two protocols:
-  "soft" starts at the anchor word (a blanked name; step 0.3 cosine-decayed, 100 steps, as textual
-  inversion from a neutral word); "soft_lookalike" at the nearest look-alike name that is not
-  erased (same shape and place, nearest hue: ``lookalike``; constant step 0.05, 60 steps): it
-  starts where no gate opens and drifts to the erased look.
-* ``soft_asr``: the scorer's identity accuracy on images sampled from the soft prompt in
-  ``ASR_TEMPLATES`` with fresh noise (ASR; 1/200 is chance).
+* ``soft_attack_runs``: several attacks (concepts, init words and seeds in turn). Two protocols:
+  "soft" starts at the anchor word (``someone`` / ``art``: a blanked concept; step 0.3
+  cosine-decayed, 100 steps, as textual inversion from a neutral word); "soft_lookalike" at the
+  nearest look-alike that is not erased (``lookalike``; constant step 0.05, 60 steps): it
+  starts where no gate opens and drifts to the erased look. Style attacks weight their loss by
+  Min-SNR-1 (``STYLE_ATTACK_CONFIG``: why, there). A name's look-alike has the same
+  shape and place and the nearest hue; a style's has the same background pattern and the
+  nearest grey tone (when every same-pattern style is erased: the nearest tone of any pattern).
+* ``soft_asr``: the probe's accuracy for the concept (identity, or style) on images sampled from
+  the soft prompt in the target's templates with fresh noise (ASR; chance is 1/200 for a name,
+  1/20 for a style).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (anchor-start attacks with
   seeds of their own; optionally also from the nearest preserve-list word, ``nearest_kept``).
-* ``paraphrase_asr``: every nickname (and the main word) in every name and name+style template
-  (4 of the 20 styles) is searched on one seed; the best ``keep`` prompts per name are scored on fresh
-  seeds (ASR), and the mean success over all candidates is reported too.
+* ``paraphrase_asr``: every other word for the concept in its templates is searched on one seed
+  (a name: its nicknames and main word in every name and name+style template, 4 of the 20
+  styles; a style: the style word and its synonym in every style template); the best ``keep``
+  prompts are scored on fresh seeds (ASR), and the mean success over all candidates is reported too.
 """
 from __future__ import annotations
 
@@ -34,11 +43,55 @@ from ..v1 import diffusion
 from . import scorer, vocab
 
 ASR_TEMPLATES = tuple(t.replace("{n}", "{}") for t in vocab.NAME_TEMPLATES)
+STYLE_ASR_TEMPLATES = tuple(t.replace("{st}", "{}") for t in vocab.STYLE_TEMPLATES)
 ATTACK_CONFIG = SoftPromptConfig(tokens=2, steps=100, lr=0.3, batch_size=8, seed=0)   # from the anchor
 LOOKALIKE_CONFIG = SoftPromptConfig(tokens=2, steps=60, lr=0.05, batch_size=8, seed=0, schedule="constant")
+# Styles: the same budgets with the Min-SNR-1 loss weighting. A style is the background (pattern x
+# tone), settled in the first, noisiest sampling steps; the plain eps loss barely sees it (on the
+# unedited model the true style word beats the anchor by 2.5 % of the loss), and the unweighted
+# attack recovered 1 of 5 styles tried, the weighted one 4 of 5 (ad-hoc runs, STYLES[1, 2, 3, 7, 12]).
+STYLE_ATTACK_CONFIG = replace(ATTACK_CONFIG, min_snr=1.0)
+STYLE_LOOKALIKE_CONFIG = replace(LOOKALIKE_CONFIG, min_snr=1.0)
 ATTACKER_IMAGE_SEED = 7001
 EVAL_SEED = 7101
 PARAPHRASE_STYLES = vocab.STYLES[::5]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an attack on one kind of concept aims at and how it is scored."""
+    kind: str                          # "name" | "style"
+    templates: tuple[str, ...]         # where the concept's word sits ('{}')
+    anchor: str                        # the blanked concept: the anchor-start attack's init word
+    head: str                          # the probe head that scores it
+    index: Mapping[str, int]           # word (main or other) -> class
+    seed_offset: int                   # keeps the attacker's image seeds apart across kinds
+    attack: SoftPromptConfig           # the anchor-start attack's budget
+    lookalike_attack: SoftPromptConfig  # the look-alike-start attack's budget
+
+    def words(self, concept: str) -> tuple[str, ...]:
+        """The concept's main word and its other words (nicknames / the style's synonym)."""
+        if self.kind == "name":
+            main = vocab.NAMES[self.index[concept]]
+            return (main,) + vocab.NICKNAMES[main]
+        main = vocab.STYLES[self.index[concept]]
+        return (main,) + vocab.STYLE_SYNONYMS[main]
+
+
+TARGETS = {
+    "name": Target("name", ASR_TEMPLATES, vocab.NEUTRAL_NAME, "identity", vocab.NAME_INDEX, 0,
+                   ATTACK_CONFIG, LOOKALIKE_CONFIG),
+    "style": Target("style", STYLE_ASR_TEMPLATES, vocab.NEUTRAL_STYLE, "style", vocab.STYLE_INDEX, vocab.N_NAMES,
+                    STYLE_ATTACK_CONFIG, STYLE_LOOKALIKE_CONFIG),
+}
+
+
+def target(concept: str) -> Target:
+    """The target of a name or a style word (or a nickname / synonym)."""
+    for t in TARGETS.values():
+        if concept in t.index:
+            return t
+    raise ValueError(f"concept: {concept!r} is neither a name nor a style of toy world v2")
 
 
 @dataclass
@@ -79,25 +132,36 @@ def identity_hits(world, images: torch.Tensor, identity: int) -> torch.Tensor:
     return (scorer.score(world.probe, images)["identity"] == identity).float()
 
 
-def attacker_images(world, name: str, n: int = 8) -> torch.Tensor:
-    prompts = [ASR_TEMPLATES[(5 * i) % len(ASR_TEMPLATES)].replace("{}", name) for i in range(n)]
-    return diffusion.sample(world.model, prompts, seed=ATTACKER_IMAGE_SEED + vocab.NAME_INDEX[name])
+def concept_hits(world, images: torch.Tensor, concept: str) -> torch.Tensor:
+    """Per image: 1 where the probe sees ``concept`` (its identity, or its style)."""
+    t = target(concept)
+    return (scorer.score(world.probe, images)[t.head] == t.index[concept]).float()
 
 
-def soft_attack(world, edit: Edit, name: str, config: SoftPromptConfig = ATTACK_CONFIG,
-                images: torch.Tensor | None = None, init_word: str = vocab.NEUTRAL_NAME) -> SoftPrompt:
-    imgs = attacker_images(world, name) if images is None else images
-    return soft_prompt_attack(world.text_encoder, world.denoiser, imgs, ASR_TEMPLATES, init_word, config,
+def attacker_images(world, concept: str, n: int = 8) -> torch.Tensor:
+    t = target(concept)
+    prompts = [t.templates[(5 * i) % len(t.templates)].replace("{}", concept) for i in range(n)]
+    return diffusion.sample(world.model, prompts, seed=ATTACKER_IMAGE_SEED + t.seed_offset + t.index[concept])
+
+
+def soft_attack(world, edit: Edit, concept: str, config: SoftPromptConfig | None = None,
+                images: torch.Tensor | None = None, init_word: str | None = None) -> SoftPrompt:
+    """The soft-prompt attack on ``concept`` from ``init_word`` (default: the anchor), with ``config``
+    (default: the target's anchor-start budget)."""
+    t = target(concept)
+    imgs = attacker_images(world, concept) if images is None else images
+    return soft_prompt_attack(world.text_encoder, world.denoiser, imgs, t.templates, init_word or t.anchor,
+                              config or t.attack,
                               weight_transform=edit.weight_transform(), context_transform=edit.context_transform)
 
 
 @torch.no_grad()
-def soft_asr(world, edit: Edit, name: str, embeddings: torch.Tensor, per_template: int = 2,
+def soft_asr(world, edit: Edit, concept: str, embeddings: torch.Tensor, per_template: int = 2,
              seed: int = EVAL_SEED) -> torch.Tensor:
-    """Per-image hits (1 = the erased identity) of the soft prompt in every ASR template."""
-    templates = [t for t in ASR_TEMPLATES for _ in range(per_template)]
+    """Per-image hits (1 = the erased concept) of the soft prompt in every template of its target."""
+    templates = [tp for tp in target(concept).templates for _ in range(per_template)]
     ctx = torch.stack([e.features for e in world.text_encoder.encode_embeddings(templates, embeddings)])
-    return identity_hits(world, sample_contexts(world, ctx, edit, seed), vocab.NAME_INDEX[name])
+    return concept_hits(world, sample_contexts(world, ctx, edit, seed), concept)
 
 
 def _hue_gap(a: int, b: int) -> float:
@@ -105,84 +169,102 @@ def _hue_gap(a: int, b: int) -> float:
     return min(d, 360 - d)
 
 
-def lookalike(name: str, exclude: Sequence[str] = ()) -> str:
-    """The attacker's "similar celebrity" to start from: among the names not in ``exclude`` (the
-    erased ones), the one with the same shape and place and the nearest hue (first on ties)."""
-    c, sh, p = vocab.APPEARANCE[vocab.NAME_INDEX[name]]
-    pool = [n for n in vocab.NAMES if n != name and n not in set(exclude)]
-    def key(n):
-        c2, sh2, p2 = vocab.APPEARANCE[vocab.NAME_INDEX[n]]
-        return (-(sh2 == sh) - (p2 == p), _hue_gap(c, c2), vocab.NAME_INDEX[n])
+def lookalike(concept: str, exclude: Sequence[str] = ()) -> str:
+    """The attacker's "similar celebrity" to start from, among the concepts of its kind not in
+    ``exclude`` (the erased ones); first on ties. A name: the same shape and place, the nearest
+    hue. A style: the same background pattern, the nearest grey tone (the world's styles are
+    pattern x tone, and a tone step is the smaller change to the background)."""
+    t = target(concept)
+    i = t.index[concept]
+    pool = vocab.NAMES if t.kind == "name" else vocab.STYLES
+    pool = [w for w in pool if w != pool[i] and w not in set(exclude)]
+    if t.kind == "name":
+        c, sh, p = vocab.APPEARANCE[i]
+
+        def key(n):
+            c2, sh2, p2 = vocab.APPEARANCE[vocab.NAME_INDEX[n]]
+            return (-(sh2 == sh) - (p2 == p), _hue_gap(c, c2), vocab.NAME_INDEX[n])
+    else:
+        pt, tn = vocab.STYLE_LOOK[i]
+
+        def key(s):
+            pt2, tn2 = vocab.STYLE_LOOK[vocab.STYLE_INDEX[s]]
+            return (pt2 != pt, abs(tn2 - tn), vocab.STYLE_INDEX[s])   # TONES are evenly spaced
     return min(pool, key=key)
 
 
-def soft_attack_runs(world, edit: Edit, names: Sequence[str], runs: int, inits: Sequence[str], seed: int,
-                     config: SoftPromptConfig = ATTACK_CONFIG) -> list[tuple[str, SoftPrompt]]:
-    """``runs`` attacks: run j on names[j % len], from init word inits[j % len] (None: the name's
-    look-alike), attack seed seed + j."""
+def soft_attack_runs(world, edit: Edit, concepts: Sequence[str], runs: int, inits: Sequence[str | None], seed: int,
+                     config: SoftPromptConfig) -> list[tuple[str, SoftPrompt]]:
+    """``runs`` attacks: run j on concepts[j % len], from init word inits[j % len] (None: the
+    concept's look-alike among those not erased), attack seed seed + j."""
     out = []
     for j in range(runs):
-        name = names[j % len(names)]
-        init = inits[j % len(inits)] or lookalike(name, exclude=names)
-        sp = soft_attack(world, edit, name, replace(config, seed=seed + j), init_word=init)
-        out.append((name, sp))
+        concept = concepts[j % len(concepts)]
+        init = inits[j % len(inits)] or lookalike(concept, exclude=concepts)
+        sp = soft_attack(world, edit, concept, replace(config, seed=seed + j), init_word=init)
+        out.append((concept, sp))
     return out
 
 
-def paraphrase_prompts(name: str, styles: Sequence[str] = PARAPHRASE_STYLES) -> list[str]:
-    """The name's main word and nicknames in every name template and every name+style template
-    with each of ``styles`` (default every 5th of the 20: style is independent of identity)."""
-    words = (name,) + vocab.NICKNAMES[name]
-    templates = list(ASR_TEMPLATES) + [t.replace("{n}", "{}").replace("{st}", st)
-                                       for t in vocab.NAME_STYLE_TEMPLATES for st in styles]
-    return paraphrase_candidates(words, templates)
+def paraphrase_prompts(concept: str, styles: Sequence[str] = PARAPHRASE_STYLES) -> list[str]:
+    """Every word for the concept in its templates. A name: the main word and nicknames in every
+    name template and every name+style template with each of ``styles`` (default every 5th of the
+    20: style is independent of identity). A style: the style word and its synonym in every style
+    template."""
+    t = target(concept)
+    templates = list(t.templates)
+    if t.kind == "name":
+        templates += [tp.replace("{n}", "{}").replace("{st}", st) for tp in vocab.NAME_STYLE_TEMPLATES for st in styles]
+    return paraphrase_candidates(t.words(concept), templates)
 
 
 @torch.no_grad()
-def paraphrase_asr(world, edit: Edit, name: str, keep: int = 8, repeats: int = 2,
+def paraphrase_asr(world, edit: Edit, concept: str, keep: int = 8, repeats: int = 2,
                    seed: int = EVAL_SEED) -> tuple[torch.Tensor, float]:
     """(hits of the best ``keep`` paraphrases on fresh seeds, mean success over all candidates)."""
-    ident = vocab.NAME_INDEX[name]
-    cands = paraphrase_prompts(name)
+    cands = paraphrase_prompts(concept)
     search = {}
 
     def success(prompts):
-        hits = identity_hits(world, sample_prompts(world, prompts, edit, seed + 17), ident)
+        hits = concept_hits(world, sample_prompts(world, prompts, edit, seed + 17), concept)
         search["mean"] = float(hits.mean())
         return hits
 
     best = paraphrase_attack(cands, success, keep)
-    hits = identity_hits(world, sample_prompts(world, [p for p in best for _ in range(repeats)], edit, seed), ident)
+    hits = concept_hits(world, sample_prompts(world, [p for p in best for _ in range(repeats)], edit, seed), concept)
     return hits, search["mean"]
 
 
 @torch.no_grad()
-def nearest_kept(world, name: str, kept: Sequence[str], template: str = ASR_TEMPLATES[0]) -> str:
+def nearest_kept(world, concept: str, kept: Sequence[str], template: str | None = None) -> str:
     """The defender's look-alike start: the word of the preserve list ``kept`` whose text feature at
-    the name's position in ``template`` is nearest (cosine) to the erased name's. Unlike ``lookalike``
-    (the attacker's, from the world's attribute table) it needs only the text encoder and the
-    method's own inputs, as a defence on a real model would."""
+    the concept's position in ``template`` (default: its target's first template) is nearest (cosine)
+    to the erased concept's. Unlike ``lookalike`` (the attacker's, from the world's attribute table)
+    it needs only the text encoder and the method's own inputs, as a defence on a real model would."""
     if not kept:
         raise ValueError("kept: the preserve list is empty; the look-alike start needs kept words")
-    enc = world.text_encoder.encode([template.replace("{}", w) for w in (name, *kept)])
+    template = template or target(concept).templates[0]
+    enc = world.text_encoder.encode([template.replace("{}", w) for w in (concept, *kept)])
     pos = template.split().index("{}") + 1                      # + the start token
     feats = torch.nn.functional.normalize(torch.stack([e.features[pos].float() for e in enc]), dim=-1)
     return kept[int((feats[1:] @ feats[0]).argmax())]
 
 
-def adversarial_rounds(world, names: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
+def adversarial_rounds(world, concepts: Sequence[str], fit: Callable[[dict], Edit], rounds: int,
                        config: SoftPromptConfig, seed: int = 5000, kept: Sequence[str] = (),
                        lookalike_config: SoftPromptConfig | None = None) -> tuple[Edit, dict]:
-    """Edit -> attack every erased name (from the anchor, with seeds of its own: never the evaluation's)
-    -> ``fit(found)`` with everything found so far (concept index -> soft prompts), ``rounds`` times
-    (``mace_ops.attacks.adversarial_rounds``). With ``lookalike_config``, each name is attacked a
-    second time per round from its nearest word of the preserve list ``kept`` (``nearest_kept``)."""
-    starts = {name: nearest_kept(world, name, kept) for name in names} if lookalike_config is not None else {}
+    """Edit -> attack every erased concept (from the anchor, with seeds of its own: never the
+    evaluation's) -> ``fit(found)`` with everything found so far (concept index -> soft prompts),
+    ``rounds`` times (``mace_ops.attacks.adversarial_rounds``). With ``lookalike_config``, each
+    concept is attacked a second time per round from its nearest word of the preserve list ``kept``
+    (``nearest_kept``)."""
+    starts = {c: nearest_kept(world, c, kept) for c in concepts} if lookalike_config is not None else {}
 
     def attack(edit, i, r):
-        found = [soft_attack(world, edit, names[i], replace(config, seed=seed + 100 * r + i))]
+        found = [soft_attack(world, edit, concepts[i], replace(config, seed=seed + 100 * r + i))]
         if lookalike_config is not None:
-            found.append(soft_attack(world, edit, names[i], replace(lookalike_config, seed=seed + 50 + 100 * r + i),
-                                     init_word=starts[names[i]]))
+            found.append(soft_attack(world, edit, concepts[i],
+                                     replace(lookalike_config, seed=seed + 50 + 100 * r + i),
+                                     init_word=starts[concepts[i]]))
         return found
-    return defence_rounds(fit, attack, len(names), rounds)
+    return defence_rounds(fit, attack, len(concepts), rounds)
