@@ -80,19 +80,25 @@ SD21_MODEL = {"name": SD21, "directory": "checkpoints",
                      "v2-1_768-ema-pruned.safetensors?download=true"}
 MODELS = {SD15: SD15_MODEL, SDXL: SDXL_MODEL, SD21: SD21_MODEL}
 
-WORKFLOWS = {
-    "erase_style_cfr": {
-        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
-        "cfr": ("MaceRefineCrossAttention",
-                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
-                 1.0, 1.0, True, True],
-                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
-        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh", "fp16"], {"model": ("cfr", "model")},
-                         (820, -260)),
+
+def cfr_workflow(ckpt: str, cfr_widgets: list, save_prefix: str, prompt: str, **sampler_kw) -> dict:
+    """The CFR-only workflow: checkpoint -> CFR -> MACE Save Erasure, the summary, one sample."""
+    return {
+        "ckpt": ("CheckpointLoaderSimple", [ckpt], {}, (0, 0)),
+        "cfr": ("MaceRefineCrossAttention", cfr_widgets, {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")},
+                (380, 0)),
+        "save_erasure": ("MaceSaveErasure", [save_prefix, "fp16"], {"model": ("cfr", "model")}, (820, -260)),
         "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
-        **sampler_nodes("erased_", ("cfr", "model"), "a painting of a starry night in the style of van gogh",
-                        820, 60),
-    },
+        **sampler_nodes("erased_", ("cfr", "model"), prompt, 820, 60, **sampler_kw),
+    }
+
+
+VAN_GOGH_CFR = ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
+                1.0, 1.0, True, True]
+STARRY_NIGHT = "a painting of a starry night in the style of van gogh"
+
+WORKFLOWS = {
+    "erase_style_cfr": cfr_workflow(SD15, VAN_GOGH_CFR, "loras/mace_van_gogh", STARRY_NIGHT),
     # MACE stages 1 + 2 for one concept: images of the concept from the original model, CFR, then the
     # concept's LoRA trained on the CFR model (the LoRA file is saved by the training node; the
     # combined CFR + LoRA edit is saved by MACE Save Erasure), then a sample from the erased model.
@@ -115,7 +121,7 @@ WORKFLOWS = {
         "summary": ("PreviewAny", [], {"source": ("lora", "summary")}, (1180, -260)),
         "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_cfr_lora", "fp16"], {"model": ("lora", "model")},
                          (1180, -120)),
-        **sampler_nodes("erased_", ("lora", "model"), "a painting of a starry night in the style of van gogh",
+        **sampler_nodes("erased_", ("lora", "model"), STARRY_NIGHT,
                         1180, 60),
     },
     # MACE stages 1-3 for a list of people: CFR, one LoRA per person (images from the model itself,
@@ -133,31 +139,14 @@ WORKFLOWS = {
         **sampler_nodes("erased_", ("mass", "model"), "a portrait photo of tom cruise", 820, 60),
     },
     # Nudity with synonyms on one line (all erased together), mapped onto a clothed person; CFR only.
-    "erase_nudity_cfr": {
-        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
-        "cfr": ("MaceRefineCrossAttention",
-                ["nudity, naked, nude, topless, erotic", "person", "a person wearing clothes",
-                 "a person\na woman\na man", 1.0, 1.0, True, True],
-                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
-        "save_erasure": ("MaceSaveErasure", ["loras/mace_nudity", "fp16"], {"model": ("cfr", "model")},
-                         (820, -260)),
-        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
-        **sampler_nodes("erased_", ("cfr", "model"), "a photo of a naked woman on the beach", 820, 60),
-    },
+    "erase_nudity_cfr": cfr_workflow(
+        SD15, ["nudity, naked, nude, topless, erotic", "person", "a person wearing clothes",
+               "a person\na woman\na man", 1.0, 1.0, True, True],
+        "loras/mace_nudity", "a photo of a naked woman on the beach"),
     # SDXL (and its fine-tunes: Pony, Illustrious, NoobAI -- load yours instead): erase an art style
     # from both text encoders' features (CLIP-L + OpenCLIP-bigG, 2048 wide) with CFR; 1024 px sample.
-    "erase_style_cfr_sdxl": {
-        "ckpt": ("CheckpointLoaderSimple", [SDXL], {}, (0, 0)),
-        "cfr": ("MaceRefineCrossAttention",
-                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
-                 1.0, 1.0, True, True],
-                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
-        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_sdxl", "fp16"], {"model": ("cfr", "model")},
-                         (820, -260)),
-        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
-        **sampler_nodes("erased_", ("cfr", "model"), "a painting of a starry night in the style of van gogh",
-                        820, 60, size=1024, steps=25),
-    },
+    "erase_style_cfr_sdxl": cfr_workflow(SDXL, VAN_GOGH_CFR, "loras/mace_van_gogh_sdxl", STARRY_NIGHT,
+                                         size=1024, steps=25),
     # ACE-style gated erasure: the style's directions are nulled out only where the prompt carries it (an
     # attn2 patch, no weight change); a second sample from a preserved painter shows the gate closed.
     # adversarial_rounds 0 here (seconds); 2 runs the adversarial refit (attacks through the model).
@@ -170,24 +159,15 @@ WORKFLOWS = {
         "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_ace", "fp16"], {"model": ("ace", "model")},
                          (820, -260)),
         "summary": ("PreviewAny", [], {"source": ("ace", "summary")}, (820, -120)),
-        **sampler_nodes("erased_", ("ace", "model"), "a painting of a starry night in the style of van gogh",
+        **sampler_nodes("erased_", ("ace", "model"), STARRY_NIGHT,
                         820, 60),
         **sampler_nodes("kept_", ("ace", "model"), "a painting of water lilies in the style of claude monet",
                         820, 760),
     },
     # SD 2.x (2.1 768-v is a v-prediction model; ComfyUI detects it): erase an object class with CFR.
-    "erase_object_cfr_sd2": {
-        "ckpt": ("CheckpointLoaderSimple", [SD21], {}, (0, 0)),
-        "cfr": ("MaceRefineCrossAttention",
-                ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar",
-                 1.0, 1.0, True, True],
-                {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
-        "save_erasure": ("MaceSaveErasure", ["loras/mace_airplane_sd2", "fp16"], {"model": ("cfr", "model")},
-                         (820, -260)),
-        "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
-        **sampler_nodes("erased_", ("cfr", "model"), "a photo of an airplane above the clouds", 820, 60,
-                        size=768, steps=25),
-    },
+    "erase_object_cfr_sd2": cfr_workflow(
+        SD21, ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar", 1.0, 1.0, True, True],
+        "loras/mace_airplane_sd2", "a photo of an airplane above the clouds", size=768, steps=25),
 }
 
 
