@@ -39,13 +39,14 @@ name from 10 concepts on, so the file's stock-loader part is a caller-chosen fal
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 from .alignment import align
-from .concepts import Concept
+from .concepts import Concept, normalise_phrase
 from .interfaces import KVWeights, TextEncoder
 from .templates import check_templates, fill
 from .validation import check_number
@@ -198,8 +199,6 @@ def fit_gated_erasure(
 
 def mentions(prompts: Sequence[str], concepts: Sequence[Concept]) -> torch.Tensor:
     """(P, n) bool: prompt p names concept i (one of its phrases, whole words, case-insensitive)."""
-    import re
-    from .concepts import normalise_phrase
     pats = [re.compile("|".join(rf"(?<!\w){re.escape(ph)}(?!\w)" for ph in c.phrases)) for c in concepts]
     texts = [normalise_phrase(p) for p in prompts]
     return torch.tensor([[bool(pat.search(t)) for pat in pats] for t in texts], dtype=torch.bool).reshape(len(texts), len(pats))

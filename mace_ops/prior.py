@@ -16,7 +16,7 @@ preserve list (w = ``prior_weight``; 0 = off). ``PriorCache`` keeps M per (text 
 captions) in memory and, given a folder, as a safetensors file keyed by a fingerprint of the
 encoder's features on fixed probe prompts, so a run encodes the captions once per encoder. It
 keeps the captions' encodings the same way (``PriorCache.encode``: ACE's gate is calibrated on
-them, per position, so it needs the features, not only their moment).
+each caption's peak similarity to the concept, so it needs the features, not only their moment).
 """
 from __future__ import annotations
 
