@@ -22,6 +22,21 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
    caption prior names every style; left in, it set the styles' tau at ~1). (The first version took the quantile over positions, which the
    template words and pads of most prompts dominate; that set tau below the preserved names' own
    similarity, and on toy world v2 the gate opened on most unseen names from 50 concepts on.)
+
+   **Shared floor, calibrated by identity** (``open_rate`` = alpha). A per-prompt quantile per
+   concept treats the templated prompts of one preserved name as independent draws and each
+   concept on its own; an unseen name, though, is one new draw of an *identity*, and it is
+   damaged when *any* of the n gates opens. So the preserve prompts are grouped by phrase
+   (``calibration_groups``), each group scores s_g = max over its prompts and over every concept
+   of the peak similarity, and the floor is the split-conformal quantile of those scores:
+
+       floor = s_(k),  k = ceil((1 - alpha)(G + 1))  (the k-th smallest of the G group scores)
+
+   so a new identity exchangeable with the preserve list opens some gate with probability
+   <= alpha (with G < 1/alpha - 1 groups the floor is their maximum and the bound is 1/(G+1)).
+   tau_i = max(quantile_i, floor) + margin. On toy world v2 at 100 erased names this is what
+   keeps unseen names closed (``bench/gate_separation.py``); at one concept it changes nothing
+   (the floor lies below the per-concept quantile).
 3. **Adversarial augmentation** (``fit_gated_erasure(adversarial=...)``): soft prompts that an
    attack found against the current edit are filled into the templates; their soft-position
    features join the prototypes and their pairs join the directions, and the edit is refit.
@@ -39,9 +54,10 @@ name from 10 concepts on, so the file's stock-loader part is a caller-chosen fal
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import torch
 
@@ -62,12 +78,14 @@ class ACEConfig:
     quantile: float = 0.999
     margin: float = 0.0
     temperature: float = 0.02
+    open_rate: float = 0.05    # alpha of the shared floor; 1 = no floor
 
     def validate(self) -> None:
         check_number(self.rank, "rank", 1, 4096, integer=True)
         check_number(self.quantile, "quantile", 0.0, 1.0)
         check_number(self.margin, "margin", -2.0, 2.0)
         check_number(self.temperature, "temperature", 1e-6, 10.0)
+        check_number(self.open_rate, "open_rate", 0.0, 1.0)
 
 
 @dataclass
@@ -158,14 +176,21 @@ def fit_gated_erasure(
     calibration_prompts: Sequence[str],
     config: ACEConfig = ACEConfig(),
     adversarial: Mapping[int, Sequence[torch.Tensor]] | None = None,
+    calibration_groups: Sequence[Hashable | None] | None = None,
 ) -> GatedErasure:
-    """Fit the gated erasure of ``concepts`` (``adversarial``: concept index -> soft prompts found)."""
+    """Fit the gated erasure of ``concepts`` (``adversarial``: concept index -> soft prompts found).
+    ``calibration_groups``: one label per calibration prompt, the identity it belongs to (e.g. the
+    preserve phrase it was filled with); None = in no group. Only labelled prompts set the shared
+    floor; without labels there is no floor."""
     config.validate()
     check_templates(templates)
     if not concepts:
         raise ValueError("concepts: nothing to erase")
     if not calibration_prompts:
         raise ValueError("calibration prompts: need the preserve list (and captions) to set the gate")
+    if calibration_groups is not None and len(calibration_groups) != len(calibration_prompts):
+        raise ValueError(f"calibration_groups: {len(calibration_groups)} labels for {len(calibration_prompts)} "
+                         "calibration prompts; give one label (or None) per prompt")
     anchor_enc = encoder.encode([fill(t, anchor) for t in templates])
     protos, owner, bases, targets = [], [], [], []
     for i, concept in enumerate(concepts):
@@ -193,8 +218,32 @@ def fit_gated_erasure(
         i = int(names.all(dim=0).nonzero()[0])
         raise ValueError(f"calibration prompts: every one names '{concepts[i].name}'; the gate needs ordinary "
                          "prompts (the preserve list or captions without the concept) to set its threshold")
-    erasure.thresholds = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0) + config.margin
+    per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0)
+    floor = shared_floor(peaks.masked_fill(names, -2.0), calibration_groups, config.open_rate)
+    erasure.thresholds = per_concept.clamp(min=floor) + config.margin
     return erasure
+
+
+def shared_floor(peaks: torch.Tensor, groups: Sequence[Hashable | None] | None, open_rate: float) -> float:
+    """The split-conformal (1 - open_rate) quantile over labelled groups of each group's largest peak
+    (``peaks``: (P, n), prompts that name a concept already set low); -inf without groups or at 1."""
+    if groups is None or open_rate >= 1.0:
+        return float("-inf")
+    scores: dict = {}
+    for label, s in zip(groups, peaks.amax(dim=1).tolist()):
+        if label is not None:
+            scores[label] = max(s, scores.get(label, -2.0))
+    if not scores:
+        return float("-inf")
+    ranked = sorted(scores.values())
+    k = min(math.ceil((1.0 - open_rate) * (len(ranked) + 1)), len(ranked))
+    return ranked[k - 1] if k >= 1 else float("-inf")
+
+
+def phrase_groups(phrases: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(prompts, labels): every template filled with each phrase, labelled with the phrase."""
+    prompts = [fill(t, p) for p in phrases for t in templates]
+    return prompts, [p for p in phrases for _ in templates]
 
 
 def mentions(prompts: Sequence[str], concepts: Sequence[Concept]) -> torch.Tensor:

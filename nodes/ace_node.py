@@ -4,7 +4,9 @@ The gate is fitted with the connected CLIP (the pack's ComfyUI text-encoder adap
 calibrated on the preserve prompts plus the pack's general captions (``prior_input.PRIOR_CAPTIONS``,
 1,000): its threshold is the ``quantile``, over those prompts, of each prompt's largest similarity
 (over its tokens) to the concept's features (prompts that name the concept are left out), so a
-prompt without the concept leaves the gate closed and the model's output as it was.
+prompt without the concept leaves the gate closed and the model's output as it was; and at least
+the shared floor set by ``open_rate`` on the preserve phrases (each phrase's prompts one group:
+at most that share of unseen phrases like them opens any gate, ``mace_ops.ace``).
 No weight changes: the clone carries the gate as an attn2 patch (``comfy_gate``). For a stock-LoRA
 fallback in the saved file, chain the CFR node too (its deltas become the file's ``.diff`` part).
 
@@ -36,7 +38,7 @@ from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.encoding_cache import CachedTextEncoder
 from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
 from . import prior_input
-from .cfr_node import preserve_phrases, preserve_prompts
+from .cfr_node import preserve_groups, preserve_phrases
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_gate import GateRecord, apply_gate, base_fingerprint, check_gate_fits, get_gate
 from .comfy_model import effective_kv_weights
@@ -136,6 +138,11 @@ class MaceGatedErasure(io.ComfyNode):
                              tooltip="Sampler steps per attack image (dpmpp_2m karras, cfg 7.5)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
                              tooltip="Attack image i uses seed + i; attack r of concept i uses seed + 100 r + i."),
+                io.Float.Input("open_rate", default=DEFAULTS.open_rate, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Shared threshold floor: at most this share of phrases like the preserve "
+                               "list (unseen ones) should open any concept's gate; it matters when many "
+                               "concepts are erased. Set from the preserve phrases (list many for a tight "
+                               "floor: with G phrases it cannot go below 1/(G+1)). 1 = off."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )
@@ -144,7 +151,7 @@ class MaceGatedErasure(io.ComfyNode):
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, builtin_preserve, rank, quantile,
                 margin=DEFAULTS.margin, temperature=DEFAULTS.temperature, adversarial_rounds=0,
                 attack_steps=ATTACK.steps, attack_images=8, image_size=512, sampling_steps=20,
-                seed=0) -> io.NodeOutput:
+                seed=0, open_rate=DEFAULTS.open_rate) -> io.NodeOutput:
         check_inputs(cls, locals())
         if get_gate(model) is not None:
             raise ValueError("model: already carries an ACE gate; erase every concept in one MACE Gated Erasure "
@@ -152,9 +159,9 @@ class MaceGatedErasure(io.ComfyNode):
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         templates = templates_for(concept_type)
-        keep = preserve_prompts(preserve, templates, builtin_preserve)
+        keep, groups = preserve_groups(preserve, templates, builtin_preserve)
         default_anchor = normalise_phrase(anchor)
-        config = ACEConfig(int(rank), float(quantile), float(margin), float(temperature))
+        config = ACEConfig(int(rank), float(quantile), float(margin), float(temperature), float(open_rate))
         rounds, n_images, steps = int(adversarial_rounds), int(attack_images), int(sampling_steps)
         base = effective_kv_weights(model)
         raw = ComfyTextEncoder(clip)
@@ -176,7 +183,7 @@ class MaceGatedErasure(io.ComfyNode):
 
         def fit(found):
             return fit_gated_erasure(encoder, parsed, templates, default_anchor, keep + captions, config,
-                                     adversarial=found)
+                                     adversarial=found, calibration_groups=groups + [None] * len(captions))
 
         attack_seconds = 0.0
         if rounds == 0:

@@ -5,6 +5,7 @@ import json
 
 from .comfy_compat import io
 
+from ..mace_ops.ace import phrase_groups
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.scope import parse_erase_from
@@ -45,9 +46,17 @@ def preserve_phrases(preserve_text: str) -> list[str]:
 
 
 def preserve_prompts(preserve_text: str, templates, builtin: bool) -> list[str]:
-    phrases = preserve_phrases(preserve_text)
-    prompts = [fill(t, p) for p in phrases for t in templates]
-    return prompts + (list(GENERIC_PRESERVE_PROMPTS) if builtin else [])
+    return preserve_groups(preserve_text, templates, builtin)[0]
+
+
+def preserve_groups(preserve_text: str, templates, builtin: bool) -> tuple[list[str], list]:
+    """(preserve prompts, labels): each phrase's templates labelled with the phrase, each built-in
+    prompt its own label (``mace_ops.ace``'s calibration groups)."""
+    prompts, labels = phrase_groups(preserve_phrases(preserve_text), templates)
+    if builtin:
+        prompts += list(GENERIC_PRESERVE_PROMPTS)
+        labels += [("builtin", i) for i in range(len(GENERIC_PRESERVE_PROMPTS))]
+    return prompts, labels
 
 
 class MaceRefineCrossAttention(io.ComfyNode):

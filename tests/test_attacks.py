@@ -235,3 +235,47 @@ def test_style_soft_prompt_attack_recovers_a_blanked_style(world):
     found = robust.soft_attack(world, none, st, replace(robust.STYLE_ATTACK_CONFIG, steps=30)).embeddings
     after = float(robust.soft_asr(world, none, st, found, per_template=1).mean())
     assert before <= 0.2 and after >= 0.7, (before, after)
+
+
+def test_shared_floor_is_a_conformal_quantile_over_groups():
+    """The floor scores each labelled group by its largest peak over its prompts and every concept and
+    takes the ceil((1 - alpha)(G + 1))-th smallest; unlabelled prompts do not count; with too few
+    groups for alpha it is their maximum; alpha 1 or no labels: no floor."""
+    from mace_ops.ace import shared_floor
+    gen = torch.Generator().manual_seed(0)
+    peaks = torch.rand(60, 3, generator=gen)                      # 60 prompts, 3 concepts
+    labels = [p // 3 for p in range(60)]                          # 20 groups of 3 prompts
+    scores = peaks.amax(1).reshape(20, 3).amax(1).sort().values
+    assert shared_floor(peaks, labels, 0.1) == pytest.approx(float(scores[18]))   # ceil(0.9 * 21) = 19th
+    assert shared_floor(peaks, labels, 0.5) == pytest.approx(float(scores[10]))   # ceil(0.5 * 21) = 11th
+    assert shared_floor(peaks, labels, 0.01) == pytest.approx(float(scores[-1]))  # 20 groups: the maximum
+    unlabelled = [None if p < 30 else p // 3 for p in range(60)]  # only the last 10 groups count
+    assert shared_floor(peaks, unlabelled, 0.5) == pytest.approx(float(peaks[30:].amax(1).reshape(10, 3).amax(1)
+                                                                        .sort().values[5]))
+    assert shared_floor(peaks, labels, 1.0) == float("-inf")
+    assert shared_floor(peaks, None, 0.05) == float("-inf")
+    assert shared_floor(peaks, [None] * 60, 0.05) == float("-inf")
+
+
+def test_shared_floor_keeps_unseen_names_closed_when_many_are_erased(world):
+    """30 names erased: without the floor (open_rate 1) the per-concept quantiles let many of 20 unseen
+    names open some gate; with the floor (the default) far fewer do, while the erased names' nicknames
+    (never given to the fit) still open their own gate. A labels/prompts mismatch is a clear error."""
+    from mace_ops.ace import fit_gated_erasure, prompt_peaks
+    from toyworld.v2 import erase, vocab
+    task = erase.Task("name", tuple(vocab.NAMES[:30]), tuple(vocab.NAMES[100:150]))
+    enc, tpls = world.text_encoder, vocab.NAME_TEMPLATES
+    unseen = enc.encode([t.format(n=w) for w in vocab.NAMES[150:170] for t in tpls])
+    nicks = enc.encode([t.format(n=vocab.NICKNAMES[n][0]) for n in task.erase for t in tpls])
+    own = torch.arange(30).repeat_interleave(len(tpls))
+    rates = {}
+    for alpha in (1.0, 0.05):
+        gate = erase.ace_erase(world, task, config=ACEConfig(open_rate=alpha))
+        ret = (prompt_peaks(gate, unseen) > gate.thresholds).any(1).float().mean()
+        nick = (prompt_peaks(gate, nicks)[torch.arange(len(own)), own] > gate.thresholds[own]).float().mean()
+        rates[alpha] = (float(ret), float(nick))
+    assert rates[0.05][0] <= rates[1.0][0] / 2 and rates[1.0][0] >= 0.1, rates
+    assert rates[0.05][1] >= 0.9, rates
+    prompts, groups = task.preserve_groups()
+    with pytest.raises(ValueError, match="calibration_groups: 3 labels"):
+        fit_gated_erasure(enc, task.concepts(), task.templates, task.anchor, prompts, ACEConfig(), None, groups[:3])

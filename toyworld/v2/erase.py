@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from mace_ops.ace import ACEConfig, GatedErasure, fit_gated_erasure
+from mace_ops.ace import ACEConfig, GatedErasure, fit_gated_erasure, phrase_groups
 from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept, parse_concepts, require_concepts
 from mace_ops.lora_file import load_concept_lora
@@ -81,9 +81,11 @@ class Task:
 
     def preserve_prompts(self, templated: bool = True) -> list[str]:
         """The preserve list in the erase templates (plus the anchor's own prompts)."""
-        words = list(self.preserve) + [self.anchor]
-        tpls = self.templates if templated else ("{}",)
-        return [t.replace("{}", w) for w in words for t in tpls]
+        return self.preserve_groups(templated)[0]
+
+    def preserve_groups(self, templated: bool = True) -> tuple[list[str], list[str]]:
+        """(preserve prompts, the word each was filled with): ``mace_ops.ace``'s calibration groups."""
+        return phrase_groups(list(self.preserve) + [self.anchor], self.templates if templated else ("{}",))
 
 
 def prior_captions() -> list[str]:
@@ -121,9 +123,12 @@ def uce_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale
 
 def ace_erase(world, task: Task, *, config: ACEConfig = ACEConfig(), adversarial=None) -> GatedErasure:
     """ACE-style gated erasure (``mace_ops.ace``); the gate is calibrated on the preserve prompts and
-    the toy caption prior (``prior_captions``). ``adversarial``: concept index -> soft prompts."""
-    return fit_gated_erasure(world.text_encoder, task.concepts(), task.templates, task.anchor,
-                             task.preserve_prompts() + prior_captions(), config, adversarial)
+    the toy caption prior (``prior_captions``), its shared floor on the preserve words as groups.
+    ``adversarial``: concept index -> soft prompts."""
+    prompts, groups = task.preserve_groups()
+    captions = prior_captions()
+    return fit_gated_erasure(world.text_encoder, task.concepts(), task.templates, task.anchor, prompts + captions,
+                             config, adversarial, groups + [None] * len(captions))
 
 
 def training_images(world, task: Task, n_images: int = 8, seed: int = 0):
