@@ -27,7 +27,7 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
    concept treats the templated prompts of one preserved name as independent draws and each
    concept on its own; an unseen name, though, is one new draw of an *identity*, and it is
    damaged when *any* of the n gates opens. So the preserve prompts are grouped by phrase
-   (``calibration_groups``), each group scores s_g = max over its prompts and over every concept
+   (``calibration_groups``, e.g. ``templates.phrase_groups``), each group scores s_g = max over its prompts and over every concept
    of the peak similarity, and the floor is the split-conformal quantile of those scores:
 
        floor = s_(k),  k = ceil((1 - alpha)(G + 1))  (the k-th smallest of the G group scores)
@@ -236,14 +236,8 @@ def shared_floor(peaks: torch.Tensor, groups: Sequence[Hashable | None] | None, 
     if not scores:
         return float("-inf")
     ranked = sorted(scores.values())
-    k = min(math.ceil((1.0 - open_rate) * (len(ranked) + 1)), len(ranked))
-    return ranked[k - 1] if k >= 1 else float("-inf")
-
-
-def phrase_groups(phrases: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(prompts, labels): every template filled with each phrase, labelled with the phrase."""
-    prompts = [fill(t, p) for p in phrases for t in templates]
-    return prompts, [p for p in phrases for _ in templates]
+    k = min(math.ceil((1.0 - open_rate) * (len(ranked) + 1)), len(ranked))   # >= 1: open_rate < 1 here
+    return ranked[k - 1]
 
 
 def mentions(prompts: Sequence[str], concepts: Sequence[Concept]) -> torch.Tensor:

@@ -6,6 +6,8 @@ These lists are written for this pack; they are not the reference implementation
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 OBJECT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
     "a close-up photo of a {}",
@@ -153,3 +155,9 @@ def check_templates(templates) -> None:
 def fill(template: str, phrase: str) -> str:
     """Fill a template; an empty phrase (the neutral anchor) leaves no double spaces."""
     return " ".join(template.replace("{}", phrase).split())
+
+
+def phrase_groups(phrases: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(prompts, labels): every template filled with each phrase, labelled with the phrase."""
+    prompts = [fill(t, p) for p in phrases for t in templates]
+    return prompts, [p for p in phrases for _ in templates]

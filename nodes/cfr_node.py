@@ -5,11 +5,10 @@ import json
 
 from .comfy_compat import io
 
-from ..mace_ops.ace import phrase_groups
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.scope import parse_erase_from
-from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, fill, templates_for
+from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, phrase_groups, templates_for
 from ..mace_ops.pooled import edit_pooled_projection, pooled_stats
 from .comfy_model import POOLED_KEY, apply_erasure, effective_kv_weights, effective_weights, pooled_text_width
 from .comfy_text_encoder import ComfyTextEncoder

@@ -27,13 +27,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from mace_ops.ace import ACEConfig, GatedErasure, fit_gated_erasure, phrase_groups
+from mace_ops.ace import ACEConfig, GatedErasure, fit_gated_erasure
 from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept, parse_concepts, require_concepts
 from mace_ops.lora_file import load_concept_lora
 from mace_ops.lora_train import LoraTrainConfig
 from mace_ops.pipeline import PipelineSettings, run_mass_erasure
 from mace_ops.prior import PriorCache
+from mace_ops.templates import phrase_groups
 
 from ..v1 import diffusion
 from . import vocab
