@@ -142,7 +142,8 @@ class MaceGatedErasure(io.ComfyNode):
                                tooltip="Shared threshold floor: at most this share of phrases like the preserve "
                                "list (unseen ones) should open any concept's gate; it matters when many "
                                "concepts are erased. Set from the preserve phrases (list many for a tight "
-                               "floor: with G phrases it cannot go below 1/(G+1)). 1 = off."),
+                               "floor: with G phrases it cannot go below 1/(G+1)). 1 = off; use 1 with adversarial_rounds "
+                               "(on the toy world the floor makes the gate easier to undo with an optimised prompt)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )
