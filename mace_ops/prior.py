@@ -70,22 +70,38 @@ def general_captions(n: int = 2000, seed: int = 0) -> list[str]:
     return out
 
 
-def prior_moment(encoder: TextEncoder, captions: Sequence[str], batch: int = 64,
+MOMENT_BATCH = 64   # prompts per encode call of the moment (the batch changes the features' last bits)
+
+
+def prior_moment(encoder: TextEncoder, captions: Sequence[str], batch: int = MOMENT_BATCH,
                  on_batch: Callable[[], None] | None = None) -> tuple[torch.Tensor, int]:
     """(M = mean p p^T over every window position of every caption (float64), number of vectors)."""
     if not captions:
         raise ValueError("prior: no captions")
-    S, n = None, 0
+    acc = _MomentSum()
     for i in range(0, len(captions), batch):
-        for enc in encoder.encode(list(captions[i : i + batch])):
-            f = enc.features.detach().to(device="cpu", dtype=torch.float64)
-            S = f.T @ f if S is None else S + f.T @ f
-            n += f.shape[0]
+        acc.add(encoder.encode(list(captions[i : i + batch])))
         if on_batch:
             on_batch()
-    M = S / n
-    require_finite(M, "prior: the text encoder's features", "use the CLIP that belongs to the model")
-    return M, n
+    return acc.moment()
+
+
+class _MomentSum:
+    """Running sum of p p^T (float64) over every position of the encodings added."""
+
+    def __init__(self):
+        self.S, self.n = None, 0
+
+    def add(self, encoded: Sequence[EncodedPrompt]) -> None:
+        for enc in encoded:
+            f = enc.features.detach().to(device="cpu", dtype=torch.float64)
+            self.S = f.T @ f if self.S is None else self.S + f.T @ f
+            self.n += f.shape[0]
+
+    def moment(self) -> tuple[torch.Tensor, int]:
+        M = self.S / self.n
+        require_finite(M, "prior: the text encoder's features", "use the CLIP that belongs to the model")
+        return M, self.n
 
 
 def add_prior(stats: PairStats, moment: torch.Tensor | None, weight: float) -> PairStats:
@@ -173,21 +189,34 @@ class PriorCache:
         self._write(key, {"moment": M})
         return M
 
-    def encode(self, encoder: TextEncoder, captions: Sequence[str], batch: int = 64,
+    def _keep_moment(self, encoder: TextEncoder, captions: Sequence[str], acc: "_MomentSum") -> None:
+        """Keep the moment of captions just encoded at full precision in batches of ``MOMENT_BATCH``
+        (``moment`` would encode them again the same way: the same M), unless it is already kept."""
+        key = self._key("prior", encoder, captions)
+        if key not in self.memory and (self._path(key) is None or not os.path.isfile(self._path(key))):
+            self.memory[key] = acc.moment()[0]
+            self._write(key, {"moment": self.memory[key]})
+
+    def encode(self, encoder: TextEncoder, captions: Sequence[str], batch: int = MOMENT_BATCH,
                on_batch: Callable[[], None] | None = None) -> list[EncodedPrompt]:
         """``encoder.encode(captions)``, features rounded to float16 (how they are kept: 1,000 captions
         of 77 x 768 are 118 MB, SDXL's 2048 wide 315 MB), read back from the cache when present; the
-        same values on the first run and every later one."""
+        same values on the first run and every later one. Encoding them also keeps their ``moment``
+        (CFR's prior), so a CFR run after an ACE run does not encode the captions again."""
         if not captions:
             raise ValueError("captions: none to encode")
         key = self._key("captions", encoder, captions)
         tensors = self.encodings.pop(key, None) or self._read(key, ["features", "ids", "lengths"])
         if tensors is None or tensors["features"].shape[0] != len(captions):
-            encoded = []
+            encoded, acc = [], _MomentSum()
             for i in range(0, len(captions), batch):
-                encoded += encoder.encode(list(captions[i: i + batch]))
+                part = encoder.encode(list(captions[i: i + batch]))
+                encoded += part
+                acc.add(part)
                 if on_batch:
                     on_batch()
+            if batch == MOMENT_BATCH:
+                self._keep_moment(encoder, captions, acc)
             tensors = {"features": torch.stack([e.features.detach().cpu().to(torch.float16) for e in encoded]),
                        "ids": torch.tensor([e.ids for e in encoded], dtype=torch.int32),
                        "lengths": torch.tensor([e.length for e in encoded], dtype=torch.int32)}

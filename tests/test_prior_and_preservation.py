@@ -106,6 +106,21 @@ def test_caption_encodings_are_cached_per_encoder_as_float16(tmp_path):
     assert torch.equal(PriorCache(str(tmp_path)).moment(a, caps), cache.moment(a, caps))  # the moment file too
 
 
+def test_encoding_the_captions_keeps_their_moment(tmp_path):
+    """ACE's caption encodings also give CFR's prior moment, equal to computing it, so a later CFR run
+    does not encode the captions again; encoded in other batches than the moment's, none is kept."""
+    a = WordEncoder(seed=0)
+    caps = general_captions(70)  # two batches of 64
+    cache = PriorCache(str(tmp_path))
+    cache.encode(a, caps)
+    kept = cache.moment(a, caps, on_batch=lambda: (_ for _ in ()).throw(AssertionError("re-encoded")))
+    assert torch.equal(kept, prior_moment(a, caps)[0])
+    assert len(list(tmp_path.glob("prior-*.safetensors"))) == 1
+    other = PriorCache(str(tmp_path / "other"))
+    other.encode(a, caps, batch=5)
+    assert not list((tmp_path / "other").glob("prior-*.safetensors")) and not other.memory
+
+
 def _train(config, den, moment=None):
     return train_concept_lora(den, ENC, SHIP, OBJECT_TEMPLATES, LATENTS, None, config, preserve_moment=moment)
 
