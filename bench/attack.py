@@ -11,6 +11,9 @@ preserve list and retained set as in ``bench.mass_quality``), each method's edit
   erased (same shape and place, nearest hue; ``robust.lookalike``), constant step 0.05, 60 steps.
   ASR = identity accuracy on 24 images per attack (every name template twice, fresh noise); SE over
   attacks (an attack succeeds or fails as a whole, so the attacks, not the images, are the sample).
+* a gated edit whose gate is the ramp (closed, with no gradient, below its threshold) is attacked a
+  second time through a smooth surrogate (the centred gate at ``--surrogate-temperature``, 0.02),
+  the found prompt scored on the real gate; each attack counts the better of the two.
 * ``paraphrase``: every nickname and the main word in 12 name templates + 11 name+style templates
   x 4 styles; the 8 best prompts per name on a search seed are scored on fresh noise (twice each);
   ``--para-names`` names per cell. SE over names' prompts (binomial over images, a lower bound).
@@ -45,7 +48,7 @@ import torch
 
 from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
                           toy_v2_setup, write_json)
-from mace_ops.ace import ACEConfig
+from mace_ops.ace import GATE_SHAPES, ACEConfig, GatedErasure
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
 
@@ -53,7 +56,8 @@ METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv"
 COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
 
 
-def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig) -> robust.Edit:
+def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig,
+          ace: ACEConfig = ACEConfig()) -> robust.Edit:
     if method == "none":
         return robust.Edit()
     if method == "cfr_prior":
@@ -63,7 +67,7 @@ def build(world, method: str, task: erase.Task, rounds: int, defence: robust.Sof
     if method == "full":
         return robust.Edit(erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused)
     if method in ("ace", "ace_adv", "ace_adv_both"):
-        fit = lambda found: robust.Edit(None, erase.ace_erase(world, task, config=ACEConfig(), adversarial=found))  # noqa: E731
+        fit = lambda found: robust.Edit(None, erase.ace_erase(world, task, config=ace, adversarial=found))  # noqa: E731
     elif method == "cfr_prior_adv":
         def fit(found):
             embs = [v for vs in found.values() for v in vs]
@@ -76,6 +80,16 @@ def build(world, method: str, task: erase.Task, rounds: int, defence: robust.Sof
     both = method.endswith("_both")
     return robust.adversarial_rounds(world, task.erase, fit, rounds, defence, kept=task.preserve,
                                      lookalike_config=robust.TARGETS[task.kind].lookalike_attack if both else None)[0]
+
+
+def surrogate(edit: robust.Edit, temperature: float) -> robust.Edit | None:
+    """The edit with its ramp gate swapped for the smooth centred one at ``temperature`` (None: no
+    ramp gate, or ``temperature`` 0). The ramp has no gradient below its threshold, so an attack
+    through it alone would be blind there; the surrogate is what an adaptive attacker differentiates."""
+    gate = edit.context_transform
+    if temperature <= 0 or not isinstance(gate, GatedErasure) or gate.shape != "ramp":
+        return None
+    return robust.Edit(edit.kv_weights, replace(gate, temperature=temperature, shape="sigmoid"))
 
 
 def cluster_se(values: list[float]) -> float:
@@ -144,6 +158,14 @@ def main(argv=None) -> None:
     ap.add_argument("--defence-steps", type=int, default=40, help="Adam steps of the defence's attacks")
     ap.add_argument("--para-names", type=int, default=1, help="concepts per cell under the paraphrase attack")
     ap.add_argument("--n-clean", type=int, default=100, help="prompts per clean set (erased, nicknames, retained)")
+    ap.add_argument("--ace-open-rate", type=float, default=ACEConfig().open_rate,
+                    help="the ACE methods' open_rate (1 = no shared floor)")
+    ap.add_argument("--ace-gate", choices=GATE_SHAPES, default=ACEConfig().gate, help="the ACE methods' gate shape")
+    ap.add_argument("--ace-temperature", type=float, default=ACEConfig().temperature,
+                    help="the ACE methods' gate temperature")
+    ap.add_argument("--surrogate-temperature", type=float, default=0.02,
+                    help="a ramp gate is also attacked through the smooth centred gate at this temperature "
+                    "(scored on the real one; each attack counts the better of the two); 0 = off")
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="only merge the rows of earlier runs of one --kind (e.g. methods run apart) into --out")
     args = toy_v2_args(ap, argv, out=None)
@@ -158,13 +180,14 @@ def main(argv=None) -> None:
     pool = vocab.NAMES if kind == "name" else vocab.STYLES
     attack_cfg = replace(tgt.attack, steps=args.steps)
     defence_cfg = replace(tgt.attack, steps=args.defence_steps)
+    ace_cfg = ACEConfig(temperature=args.ace_temperature, open_rate=args.ace_open_rate, gate=args.ace_gate)
     t_start, rows = time.time(), []
     for count in counts:
         check_count(count, toy.most, "--counts")
         task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
         for method in args.methods:
             t0 = time.perf_counter()
-            edit = build(world, method, task, args.rounds, defence_cfg)
+            edit = build(world, method, task, args.rounds, defence_cfg, ace_cfg)
             seconds = time.perf_counter() - t0
             clean, _ = evaluate.mass_metrics(world, kind, task.erase, retained, kv_weights=edit.kv_weights,
                                              context_transform=edit.context_transform, n_erased=args.n_clean,
@@ -174,13 +197,21 @@ def main(argv=None) -> None:
                     "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
                     "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
                     "seconds": round(seconds, 1)}
+            proxy = surrogate(edit, args.surrogate_temperature)
             for attack, inits, cfg in (("soft", (tgt.anchor,), attack_cfg),
                                        ("soft_lookalike", (None,), tgt.lookalike_attack)):
                 runs = robust.soft_attack_runs(world, edit, task.erase, args.runs, inits, seed=900, config=cfg)
                 per = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in runs]
+                extra = {}
+                if proxy is not None:   # the same attacks through the smooth surrogate, scored on the real gate
+                    via = robust.soft_attack_runs(world, proxy, task.erase, args.runs, inits, seed=900, config=cfg)
+                    per_s = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in via]
+                    extra = {"per_attack_direct": [round(p, 3) for p in per],
+                             "per_attack_surrogate": [round(p, 3) for p in per_s]}
+                    per = [max(a, b) for a, b in zip(per, per_s)]
                 n_img = len(per) * 2 * len(tgt.templates)
                 rows.append({**base, "attack": attack, "asr": round(sum(per) / len(per), 4),
-                             "se": round(cluster_se(per), 4), "n": n_img, "n_attacks": len(per),
+                             "se": round(cluster_se(per), 4), "n": n_img, "n_attacks": len(per), **extra,
                              "per_attack": [round(p, 3) for p in per], "attack_names": [n for n, _ in runs],
                              "init_words": [inits[j % len(inits)] or robust.lookalike(n, exclude=task.erase)
                                             for j, (n, _) in enumerate(runs)]})
@@ -206,7 +237,8 @@ def main(argv=None) -> None:
                      "settings": {"kind": kind, "attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
                                   "lookalike_attack": tgt.lookalike_attack.__dict__,
                                   "runs": args.runs, "rounds": args.rounds, "para_names": args.para_names,
-                                  "n_clean": args.n_clean, "ace": ACEConfig().__dict__,
+                                  "n_clean": args.n_clean, "ace": ace_cfg.__dict__,
+                                  "surrogate_temperature": args.surrogate_temperature,
                                   "paraphrase_styles": list(robust.PARAPHRASE_STYLES) if kind == "name" else []},
                      "rows": rows})
     print(markdown_table(rows, COLUMNS))

@@ -13,6 +13,7 @@ as the CFR node does by default) | uce (UCE-style closed form, bare phrases) |
 cfr_lora (MACE CFR + LoRA deltas added) | full_ref (CFR -> LoRA -> fusion, the paper's stage 2/3) |
 full (the pack's recommended settings, ``erase.RECOMMENDED``) | ace (the ACE-style gated null-out,
 ``mace_ops.ace`` with its default config: not a weight edit, a transform of every text context) |
+ace_sigmoid (the same with the first gate: centred on its threshold, temperature 0.02) |
 cfr_prior_ace, full_ace (that gate on top of the cfr_prior / full weights: what chaining the CFR or
 Mass Erase node with the ACE node gives; the gate's time is added to the weights').
 cfr_lora and full_ref share one run (the same LoRAs); cfr_lora's time is CFR + LoRA, full_ref's
@@ -31,10 +32,14 @@ from bench.common import (PeakRSS, check_count, environment, markdown_table, pri
                           toy_v2_setup, write_json)
 from bench.grid import labelled_grid
 from bench.plot import save_panels
+from mace_ops.ace import ACEConfig
 from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
-METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace", "cfr_prior_ace", "full_ace")
+METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace", "ace_sigmoid", "cfr_prior_ace",
+           "full_ace")
+# The first gate (centred on its threshold, temperature 0.02): the default before the ramp.
+SIGMOID_GATE = ACEConfig(temperature=0.02, gate="sigmoid")
 COLUMNS = ["method", "kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
            "n_s", "integrity", "fd", "seconds", "peak_mb"]
 
@@ -66,6 +71,11 @@ def edits(world, task: erase.Task, methods, log):
         gate_s, gate_mb = time.perf_counter() - t0, mem.peak_mb
         if "ace" in methods:
             yield "ace", None, gate, gate_s, gate_mb
+    if "ace_sigmoid" in methods:
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            old = erase.ace_erase(world, task, config=SIGMOID_GATE)
+        yield "ace_sigmoid", None, old, time.perf_counter() - t0, mem.peak_mb
     if "cfr_prior_ace" in methods:
         t0 = time.perf_counter()
         w = erase.cfr_erase(world, task, prior_weight=1.0).weights

@@ -11,11 +11,19 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
        W c' = W c - sum_i g_i W U_i (U_i^T c - m_i)
 
    with the gate g_i at position j = max over positions l <= j of
-   sigmoid((max_q cos(c_l, q) - tau_i) / T), q over concept i's prototypes (its features at the
-   concept-token positions of every template). The max over earlier positions follows the causal
-   text encoder: once a concept token is read, every later position carries it. tau_i is the
-   ``quantile``, over the calibration prompts (the preserve list and captions), of each prompt's
-   largest similarity (max over its positions) — the same statistic the carried-forward gate
+
+       g(s) = tanh(max(0, s - tau_i) / T),   s = max_q cos(c_l, q)      (``gate`` "ramp")
+
+   q over concept i's prototypes (its features at the concept-token positions of every template).
+   The ramp is closed, exactly, at and below tau_i and opens over a few T above it, so a prompt
+   below every threshold is left bit-identical. (The first gate was centred on the threshold,
+   sigmoid((s - tau_i) / T), ``gate`` "sigmoid", what files saved before the ramp hold: it gives
+   every concept up to 1/2 below its threshold, and with n concepts those partial gates add up —
+   on toy world v2 at 100 erased names the retained names' summed gate had mean 0.28 and every
+   prompt over 0.7 was redrawn as someone else: Acc_s 0.86 against 1.00 with the ramp.)
+   The max over earlier positions follows the causal text encoder: once a concept token is read,
+   every later position carries it. tau_i is the ``quantile``, over the calibration prompts (the
+   preserve list and captions), of each prompt's largest similarity (max over its positions) — the same statistic the carried-forward gate
    compares at a prompt's last position, so ~1 - quantile of ordinary *prompts* open the gate;
    ``margin`` lifts it further. A calibration prompt that names concept i (one of its phrases, as
    whole words) is left out of tau_i: it is a concept prompt, not an ordinary one (toy world v2's
@@ -39,7 +47,12 @@ arXiv 2504.11850; no code of theirs exists or was used). What we chose:
    (the floor lies below the per-concept quantile).
 3. **Adversarial augmentation** (``fit_gated_erasure(adversarial=...)``): soft prompts that an
    attack found against the current edit are filled into the templates; their soft-position
-   features join the prototypes and their pairs join the directions, and the edit is refit.
+   features join the prototypes and their pairs join the directions, and the edit is refit. A
+   found prototype that an ordinary calibration prompt (one that does not name the concept) comes
+   as close to as the threshold of the gate fitted without them is dropped: it marks a kept
+   concept, and the preserve list wins (on toy world v2 an attack on a style from ``art`` ended
+   beside a preserved style; that one row lifted the shared floor, so every style's threshold,
+   from 0.92 to 0.997, and the erasure fell apart).
    The paper fine-tunes; here the refit is the same closed form (no gradient fine-tuning).
 
 Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it runs as an
@@ -70,6 +83,17 @@ from .validation import check_number
 STATE_KEYS = ("prototypes", "owner", "thresholds", "bases", "targets")
 GATE_FORMAT = "gate-1"
 GATE_PREFIX = "mace_gate."
+GATE_SHAPES = ("ramp", "sigmoid")   # "sigmoid": the first gate, centred on the threshold
+LEGACY_SHAPE = "sigmoid"            # what a gate file without ``mace.gate_shape`` holds
+
+
+def check_shape(shape: str, field: str = "gate") -> str:
+    if shape not in GATE_SHAPES:
+        raise ValueError(f"{field}: {shape!r} is not a gate shape; choose one of {', '.join(GATE_SHAPES)}")
+    return shape
+
+
+TEMPERATURE = 0.005   # the ramp's scale (cosine units)
 
 
 @dataclass(frozen=True)
@@ -77,8 +101,9 @@ class ACEConfig:
     rank: int = 8
     quantile: float = 0.999
     margin: float = 0.0
-    temperature: float = 0.02
+    temperature: float = TEMPERATURE
     open_rate: float = 0.05    # alpha of the shared floor; 1 = no floor
+    gate: str = "ramp"         # GATE_SHAPES
 
     def validate(self) -> None:
         check_number(self.rank, "rank", 1, 4096, integer=True)
@@ -86,6 +111,7 @@ class ACEConfig:
         check_number(self.margin, "margin", -2.0, 2.0)
         check_number(self.temperature, "temperature", 1e-6, 10.0)
         check_number(self.open_rate, "open_rate", 0.0, 1.0)
+        check_shape(self.gate)
 
 
 @dataclass
@@ -95,7 +121,8 @@ class GatedErasure:
     thresholds: torch.Tensor   # (n,)
     bases: torch.Tensor        # (n, d, r) U_i
     targets: torch.Tensor      # (n, r) m_i
-    temperature: float = 0.02
+    temperature: float = TEMPERATURE
+    shape: str = "ramp"        # GATE_SHAPES
 
     @property
     def n_concepts(self) -> int:
@@ -111,7 +138,8 @@ class GatedErasure:
 
     def gates(self, ctx: torch.Tensor) -> torch.Tensor:
         """(B, L, d) -> (B, L, n) gates in [0, 1], carried forward along the positions."""
-        g = torch.sigmoid((self.similarity(ctx) - self.thresholds.to(ctx.device)) / self.temperature)
+        x = (self.similarity(ctx) - self.thresholds.to(ctx.device)) / self.temperature
+        g = torch.tanh(x.clamp(min=0)) if self.shape == "ramp" else torch.sigmoid(x)
         return torch.cummax(g, dim=-2).values
 
     def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
@@ -128,17 +156,18 @@ class GatedErasure:
         return {k: -(w.double() @ P).to(w.dtype) for k, w in weights.items()}
 
     def to(self, device) -> "GatedErasure":
-        return GatedErasure(*(getattr(self, k).to(device) for k in STATE_KEYS), temperature=self.temperature)
+        return GatedErasure(*(getattr(self, k).to(device) for k in STATE_KEYS), temperature=self.temperature,
+                            shape=self.shape)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k).detach().cpu().contiguous() for k in STATE_KEYS}
 
     @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], temperature: float) -> "GatedErasure":
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], temperature: float, shape: str = "ramp") -> "GatedErasure":
         missing = [k for k in STATE_KEYS if k not in sd]
         if missing:
             raise ValueError(f"gated erasure: missing tensors {missing}")
-        return cls(*(sd[k] for k in STATE_KEYS), temperature=float(temperature))
+        return cls(*(sd[k] for k in STATE_KEYS), temperature=float(temperature), shape=check_shape(shape, "gate shape"))
 
 
 def _slot(o, n) -> tuple[int, int]:
@@ -192,16 +221,17 @@ def fit_gated_erasure(
         raise ValueError(f"calibration_groups: {len(calibration_groups)} labels for {len(calibration_prompts)} "
                          "calibration prompts; give one label (or None) per prompt")
     anchor_enc = encoder.encode([fill(t, anchor) for t in templates])
-    protos, owner, bases, targets = [], [], [], []
+    protos, owner, found, bases, targets = [], [], [], [], []
     for i, concept in enumerate(concepts):
         a = concept.anchor if concept.anchor is not None else anchor
         anchors = anchor_enc if a == anchor else encoder.encode([fill(t, a) for t in templates])
         cs, es, ps = [], [], []
         sets = [encoder.encode([fill(t, ph) for t in templates]) for ph in concept.phrases]
         sets += [encoder.encode_embeddings(list(templates), v) for v in (adversarial or {}).get(i, ())]
-        for enc in sets:
+        for k, enc in enumerate(sets):
             c, e, p = _pairs(enc, anchors)
             cs.append(c), es.append(e), ps.append(p)
+            found.append(torch.full((p.shape[0],), k >= len(concept.phrases)))
         C, E = torch.cat(cs).double(), torch.cat(es).double()
         r = min(config.rank, C.shape[1])
         U = torch.linalg.svd(C - E, full_matrices=False).Vh[:r].T   # (d, r)
@@ -210,18 +240,36 @@ def fit_gated_erasure(
         P = torch.nn.functional.normalize(torch.cat(ps), dim=-1)
         protos.append(P)
         owner.append(torch.full((P.shape[0],), i, dtype=torch.long))
-    erasure = GatedErasure(torch.cat(protos), torch.cat(owner), torch.zeros(len(concepts)), torch.stack(bases),
-                           torch.stack(targets), config.temperature)
-    peaks = prompt_peaks(erasure, encoder.encode(list(calibration_prompts)))   # (P, n)
+    prototypes, owners, is_found = torch.cat(protos), torch.cat(owner), torch.cat(found)
+    calibration = encoder.encode(list(calibration_prompts))
     names = mentions(calibration_prompts, concepts)                          # (P, n)
     if bool(names.all(dim=0).any()):
         i = int(names.all(dim=0).nonzero()[0])
         raise ValueError(f"calibration prompts: every one names '{concepts[i].name}'; the gate needs ordinary "
                          "prompts (the preserve list or captions without the concept) to set its threshold")
-    per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0)
-    floor = shared_floor(peaks.masked_fill(names, -2.0), calibration_groups, config.open_rate)
-    erasure.thresholds = per_concept.clamp(min=floor) + config.margin
-    return erasure
+
+    def calibrated(keep: torch.Tensor) -> GatedErasure:
+        erasure = GatedErasure(prototypes[keep], owners[keep], torch.zeros(len(concepts)), torch.stack(bases),
+                               torch.stack(targets), config.temperature, config.gate)
+        peaks = prompt_peaks(erasure, calibration)                          # (P, n)
+        per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0)
+        floor = shared_floor(peaks.masked_fill(names, -2.0), calibration_groups, config.open_rate)
+        erasure.thresholds = per_concept.clamp(min=floor) + config.margin
+        return erasure
+
+    named = calibrated(~is_found)
+    if not bool(is_found.any()):
+        return named
+    # A found prototype that an ordinary calibration prompt comes as close to as the named gate's
+    # threshold marks a kept concept, not a way around the erasure: the preserve list wins, it is
+    # dropped (left in, one such row lifts the shared floor, so every concept's threshold, to ~1).
+    rows, own = prototypes[is_found], owners[is_found]
+    probe = GatedErasure(rows, torch.arange(len(rows)), torch.zeros(len(rows)), torch.zeros(len(rows), 1, 1),
+                         torch.zeros(len(rows), 1))
+    closest = prompt_peaks(probe, calibration).masked_fill(names[:, own], -2.0).amax(0)   # (rows,)
+    keep = ~is_found
+    keep[is_found] = closest <= named.thresholds[own]
+    return calibrated(keep)
 
 
 def shared_floor(peaks: torch.Tensor, groups: Sequence[Hashable | None] | None, open_rate: float) -> float:
@@ -289,7 +337,8 @@ def save_gated_erasure(path: str, erasure: GatedErasure, base_fingerprint: str, 
     tensors = {GATE_PREFIX + k: v.float() if v.is_floating_point() else v for k, v in erasure.state_dict().items()}
     tensors.update({diff_key(k): v.detach().cpu().to(dtype) for k, v in (fallback_deltas or {}).items()})
     metadata = mace_metadata({"mace.format": GATE_FORMAT, "mace.pack_version": __version__,
-                              "mace.base_model": base_fingerprint, "mace.gate_temperature": str(erasure.temperature)},
+                              "mace.base_model": base_fingerprint, "mace.gate_temperature": str(erasure.temperature),
+                              "mace.gate_shape": erasure.shape},
                              info)
     atomic_save(tensors, path, metadata)
     return metadata
@@ -310,8 +359,12 @@ def load_gated_file(path: str) -> tuple[GatedErasure, KVWeights, dict[str, str]]
     require_finite(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; save it again")
     state = {k[len(GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
     fallback = {weight_name(k): v for k, v in tensors.items() if k.endswith(".diff")}
+    shape = metadata.get("mace.gate_shape", LEGACY_SHAPE)
+    if shape not in GATE_SHAPES:
+        raise ValueError(f"{path}: gate shape {shape!r} is not one this version of the pack knows "
+                         f"({', '.join(GATE_SHAPES)}); update comfyui-mace to load it")
     try:
         temperature = float(metadata["mace.gate_temperature"])
-        return GatedErasure.from_state_dict(state, temperature), fallback, metadata
+        return GatedErasure.from_state_dict(state, temperature, shape), fallback, metadata
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: not a complete gated erasure ({err})") from None

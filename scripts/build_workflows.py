@@ -154,7 +154,7 @@ WORKFLOWS = {
         "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "ace": ("MaceGatedErasure",
                 ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt", True,
-                 8, 0.999, 0.0, 0.02, 0, 40, 8, 512, 20, 0, "fixed", 0.05],
+                 8, 0.999, 0.0, 0.005, 0, 40, 8, 512, 20, 0, "fixed", 0.05, "ramp"],
                 {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
         "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_ace", "fp16"], {"model": ("ace", "model")},
                          (820, -260)),

@@ -54,10 +54,7 @@ def ace_run(comfy, tiny_ckpt):
     api = base_prompt(Path(tiny_ckpt).name)
     api["10"] = {"class_type": "MaceGatedErasure", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "concepts": "van gogh", "concept_type": "style", "anchor": "",
-        "preserve": "claude monet", "builtin_preserve": False, "rank": 8, "quantile": 0.999,
-        # The default temperature (0.02, the toy world's) leaks on this random CLIP: a prompt without the
-        # concept peaks ~0.05 below the threshold, so its gate is ~0.07, not 0 (README, node section).
-        "temperature": 0.002}}
+        "preserve": "claude monet", "builtin_preserve": False, "rank": 8, "quantile": 0.999}}
     api["11"] = {"class_type": "MaceSaveErasure",
                  "inputs": {"model": ["10", 0], "filename_prefix": "loras/mace_test_ace", "dtype": "fp32"}}
     for i, (model, pos) in enumerate([(["1", 0], ["2", 0]), (["10", 0], ["2", 0]), (["1", 0], ["5", 0]),
@@ -85,7 +82,9 @@ def test_gate_changes_the_concept_prompt_only(ace_run, comfy):
     other = float((lat["ace_other"] - lat["base_other"]).abs().max())
     scale = float(lat["base_concept"].abs().max())
     assert changed > 1e-2 * scale, (changed, scale)
-    assert other <= 1e-3 * changed, (other, changed)
+    # The other prompt peaks below the threshold on this random CLIP (~0.05 under it): the ramp gate is
+    # closed there, so its sample is the base model's exactly (the first, centred gate gave it ~0.07).
+    assert other == 0.0, (other, changed)
     # the loaded model is never mutated: no attn2 patch on the loader's model
     base_model = comfy.node_output("1", 0, ex)
     assert "attn2_patch" not in base_model.model_options.get("transformer_options", {}).get("patches", {})

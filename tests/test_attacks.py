@@ -237,6 +237,68 @@ def test_style_soft_prompt_attack_recovers_a_blanked_style(world):
     assert before <= 0.2 and after >= 0.7, (before, after)
 
 
+def test_ramp_gate_is_exactly_closed_below_its_threshold_and_old_files_keep_their_sigmoid(tmp_path):
+    """The ramp gate (the default) leaves a prompt whose similarity stays below the threshold
+    bit-identical and opens as tanh((s - tau) / T) above it; the first, centred gate (sigmoid) nudges
+    that prompt. A gate file keeps its shape; one saved before the ramp (no ``mace.gate_shape``) loads
+    as the sigmoid it was; an unknown shape is refused with the fix."""
+    import dataclasses
+    import math
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from mace_ops.ace import ACEConfig, load_gated_erasure, save_gated_erasure
+    g = _toy_gate(0.9)                                         # prototype (1, 0, 0, 1) / sqrt 2, T 0.01
+    assert g.shape == "ramp"
+
+    def at(cos):                                               # a unit vector at this cosine to the prototype
+        p = torch.tensor([1.0, 0.0, 0.0, 1.0]) / math.sqrt(2)
+        o = torch.tensor([1.0, 0.0, 0.0, -1.0]) / math.sqrt(2)
+        return cos * p + math.sqrt(1 - cos ** 2) * o
+    below = torch.stack([at(0.5), at(0.85), at(0.899)])[None]
+    assert torch.equal(g(below), below)                        # closed: not one bit changed
+    sigmoid = dataclasses.replace(g, shape="sigmoid")
+    assert (sigmoid(below) - below).abs().max() > 1e-4         # the centred gate leaks below tau
+    above = at(0.91)[None, None]
+    assert float(g.gates(above)) == pytest.approx(math.tanh(1.0), abs=1e-4)
+    assert float(sigmoid.gates(above)) == pytest.approx(1 / (1 + math.exp(-1.0)), abs=1e-4)
+
+    path = str(tmp_path / "gate.safetensors")
+    for gate in (g, sigmoid):
+        save_gated_erasure(path, gate, "fp", {"concepts": ["zib"]})
+        back, meta = load_gated_erasure(path)
+        assert back.shape == gate.shape == meta["mace.gate_shape"]
+    with safe_open(path, framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    old = str(tmp_path / "old.safetensors")
+    save_file(tensors, old, {k: v for k, v in meta.items() if k != "mace.gate_shape"})
+    assert load_gated_erasure(old)[0].shape == "sigmoid"
+    save_file(tensors, old, {**meta, "mace.gate_shape": "cubic"})
+    with pytest.raises(ValueError, match="old.safetensors: gate shape 'cubic'.*update comfyui-mace"):
+        load_gated_erasure(old)
+    with pytest.raises(ValueError, match="gate: 'cubic' is not a gate shape"):
+        ACEConfig(gate="cubic").validate()
+
+
+def test_refit_drops_found_prototypes_that_a_kept_name_already_has(world):
+    """A soft prompt 'found' for an erased name that is exactly a preserve-list name's embedding is a
+    kept concept: its prototypes are dropped and the kept name's prompts stay below every threshold.
+    One that is the erased name's nickname is a way around the erasure and is kept."""
+    from mace_ops.ace import prompt_peaks
+    from toyworld.v2 import erase, vocab
+    name, kept = vocab.NAMES[0], vocab.NAMES[120]
+    task = erase.Task("name", (name,), tuple(vocab.NAMES[100:150]))
+    enc = world.text_encoder
+    kept_emb, nick_emb = enc.word_embeddings(kept), enc.word_embeddings(vocab.NICKNAMES[name][0])
+    plain = erase.ace_erase(world, task)
+    nick = erase.ace_erase(world, task, adversarial={0: [nick_emb]})
+    both = erase.ace_erase(world, task, adversarial={0: [kept_emb, nick_emb]})
+    assert nick.prototypes.shape[0] > plain.prototypes.shape[0]          # the nickname's rows stay
+    assert both.prototypes.shape[0] == nick.prototypes.shape[0]          # the kept name's are all dropped
+    assert torch.equal(both.thresholds, nick.thresholds)
+    kept_prompts = enc.encode([t.format(n=kept) for t in vocab.NAME_TEMPLATES])
+    assert bool((prompt_peaks(both, kept_prompts)[:, 0] <= both.thresholds[0]).all())
+
+
 def test_shared_floor_is_a_conformal_quantile_over_groups():
     """The floor scores each labelled group by its largest peak over its prompts and every concept and
     takes the ceil((1 - alpha)(G + 1))-th smallest; unlabelled prompts do not count; with too few
