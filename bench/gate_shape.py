@@ -12,7 +12,7 @@ the shape or T) evaluated with the celebrity protocol (``evaluate.mass_metrics``
 the seeds of ``bench.mass_quality``). Also ``retained_gate``: the mean, over the retained set's
 prompts, of the summed gate over all concepts at the last position (what the retained names get).
 
-    python -m bench.gate_shape       # docs/results/gate_shape.json (~12 min, 2 cores)
+    python -m bench.gate_shape       # docs/results/gate_shape.json (~6 min, 2 cores)
 """
 from __future__ import annotations
 
