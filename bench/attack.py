@@ -200,12 +200,14 @@ def main(argv=None) -> None:
             proxy = surrogate(edit, args.surrogate_temperature)
             for attack, inits, cfg in (("soft", (tgt.anchor,), attack_cfg),
                                        ("soft_lookalike", (None,), tgt.lookalike_attack)):
-                runs = robust.soft_attack_runs(world, edit, task.erase, args.runs, inits, seed=900, config=cfg)
-                per = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in runs]
+                def scored(through):
+                    """Attacks through ``through``, each scored (ASR) on the real edit."""
+                    found = robust.soft_attack_runs(world, through, task.erase, args.runs, inits, seed=900, config=cfg)
+                    return found, [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in found]
+                runs, per = scored(edit)
                 extra = {}
                 if proxy is not None:   # the same attacks through the smooth surrogate, scored on the real gate
-                    via = robust.soft_attack_runs(world, proxy, task.erase, args.runs, inits, seed=900, config=cfg)
-                    per_s = [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in via]
+                    per_s = scored(proxy)[1]
                     extra = {"per_attack_direct": [round(p, 3) for p in per],
                              "per_attack_surrogate": [round(p, 3) for p in per_s]}
                     per = [max(a, b) for a, b in zip(per, per_s)]
