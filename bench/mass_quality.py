@@ -11,8 +11,11 @@ each edit. Fixed seeds; binomial SEs.
 Methods: none | cfr (MACE stage 1 alone) | cfr_prior (the same + the toy caption prior, weight 1,
 as the CFR node does by default) | uce (UCE-style closed form, bare phrases) |
 cfr_lora (MACE CFR + LoRA deltas added) | full_ref (CFR -> LoRA -> fusion, the paper's stage 2/3) |
-full (the pack's recommended settings, ``erase.RECOMMENDED``) | ace (the ACE-style gated null-out,
-``mace_ops.ace`` with its default config: not a weight edit, a transform of every text context) |
+full (the pack's recommended settings, ``erase.RECOMMENDED``) | full_current, full_original (the
+same with fusion keeping the preserve prompts at the CFR weights / at the original weights as the
+paper does; ``full`` is full_current for styles and full_original for names) | ace (the ACE-style
+gated null-out, ``mace_ops.ace`` with its default config: not a weight edit, a transform of every
+text context) |
 ace_sigmoid (the same with the first gate: centred on its threshold, temperature 0.02) |
 cfr_prior_ace, full_ace (that gate on top of the cfr_prior / full weights: what chaining the CFR or
 Mass Erase node with the ACE node gives; the gate's time is added to the weights').
@@ -36,8 +39,8 @@ from mace_ops.ace import ACEConfig
 from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
-METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "ace", "ace_sigmoid", "cfr_prior_ace",
-           "full_ace")
+METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "full_current", "full_original", "ace",
+           "ace_sigmoid", "cfr_prior_ace", "full_ace")
 # The first gate (centred on its threshold, temperature 0.02): the default before the ramp.
 SIGMOID_GATE = ACEConfig(temperature=0.02, gate="sigmoid")
 COLUMNS = ["method", "kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g",
@@ -89,6 +92,12 @@ def edits(world, task: erase.Task, methods, log):
             yield "full", run.fused, None, full_s, mem.peak_mb
         if "full_ace" in methods:
             yield "full_ace", run.fused, gate, full_s + gate_s, max(mem.peak_mb, gate_mb)
+    for name, to in (("full_current", "current"), ("full_original", "original")):
+        if name in methods:  # the pack's settings, fusion keeping the preserve prompts at W' or at W0
+            with PeakRSS() as mem:
+                run = erase.mace_erase(world, task, log=log, **erase.mace_setting("recommended", fusion_preserve_to=to))
+            s = run.seconds
+            yield name, run.fused, None, s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0), mem.peak_mb
 
 
 def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict) -> None:

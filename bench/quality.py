@@ -2,11 +2,12 @@
 
 Methods: no edit; CFR on the main word only; CFR with one synonym added to the erase list (the
 other synonym stays held out for generality); CFR + per-concept LoRA (deltas added); the full
-MACE pipeline (CFR -> LoRA -> closed-form fusion). For 1, 3 and 7 erased colours (erasing all
-8 leaves no colour to measure specificity on). Fixed seeds; sample sizes and binomial standard
+MACE pipeline (CFR -> LoRA -> closed-form fusion, fusion keeping the preserve prompts at the
+original weights as the paper does; full_current: at the CFR weights, ``fusion.PRESERVE_TO``). For
+1, 3 and 7 erased colours (erasing all 8 leaves no colour to measure specificity on). Fixed seeds; sample sizes and binomial standard
 errors are printed and written to JSON.
 
-    python -m bench.quality [--counts 1 3 7] [--methods none cfr cfr_syn cfr_lora full] [--n 32]
+    python -m bench.quality [--counts 1 3 7] [--methods none cfr cfr_syn cfr_lora full full_current] [--n 32]
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from toyworld.v1.erase import cfr_erase, mace_erase
 from toyworld.v1.evaluate import load_toyworld, mace_metrics
 
 ORDER = ("red", "green", "blue", "yellow", "cyan", "purple", "orange", "pink")
-METHODS = ("none", "cfr", "cfr_syn", "cfr_lora", "full")
+METHODS = ("none", "cfr", "cfr_syn", "cfr_lora", "full", "full_current")
 
 
 def concept_text(colours, with_synonym: bool) -> str:
@@ -33,7 +34,7 @@ def held_out(colours, with_synonym: bool) -> list[str]:
 
 
 def run(world, method: str, colours, n: int, mask_mode: str) -> dict:
-    syn = method in ("cfr_syn", "cfr_lora", "full")
+    syn = method in ("cfr_syn", "cfr_lora", "full", "full_current")
     text = concept_text(colours, syn)
     start = time.perf_counter()
     if method == "none":
@@ -41,7 +42,8 @@ def run(world, method: str, colours, n: int, mask_mode: str) -> dict:
     elif method in ("cfr", "cfr_syn"):
         weights = cfr_erase(world, text).weights
     else:
-        weights = mace_erase(world, text, mask_mode=mask_mode, fuse=method == "full").weights
+        weights = mace_erase(world, text, mask_mode=mask_mode, fuse=method != "cfr_lora",
+                             fusion_preserve_to="current" if method == "full_current" else "original").weights
     edit_s = time.perf_counter() - start
     m = mace_metrics(world, list(colours), kv_weights=weights, synonyms=held_out(colours, syn),
                      n_erased=n, n_synonym=n // 2, n_other=max(4, n // 4))

@@ -4,9 +4,15 @@ With W' the current (CFR-refined) weight, W0 the original weight, ΔW_i concept 
 C_i = sum c c^T over every window position of concept i's template prompts (all phrases), and P
 the covariance of the preserve prompts, fusion solves
 
-    min_W  sum_i sum_{c in E_i} ||W c - (W' + ΔW_i) c||^2 + s sum_p ||W p - W0 p||^2 + lamb ||W - W'||^2
-    W* = [W'(lamb I + sum C_i) + sum ΔW_i C_i + s W0 P] [lamb I + sum C_i + s P]^-1
-       = W' + [sum ΔW_i C_i + s (W0 - W') P] [lamb I + sum C_i + s P]^-1
+    min_W  sum_i sum_{c in E_i} ||W c - (W' + ΔW_i) c||^2 + s sum_p ||W p - R p||^2 + lamb ||W - W'||^2
+    W* = [W'(lamb I + sum C_i) + sum ΔW_i C_i + s R P] [lamb I + sum C_i + s P]^-1
+       = W' + [sum ΔW_i C_i + s (R - W') P] [lamb I + sum C_i + s P]^-1
+
+R, what the preserve prompts are kept at (``preserve_to``): "original" — R = W0, the paper's form, in
+which the preserve term also pulls back whatever CFR moved on directions the preserve set shares
+with the concepts (fusion redoes stage 1's trade-off with its own weights); "current" — R = W', so
+W* = W' + [sum ΔW_i C_i][lamb I + sum C_i + s P]^-1: with no LoRA (ΔW = 0) fusion returns W'
+exactly, and the LoRAs are only added where the preserve set does not hold them back.
 
 The concepts are streamed one at a time into a ``FusionAccumulator``: a shared d x d sum of C_i
 and, per weight, the (out, d) sum of ΔW_i C_i (computed in low-rank form as up (down C_i)). Its
@@ -51,6 +57,25 @@ class FusionResult:
 
 
 POSITIONS = ("all", "concept")
+PRESERVE_TO = ("current", "original")
+DEFAULT_PRESERVE_TO = "original"  # the paper's form
+# "auto" (the nodes' default) by concept type, from bench.mass_quality (full_current vs full_original):
+# styles gained 0.04-0.14 H at 1-10 erased with "current"; names gained 0.03-0.04 at 1-10 but lost 0.15
+# at 100 (the retained names fell 0.42 -> 0.18), so every other type keeps the paper's form.
+PRESERVE_TO_BY_TYPE = {"style": "current"}
+
+
+def check_preserve_to(value: str, allow_auto: bool = False) -> str:
+    choices = list(PRESERVE_TO) + (["auto"] if allow_auto else [])
+    if value not in choices:
+        raise ValueError(f"fusion preserve_to: unknown {value!r}; choose one of {choices}")
+    return value
+
+
+def preserve_to_for(concept_type: str, choice: str = "auto") -> str:
+    """``choice``, or for "auto" the measured default of ``concept_type`` (``PRESERVE_TO_BY_TYPE``)."""
+    check_preserve_to(choice, allow_auto=True)
+    return PRESERVE_TO_BY_TYPE.get(concept_type, DEFAULT_PRESERVE_TO) if choice == "auto" else choice
 
 
 def concept_covariance(
@@ -161,8 +186,10 @@ class FusionAccumulator:
         lamb: float = 1.0,
         preserve: PairStats | None = None,
         preserve_scale: float = 0.0,
+        preserve_to: str = DEFAULT_PRESERVE_TO,
     ) -> tuple[dict[str, torch.Tensor], float]:
         """W* - W' per weight in float64, and the condition number of the system matrix."""
+        check_preserve_to(preserve_to)
         if lamb < 0:
             raise ValueError(f"lambda must be >= 0, got {lamb}")
         unknown = sorted(set(self.targets) - set(current))
@@ -179,7 +206,7 @@ class FusionAccumulator:
             counts = PairStats(self.dim)
             counts.n_pairs, counts.n_preserve = self.n_vectors, preserve.n_preserve
             s = preserve_weight(counts, preserve_scale)
-        if s > 0 and original is None:
+        if s > 0 and original is None and preserve_to == "original":
             raise ValueError("fusion: preservation needs the original weights")
         eye = torch.eye(self.dim, dtype=torch.float64)
         A = lamb * eye + self.C_sum
@@ -195,7 +222,7 @@ class FusionAccumulator:
                 block.copy_(self.targets[name])
             else:
                 block.zero_()
-            if s > 0:
+            if s > 0 and preserve_to == "original":
                 w0 = original[name].detach().to(device="cpu", dtype=torch.float64)
                 block += s * ((w0 - w.detach().to(device="cpu", dtype=torch.float64)) @ preserve.P)
             row += w.shape[0]
@@ -214,9 +241,10 @@ class FusionAccumulator:
         lamb: float = 1.0,
         preserve: PairStats | None = None,
         preserve_scale: float = 0.0,
+        preserve_to: str = DEFAULT_PRESERVE_TO,
     ) -> tuple[KVWeights, KVWeights, float]:
         """(fused weights, deltas vs current, condition number), float32 on the weights' devices."""
-        deltas64, cond = self.deltas64(current, original, lamb, preserve, preserve_scale)
+        deltas64, cond = self.deltas64(current, original, lamb, preserve, preserve_scale, preserve_to)
         weights, deltas = {}, {}
         for name, w in current.items():
             w64 = w.detach().to(device="cpu", dtype=torch.float64)
@@ -239,6 +267,7 @@ def fuse_loras(
     positions: str = "all",
     prior: tuple[torch.Tensor, float] | None = None,
     preserve_stats: PairStats | None = None,
+    preserve_to: str = DEFAULT_PRESERVE_TO,
 ) -> FusionResult:
     """Fuse the LoRAs (streamed one concept at a time); the input weights are never modified.
 
@@ -247,11 +276,13 @@ def fuse_loras(
     ``prior`` = (moment, weight): the general caption prior joins the preserve set (``prior.add_prior``).
     ``preserve_stats``: the preserve set already accumulated (e.g. by CFR, prior included); then
     ``preserve_prompts`` and ``prior`` are not encoded again.
+    ``preserve_to``: keep the preserve prompts at the original weights (the paper) or at the current ones.
     """
     if not current_weights:
         raise ValueError("model: no cross-attention to_k/to_v weights found")
     check_number(lamb, "lambda", 0.0, 1e12)
     check_number(preserve_scale, "preserve_scale", 0.0, 1e12)
+    check_preserve_to(preserve_to)
     require_finite(current_weights, "fusion: the model's K/V weights", "load a model without NaN/inf weights")
     start = time.perf_counter()
     if total is None:
@@ -281,7 +312,8 @@ def fuse_loras(
                              on_batch=(lambda: progress(done, max(total, done) + 1)) if progress else None)
         if prior is not None:
             add_prior(preserve, *prior)
-    weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale)
+    weights, deltas, cond = acc.solve(current_weights, original_weights, lamb, preserve, preserve_scale,
+                                      preserve_to)
     require_finite(deltas, "fusion", "raise lambda or add preserve prompts")
     if progress:
         progress(max(total, done) + 1, max(total, done) + 1)

@@ -40,7 +40,7 @@ from .concepts import Concept, parse_concepts, require_concepts
 from .covariance import PairStats
 from .encoding_cache import cached
 from .fingerprint import weights_fingerprint
-from .fusion import fuse_loras
+from .fusion import DEFAULT_PRESERVE_TO, check_preserve_to, fuse_loras
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, KVWeights, TextEncoder
 from .lora_file import check_lora_fits, load_concept_lora, save_concept_lora
 from .lora_train import LoraJob, LoraTrainConfig, train_concept_loras
@@ -63,6 +63,7 @@ class PipelineSettings:
     fusion_preserve_scale: float = 1.0
     fusion_positions: str = "all"
     prior_weight: float = 0.0  # general caption prior, relative to the preserve list (needs prior_moment)
+    fusion_preserve_to: str = DEFAULT_PRESERVE_TO  # "current": fusion keeps preserved prompts at the CFR weights
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -313,6 +314,7 @@ def run_mass_erasure(
     check_number(settings.fusion_lambda, "fusion_lambda", 0.0, 1e12)
     check_number(settings.fusion_preserve_scale, "preserve_scale", 0.0, 1e12)
     check_number(settings.prior_weight, "prior_weight", 0.0, 1e6)
+    check_preserve_to(settings.fusion_preserve_to)  # before any training, not after it
     if settings.prior_weight > 0 and prior_moment is None:
         raise ValueError("prior_weight > 0 needs the general prior (prior_moment); set prior_weight to 0")
     prior = (prior_moment, settings.prior_weight) if settings.prior_weight > 0 else None
@@ -410,7 +412,8 @@ def run_mass_erasure(
     fused = fuse_loras(encoder, refined, original, stream, templates, preserve_prompts,
                        settings.fusion_lambda, settings.fusion_preserve_scale,
                        lambda k, _t: report(fuse_base + min(k, n)), total=n, positions=settings.fusion_positions,
-                       preserve_stats=preserve)  # CFR's preserve set, prior included: not encoded again
+                       preserve_stats=preserve,  # CFR's preserve set, prior included: not encoded again
+                       preserve_to=settings.fusion_preserve_to)
     result.seconds["fusion"] = time.perf_counter() - t2
     report(total)
     result.weights = fused.weights

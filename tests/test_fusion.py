@@ -12,7 +12,7 @@ from fakes import FakeTextEncoder, fake_kv_weights
 from mace_ops.concepts import Concept
 from mace_ops.covariance import PairStats
 from mace_ops.interfaces import EncodedPrompt
-from mace_ops.fusion import FusionAccumulator, concept_covariance, fuse_loras
+from mace_ops.fusion import FusionAccumulator, concept_covariance, fuse_loras, preserve_to_for
 from mace_ops.lora import KVLora
 from mace_ops.lora_train import LoraTrainConfig, train_concept_lora
 from mace_ops.ridge import IllConditionedError
@@ -98,8 +98,10 @@ def test_single_lora_full_rank_is_plain_merge():
         assert torch.equal(res.deltas[k], d64[k].float())
 
 
-def test_normal_equations():
-    """Invariant 1: W* (lamb I + sum C + sP) = W'(lamb I + sum C) + sum dW_i C_i + s W0 P."""
+@pytest.mark.parametrize("preserve_to", ["original", "current"])
+def test_normal_equations(preserve_to):
+    """Invariant 1: W* (lamb I + sum C + sP) = W'(lamb I + sum C) + sum dW_i C_i + s R P, with R = W0
+    (preserve_to "original", the paper) or R = W' ("current", the pack's default)."""
     concepts = [Concept(("ship",)), Concept(("car", "automobile")), Concept(("cat",))]
     loras = [random_lora(WC, i) for i in range(3)]
     keep = list(GENERIC_PRESERVE_PROMPTS[:8])
@@ -113,20 +115,47 @@ def test_normal_equations():
         acc.add_concept(lora, C, n)
     stats = PairStats(32)
     stats.add_preserve(p)
-    d64, cond = acc.deltas64(WC, W0, lamb, stats, scale)
+    d64, cond = acc.deltas64(WC, W0, lamb, stats, scale, preserve_to)
     eye = torch.eye(32, dtype=torch.float64)
     Csum = sum(C for C, _ in Cs)
     A = lamb * eye + Csum + s * P
     for k in WC:
-        wc, w0 = WC[k].double(), W0[k].double()
+        wc = WC[k].double()
+        ref = W0[k].double() if preserve_to == "original" else wc
         dW = [l.factors()[k].delta(torch.float64) for l in loras]
-        rhs = wc @ (lamb * eye + Csum) + sum(d @ C for d, (C, _) in zip(dW, Cs)) + s * w0 @ P
+        rhs = wc @ (lamb * eye + Csum) + sum(d @ C for d, (C, _) in zip(dW, Cs)) + s * ref @ P
         lhs = (wc + d64[k]) @ A
         assert (lhs - rhs).norm() / rhs.norm() < 1e-10
-    res = fuse_loras(ENC, WC, W0, list(zip(concepts, loras)), TPL[:12], keep, lamb=lamb, preserve_scale=scale)
+    res = fuse_loras(ENC, WC, W0, list(zip(concepts, loras)), TPL[:12], keep, lamb=lamb, preserve_scale=scale,
+                     preserve_to=preserve_to)
     assert res.n_concepts == 3 and res.n_vectors == sum(n for _, n in Cs) and res.condition[32] == pytest.approx(cond)
     for k in WC:
         assert (res.deltas[k].double() - d64[k]).abs().max() < 1e-6
+
+
+def test_fusion_to_current_weights_cannot_undo_cfr():
+    """With no LoRA (zero deltas) fusion that keeps the preserve prompts at the current weights returns
+    them exactly; keeping them at the original weights pulls the preserve prompts' K/V back toward W0's."""
+    zero = {k: torch.zeros_like(v) for k, v in WC.items()}
+    keep = list(GENERIC_PRESERVE_PROMPTS[:8])
+    ship = Concept(("ship", "boat"))
+    current = fuse_loras(ENC, WC, W0, [(ship, zero)], TPL, keep, lamb=0.1, preserve_scale=1.0, preserve_to="current")
+    original = fuse_loras(ENC, WC, W0, [(ship, zero)], TPL, keep, lamb=0.1, preserve_scale=1.0,
+                          preserve_to="original")
+    p = torch.cat([e.features for e in ENC.encode(keep)])
+    for k in WC:
+        assert torch.equal(current.deltas[k], torch.zeros_like(WC[k]))
+        gap_before = (p @ (WC[k] - W0[k]).T).norm()  # the preserve prompts' K/V, current vs original
+        assert (p @ (original.weights[k] - W0[k]).T).norm() < 0.9 * gap_before
+    current_no_w0 = fuse_loras(ENC, WC, None, [(ship, zero)], TPL, keep, lamb=0.1, preserve_to="current")
+    assert all(torch.equal(current_no_w0.deltas[k], current.deltas[k]) for k in WC)  # W0 not needed
+    with pytest.raises(ValueError, match="preserve_to.*'sideways'.*current"):
+        fuse_loras(ENC, WC, W0, [(ship, zero)], TPL, keep, preserve_to="sideways")
+    assert [preserve_to_for(t) for t in ("style", "person", "object", "nudity")] == \
+        ["current", "original", "original", "original"]  # the nodes' "auto"
+    assert preserve_to_for("style", "original") == "original"
+    with pytest.raises(ValueError, match="'auto'"):
+        fuse_loras(ENC, WC, W0, [(ship, zero)], TPL, keep, preserve_to="auto")  # the nodes resolve it first
 
 
 def test_non_interference_exact():
@@ -197,12 +226,15 @@ def test_ridge_and_preservation_limits():
     keep = list(GENERIC_PRESERVE_PROMPTS)
     p = torch.cat([e.features for e in ENC.encode(keep)])
 
-    def drift(scale):
-        res = fuse_loras(ENC, WC, W0, list(zip(concepts, loras)), TPL, keep, lamb=0.1, preserve_scale=scale)
-        return sum(float((p @ (res.weights[k] - W0[k]).T).norm()) for k in W0)
+    def drift(scale, preserve_to):  # the preserve prompts' K/V against those they are kept at
+        res = fuse_loras(ENC, WC, W0, list(zip(concepts, loras)), TPL, keep, lamb=0.1, preserve_scale=scale,
+                         preserve_to=preserve_to)
+        ref = W0 if preserve_to == "original" else WC
+        return sum(float((p @ (res.weights[k] - ref[k]).T).norm()) for k in W0)
 
-    drifts = [drift(s) for s in (0.0, 0.1, 1.0, 10.0, 1000.0)]
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(drifts, drifts[1:])) and drifts[-1] < 0.05 * drifts[0]
+    for preserve_to in ("original", "current"):
+        drifts = [drift(s, preserve_to) for s in (0.0, 0.1, 1.0, 10.0, 1000.0)]
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(drifts, drifts[1:])) and drifts[-1] < 0.05 * drifts[0]
 
 
 def test_errors():
@@ -215,8 +247,9 @@ def test_errors():
         fuse_loras(ENC, WC, W0, [], TPL)
     with pytest.raises(ValueError, match="lacks 1 LoRA weight"):
         fuse_loras(ENC, {k: v for k, v in list(WC.items())[1:]}, W0, [(ship, lora)], TPL)
-    with pytest.raises(ValueError, match="original weights"):
-        fuse_loras(ENC, WC, None, [(ship, lora)], TPL, GENERIC_PRESERVE_PROMPTS, preserve_scale=1.0)
+    with pytest.raises(ValueError, match="original weights"):  # only the paper's form needs W0
+        fuse_loras(ENC, WC, None, [(ship, lora)], TPL, GENERIC_PRESERVE_PROMPTS, preserve_scale=1.0,
+                   preserve_to="original")
 
 
 # ------------------------------------------------------------ trained LoRAs on the fake denoiser

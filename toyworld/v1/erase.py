@@ -17,6 +17,7 @@ import tempfile
 
 from mace_ops.cfr import CFRConfig, CFRResult, refine_cross_attention
 from mace_ops.concepts import Concept, parse_concepts, require_concepts
+from mace_ops.fusion import DEFAULT_PRESERVE_TO
 from mace_ops.lora_file import load_concept_lora
 from mace_ops.lora_train import LoraTrainConfig, attention_masks
 from mace_ops.pipeline import MassErasureResult, PipelineSettings, run_mass_erasure
@@ -69,11 +70,12 @@ def mace_erase(world, concepts_text: str, *, lamb: float = DEFAULT_LAMBDA,
                preserve_scale: float = DEFAULT_PRESERVE_SCALE, lora: LoraTrainConfig = DEFAULT_LORA,
                fusion_lambda: float = 1e-3, fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE,
                mask_mode: str = "none", fuse: bool = True, lora_dir: str | None = None,
-               concept_tokens: bool = False, progress=None) -> MassErasureResult:
+               concept_tokens: bool = False, fusion_preserve_to: str = DEFAULT_PRESERVE_TO,
+               progress=None) -> MassErasureResult:
     concepts, keep = _concepts_and_preserve(concepts_text, preserve_scale)
     lora = dataclasses.replace(lora, use_masks=mask_mode != "none")
     settings = PipelineSettings("toy", ANCHOR_WORD, CFRConfig(lamb, preserve_scale, concept_tokens), lora,
-                                fusion_lambda, fusion_preserve_scale)
+                                fusion_lambda, fusion_preserve_scale, fusion_preserve_to=fusion_preserve_to)
     data = training_data(world, mask_mode=mask_mode)
     with tempfile.TemporaryDirectory() as tmp:
         folder = lora_dir or tmp

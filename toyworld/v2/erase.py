@@ -17,8 +17,9 @@ Methods (each returns new K/V weights; the world's model is never modified):
 * ``full``: MACE — CFR (surrounding tokens) -> one LoRA per concept (attention loss, CFIS) ->
   closed-form fusion; ``cfr_lora`` is the same run with the LoRA deltas added instead of fused.
   ``mace_setting("reference")`` is the paper's stage 2/3; ``mace_setting("recommended")`` the
-  pack's (``RECOMMENDED``: the CFR stage also maps the concept tokens, and the caption prior joins
-  every stage), chosen by ``bench/mace_variants.py`` on the shipped world.
+  pack's (``RECOMMENDED``: the CFR stage also maps the concept tokens, the caption prior joins
+  every stage, and fusion keeps the preserve prompts at the CFR weights for styles, at the original
+  ones for names), chosen by ``bench/mace_variants.py`` and ``bench/mass_quality.py`` on the shipped world.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import Sequence
 from mace_ops.ace import ACEConfig, GatedErasure, fit_gated_erasure
 from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept, parse_concepts, require_concepts
+from mace_ops.fusion import preserve_to_for
 from mace_ops.lora_file import load_concept_lora
 from mace_ops.lora_train import LoraTrainConfig
 from mace_ops.pipeline import PipelineSettings, run_mass_erasure
@@ -45,8 +47,10 @@ DEFAULT_LORA = LoraTrainConfig(steps=50, lr=3e-3, rank=1, seed=2024, sampler="cf
                                include_end_tokens=False)
 DEFAULT_FUSION_LAMBDA = 1e-3
 # The pack's recommended stage 2/3 (``full``) against the paper's (``full_ref``): what differs.
-RECOMMENDED = {"lora_preserve": 0.0, "prior_weight": 1.0, "fusion_positions": "all", "cfr_concept_tokens": True}
-REFERENCE = {"lora_preserve": 0.0, "prior_weight": 0.0, "fusion_positions": "all", "cfr_concept_tokens": False}
+RECOMMENDED = {"lora_preserve": 0.0, "prior_weight": 1.0, "fusion_positions": "all", "cfr_concept_tokens": True,
+               "fusion_preserve_to": "auto"}  # as the nodes: current for styles, original for names
+REFERENCE = {"lora_preserve": 0.0, "prior_weight": 0.0, "fusion_positions": "all", "cfr_concept_tokens": False,
+             "fusion_preserve_to": "original"}
 ANCHORS = {"name": vocab.NEUTRAL_NAME, "style": vocab.NEUTRAL_STYLE}
 _FIXED_STYLES = (vocab.STYLES[0], vocab.STYLES[-1])
 
@@ -162,12 +166,15 @@ def mace_setting(name: str, **overrides) -> dict:
 def mace_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
                lora: LoraTrainConfig = DEFAULT_LORA, fusion_lambda: float = DEFAULT_FUSION_LAMBDA,
                fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE, fusion_positions: str = "all",
-               prior_weight: float = 0.0, cfr_concept_tokens: bool = False, lora_dir: str | None = None,
+               prior_weight: float = 0.0, cfr_concept_tokens: bool = False, fusion_preserve_to: str = "original",
+               lora_dir: str | None = None,
                log=lambda s: None) -> MaceRun:
     concepts = task.concepts()
+    fusion_preserve_to = preserve_to_for(task.kind, fusion_preserve_to)
     settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, cfr_concept_tokens),
                                 replace(lora),
-                                fusion_lambda, fusion_preserve_scale, fusion_positions, prior_weight)
+                                fusion_lambda, fusion_preserve_scale, fusion_positions, prior_weight,
+                                fusion_preserve_to)
     prior = prior_for(world, prior_weight)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_mass_erasure(world.text_encoder, world.denoiser, world.kv_weights(), concepts, task.templates,
