@@ -130,6 +130,17 @@ def tiny_ckpt(comfy, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt_2layer(comfy, tmp_path_factory):
+    """The tiny SD1.5 checkpoint with a 2-layer CLIP-L, for in-process tests whose cost is text
+    encoding (the harness's loader hook builds the CLIP at the depth the file records; a ComfyUI in
+    a subprocess has no hook, so subprocess tests keep ``tiny_ckpt``)."""
+    d = tmp_path_factory.mktemp("tiny_ckpt_2layer")
+    path = make_tiny_sd15_checkpoint(d / "mace_tiny_sd15_2layer.safetensors", clip_layers=2, seed=0)
+    comfy.add_model_dir("checkpoints", d)
+    return path
+
+
 def _tiny_family_ckpt(comfy, tmp_path_factory, family: str):
     d = tmp_path_factory.mktemp(f"tiny_{family}")
     path = make_tiny_checkpoint(d / f"mace_tiny_{family}.safetensors", family, te_layers=3, seed=0)

@@ -49,9 +49,9 @@ def decoded(samples_node):
 
 
 @pytest.fixture(scope="module")
-def ace_run(comfy, tiny_ckpt):
+def ace_run(comfy, tiny_ckpt_2layer):
     comfy.require_pack()
-    api = base_prompt(Path(tiny_ckpt).name)
+    api = base_prompt(Path(tiny_ckpt_2layer).name)
     api["10"] = {"class_type": "MaceGatedErasure", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "concepts": "van gogh", "concept_type": "style", "anchor": "",
         "preserve": "claude monet", "builtin_preserve": False, "rank": 8, "quantile": 0.999}}
@@ -90,14 +90,14 @@ def test_gate_changes_the_concept_prompt_only(ace_run, comfy):
     assert "attn2_patch" not in base_model.model_options.get("transformer_options", {}).get("patches", {})
 
 
-def test_save_then_load_restores_the_same_output(ace_run, comfy, tiny_ckpt):
+def test_save_then_load_restores_the_same_output(ace_run, comfy, tiny_ckpt_2layer):
     _, _, _, _, lat, path = ace_run
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["mace.format"] == "gate-1" and "mace.base_model" in meta and '"ace"' in meta["mace.gate"]
     assert keys and all(k.startswith("mace_gate.") for k in keys)  # no weight edit: no fallback part
-    api = base_prompt(Path(tiny_ckpt).name)
+    api = base_prompt(Path(tiny_ckpt_2layer).name)
     api["10"] = {"class_type": "MaceLoadErasure", "inputs": {"model": ["1", 0], "erasure_name": path.name,
                                                              "strength": 1.0, "allow_other_base": False}}
     api["20"], api["30"], api["40"] = sampler(["10", 0], ["2", 0]), decoded("20"), preview(["30", 0])
@@ -226,7 +226,7 @@ def test_cancel_stops_the_attack_and_bad_input(ace_run, comfy, monkeypatch):
                                           **{**ADV, "attack_steps": 0})
 
 
-def test_workflow_with_adversarial_refit_and_cached_captions(ace_run, comfy, tiny_ckpt):  # keep it last: see below
+def test_workflow_with_adversarial_refit_and_cached_captions(ace_run, comfy, tiny_ckpt_2layer):  # keep it last: see below
     """workflows/erase_gated_ace.json on the tiny checkpoint (64 px, 2 steps), its ACE node set to one
     adversarial round: an image drawn by the model, one soft-prompt attack through ComfyUI's denoiser,
     the refit. The refit gate holds the attack's soft-token prototypes (2 per template) on top of the
@@ -237,7 +237,7 @@ def test_workflow_with_adversarial_refit_and_cached_captions(ace_run, comfy, tin
     plain = pack.nodes.comfy_gate.get_gate(comfy.node_output("10", 0, ex))
     captions = pack.mace_ops.prior.general_captions(pack.nodes.prior_input.PRIOR_CAPTIONS)
     captions = set(captions[2:])  # the first two are the cache key's probe prompts, encoded on every run
-    api = ch.retarget_for_test(ch.ui_workflow_to_api(WORKFLOW), Path(tiny_ckpt).name)
+    api = ch.retarget_for_test(ch.ui_workflow_to_api(WORKFLOW), Path(tiny_ckpt_2layer).name)
     loader = next(k for k, v in api.items() if v["class_type"] == "CheckpointLoaderSimple")
     api = ch.renumber(api, {loader: "1"})  # the fixture's executor has the loaded checkpoint cached as "1"
     node = next(k for k, v in api.items() if v["class_type"] == "MaceGatedErasure")

@@ -98,14 +98,14 @@ def test_yaml_config_and_cli_exit_status(tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_seed002_style_config_save_then_load(comfy, tiny_ckpt, tmp_path):
+def test_seed002_style_config_save_then_load(comfy, tiny_ckpt_2layer, tmp_path):
     """Synonym list + erase_from + save_path; then a second config loads the .pt (load_path)."""
     comfy.require_pack()
     pt = tmp_path / "unet" / "mace_unet.pt"
     first = {"output_dir": str(tmp_path / "run1"), "seed": 2, "technique": {"name": "mace", "config": {
         "erase_concept": ["van gogh", "vincent van gogh"], "erase_from": "painting", "lambda_cfr": 0.1,
         "save_path": str(pt), "use_fp16": False, "device": "cpu", "num_inference_steps": 2,
-        "checkpoint": str(tiny_ckpt), "concept_type": "style", "preserve": ["claude monet"],
+        "checkpoint": str(tiny_ckpt_2layer), "concept_type": "style", "preserve": ["claude monet"],
         "builtin_preserve": False}}}
     c1 = tmp_path / "first.json"
     c1.write_text(json.dumps(first))
@@ -124,7 +124,7 @@ def test_seed002_style_config_save_then_load(comfy, tiny_ckpt, tmp_path):
 
     second = {"output_dir": str(tmp_path / "run2"), "seed": 2, "technique": {"name": "mace", "config": {
         "erase_concept": ["van gogh", "vincent van gogh"], "erase_from": "painting", "load_path": str(pt),
-        "use_fp16": False, "device": "cpu", "checkpoint": str(tiny_ckpt)}}}
+        "use_fp16": False, "device": "cpu", "checkpoint": str(tiny_ckpt_2layer)}}}
     c2 = tmp_path / "second.json"
     c2.write_text(json.dumps(second))
     assert cli.main(["technique", "--config", str(c2), "-q"]) == 0
