@@ -39,6 +39,13 @@ def original_weights(model, current):
     return {k: (w - record.deltas[k]) if k in record.deltas else w for k, w in current.items()}
 
 
+PRESERVE_TO_TOOLTIP = (
+    "Where fusion keeps the preserved prompts (preserve list, built-in prompts, general prior): current = at "
+    "the incoming model's weights (after CFR), so fusion only adds the LoRAs and cannot undo CFR; original = at "
+    "the unedited base model, the paper's form; auto = current for styles, original otherwise (measured in the "
+    "toy world: current erased styles better; at 100 names it lost the retained names).")
+
+
 class MaceFuseLoras(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -62,11 +69,7 @@ class MaceFuseLoras(io.ComfyNode):
                 io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
                                optional=True, tooltip=TOOLTIP),
                 io.Combo.Input("preserve_to", options=["auto", *PRESERVE_TO], default="auto", optional=True,
-                               tooltip="Where fusion keeps the preserved prompts (preserve list, built-in prompts, general prior): "
-                               "current = at the incoming model's weights (after CFR), so fusion only adds the LoRAs "
-                               "and cannot undo CFR; original = at the unedited base model, the paper's form. "
-                               "auto = current for styles, original otherwise (measured in the toy world: "
-                               "current erased styles better; at 100 names it lost the retained names)."),
+                               tooltip=PRESERVE_TO_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
         )

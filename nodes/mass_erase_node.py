@@ -19,8 +19,8 @@ import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
-from ..mace_ops.fusion import PRESERVE_TO, preserve_to_for
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
+from ..mace_ops.fusion import PRESERVE_TO, preserve_to_for
 from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES,
                                    PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure, slug
@@ -30,6 +30,7 @@ from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .concept_inputs import concept_inputs
+from .fusion_node import PRESERVE_TO_TOOLTIP
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
 from .paths import text_roots
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
@@ -104,11 +105,7 @@ class MaceMassErase(io.ComfyNode):
                                 "unchanged); 'fuse' (or empty, which also trains what is missing) fuses every "
                                 "part's files. Same inputs on every instance."),
                 io.Combo.Input("fusion_preserve_to", options=["auto", *PRESERVE_TO], default="auto",
-                               optional=True, tooltip="Where fusion keeps the preserved prompts (preserve list, built-in prompts, general prior): "
-                               "current = at the CFR weights, so fusion only adds the LoRAs "
-                               "and cannot undo CFR; original = at the unedited base model, the paper's form. "
-                               "auto = current for styles, original otherwise (measured in the toy world: "
-                               "current erased styles better; at 100 names it lost the retained names)."),
+                               optional=True, tooltip=PRESERVE_TO_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
             is_output_node=True,

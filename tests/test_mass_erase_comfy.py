@@ -100,10 +100,17 @@ def test_mass_erase_objective_prior_and_lora_preserve_inputs(env):
     args = (env.model, env.clip, env.vae, CONCEPTS, "", "object", "", "", True, "opts",
             1.0, 1.0, 2, 3e-2, 1, 64, 2, 5, 1e-3)
     with torch.inference_mode():
-        with_prior = cm.get_record(node.execute(*args).result[0]).deltas
+        default = cm.get_record(node.execute(*args).result[0])
+        with_prior = default.deltas
         without = cm.get_record(node.execute(*args, prior_weight=0.0).result[0]).deltas
         traj = node.execute(*args, objective="trajectory", lora_preserve=5.0, prior_weight=0.0)
+        to_cfr = cm.get_record(node.execute(*args, fusion_preserve_to="current").result[0])  # LoRAs reused
     assert any(not torch.allclose(with_prior[k], without[k]) for k in with_prior)
+    assert default.stages[-1]["settings"]["fusion_preserve_to"] == "original"  # auto, for objects
+    assert to_cfr.stages[-1]["settings"]["fusion_preserve_to"] == "current"
+    assert any(not torch.allclose(with_prior[k], to_cfr.deltas[k]) for k in with_prior)
+    with torch.inference_mode(), pytest.raises(ValueError, match="preserve_to.*'sideways'"):
+        node.execute(*args, fusion_preserve_to="sideways")
     assert cm.get_record(traj.result[0]).stages[-1]["settings"]["lora"]["objective"] == "trajectory"
     cache = os.path.join(env.comfy.folder_paths.get_user_directory(), "mace_cache")
     assert [f for f in os.listdir(cache) if f.startswith("prior-") and f.endswith(".safetensors")]
