@@ -4,7 +4,8 @@ Methods: no edit; CFR on the main word only; CFR with one synonym added to the e
 other synonym stays held out for generality); CFR + per-concept LoRA (deltas added); the full
 MACE pipeline (CFR -> LoRA -> closed-form fusion, fusion keeping the preserve prompts at the
 original weights as the paper does; full_current: at the CFR weights, ``fusion.PRESERVE_TO``). For
-1, 3 and 7 erased colours (erasing all 8 leaves no colour to measure specificity on). Fixed seeds; sample sizes and binomial standard
+1, 3 and 7 erased colours (erasing all 8 leaves no colour to measure specificity on). Fixed seeds;
+sample sizes and binomial standard
 errors are printed and written to JSON.
 
     python -m bench.quality [--counts 1 3 7] [--methods none cfr cfr_syn cfr_lora full full_current] [--n 32]

@@ -101,7 +101,7 @@ def test_single_lora_full_rank_is_plain_merge():
 @pytest.mark.parametrize("preserve_to", ["original", "current"])
 def test_normal_equations(preserve_to):
     """Invariant 1: W* (lamb I + sum C + sP) = W'(lamb I + sum C) + sum dW_i C_i + s R P, with R = W0
-    (preserve_to "original", the paper) or R = W' ("current", the pack's default)."""
+    (preserve_to "original", the paper's form and the library default) or R = W' ("current")."""
     concepts = [Concept(("ship",)), Concept(("car", "automobile")), Concept(("cat",))]
     loras = [random_lora(WC, i) for i in range(3)]
     keep = list(GENERIC_PRESERVE_PROMPTS[:8])
