@@ -23,6 +23,10 @@ VARIANTS = {
     "uce": ("UCE-style closed form", None),
     "cfr_prior_1": ("CFR alone + toy caption prior (weight 1)", None),
     "oracle": ("CFR preserving the retained set itself (upper reference, not a method)", None),
+    "cfr_prior_1_preserve_2": ("CFR alone + toy caption prior, preserve scale x2",
+                               {"cfr": {"prior_weight": 1.0, "preserve_scale": 2.0}}),
+    "cfr_prior_1_preserve_4": ("CFR alone + toy caption prior, preserve scale x4",
+                               {"cfr": {"prior_weight": 1.0, "preserve_scale": 4.0}}),
     "full_ref": ("full MACE, the paper's stage 2/3", {}),
     "fusion_concept_positions": ("full_ref, fusion fits only the concept's positions",
                                  {"fusion_positions": "concept"}),
@@ -39,6 +43,25 @@ VARIANTS = {
                                 {"lora_preserve": 1.0, "prior_weight": 1.0}),
     "cfr_tokens_prior_1": ("full_ref, CFR stage also maps the concept tokens, + toy caption prior 1",
                            {"cfr_concept_tokens": True, "prior_weight": 1.0}),
+    "null_space_90": ("cfr_tokens_prior_1 + LoRA input factor off the preserve set's top directions (90% energy)",
+                      {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.9}}),
+    "null_space_99": ("cfr_tokens_prior_1 + LoRA input factor off the preserve set's top directions (99% energy)",
+                      {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.99}}),
+    "null_space_999": ("cfr_tokens_prior_1 + LoRA input factor off the preserve set's top directions (99.9% energy)",
+                       {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.999}}),
+    "null_space_99_current": ("null_space_99, fusion keeps the preserve prompts at the CFR weights (current)",
+                              {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.99},
+                               "fusion_preserve_to": "current"}),
+    "null_space_999_current": ("null_space_999, fusion keeps the preserve prompts at the CFR weights (current)",
+                               {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.999},
+                                "fusion_preserve_to": "current"}),
+    "cfr_tokens_prior_1_current": ("cfr_tokens_prior_1, fusion keeps the preserve prompts at the CFR weights",
+                                   {"cfr_concept_tokens": True, "prior_weight": 1.0, "fusion_preserve_to": "current"}),
+    "rank_4": ("cfr_tokens_prior_1 with rank-4 LoRAs", {"cfr_concept_tokens": True, "prior_weight": 1.0,
+                                                        "lora": {"rank": 4}}),
+    "k_only": ("cfr_tokens_prior_1, only K trained (the nodes' cached-query path, 8 recorded samples)",
+               {"cfr_concept_tokens": True, "prior_weight": 1.0,
+                "lora": {"path": "cached_queries", "query_samples": 8}}),
     "trajectory": ("ANT-style trajectory objective (lr 3e-3, 50 steps)",
                    {"lora": {"objective": "trajectory"}}),
     "trajectory_long": ("ANT-style trajectory objective (lr 1e-2, 150 steps)",
@@ -56,7 +79,10 @@ def weights_for(world, task: erase.Task, variant: str, retained):
         return erase.cfr_erase(world, task, prior_weight=1.0).weights
     if variant == "oracle":
         return erase.cfr_erase(world, erase.Task(task.kind, task.erase, tuple(retained))).weights
-    return erase.mace_erase(world, task, **erase.mace_setting("reference", **VARIANTS[variant][1])).fused
+    how = VARIANTS[variant][1]
+    if "cfr" in how:
+        return erase.cfr_erase(world, task, **how["cfr"]).weights
+    return erase.mace_erase(world, task, **erase.mace_setting("reference", **how)).fused
 
 
 def main(argv=None) -> None:

@@ -11,9 +11,10 @@ each edit. Fixed seeds; binomial SEs.
 Methods: none | cfr (MACE stage 1 alone) | cfr_prior (the same + the toy caption prior, weight 1,
 as the CFR node does by default) | uce (UCE-style closed form, bare phrases) |
 cfr_lora (MACE CFR + LoRA deltas added) | full_ref (CFR -> LoRA -> fusion, the paper's stage 2/3) |
-full (the pack's recommended settings, ``erase.RECOMMENDED``) | full_current, full_original (the
-same with fusion keeping the preserve prompts at the CFR weights / at the original weights as the
-paper does; ``full`` is full_current for styles and full_original for names) | ace (the ACE-style
+full (the pack's recommended settings, ``erase.RECOMMENDED``: null-space LoRAs, fusion at the CFR
+weights) | full_current, full_original (the same *without* the LoRA null space, fusion keeping the
+preserve prompts at the CFR weights / at the original weights as the paper does; until 2026-12-01
+``full`` was full_current for styles and full_original for names) | ace (the ACE-style
 gated null-out, ``mace_ops.ace`` with its default config: not a weight edit, a transform of every
 text context) |
 ace_sigmoid (the same with the first gate: centred on its threshold, temperature 0.02) |
@@ -37,6 +38,7 @@ from bench.grid import labelled_grid
 from bench.plot import save_panels
 from mace_ops.ace import ACEConfig
 from mace_ops.fusion import preserve_to_for
+from mace_ops.lora_train import DEFAULT_NULL_SPACE
 from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
@@ -86,13 +88,14 @@ def edits(world, task: erase.Task, methods, log):
         yield "cfr_prior_ace", w, gate, time.perf_counter() - t0 + gate_s, gate_mb
     runs: dict[str, tuple] = {}
 
-    def pack_run(form: str = "auto"):
-        """(fused weights, edit seconds, peak MB) of the pack's settings with fusion form ``form``; one run
-        per resolved form (for names "auto" is "original": full and full_original share it)."""
-        key = preserve_to_for(task.kind, form)
+    def pack_run(form: str = "auto", null_space: float = DEFAULT_NULL_SPACE):
+        """(fused weights, edit seconds, peak MB) of the pack's settings with fusion form ``form`` and the
+        LoRA null space ``null_space``; one run per resolved setting."""
+        key = (preserve_to_for(task.kind, form, null_space > 0), null_space)
         if key not in runs:
+            setting = erase.mace_setting("recommended", fusion_preserve_to=key[0], lora_null_space=null_space)
             with PeakRSS() as mem:
-                run = erase.mace_erase(world, task, log=log, **erase.mace_setting("recommended", fusion_preserve_to=key))
+                run = erase.mace_erase(world, task, log=log, **setting)
             runs[key] = run.fused, edit_seconds(run), mem.peak_mb
         return runs[key]
 
@@ -103,8 +106,8 @@ def edits(world, task: erase.Task, methods, log):
         if "full_ace" in methods:
             yield "full_ace", fused, gate, full_s + gate_s, max(peak, gate_mb)
     for name, form in (("full_current", "current"), ("full_original", "original")):
-        if name in methods:  # the pack's settings, fusion keeping the preserve prompts at W' or at W0
-            fused, seconds, peak = pack_run(form)
+        if name in methods:  # the pack's settings without the null space, fusion keeping the preserve prompts
+            fused, seconds, peak = pack_run(form, 0.0)  # at W' or at W0 (the pack's default before 2026-12-01)
             yield name, fused, None, seconds, peak
 
 

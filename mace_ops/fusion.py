@@ -59,9 +59,12 @@ class FusionResult:
 POSITIONS = ("all", "concept")
 PRESERVE_TO = ("current", "original")
 DEFAULT_PRESERVE_TO = "original"  # the paper's form
-# "auto" (the nodes' default) by concept type, from bench.mass_quality (full_current vs full_original):
-# styles gained 0.04-0.14 H at 1-10 erased with "current"; names gained 0.03-0.04 at 1-10 but lost 0.15
-# at 100 (the retained names fell 0.42 -> 0.18), so every other type keeps the paper's form.
+# "auto" (the nodes' default), from bench.mass_quality (toy world v2). Without the LoRA null space, by
+# concept type: styles gained 0.04-0.14 H at 1-10 erased with "current"; names gained 0.03-0.04 at 1-10
+# but lost 0.15 at 100 (the retained names fell 0.42 -> 0.18), so every other type keeps the paper's form.
+# With null-space LoRAs (``LoraTrainConfig.null_space`` > 0) always "current": such a LoRA cannot act on
+# the preserve set's directions, so fusing at W0 would only pull back CFR's edit there (1 name: H 0.69
+# vs 0.96, 10 names 0.70 vs 0.75, bench.mace_variants null_space_99 vs null_space_99_current).
 PRESERVE_TO_BY_TYPE = {"style": "current"}
 
 
@@ -72,10 +75,13 @@ def check_preserve_to(value: str, allow_auto: bool = False) -> str:
     return value
 
 
-def preserve_to_for(concept_type: str, choice: str = "auto") -> str:
-    """``choice``, or for "auto" the measured default of ``concept_type`` (``PRESERVE_TO_BY_TYPE``)."""
+def preserve_to_for(concept_type: str, choice: str = "auto", null_space: bool = False) -> str:
+    """``choice``, or for "auto": "current" when the LoRAs were trained in the preserve set's null space
+    (``null_space``), else the measured default of ``concept_type`` (``PRESERVE_TO_BY_TYPE``)."""
     check_preserve_to(choice, allow_auto=True)
-    return PRESERVE_TO_BY_TYPE.get(concept_type, DEFAULT_PRESERVE_TO) if choice == "auto" else choice
+    if choice != "auto":
+        return choice
+    return "current" if null_space else PRESERVE_TO_BY_TYPE.get(concept_type, DEFAULT_PRESERVE_TO)
 
 
 def concept_covariance(

@@ -40,6 +40,7 @@ from .cfis import SAMPLER_KINDS, TimestepSampler
 from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
 from .lora import KVLora
+from .null_space import check_energy, null_space_projector, project_down
 from .templates import check_templates, fill
 from .validation import check_number, derive_seed, require_finite
 
@@ -54,6 +55,9 @@ PATH_TOOLTIP = ("How the LoRA stage optimises the attention loss. cached_queries
                 "step; V is not trained); full = backprop through the UNet every step (K and V, the paper's way). "
                 "auto = cached_queries for the attention objective, full for trajectory.")
 DEFAULT_LORA_PRESERVE = 0.0  # the nodes' default for ``preserve``: on the shipped toy world it cost erasure (bench/mace_variants)
+# the nodes' default for ``null_space``: on toy world v2 it kept full MACE level with or above CFR + prior at
+# 1-100 names and 1-10 styles (bench.mass_quality full vs full_current / full_original)
+DEFAULT_NULL_SPACE = 0.99
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,9 @@ class LoraTrainConfig:
     # the paper's path, which the toy benches and older run folders used; the nodes default to DEFAULT_PATH.
     path: str = "full"
     query_samples: int = 0  # cached_queries: samples recorded (0: steps * batch_size, the full path's draws)
+    # > 0: the LoRA's input factor stays off the preserved directions holding this share of the preserve
+    # prompts' feature energy (``null_space``; 0: off, the reference)
+    null_space: float = 0.0
 
     def validate(self) -> None:
         """Every number finite and in range (ValueError naming the setting), before any work."""
@@ -105,15 +112,19 @@ class LoraTrainConfig:
         if self.path not in PATHS:
             raise ValueError(f"path: unknown {self.path!r}; choose one of {list(PATHS)}")
         check_number(self.query_samples, "query samples", 0, None, integer=True)
+        check_energy(self.null_space)
         if self.path == "cached_queries" and self.objective != "attention":
             raise ValueError(f"path 'cached_queries' optimises the attention objective only; the {self.objective!r} "
                              "objective needs path 'full'")
 
     def settings(self) -> dict:
-        """Every field; on the full path without the cached path's fields (resume keys of older runs hold)."""
+        """Every field; on the full path without the cached path's fields, and without ``null_space`` when it
+        is off (resume keys of older runs hold)."""
         out = dataclasses.asdict(self)
         if self.path == "full":
             del out["path"], out["query_samples"]
+        if not self.null_space:
+            del out["null_space"]
         return out
 
     def query_pool(self) -> int:
@@ -281,6 +292,11 @@ class _Run:
         if config.preserve > 0:
             self.P = preserve_moment.detach().to(device=device, dtype=torch.float32).clone()
             require_finite(self.P, "LoRA training: the preserve prompts' features", "use the CLIP of this model")
+        self.Q = None
+        if config.null_space > 0:
+            self.Q, self.null_rank = null_space_projector(preserve_moment.to(device), config.null_space)
+            for name in self.lora.names:
+                project_down(self.lora.down[name], self.Q)
         self.gen = torch.Generator().manual_seed(derive_seed(config.seed, 1))
         self.uncond = None
         if config.objective == "trajectory":
@@ -319,7 +335,8 @@ class _Run:
             "lr": config.lr,
             "seed": config.seed,
             "settings": {**config.settings(), "masks_used": self.use_masks, "prompts": len(self.prompts.texts),
-                         "images": self.x0_all.shape[0]},
+                         "images": self.x0_all.shape[0],
+                         **({"null_space_rank": self.null_rank} if self.Q is not None else {})},
             "skipped_prompts": self.prompts.skipped,
             "loss_first": self.losses[0],
             "loss_last": self.losses[-1],
@@ -332,6 +349,9 @@ def _check_config(config: LoraTrainConfig, preserve_moment) -> None:
     if config.preserve > 0 and preserve_moment is None:
         raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
                          "or set the preserve weight to 0")
+    if config.null_space > 0 and preserve_moment is None:
+        raise ValueError("LoRA null space > 0 needs preserve prompts (their feature moment); give some "
+                         "or set the null-space energy to 0")
 
 
 def train_concept_lora(
@@ -384,6 +404,9 @@ def train_concept_lora(
                 opt.step()
                 for p in params:
                     p.grad = None
+                if run.Q is not None:
+                    for name in lora.names:
+                        project_down(lora.down[name], run.Q)
             elif run.losses[-1] > 0:
                 raise RuntimeError(
                     "the attention loss does not depend on the LoRA: the denoiser ignored weight_transform"
@@ -454,6 +477,9 @@ def train_concept_loras(
             opt.step()
             for p in params:
                 p.grad = None
+            if runs[0].Q is not None:
+                for key in model.keys:
+                    project_down(model.down[key], runs[0].Q)
             if progress is not None:
                 progress(step + 1, config.steps)
         model.write_back()

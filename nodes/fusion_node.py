@@ -31,6 +31,12 @@ def resolve_lora_files(text: str) -> list[str]:
     return paths
 
 
+def trained_in_null_space(info: dict) -> bool:
+    """Whether a LoRA file records training in the preserve set's null space (``settings.null_space`` > 0)."""
+    settings = info.get("settings")
+    return isinstance(settings, dict) and float(settings.get("null_space") or 0) > 0
+
+
 def original_weights(model, current):
     """The weights before any MACE stage: current minus the MACE deltas the model carries."""
     record = get_record(model)
@@ -42,8 +48,10 @@ def original_weights(model, current):
 PRESERVE_TO_TOOLTIP = (
     "Where fusion keeps the preserved prompts (preserve list, built-in prompts, general prior): current = at "
     "the incoming model's weights (after CFR), so fusion only adds the LoRAs and cannot undo CFR; original = at "
-    "the unedited base model, the paper's form; auto = current for styles, original otherwise (measured in the "
-    "toy world: current erased styles better; at 100 names it lost the retained names).")
+    "the unedited base model, the paper's form; auto = current when every LoRA was trained in the preserve "
+    "set's null space (Mass Erase's default) or for styles, original otherwise (measured in the toy world: "
+    "null-space LoRAs fused at the original weights undo CFR; without the null space, current erased styles "
+    "better and lost the retained names at 100 names).")
 
 
 class MaceFuseLoras(io.ComfyNode):
@@ -79,16 +87,17 @@ class MaceFuseLoras(io.ComfyNode):
                 builtin_preserve, prior_weight=DEFAULT_PRIOR_WEIGHT,
                 preserve_to="auto") -> io.NodeOutput:
         check_inputs(cls, locals())
-        preserve_to = preserve_to_for(concept_type, preserve_to)
         paths = resolve_lora_files(lora_files)
         current = effective_kv_weights(model)
         original = original_weights(model, current)
         encoder = ComfyTextEncoder(clip)
         kinds: dict[tuple, str] = {}
+        loras = [load_concept_lora(path) for path in paths]  # small (rank-r K/V factors); read once, up front
+        null_space = all(trained_in_null_space(lora.info) for lora in loras)
+        preserve_to = preserve_to_for(concept_type, preserve_to, null_space)
 
         def stream():
-            for i, path in enumerate(paths, start=1):
-                lora = load_concept_lora(path)
+            for i, (path, lora) in enumerate(zip(paths, loras), start=1):
                 check_lora_fits(lora, current, os.path.basename(path), original)  # keys, shapes, base model
                 phrases = tuple(lora.info.get("concept") or ())
                 if not phrases:
@@ -109,8 +118,9 @@ class MaceFuseLoras(io.ComfyNode):
                             prior=prior_for(encoder, float(prior_weight)), preserve_to=preserve_to)
         info = {"method": "fusion", "loras": [os.path.basename(p) for p in paths], "lambda": lambda_,
                 "preserve_scale": preserve_scale, "prior_weight": float(prior_weight), "preserve_to": preserve_to,
+                "null_space_loras": null_space,
                 "preserve": [p for c in parse_concepts(preserve, "preserve", False) for p in c.phrases]}
         out = apply_erasure(model, result.deltas, current, info)
         summary = (f"fused {result.n_concepts} LoRA(s) into {len(result.deltas)} K/V weights in {result.seconds:.2f}s "
-                   f"(condition {max(result.condition.values()):.3g})")
+                   f"(condition {max(result.condition.values()):.3g}; preserve prompts kept at the {preserve_to} weights)")
         return io.NodeOutput(out, summary)

@@ -21,8 +21,8 @@ from .comfy_compat import io
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.fusion import PRESERVE_TO, preserve_to_for
-from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE, OBJECTIVES,
-                                   PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
+from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_NULL_SPACE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE,
+                                   OBJECTIVES, PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure, slug
 from ..mace_ops.scope import parse_erase_from
 from .cfr_node import preserve_phrases, preserve_prompts
@@ -106,6 +106,13 @@ class MaceMassErase(io.ComfyNode):
                                 "part's files. Same inputs on every instance."),
                 io.Combo.Input("fusion_preserve_to", options=["auto", *PRESERVE_TO], default="auto",
                                optional=True, tooltip=PRESERVE_TO_TOOLTIP),
+                io.Float.Input("lora_null_space", default=DEFAULT_NULL_SPACE, min=0.0, max=0.9999, step=0.01,
+                               optional=True,
+                               tooltip="Keeps each LoRA off the directions of preserved text (preserve list, "
+                               "built-in prompts, general prior) that hold this share of their feature energy, "
+                               "so the LoRAs cannot change those prompts and fusion cannot trade them away. "
+                               "0 = the paper's LoRA stage. With it on, the LoRA cannot change the end/padding "
+                               "tokens either (they are in every preserved prompt)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
             is_output_node=True,
@@ -117,9 +124,9 @@ class MaceMassErase(io.ComfyNode):
                 sampling_steps, seed, fusion_lambda, erase_from="", objective="attention",
                 lora_preserve=DEFAULT_LORA_PRESERVE, prior_weight=DEFAULT_PRIOR_WEIGHT,
                 erase_concept_tokens=True, lora_training="auto", query_samples=DEFAULT_QUERY_SAMPLES,
-                shard="", fusion_preserve_to="auto") -> io.NodeOutput:
+                shard="", fusion_preserve_to="auto", lora_null_space=DEFAULT_NULL_SPACE) -> io.NodeOutput:
         check_inputs(cls, locals())
-        fusion_preserve_to = preserve_to_for(concept_type, fusion_preserve_to)
+        fusion_preserve_to = preserve_to_for(concept_type, fusion_preserve_to, lora_null_space > 0)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
         part, fuse_only = parse_shard(shard)
@@ -128,7 +135,8 @@ class MaceMassErase(io.ComfyNode):
         defaults = DEFAULTS_BY_TYPE[concept_type]
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
                           seed=int(seed), use_masks=False, objective=objective, preserve=float(lora_preserve),
-                          path=training_path(lora_training, objective), query_samples=int(query_samples))
+                          path=training_path(lora_training, objective), query_samples=int(query_samples),
+                          null_space=float(lora_null_space))
         lora.validate()
         anchor = normalise_phrase(anchor)
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
@@ -140,9 +148,10 @@ class MaceMassErase(io.ComfyNode):
         encoder = ComfyTextEncoder(clip)
         original = effective_kv_weights(model)  # an unsupported model family is refused before any work
         prior = prior_for(encoder, float(prior_weight))
-        if lora_preserve > 0 and not keep and prior is None:
-            raise ValueError("lora_preserve > 0 needs something to preserve: turn builtin_preserve on, fill "
-                             "'preserve', raise prior_weight, or set lora_preserve to 0")
+        for field, value in (("lora_preserve", lora_preserve), ("lora_null_space", lora_null_space)):
+            if value > 0 and not keep and prior is None:
+                raise ValueError(f"{field} > 0 needs something to preserve: turn builtin_preserve on, fill "
+                                 f"'preserve', raise prior_weight, or set {field} to 0")
         sampler = default_sampler()
 
         def training_data(concept):

@@ -154,6 +154,8 @@ def test_fusion_to_current_weights_cannot_undo_cfr():
     assert [preserve_to_for(t) for t in ("style", "person", "object", "nudity")] == \
         ["current", "original", "original", "original"]  # the nodes' "auto"
     assert preserve_to_for("style", "original") == "original"
+    assert [preserve_to_for(t, null_space=True) for t in ("style", "person", "object")] == ["current"] * 3
+    assert preserve_to_for("object", "original", null_space=True) == "original"  # a choice is kept
     with pytest.raises(ValueError, match="'auto'"):
         fuse_loras(ENC, WC, W0, [(ship, zero)], TPL, keep, preserve_to="auto")  # the nodes resolve it first
 

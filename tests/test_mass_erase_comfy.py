@@ -58,8 +58,11 @@ def test_mass_erase_runs_resumes_and_matches_fuse_node(env):
     fuse = env.pack.nodes.fusion_node.MaceFuseLoras
     with torch.inference_mode():
         cfr_model = cfr.execute(env.model, env.clip, CONCEPTS, "object", "", "", 1.0, 1.0, False, True).result[0]
-        fused = fuse.execute(cfr_model, env.clip, "mace_mass/t1", "object", "", 1e-3, 1.0, False).result[0]
+        fused, summary = fuse.execute(cfr_model, env.clip, "mace_mass/t1", "object", "", 1e-3, 1.0, False).result
     rec3 = cm.get_record(fused)
+    # the LoRA files record null-space training (Mass Erase's default), so the Fuse node's "auto" is "current"
+    assert rec3.stages[-1]["null_space_loras"] and rec3.stages[-1]["preserve_to"] == "current"
+    assert "kept at the current weights" in summary
     for k in rec1.deltas:
         assert torch.allclose(rec3.deltas[k], rec1.deltas[k], atol=1e-5, rtol=1e-4), k
 
@@ -104,13 +107,20 @@ def test_mass_erase_objective_prior_and_lora_preserve_inputs(env):
         with_prior = default.deltas
         without = cm.get_record(node.execute(*args, prior_weight=0.0).result[0]).deltas
         traj = node.execute(*args, objective="trajectory", lora_preserve=5.0, prior_weight=0.0)
-        to_cfr = cm.get_record(node.execute(*args, fusion_preserve_to="current").result[0])  # LoRAs reused
+        plain = cm.get_record(node.execute(*args, lora_null_space=0.0).result[0])
+        to_cfr = cm.get_record(node.execute(*args, lora_null_space=0.0, fusion_preserve_to="current").result[0])
     assert any(not torch.allclose(with_prior[k], without[k]) for k in with_prior)
-    assert default.stages[-1]["settings"]["fusion_preserve_to"] == "original"  # auto, for objects
+    assert default.stages[-1]["settings"]["fusion_preserve_to"] == "current"  # auto, with null-space LoRAs
+    assert default.stages[-1]["settings"]["lora"]["null_space"] == 0.99
+    assert plain.stages[-1]["settings"]["fusion_preserve_to"] == "original"  # auto, for objects, no null space
+    assert plain.stages[-1]["settings"]["lora"]["null_space"] == 0
     assert to_cfr.stages[-1]["settings"]["fusion_preserve_to"] == "current"
-    assert any(not torch.allclose(with_prior[k], to_cfr.deltas[k]) for k in with_prior)
+    assert any(not torch.allclose(plain.deltas[k], to_cfr.deltas[k]) for k in with_prior)  # the LoRAs reused
+    assert any(not torch.allclose(with_prior[k], plain.deltas[k]) for k in with_prior)  # the null space acts
     with torch.inference_mode(), pytest.raises(ValueError, match="preserve_to.*'sideways'"):
         node.execute(*args, fusion_preserve_to="sideways")
+    with torch.inference_mode(), pytest.raises(ValueError, match="lora_null_space"):
+        node.execute(*args, lora_null_space=1.0)
     assert cm.get_record(traj.result[0]).stages[-1]["settings"]["lora"]["objective"] == "trajectory"
     cache = os.path.join(env.comfy.folder_paths.get_user_directory(), "mace_cache")
     assert [f for f in os.listdir(cache) if f.startswith("prior-") and f.endswith(".safetensors")]
@@ -118,6 +128,8 @@ def test_mass_erase_objective_prior_and_lora_preserve_inputs(env):
         node.execute(*args, objective="reverse")
     with torch.inference_mode(), pytest.raises(ValueError, match="lora_preserve"):
         node.execute(*args[:8], False, *args[9:], lora_preserve=1.0, prior_weight=0.0)
+    with torch.inference_mode(), pytest.raises(ValueError, match="lora_null_space > 0 needs something to preserve"):
+        node.execute(*args[:8], False, *args[9:], prior_weight=0.0)
 
 
 def test_mass_erase_shards_then_fuse_match_one_run(env):

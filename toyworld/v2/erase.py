@@ -18,8 +18,8 @@ Methods (each returns new K/V weights; the world's model is never modified):
   closed-form fusion; ``cfr_lora`` is the same run with the LoRA deltas added instead of fused.
   ``mace_setting("reference")`` is the paper's stage 2/3; ``mace_setting("recommended")`` the
   pack's (``RECOMMENDED``: the CFR stage also maps the concept tokens, the caption prior joins
-  every stage, and fusion keeps the preserve prompts at the CFR weights for styles, at the original
-  ones for names), chosen by ``bench/mace_variants.py`` and ``bench/mass_quality.py`` on the shipped world.
+  every stage, each LoRA's input factor stays off the preserve set's top directions (null space,
+  99% of the energy), and fusion keeps the preserve prompts at the CFR weights), chosen by ``bench/mace_variants.py`` and ``bench/mass_quality.py`` on the shipped world.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from mace_ops.cfr import CFRConfig, refine_cross_attention
 from mace_ops.concepts import Concept, parse_concepts, require_concepts
 from mace_ops.fusion import preserve_to_for
 from mace_ops.lora_file import load_concept_lora
-from mace_ops.lora_train import LoraTrainConfig
+from mace_ops.lora_train import DEFAULT_NULL_SPACE, LoraTrainConfig
 from mace_ops.pipeline import PipelineSettings, run_mass_erasure
 from mace_ops.prior import PriorCache
 from mace_ops.templates import phrase_groups
@@ -47,10 +47,11 @@ DEFAULT_LORA = LoraTrainConfig(steps=50, lr=3e-3, rank=1, seed=2024, sampler="cf
                                include_end_tokens=False)
 DEFAULT_FUSION_LAMBDA = 1e-3
 # The pack's recommended stage 2/3 (``full``) against the paper's (``full_ref``): what differs.
-RECOMMENDED = {"lora_preserve": 0.0, "prior_weight": 1.0, "fusion_positions": "all", "cfr_concept_tokens": True,
-               "fusion_preserve_to": "auto"}  # as the nodes: current for styles, original for names
-REFERENCE = {"lora_preserve": 0.0, "prior_weight": 0.0, "fusion_positions": "all", "cfr_concept_tokens": False,
-             "fusion_preserve_to": "original"}
+RECOMMENDED = {"lora_preserve": 0.0, "lora_null_space": DEFAULT_NULL_SPACE, "prior_weight": 1.0,
+               "fusion_positions": "all", "cfr_concept_tokens": True,
+               "fusion_preserve_to": "auto"}  # as the nodes: with null-space LoRAs, current for every type
+REFERENCE = {"lora_preserve": 0.0, "lora_null_space": 0.0, "prior_weight": 0.0, "fusion_positions": "all",
+             "cfr_concept_tokens": False, "fusion_preserve_to": "original"}
 ANCHORS = {"name": vocab.NEUTRAL_NAME, "style": vocab.NEUTRAL_STYLE}
 _FIXED_STYLES = (vocab.STYLES[0], vocab.STYLES[-1])
 
@@ -159,7 +160,8 @@ class MaceRun:
 def mace_setting(name: str, **overrides) -> dict:
     """``mace_erase`` keyword arguments for "recommended" or "reference" (+ overrides)."""
     base = dict(RECOMMENDED if name == "recommended" else REFERENCE, **overrides)
-    lora = replace(DEFAULT_LORA, preserve=base.pop("lora_preserve"), **base.pop("lora", {}))
+    lora = replace(DEFAULT_LORA, preserve=base.pop("lora_preserve"), null_space=base.pop("lora_null_space"))
+    lora = replace(lora, **base.pop("lora", {}))
     return {"lora": lora, **base}
 
 
@@ -170,7 +172,7 @@ def mace_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scal
                lora_dir: str | None = None,
                log=lambda s: None) -> MaceRun:
     concepts = task.concepts()
-    fusion_preserve_to = preserve_to_for(task.kind, fusion_preserve_to)
+    fusion_preserve_to = preserve_to_for(task.kind, fusion_preserve_to, lora.null_space > 0)
     settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, cfr_concept_tokens),
                                 replace(lora),
                                 fusion_lambda, fusion_preserve_scale, fusion_positions, prior_weight,
