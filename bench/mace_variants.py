@@ -17,6 +17,9 @@ from bench.common import (check_count, environment, markdown_table, print_table,
                           toy_v2_setup, write_json)
 from toyworld.v2 import erase, evaluate
 
+# cfr_tokens_prior_1's overrides of the reference: the pack's CFR stage (concept tokens mapped, prior on);
+# the rows built on it add one change each
+PACK = {"cfr_concept_tokens": True, "prior_weight": 1.0}
 VARIANTS = {
     # name: (what it is, how it is made)
     "cfr": ("CFR alone (concept tokens mapped)", None),
@@ -41,27 +44,22 @@ VARIANTS = {
                 {"prior_weight": 1.0}),
     "lora_preserve_1_prior_1": ("full_ref + LoRA preservation 1 + toy caption prior 1",
                                 {"lora_preserve": 1.0, "prior_weight": 1.0}),
-    "cfr_tokens_prior_1": ("full_ref, CFR stage also maps the concept tokens, + toy caption prior 1",
-                           {"cfr_concept_tokens": True, "prior_weight": 1.0}),
+    "cfr_tokens_prior_1": ("full_ref, CFR stage also maps the concept tokens, + toy caption prior 1", PACK),
     "null_space_90": ("cfr_tokens_prior_1 + LoRA input factor off the preserve set's top directions (90% energy)",
-                      {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.9}}),
+                      {**PACK, "lora": {"null_space": 0.9}}),
     "null_space_99": ("cfr_tokens_prior_1 + LoRA input factor off the preserve set's top directions (99% energy)",
-                      {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.99}}),
+                      {**PACK, "lora": {"null_space": 0.99}}),
     "null_space_999": ("cfr_tokens_prior_1 + LoRA input factor off the preserve set's top directions (99.9% energy)",
-                       {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.999}}),
+                       {**PACK, "lora": {"null_space": 0.999}}),
     "null_space_99_current": ("null_space_99, fusion keeps the preserve prompts at the CFR weights (current)",
-                              {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.99},
-                               "fusion_preserve_to": "current"}),
+                              {**PACK, "lora": {"null_space": 0.99}, "fusion_preserve_to": "current"}),
     "null_space_999_current": ("null_space_999, fusion keeps the preserve prompts at the CFR weights (current)",
-                               {"cfr_concept_tokens": True, "prior_weight": 1.0, "lora": {"null_space": 0.999},
-                                "fusion_preserve_to": "current"}),
+                               {**PACK, "lora": {"null_space": 0.999}, "fusion_preserve_to": "current"}),
     "cfr_tokens_prior_1_current": ("cfr_tokens_prior_1, fusion keeps the preserve prompts at the CFR weights",
-                                   {"cfr_concept_tokens": True, "prior_weight": 1.0, "fusion_preserve_to": "current"}),
-    "rank_4": ("cfr_tokens_prior_1 with rank-4 LoRAs", {"cfr_concept_tokens": True, "prior_weight": 1.0,
-                                                        "lora": {"rank": 4}}),
+                                   {**PACK, "fusion_preserve_to": "current"}),
+    "rank_4": ("cfr_tokens_prior_1 with rank-4 LoRAs", {**PACK, "lora": {"rank": 4}}),
     "k_only": ("cfr_tokens_prior_1, only K trained (the nodes' cached-query path, 8 recorded samples)",
-               {"cfr_concept_tokens": True, "prior_weight": 1.0,
-                "lora": {"path": "cached_queries", "query_samples": 8}}),
+               {**PACK, "lora": {"path": "cached_queries", "query_samples": 8}}),
     "trajectory": ("ANT-style trajectory objective (lr 3e-3, 50 steps)",
                    {"lora": {"objective": "trajectory"}}),
     "trajectory_long": ("ANT-style trajectory objective (lr 1e-2, 150 steps)",

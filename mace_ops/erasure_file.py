@@ -34,7 +34,12 @@ class ErasureFile:
 
     @property
     def info(self) -> dict:
-        return {k[len("mace."):]: _maybe_json(v) for k, v in self.metadata.items() if k.startswith("mace.")}
+        return mace_info(self.metadata)
+
+
+def mace_info(metadata: Mapping[str, str]) -> dict:
+    """The ``mace.*`` entries of a file's metadata, without the prefix, JSON values decoded."""
+    return {k[len("mace."):]: _maybe_json(v) for k, v in metadata.items() if k.startswith("mace.")}
 
 
 def _maybe_json(value: str):
@@ -141,9 +146,11 @@ class DamagedFileError(ValueError):
     """A MACE file that safetensors cannot read (truncated, corrupt)."""
 
 
-def read_mace_file(path: str, expected_format: str, what: str, hint: str = "") -> tuple[dict[str, str], dict]:
+def read_mace_file(path: str, expected_format: str, what: str, hint: str = "",
+                   with_tensors: bool = True) -> tuple[dict[str, str], dict]:
     """(metadata, tensors) of a MACE safetensors file of ``expected_format``; ValueError naming the
-    file otherwise. ``what`` names the kind of file in messages ("erasure", "concept LoRA")."""
+    file otherwise. ``what`` names the kind of file in messages ("erasure", "concept LoRA").
+    ``with_tensors=False``: the header only (the tensors come back empty, none is read)."""
     if not os.path.isfile(path):
         raise ValueError(f"{what} file not found: {path}")
     if not path.endswith(".safetensors"):
@@ -157,7 +164,7 @@ def read_mace_file(path: str, expected_format: str, what: str, hint: str = "") -
                 raise ValueError(f"{name}: not a MACE {what} (no mace.format metadata){hint}")
             if fmt != expected_format:
                 raise ValueError(f"{name}: MACE format {fmt!r} is not a {what} this version reads ({expected_format})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except ValueError:
         raise
     except Exception as err:  # safetensors' SafetensorError, OSError, ...: a damaged or truncated file

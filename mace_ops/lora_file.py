@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 
 from . import __version__
-from .erasure_file import DTYPES, atomic_save, base_fingerprint_of, check_fits, mace_metadata, read_mace_file
+from .erasure_file import DTYPES, atomic_save, base_fingerprint_of, check_fits, mace_info, mace_metadata, read_mace_file
 from .fingerprint import mismatch
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
@@ -37,14 +37,7 @@ class LoraFile:
 
     @property
     def info(self) -> dict:
-        out = {}
-        for key, value in self.metadata.items():
-            if key.startswith("mace."):
-                try:
-                    out[key[len("mace."):]] = json.loads(value)
-                except (ValueError, TypeError):
-                    out[key[len("mace."):]] = value
-        return out
+        return mace_info(self.metadata)
 
     def deltas(self) -> KVWeights:
         return {name: f.delta() for name, f in self.factors.items()}
@@ -106,6 +99,12 @@ def save_concept_lora(
     }, info)
     atomic_save(tensors, path, metadata)
     return metadata
+
+
+def read_lora_info(path: str) -> dict:
+    """A concept LoRA file's ``info`` from its header alone (no tensor is read); ValueError as
+    ``load_concept_lora`` when the file is not one."""
+    return mace_info(read_mace_file(path, LORA_FORMAT, "concept LoRA", with_tensors=False)[0])
 
 
 def load_concept_lora(path: str) -> LoraFile:

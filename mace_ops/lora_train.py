@@ -346,12 +346,11 @@ class _Run:
 
 def _check_config(config: LoraTrainConfig, preserve_moment) -> None:
     config.validate()
-    if config.preserve > 0 and preserve_moment is None:
-        raise ValueError("LoRA preserve weight > 0 needs preserve prompts (their feature moment); give some "
-                         "or set the preserve weight to 0")
-    if config.null_space > 0 and preserve_moment is None:
-        raise ValueError("LoRA null space > 0 needs preserve prompts (their feature moment); give some "
-                         "or set the null-space energy to 0")
+    for what, value, setting in (("LoRA preserve weight", config.preserve, "preserve weight"),
+                                 ("LoRA null space", config.null_space, "null-space energy")):
+        if value > 0 and preserve_moment is None:
+            raise ValueError(f"{what} > 0 needs preserve prompts (their feature moment); give some "
+                             f"or set the {setting} to 0")
 
 
 def train_concept_lora(

@@ -7,7 +7,7 @@ from .comfy_compat import io
 
 from ..mace_ops.concepts import Concept, check_disjoint, parse_concepts
 from ..mace_ops.fusion import PRESERVE_TO, fuse_loras, preserve_to_for
-from ..mace_ops.lora_file import check_lora_fits, load_concept_lora
+from ..mace_ops.lora_file import check_lora_fits, load_concept_lora, read_lora_info
 from ..mace_ops.templates import TEMPLATES, templates_for
 from .cfr_node import preserve_prompts
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
@@ -92,12 +92,12 @@ class MaceFuseLoras(io.ComfyNode):
         original = original_weights(model, current)
         encoder = ComfyTextEncoder(clip)
         kinds: dict[tuple, str] = {}
-        loras = [load_concept_lora(path) for path in paths]  # small (rank-r K/V factors); read once, up front
-        null_space = all(trained_in_null_space(lora.info) for lora in loras)
+        null_space = all(trained_in_null_space(read_lora_info(path)) for path in paths)  # headers only
         preserve_to = preserve_to_for(concept_type, preserve_to, null_space)
 
-        def stream():
-            for i, (path, lora) in enumerate(zip(paths, loras), start=1):
+        def stream():  # one LoRA in memory at a time
+            for i, path in enumerate(paths, start=1):
+                lora = load_concept_lora(path)
                 check_lora_fits(lora, current, os.path.basename(path), original)  # keys, shapes, base model
                 phrases = tuple(lora.info.get("concept") or ())
                 if not phrases:

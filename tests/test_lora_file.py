@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from mace_ops import __version__
 from mace_ops.erasure_file import weights_fingerprint
 from mace_ops.lora import KVLora
-from mace_ops.lora_file import LORA_FORMAT, load_concept_lora, lora_keys, save_concept_lora
+from mace_ops.lora_file import LORA_FORMAT, load_concept_lora, lora_keys, read_lora_info, save_concept_lora
 
 K = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 V = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
@@ -67,6 +67,11 @@ def test_metadata(tmp_path):
     assert load_concept_lora(path).metadata["mace.base_model"] == weights_fingerprint(base)
     with safe_open(path, framework="pt") as f:
         assert json.loads(f.metadata()["mace.settings"]) == INFO["settings"]
+    assert read_lora_info(path) == info  # the header alone gives the same info
+    other = str(tmp_path / "plain.safetensors")
+    save_file({"x": torch.zeros(1)}, other)
+    with pytest.raises(ValueError, match="plain.safetensors: not a MACE concept LoRA"):
+        read_lora_info(other)
 
 
 def test_fp16_storage(tmp_path):
