@@ -170,3 +170,29 @@ def test_full_mace_keeps_specificity_against_cfr_at_ten_names(world):
     assert m_full.acc_s >= m_cfr.acc_s - se, (m_full.acc_s, m_cfr.acc_s, se)
     assert m_full.acc_e <= base.acc_e - 3 * base.se_e, (base.acc_e, m_full.acc_e)
     assert m_full.fd <= m_cfr.fd, (m_full.fd, m_cfr.fd)
+
+
+def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
+    """``bench.text_encoder_edit`` (issue 16's locus check): each part trains only its own
+    parameters, moves the erased prompts' features towards the anchor's, and neither the fit nor
+    the edited world touches the shipped model."""
+    from bench.text_encoder_edit import PARTS, edit_text_encoder, trainable, with_text_encoder
+    from toyworld.v1 import diffusion
+
+    before = {k: v.clone() for k, v in world.model.state_dict().items()}
+    task = erase.Task("name", tuple(vocab.NAMES[:2]), tuple(vocab.NAMES[100:105]))
+    ids = diffusion.ids_tensor([t.format(c) for c in task.erase for t in task.templates], world.model.vocab)
+    target = world.model.text(diffusion.ids_tensor([t.format(task.anchor) for _ in task.erase
+                                                    for t in task.templates], world.model.vocab))
+    gap0 = (world.model.text(ids) - target).pow(2).mean().item()
+    for part in PARTS:
+        text = edit_text_encoder(world, task, part, steps=60, batch=64)
+        names = {id(p): n for n, p in text.named_parameters()}
+        allowed = {names[id(p)] for p in trainable(text, part)}
+        changed = {n for n, p in text.named_parameters() if not torch.equal(p, world.model.text.state_dict()[n])}
+        assert changed and changed <= allowed, (part, changed - allowed)
+        assert (text(ids) - target).pow(2).mean().item() < 0.5 * gap0, part
+        edited = with_text_encoder(world, text)
+        assert edited.model.text is text and edited.model.unet is world.model.unet
+    assert world.model.text is not text
+    assert all(torch.equal(v, before[k]) for k, v in world.model.state_dict().items())

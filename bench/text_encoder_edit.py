@@ -1,0 +1,131 @@
+"""Is the K/V locus what caps mass erasure here? A text-encoder edit, measured (issue 16).
+
+Every method of the pack edits cross-attention K/V *linearly* in the text encoder's output
+features, and in toy world v2 a retained name's feature lies 96% inside the span of 100 erased
+ones (``bench.name_geometry``): no such edit keeps the retained names at 100 (even ``oracle``,
+CFR preserving the retained set itself, reaches only H 0.82 at 10 names). This bench fine-tunes a
+part of the text encoder instead, which is nonlinear in the token, on CFR's objective moved into
+feature space:
+
+    min_θ  mean_e ||f_θ(e) − f_0(e[concept → anchor])||²  +  β · mean_p ||f_θ(p) − f_0(p)||²
+
+e: MACE's templated prompts of the erased names; p: what CFR + prior preserves (the preserve
+list's templated prompts, the anchor's, the caption prior); f_0 the shipped encoder. No retained
+name and no nickname is seen. Adam, 512 + 512 prompts per step, fixed seeds. Parts:
+
+* ``ff_last``: the last layer's MLP (66 k parameters);
+* ``layers``: every transformer layer and the final LayerNorm (265 k; not the token table or
+  the position embeddings).
+
+Not a method of the pack (it would edit CLIP, and this world's names are one token each): a
+measurement of where the ceiling lies. ``--runs`` picks (part, β) pairs. The prompt sets and seeds are ``bench.mass_quality``'s,
+so its rows compare directly. ~4 min per (part, count) on one core.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
+                          toy_v2_setup, write_json)
+from toyworld.v1 import diffusion
+from toyworld.v1.evaluate import ToyWorld
+from toyworld.v2 import erase, evaluate
+
+PARTS = {
+    "ff_last": "the last text layer's MLP",
+    "layers": "every text layer + final LayerNorm (not the token table or positions)",
+}
+COLUMNS = ["part", "concepts", "steps", "beta", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+
+
+def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
+    last = f"layers.{len(text_encoder.layers) - 1}.ff."
+    keep = (lambda n: n.startswith(last)) if part == "ff_last" else (lambda n: n.startswith(("layers.", "ln_final.")))
+    return [p for n, p in text_encoder.named_parameters() if keep(n)]
+
+
+def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: float = 1.0, lr: float = 1e-3,
+                      batch: int = 512, seed: int = 0):
+    """A copy of the world's text encoder with ``part`` fitted to the objective above."""
+    vocab = world.model.vocab
+    erase_prompts = [t.format(c) for c in task.erase for t in task.templates]
+    anchor_prompts = [t.format(task.anchor) for _ in task.erase for t in task.templates]
+    keep_prompts = task.preserve_prompts() + erase.prior_captions()
+    x_e, x_p = (diffusion.ids_tensor(p, vocab) for p in (erase_prompts, keep_prompts))
+    with torch.no_grad():
+        y_e, y_p = world.model.text(diffusion.ids_tensor(anchor_prompts, vocab)), world.model.text(x_p)
+    text = copy.deepcopy(world.model.text).requires_grad_(False)
+    params = trainable(text, part)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ie, ip = torch.randint(len(x_e), (batch,), generator=gen), torch.randint(len(x_p), (batch,), generator=gen)
+        loss = (text(x_e[ie]) - y_e[ie]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return text.eval().requires_grad_(False)
+
+
+def with_text_encoder(world, text) -> ToyWorld:
+    model = copy.copy(world.model)          # shares the UNet; only ``text`` differs
+    model._modules = dict(world.model._modules, text=text)
+    return ToyWorld(model, world.probe, world.metadata, world.probe_metadata)
+
+
+def parse_run(text: str) -> tuple[str, float]:
+    part, _, beta = text.partition(":")
+    if part not in PARTS:
+        raise SystemExit(f"--runs: {text!r}: unknown part {part!r}; choose from {', '.join(PARTS)}")
+    try:
+        value = float(beta or 1.0)
+    except ValueError:
+        raise SystemExit(f"--runs: {text!r}: BETA must be a number, e.g. ff_last:10") from None
+    if not value >= 0:
+        raise SystemExit(f"--runs: {text!r}: BETA must be >= 0")
+    return part, value
+
+
+def main(argv=None) -> None:
+    ap = toy_v2_parser(__doc__)
+    ap.add_argument("--counts", type=int, nargs="+", default=[10, 100], help="numbers of erased names")
+    ap.add_argument("--runs", nargs="+", default=["ff_last:1", "layers:1", "ff_last:10"],
+                    help="PART:BETA pairs (parts: " + ", ".join(PARTS) + "; BETA weighs the preservation term)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[400, 800], help="training steps per count")
+    ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
+    args = toy_v2_args(ap, argv, out="bench/results/text_encoder_edit.json")
+    if len(args.steps) not in (1, len(args.counts)):
+        raise SystemExit(f"--steps: give one value or one per count ({len(args.counts)})")
+    runs = [parse_run(r) for r in args.runs]
+    toy = toy_v2_setup(args)
+    world, preserve, retained = toy.world, toy.preserve, toy.retained
+    rows, t_start = [], time.time()
+    for i, count in enumerate(args.counts):
+        check_count(count, toy.most, "--counts")
+        steps = args.steps[i if len(args.steps) > 1 else 0]
+        task = erase.Task("name", tuple(erase.vocab.NAMES[:count]), tuple(preserve))
+        _, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, n_erased=args.n, n_retained=args.n)
+        for part, beta in runs:
+            t0 = time.perf_counter()
+            text = edit_text_encoder(world, task, part, steps=steps, beta=beta)
+            seconds = time.perf_counter() - t0
+            m, _ = evaluate.mass_metrics(with_text_encoder(world, text), "name", task.erase, retained,
+                                         base_retained=base_ret, n_erased=args.n, n_retained=args.n)
+            rows.append({"part": part, **m.row(), "steps": steps, "beta": beta, "seconds": round(seconds, 1),
+                         "what": PARTS[part]})
+            print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+    print()
+    print_table(rows, COLUMNS)
+    write_json(args.out, {"bench": "text_encoder_edit", "env": environment(), "world": world.metadata,
+                          "minutes": round((time.time() - t_start) / 60, 1), "n_per_set": args.n,
+                          "parts": PARTS, "rows": rows})
+    print(markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
