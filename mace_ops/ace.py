@@ -248,10 +248,14 @@ def fit_gated_erasure(
         raise ValueError(f"calibration prompts: every one names '{concepts[i].name}'; the gate needs ordinary "
                          "prompts (the preserve list or captions without the concept) to set its threshold")
 
+    # Every prompt's peak similarity to every prototype, once (P, m); a gate's per-concept peaks
+    # are its kept prototypes' maxima per owner, so both calibrations and the found-row check share it.
+    row_peaks = prototype_peaks(prototypes, calibration)
+
     def calibrated(keep: torch.Tensor) -> GatedErasure:
         erasure = GatedErasure(prototypes[keep], owners[keep], torch.zeros(len(concepts)), torch.stack(bases),
                                torch.stack(targets), config.temperature, config.gate)
-        peaks = prompt_peaks(erasure, calibration)                          # (P, n)
+        peaks = _owner_max(row_peaks[:, keep], owners[keep], len(concepts))   # (P, n)
         per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0)
         floor = shared_floor(peaks.masked_fill(names, -2.0), calibration_groups, config.open_rate)
         erasure.thresholds = per_concept.clamp(min=floor) + config.margin
@@ -263,13 +267,18 @@ def fit_gated_erasure(
     # A found prototype that an ordinary calibration prompt comes as close to as the named gate's
     # threshold marks a kept concept, not a way around the erasure: the preserve list wins, it is
     # dropped (left in, one such row lifts the shared floor, so every concept's threshold, to ~1).
-    rows, own = prototypes[is_found], owners[is_found]
-    probe = GatedErasure(rows, torch.arange(len(rows)), torch.zeros(len(rows)), torch.zeros(len(rows), 1, 1),
-                         torch.zeros(len(rows), 1))
-    closest = prompt_peaks(probe, calibration).masked_fill(names[:, own], -2.0).amax(0)   # (rows,)
+    own = owners[is_found]
+    closest = row_peaks[:, is_found].masked_fill(names[:, own], -2.0).amax(0)   # (rows,)
     keep = ~is_found
     keep[is_found] = closest <= named.thresholds[own]
     return calibrated(keep)
+
+
+def _owner_max(row_peaks: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(P, m) peaks per prototype -> (P, n) per concept (max over its rows; -2 for a concept with none),
+    exactly what ``GatedErasure.similarity`` reduces."""
+    out = torch.full((row_peaks.shape[0], n), -2.0, dtype=row_peaks.dtype, device=row_peaks.device)
+    return out.scatter_reduce(1, owner.to(row_peaks.device).expand(row_peaks.shape[0], -1), row_peaks, reduce="amax")
 
 
 def shared_floor(peaks: torch.Tensor, groups: Sequence[Hashable | None] | None, open_rate: float) -> float:
@@ -297,8 +306,13 @@ def mentions(prompts: Sequence[str], concepts: Sequence[Concept]) -> torch.Tenso
 
 def prompt_peaks(erasure: GatedErasure, encoded, chunk: int = 256) -> torch.Tensor:
     """(P, n): each prompt's largest similarity to each concept, over all its positions (pads too:
-    the gate sees them). Prompts of one length are stacked ``chunk`` at a time, so thousands of
-    77-token prompts fit in memory."""
+    the gate sees them)."""
+    return _owner_max(prototype_peaks(erasure.prototypes, encoded, chunk), erasure.owner, erasure.n_concepts)
+
+
+def prototype_peaks(prototypes: torch.Tensor, encoded, chunk: int = 256) -> torch.Tensor:
+    """(P, m): each prompt's largest cosine to each prototype row, over all its positions. Prompts
+    of one length are stacked ``chunk`` at a time, so thousands of 77-token prompts fit in memory."""
     peaks = [None] * len(encoded)
     by_length: dict[int, list[int]] = {}
     for i, e in enumerate(encoded):
@@ -306,8 +320,8 @@ def prompt_peaks(erasure: GatedErasure, encoded, chunk: int = 256) -> torch.Tens
     for idx in by_length.values():
         for k in range(0, len(idx), chunk):
             part = idx[k:k + chunk]
-            feats = torch.stack([encoded[i].features.float() for i in part])    # (p, L, d)
-            for i, row in zip(part, erasure.similarity(feats).amax(dim=1)):
+            feats = torch.nn.functional.normalize(torch.stack([encoded[i].features.float() for i in part]), dim=-1)
+            for i, row in zip(part, (feats @ prototypes.T.to(feats)).amax(dim=1)):
                 peaks[i] = row
     return torch.stack(peaks)
 
