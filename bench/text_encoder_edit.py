@@ -24,12 +24,15 @@ so its rows compare directly. ~4 min per (part, count) on one core.
 from __future__ import annotations
 
 import copy
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
                           toy_v2_setup, write_json)
+from bench.plot import save_panels
 from toyworld.v1 import diffusion
 from toyworld.v1.evaluate import ToyWorld
 from toyworld.v2 import erase, evaluate
@@ -91,6 +94,37 @@ def parse_run(text: str) -> tuple[str, float]:
     return part, value
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+# The same seeds' rows of the pack's methods, drawn beside the text-encoder edits: file -> methods.
+REFERENCES = {"mass_quality.json": ("full", "cfr_prior"), "mass_quality_ace.json": ("ace",)}
+
+
+def reference_rows(counts) -> list[dict]:
+    """``REFERENCES``' name rows at ``counts`` (those whose files are present), tagged with ``part``."""
+    out = []
+    for name, methods in REFERENCES.items():
+        path = RESULTS / name
+        if path.is_file():
+            out += [{**r, "part": r["method"]} for r in json.loads(path.read_text())["rows"]
+                    if r["kind"] == "name" and r["method"] in methods and r["concepts"] in counts]
+    return out
+
+
+def save_plot(path: str, rows: list[dict]) -> None:
+    """H and Acc_s against the number of erased names: each (part, beta), then the reference rows."""
+    series_h, series_s = {}, {}
+    for r in rows + reference_rows({r["concepts"] for r in rows}):
+        label = f"TE {r['part']} b={r['beta']:g}" if "beta" in r else r["part"]
+        series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
+        series_s.setdefault(label, []).append((r["concepts"], r["acc_s"], r["se_s"]))
+    save_panels(path, [
+        {"title": "toy v2: text-encoder edits vs the pack, H", "x_label": "number of erased names",
+         "y_label": "H (higher is better)", "series": series_h},
+        {"title": "retained-name accuracy Acc_s", "x_label": "number of erased names",
+         "y_label": "Acc_s (higher is better)", "series": series_s}], size=(600, 380))
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     ap = toy_v2_parser(__doc__)
     ap.add_argument("--counts", type=int, nargs="+", default=[10, 100], help="numbers of erased names")
@@ -98,7 +132,16 @@ def main(argv=None) -> None:
                     help="PART:BETA pairs (parts: " + ", ".join(PARTS) + "; BETA weighs the preservation term)")
     ap.add_argument("--steps", type=int, nargs="+", default=[400, 800], help="training steps per count")
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
+    ap.add_argument("--plot", default=None, help="also write a PNG of H and Acc_s against the count")
+    ap.add_argument("--plot-only", action="store_true", help="redraw --plot from --out's JSON, no training")
     args = toy_v2_args(ap, argv, out="bench/results/text_encoder_edit.json")
+    if args.plot_only:
+        if not args.plot:
+            raise SystemExit("--plot-only: give --plot PATH for the PNG")
+        if not Path(args.out).is_file():
+            raise SystemExit(f"--plot-only: {args.out} does not exist; run the bench first (or pass --out)")
+        save_plot(args.plot, json.loads(Path(args.out).read_text())["rows"])
+        return
     if len(args.steps) not in (1, len(args.counts)):
         raise SystemExit(f"--steps: give one value or one per count ({len(args.counts)})")
     runs = [parse_run(r) for r in args.runs]
@@ -124,6 +167,8 @@ def main(argv=None) -> None:
     write_json(args.out, {"bench": "text_encoder_edit", "env": environment(), "world": world.metadata,
                           "minutes": round((time.time() - t_start) / 60, 1), "n_per_set": args.n,
                           "parts": PARTS, "rows": rows})
+    if args.plot:
+        save_plot(args.plot, rows)
     print(markdown_table(rows, COLUMNS))
 
 
