@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 from PIL import Image, ImageDraw
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def line_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, x_label: str, y_label: str,

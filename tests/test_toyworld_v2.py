@@ -173,9 +173,9 @@ def test_full_mace_keeps_specificity_against_cfr_at_ten_names(world):
 
 
 def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
-    """``bench.text_encoder_edit`` (issue 16's locus check): each part trains only its own
-    parameters, moves the erased prompts' features towards the anchor's, and neither the fit nor
-    the edited world touches the shipped model."""
+    """``bench.text_encoder_edit`` (issue 16's locus check): each part (with or without synthetic
+    stand-in names) trains only its own parameters, moves the erased prompts' features towards
+    the anchor's, and neither the fit nor the edited world touches the shipped model."""
     from bench.text_encoder_edit import PARTS, edit_text_encoder, trainable, with_text_encoder
     from toyworld.v1 import diffusion
 
@@ -185,8 +185,8 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     target = world.model.text(diffusion.ids_tensor([t.format(task.anchor) for _ in task.erase
                                                     for t in task.templates], world.model.vocab))
     gap0 = (world.model.text(ids) - target).pow(2).mean().item()
-    for part in PARTS:
-        text = edit_text_encoder(world, task, part, steps=60, batch=64)
+    for part, synthetic in [(part, 0) for part in PARTS] + [("ff_last", 32)]:
+        text = edit_text_encoder(world, task, part, steps=60, batch=64, synthetic=synthetic)
         names = {id(p): n for n, p in text.named_parameters()}
         allowed = {names[id(p)] for p in trainable(text, part)}
         changed = {n for n, p in text.named_parameters() if not torch.equal(p, world.model.text.state_dict()[n])}
