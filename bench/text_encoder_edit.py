@@ -72,12 +72,12 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
     adds that many prompts per step to the preservation term whose concept slot holds a
     ``synthetic_words`` embedding (the anchor's templates, the slot's features kept as they were)."""
     vocab = world.model.vocab
-    erase_prompts = [t.format(c) for c in task.erase for t in task.templates]
-    anchor_prompts = [t.format(task.anchor) for _ in task.erase for t in task.templates]
+    erase_prompts = [t.format(c) for c in task.erase for t in task.templates]   # template index = i % T
     keep_prompts = task.preserve_prompts() + erase.prior_captions()
     x_e, x_p = (diffusion.ids_tensor(p, vocab) for p in (erase_prompts, keep_prompts))
+    x_t = diffusion.ids_tensor([t.format(task.anchor) for t in task.templates], vocab)   # the anchor's, once
     with torch.no_grad():
-        y_e, y_p = world.model.text(diffusion.ids_tensor(anchor_prompts, vocab)), world.model.text(x_p)
+        y_t, y_p = world.model.text(x_t), world.model.text(x_p)
     text = copy.deepcopy(world.model.text).requires_grad_(False)
     params = trainable(text, part)
     for p in params:
@@ -86,11 +86,10 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
     gen = torch.Generator().manual_seed(seed)
     if synthetic:
         draw = synthetic_words(world, task, seed)
-        x_t = diffusion.ids_tensor([t.format(task.anchor) for t in task.templates], vocab)
         slot = (x_t == vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
     for _ in range(steps):
         ie, ip = torch.randint(len(x_e), (batch,), generator=gen), torch.randint(len(x_p), (batch,), generator=gen)
-        loss = (text(x_e[ie]) - y_e[ie]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
+        loss = (text(x_e[ie]) - y_t[ie % len(x_t)]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
         if synthetic:
             it = torch.randint(len(x_t), (synthetic,), generator=gen)
             emb = world.model.text.tok(x_t[it]).clone()
