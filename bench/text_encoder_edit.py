@@ -14,6 +14,7 @@ list's templated prompts, the anchor's, the caption prior); f_0 the shipped enco
 name and no nickname is seen. Adam, 512 + 512 prompts per step, fixed seeds. Parts:
 
 * ``ff_last``: the last layer's MLP (66 k parameters);
+* ``last_layer``: the last transformer layer (attention, MLP, norms) and the final LayerNorm (133 k);
 * ``layers``: every transformer layer and the final LayerNorm (265 k; not the token table or
   the position embeddings).
 
@@ -21,6 +22,12 @@ Two options separate capacity from generalisation: ``--oracle`` preserves the re
 (an upper reference, not a method); ``--synthetic K`` adds K prompts per step to the preservation
 term whose name slot holds a random embedding drawn from N(mu, Sigma) of the named words' token
 embeddings (erased + preserve list): stand-ins for the names nobody listed, no held-out word used.
+
+``--split validation`` is where settings are chosen: the preserve list's first half is kept and
+its second half scored, so the benchmark's retained set is never looked at until a setting is
+run once on ``--split evaluation``. ``--mine M`` keeps, of M x K stand-ins drawn per step, the K
+the edit moves most (hard negatives). ``--kv`` fits the pack's K/V stages (CFR + prior, or full
+MACE) on top of the edited encoder, as a pipeline would. ``--kind style`` does the same for styles.
 
 Not a method of the pack (it would edit CLIP, and this world's names are one token each): a
 measurement of where the ceiling lies. ``--runs`` picks (part, β) pairs. The prompt sets and seeds are ``bench.mass_quality``'s,
@@ -44,14 +51,22 @@ from toyworld.v2 import erase, evaluate
 
 PARTS = {
     "ff_last": "the last text layer's MLP",
+    "last_layer": "the last text layer (attention + MLP + norms) + final LayerNorm",
     "layers": "every text layer + final LayerNorm (not the token table or positions)",
 }
-COLUMNS = ["part", "concepts", "steps", "beta", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+# The pack's K/V stages run on top of the edited encoder (its features are what CFR / fusion see):
+KV_STAGES = {
+    "none": "the text-encoder edit alone",
+    "cfr_prior": "then CFR + caption prior (erase.cfr_erase, prior_weight 1)",
+    "full": "then full MACE, the pack's recommended settings (erase.mace_erase)",
+}
+COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
 
 
 def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
-    last = f"layers.{len(text_encoder.layers) - 1}.ff."
-    keep = (lambda n: n.startswith(last)) if part == "ff_last" else (lambda n: n.startswith(("layers.", "ln_final.")))
+    last = f"layers.{len(text_encoder.layers) - 1}."
+    prefixes = {"ff_last": (last + "ff.",), "last_layer": (last, "ln_final."), "layers": ("layers.", "ln_final.")}[part]
+    keep = lambda n: n.startswith(prefixes)  # noqa: E731
     return [p for n, p in text_encoder.named_parameters() if keep(n)]
 
 
@@ -67,10 +82,14 @@ def synthetic_words(world, task: erase.Task, seed: int):
 
 
 def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: float = 1.0, lr: float = 1e-3,
-                      batch: int = 512, seed: int = 0, synthetic: int = 0):
+                      batch: int = 512, seed: int = 0, synthetic: int = 0, synthetic_beta: float | None = None,
+                      mine: int = 1):
     """A copy of the world's text encoder with ``part`` fitted to the objective above; ``synthetic`` > 0
     adds that many prompts per step to the preservation term whose concept slot holds a
-    ``synthetic_words`` embedding (the anchor's templates, the slot's features kept as they were)."""
+    ``synthetic_words`` embedding (the anchor's templates, the slot's features kept as they were),
+    weighted by ``synthetic_beta`` (``beta`` when None). ``mine`` > 1 draws that many times more
+    stand-ins each step and keeps the ``synthetic`` the current edit moves most (hard negatives)."""
+    beta_s = beta if synthetic_beta is None else synthetic_beta
     vocab = world.model.vocab
     erase_prompts = [t.format(c) for c in task.erase for t in task.templates]   # template index = i % T
     keep_prompts = task.preserve_prompts() + erase.prior_captions()
@@ -91,22 +110,64 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
         ie, ip = torch.randint(len(x_e), (batch,), generator=gen), torch.randint(len(x_p), (batch,), generator=gen)
         loss = (text(x_e[ie]) - y_t[ie % len(x_t)]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
         if synthetic:
-            it = torch.randint(len(x_t), (synthetic,), generator=gen)
+            k = synthetic * mine
+            it = torch.randint(len(x_t), (k,), generator=gen)
             emb = world.model.text.tok(x_t[it]).clone()
-            emb[torch.arange(synthetic), slot[it]] = draw(synthetic)
+            emb[torch.arange(k), slot[it]] = draw(k)
             with torch.no_grad():
                 y_s = world.model.text.forward_embeddings(emb)
-            loss = loss + beta * (text.forward_embeddings(emb) - y_s).pow(2).mean()
+                if mine > 1:    # the stand-ins the edit moves most so far
+                    worst = (text.forward_embeddings(emb) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
+                    emb, y_s = emb[worst], y_s[worst]
+            loss = loss + beta_s * (text.forward_embeddings(emb) - y_s).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     return text.eval().requires_grad_(False)
 
 
+def low_rank(text, base, rank: int):
+    """``text`` with each edited matrix replaced by ``base``'s plus the rank-``rank`` truncated SVD of
+    its change (what a LoRA of that rank carries; vectors — biases, norms — kept whole, as a LoRA
+    file's ``.diff_b``); ``rank`` 0 returns ``text`` itself."""
+    if not rank:
+        return text
+    out, ref = copy.deepcopy(text), base.state_dict()
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            delta = p - ref[name]
+            if p.dim() == 2 and delta.abs().max() > 0 and rank < min(p.shape):
+                u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+                p.copy_(ref[name] + ((u[:, :rank] * sv[:rank]) @ vh[:rank]).to(p.dtype))
+    return out
+
+
+def kv_stage(world, task: erase.Task, stage: str):
+    """K/V weights of the pack's ``stage`` fitted on ``world`` (the edited one), or None for "none"."""
+    if stage == "none":
+        return None
+    if stage == "cfr_prior":
+        return erase.cfr_erase(world, task, prior_weight=1.0).weights
+    return erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused
+
+
 def with_text_encoder(world, text) -> ToyWorld:
     model = copy.copy(world.model)          # shares the UNet; only ``text`` differs
     model._modules = dict(world.model._modules, text=text)
     return ToyWorld(model, world.probe, world.metadata, world.probe_metadata)
+
+
+SPLITS = ("evaluation", "validation")
+
+
+def split_names(split: str, preserve: tuple[str, ...], retained: tuple[str, ...]) -> tuple[tuple, tuple]:
+    """(preserve list, retained set) of ``split``: the benchmark's own, or the validation split that
+    halves its preserve list (the first half preserved, the second scored) so settings are chosen
+    without the retained set."""
+    if split == "evaluation":
+        return preserve, retained
+    half = len(preserve) // 2
+    return preserve[:half], preserve[half:]
 
 
 def parse_run(text: str) -> tuple[str, float]:
@@ -127,42 +188,67 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 REFERENCES = {"mass_quality.json": ("full", "cfr_prior"), "mass_quality_ace.json": ("ace",)}
 
 
-def reference_rows(counts) -> list[dict]:
-    """``REFERENCES``' name rows at ``counts`` (those whose files are present), tagged with ``part``."""
+def reference_rows(kind: str, counts) -> list[dict]:
+    """``REFERENCES``' rows of ``kind`` at ``counts`` (those whose files are present), tagged with ``part``."""
     out = []
     for name, methods in REFERENCES.items():
         path = RESULTS / name
         if path.is_file():
             out += [{**r, "part": r["method"]} for r in json.loads(path.read_text())["rows"]
-                    if r["kind"] == "name" and r["method"] in methods and r["concepts"] in counts]
+                    if r["kind"] == kind and r["method"] in methods and r["concepts"] in counts]
     return out
 
 
 def save_plot(path: str, rows: list[dict]) -> None:
-    """H and Acc_s against the number of erased names: each (part, beta), then the reference rows."""
+    """H and Acc_s against the number of erased concepts: each (part, beta), then the reference rows
+    (``rows`` of one kind)."""
+    kind = rows[0].get("kind", "name")
+    if any(r.get("kind", "name") != kind for r in rows):
+        raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
     series_h, series_s = {}, {}
-    for r in rows + reference_rows({r["concepts"] for r in rows}):
+    for r in rows + reference_rows(kind, {r["concepts"] for r in rows}):
         label = (f"TE {r['part']} b={r['beta']:g}" + (" oracle" if r.get("oracle") else "")
-                 + (" +synthetic" if r.get("synthetic") else "")) if "beta" in r else r["part"]
+                 + (" +synthetic" if r.get("synthetic") else "")
+                 + ("" if r.get("kv", "none") == "none" else f" +{r['kv']}")
+                 + (f" rank {r['rank']}" if r.get("rank") else "")) if "beta" in r else r["part"]
         series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
         series_s.setdefault(label, []).append((r["concepts"], r["acc_s"], r["se_s"]))
     save_panels(path, [
-        {"title": "toy v2: text-encoder edits vs the pack, H", "x_label": "number of erased names",
+        {"title": "toy v2: text-encoder edits vs the pack, H", "x_label": f"number of erased {kind}s",
          "y_label": "H (higher is better)", "series": series_h},
-        {"title": "retained-name accuracy Acc_s", "x_label": "number of erased names",
+        {"title": f"retained-{kind} accuracy Acc_s", "x_label": f"number of erased {kind}s",
          "y_label": "Acc_s (higher is better)", "series": series_s}], size=(600, 380))
     print(f"wrote {path}")
 
 
 def main(argv=None) -> None:
     ap = toy_v2_parser(__doc__)
-    ap.add_argument("--counts", type=int, nargs="+", default=[10, 100], help="numbers of erased names")
+    ap.add_argument("--kind", choices=("name", "style"), default="name", help="what is erased")
+    ap.add_argument("--counts", type=int, nargs="+", default=None,
+                    help="numbers of erased concepts (default: 10 100 names, 5 10 styles)")
     ap.add_argument("--runs", nargs="+", default=["ff_last:1", "layers:1", "ff_last:10"],
                     help="PART:BETA pairs (parts: " + ", ".join(PARTS) + "; BETA weighs the preservation term)")
     ap.add_argument("--steps", type=int, nargs="+", default=[400, 800], help="training steps per count")
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
     ap.add_argument("--synthetic", type=int, default=0,
                     help="synthetic stand-in names per step in the preservation term (synthetic_words); 0 = none")
+    ap.add_argument("--mine", type=int, default=1,
+                    help="draw MINE x --synthetic stand-ins per step and keep the --synthetic the edit moves most "
+                         "(hard negatives); 1 = no mining")
+    ap.add_argument("--synthetic-beta", type=float, default=None,
+                    help="weight of the synthetic stand-ins' term (default: the run's BETA)")
+    ap.add_argument("--kv", nargs="+", default=["none"], choices=list(KV_STAGES),
+                    help="the pack's K/V stages fitted on top of each edited encoder: " +
+                         "; ".join(f"{k}: {v}" for k, v in KV_STAGES.items()))
+    ap.add_argument("--ranks", type=int, nargs="+", default=[0],
+                    help="also score each edit cut to these LoRA ranks (truncated SVD of each matrix's change, "
+                         "low_rank); 0 = the full edit")
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    ap.add_argument("--split", choices=SPLITS, default="evaluation",
+                    help="evaluation: the benchmark's split (preserve list names 100-149 / styles 10-14, "
+                         "retained 150-199 / 15-19); validation: settings are chosen here, away from the "
+                         "retained set (the preserve list's first half kept, its second half scored: names "
+                         "100-124 / 125-149, styles 10-11 / 12-14; the retained set unseen)")
     ap.add_argument("--oracle", action="store_true",
                     help="preserve the retained set itself instead of the preserve list (an upper reference, "
                          "as bench.mace_variants' oracle: it separates capacity from generalisation)")
@@ -179,28 +265,49 @@ def main(argv=None) -> None:
             raise SystemExit(f"--plot-only: {', '.join(missing)} does not exist; run the bench first (or pass --out)")
         save_plot(args.plot, [r for f in files for r in json.loads(Path(f).read_text())["rows"]])
         return
-    if len(args.steps) not in (1, len(args.counts)):
-        raise SystemExit(f"--steps: give one value or one per count ({len(args.counts)})")
+    if args.synthetic_beta is not None and not args.synthetic_beta >= 0:
+        raise SystemExit("--synthetic-beta: must be >= 0")
+    if any(r < 0 for r in args.ranks):
+        raise SystemExit("--ranks: each must be >= 0 (0 = the full edit)")
+    if args.mine < 1:
+        raise SystemExit("--mine: must be >= 1")
+    if args.mine > 1 and not args.synthetic:
+        raise SystemExit("--mine: needs --synthetic K > 0 (it picks among the stand-ins)")
+    if not args.lr > 0:
+        raise SystemExit("--lr: must be > 0")
     runs = [parse_run(r) for r in args.runs]
-    toy = toy_v2_setup(args)
-    world, preserve, retained = toy.world, toy.preserve, toy.retained
+    kind = args.kind
+    counts = args.counts or ([10, 100] if kind == "name" else [5, 10])
+    if len(args.steps) not in (1, len(counts)):
+        raise SystemExit(f"--steps: give one value or one per count ({len(counts)})")
+    toy = toy_v2_setup(args, kind)
+    pool = erase.vocab.NAMES if kind == "name" else erase.vocab.STYLES
+    world, preserve, retained = toy.world, *split_names(args.split, toy.preserve, toy.retained)
     rows, t_start = [], time.time()
-    for i, count in enumerate(args.counts):
+    for i, count in enumerate(counts):
         check_count(count, toy.most, "--counts")
         steps = args.steps[i if len(args.steps) > 1 else 0]
-        task = erase.Task("name", tuple(erase.vocab.NAMES[:count]), tuple(retained if args.oracle else preserve))
-        _, base_ret = evaluate.mass_metrics(world, "name", task.erase, retained, n_erased=args.n, n_retained=args.n)
+        task = erase.Task(kind, tuple(pool[:count]), tuple(retained if args.oracle else preserve))
+        _, base_ret = evaluate.mass_metrics(world, kind, task.erase, retained, n_erased=args.n, n_retained=args.n)
         for part, beta in runs:
             t0 = time.perf_counter()
-            text = edit_text_encoder(world, task, part, steps=steps, beta=beta, synthetic=args.synthetic)
+            text = edit_text_encoder(world, task, part, steps=steps, beta=beta, lr=args.lr, synthetic=args.synthetic,
+                                     synthetic_beta=args.synthetic_beta, mine=args.mine)
             seconds = time.perf_counter() - t0
-            m, _ = evaluate.mass_metrics(with_text_encoder(world, text), "name", task.erase, retained,
-                                         base_retained=base_ret, n_erased=args.n, n_retained=args.n)
-            rows.append({"part": part, **m.row(), "steps": steps, "beta": beta, "oracle": args.oracle,
-                         "synthetic": args.synthetic,
-                         "seconds": round(seconds, 1),
-                         "what": PARTS[part]})
-            print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+            for rank, stage in ((r, st) for r in args.ranks for st in args.kv):
+                edited = with_text_encoder(world, low_rank(text, world.model.text, rank))
+                t1 = time.perf_counter()
+                weights = kv_stage(edited, task, stage)
+                kv_seconds = time.perf_counter() - t1
+                m, _ = evaluate.mass_metrics(edited, kind, task.erase, retained, kv_weights=weights,
+                                             base_retained=base_ret, n_erased=args.n, n_retained=args.n)
+                rows.append({"part": part, "kv": stage, "rank": rank, "split": args.split, **m.row(), "steps": steps,
+                             "lr": args.lr, "beta": beta,
+                             "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
+                             "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,
+                             "seconds": round(seconds + kv_seconds, 1),
+                             "what": PARTS[part] + ("" if stage == "none" else "; " + KV_STAGES[stage])})
+                print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
     print()
     print_table(rows, COLUMNS)
     write_json(args.out, {"bench": "text_encoder_edit", "env": environment(), "world": world.metadata,

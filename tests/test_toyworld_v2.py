@@ -176,7 +176,8 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     """``bench.text_encoder_edit`` (issue 16's locus check): each part (with or without synthetic
     stand-in names) trains only its own parameters, moves the erased prompts' features towards
     the anchor's, and neither the fit nor the edited world touches the shipped model."""
-    from bench.text_encoder_edit import PARTS, edit_text_encoder, trainable, with_text_encoder
+    from bench.text_encoder_edit import (PARTS, edit_text_encoder, kv_stage, low_rank, split_names, trainable,
+                                         with_text_encoder)
     from toyworld.v1 import diffusion
 
     before = {k: v.clone() for k, v in world.model.state_dict().items()}
@@ -185,8 +186,8 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     target = world.model.text(diffusion.ids_tensor([t.format(task.anchor) for _ in task.erase
                                                     for t in task.templates], world.model.vocab))
     gap0 = (world.model.text(ids) - target).pow(2).mean().item()
-    for part, synthetic in [(part, 0) for part in PARTS] + [("ff_last", 32)]:
-        text = edit_text_encoder(world, task, part, steps=60, batch=64, synthetic=synthetic)
+    for part, synthetic, mine in [(part, 0, 1) for part in PARTS] + [("ff_last", 32, 1), ("ff_last", 16, 3)]:
+        text = edit_text_encoder(world, task, part, steps=60, batch=64, synthetic=synthetic, mine=mine)
         names = {id(p): n for n, p in text.named_parameters()}
         allowed = {names[id(p)] for p in trainable(text, part)}
         changed = {n for n, p in text.named_parameters() if not torch.equal(p, world.model.text.state_dict()[n])}
@@ -194,5 +195,21 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
         assert (text(ids) - target).pow(2).mean().item() < 0.5 * gap0, part
         edited = with_text_encoder(world, text)
         assert edited.model.text is text and edited.model.unet is world.model.unet
+    cut, base = low_rank(text, world.model.text, 2), world.model.text.state_dict()   # what a rank-2 LoRA carries
+    assert low_rank(text, world.model.text, 0) is text
+    for n, q in cut.named_parameters():
+        d, full = q - base[n], text.state_dict()[n] - base[n]
+        if q.dim() == 2:
+            assert torch.linalg.matrix_rank(d.double(), rtol=1e-6) <= 2, n
+        else:
+            assert torch.equal(d, full), n
+    kv = kv_stage(edited, task, "cfr_prior")            # the K/V stage fitted on the edited encoder
+    assert set(kv) == set(world.kv_weights()) and any(not torch.equal(kv[k], v) for k, v in world.kv_weights().items())
     assert world.model.text is not text
+    # settings are chosen on a split that never scores (or preserves) the benchmark's retained set
+    preserve, retained = erase.preserve_and_retained("name")[:2]
+    val_keep, val_score = split_names("validation", tuple(preserve), tuple(retained))
+    assert val_keep and val_score and not set(val_keep) & set(val_score)
+    assert not (set(val_keep) | set(val_score)) & set(retained)
+    assert split_names("evaluation", tuple(preserve), tuple(retained)) == (tuple(preserve), tuple(retained))
     assert all(torch.equal(v, before[k]) for k, v in world.model.state_dict().items())
