@@ -60,7 +60,7 @@ KV_STAGES = {
     "cfr_prior": "then CFR + caption prior (erase.cfr_erase, prior_weight 1)",
     "full": "then full MACE, the pack's recommended settings (erase.mace_erase)",
 }
-COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
 
 
 def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
@@ -81,14 +81,44 @@ def synthetic_words(world, task: erase.Task, seed: int):
     return lambda k: (mu + torch.randn(k, e.shape[1], generator=gen, dtype=torch.float64) @ chol.T).float()
 
 
+def last_ff_inputs(text, ids: torch.Tensor) -> torch.Tensor:
+    """The residual stream entering the last layer's MLP (B, L, dim): what ``ff_last`` acts on."""
+    x = text.tok(ids) + text.pos[: ids.shape[1]]
+    mask = text.causal_mask[: ids.shape[1], : ids.shape[1]]
+    for layer in text.layers[:-1]:
+        x = layer(x, mask)
+    last, h = text.layers[-1], text.layers[-1].ln1(x)
+    return x + last.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+
+
+def analogy_inputs(world, task: erase.Task, seed: int):
+    """A sampler of ``k`` stand-in residuals at the last MLP's input: r(a) + r(b) − r(c) for three
+    distinct named words (erased + preserve list) in one template, the arithmetic that makes "other
+    names" out of the named ones where features add up by attribute (``ff_last`` only)."""
+    words = task.erase + task.preserve
+    ids = diffusion.ids_tensor([t.format(w) for w in words for t in task.templates], world.model.vocab)
+    with torch.no_grad():
+        r = last_ff_inputs(world.model.text, ids).view(len(words), len(task.templates), *ids.shape[1:], -1)
+    gen = torch.Generator().manual_seed(seed + 2)
+
+    def draw(k: int) -> torch.Tensor:
+        abc = torch.stack([torch.randperm(len(words), generator=gen)[:3] for _ in range(k)])
+        t = torch.randint(len(task.templates), (k,), generator=gen)
+        return r[abc[:, 0], t] + r[abc[:, 1], t] - r[abc[:, 2], t]
+    return draw
+
+
 def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: float = 1.0, lr: float = 1e-3,
                       batch: int = 512, seed: int = 0, synthetic: int = 0, synthetic_beta: float | None = None,
-                      mine: int = 1):
+                      mine: int = 1, stand_ins: str = "gaussian"):
     """A copy of the world's text encoder with ``part`` fitted to the objective above; ``synthetic`` > 0
     adds that many prompts per step to the preservation term whose concept slot holds a
     ``synthetic_words`` embedding (the anchor's templates, the slot's features kept as they were),
     weighted by ``synthetic_beta`` (``beta`` when None). ``mine`` > 1 draws that many times more
-    stand-ins each step and keeps the ``synthetic`` the current edit moves most (hard negatives)."""
+    stand-ins each step and keeps the ``synthetic`` the current edit moves most (hard negatives).
+    ``stand_ins`` "analogy" draws them as ``analogy_inputs`` instead (part ``ff_last`` only)."""
+    if stand_ins == "analogy" and part != "ff_last":
+        raise ValueError(f"stand_ins 'analogy' acts on the last MLP's input: part must be ff_last, not {part!r}")
     beta_s = beta if synthetic_beta is None else synthetic_beta
     vocab = world.model.vocab
     erase_prompts = [t.format(c) for c in task.erase for t in task.templates]   # template index = i % T
@@ -103,13 +133,23 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    if synthetic:
+    if synthetic and stand_ins == "analogy":
+        draw_r, ff0, ln2 = analogy_inputs(world, task, seed), world.model.text.layers[-1].ff, text.layers[-1].ln2
+    elif synthetic:
         draw = synthetic_words(world, task, seed)
         slot = (x_t == vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
     for _ in range(steps):
         ie, ip = torch.randint(len(x_e), (batch,), generator=gen), torch.randint(len(x_p), (batch,), generator=gen)
         loss = (text(x_e[ie]) - y_t[ie % len(x_t)]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
-        if synthetic:
+        if synthetic and stand_ins == "analogy":
+            r_s = draw_r(synthetic * mine)
+            with torch.no_grad():
+                y_s = ff0(ln2(r_s))
+                if mine > 1:
+                    worst = (text.layers[-1].ff(ln2(r_s)) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
+                    r_s, y_s = r_s[worst], y_s[worst]
+            loss = loss + beta_s * (text.layers[-1].ff(ln2(r_s)) - y_s).pow(2).mean()
+        elif synthetic:
             k = synthetic * mine
             it = torch.randint(len(x_t), (k,), generator=gen)
             emb = world.model.text.tok(x_t[it]).clone()
@@ -208,7 +248,7 @@ def save_plot(path: str, rows: list[dict]) -> None:
     series_h, series_s = {}, {}
     for r in rows + reference_rows(kind, {r["concepts"] for r in rows}):
         label = (f"TE {r['part']} b={r['beta']:g}" + (" oracle" if r.get("oracle") else "")
-                 + (" +synthetic" if r.get("synthetic") else "")
+                 + ((" +analogy" if r.get("stand_ins") == "analogy" else " +synthetic") if r.get("synthetic") else "")
                  + ("" if r.get("kv", "none") == "none" else f" +{r['kv']}")
                  + (f" rank {r['rank']}" if r.get("rank") else "")) if "beta" in r else r["part"]
         series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
@@ -232,6 +272,10 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
     ap.add_argument("--synthetic", type=int, default=0,
                     help="synthetic stand-in names per step in the preservation term (synthetic_words); 0 = none")
+    ap.add_argument("--stand-ins", choices=("gaussian", "analogy"), default="gaussian",
+                    help="gaussian: token embeddings from N(mu, Sigma) of the named words (synthetic_words); "
+                         "analogy: r(a) + r(b) - r(c) of three named words at the last MLP's input "
+                         "(analogy_inputs; part ff_last only)")
     ap.add_argument("--mine", type=int, default=1,
                     help="draw MINE x --synthetic stand-ins per step and keep the --synthetic the edit moves most "
                          "(hard negatives); 1 = no mining")
@@ -276,6 +320,8 @@ def main(argv=None) -> None:
     if not args.lr > 0:
         raise SystemExit("--lr: must be > 0")
     runs = [parse_run(r) for r in args.runs]
+    if args.stand_ins == "analogy" and any(part != "ff_last" for part, _ in runs):
+        raise SystemExit("--stand-ins analogy: acts on the last MLP's input; every --runs part must be ff_last")
     kind = args.kind
     counts = args.counts or ([10, 100] if kind == "name" else [5, 10])
     if len(args.steps) not in (1, len(counts)):
@@ -292,7 +338,7 @@ def main(argv=None) -> None:
         for part, beta in runs:
             t0 = time.perf_counter()
             text = edit_text_encoder(world, task, part, steps=steps, beta=beta, lr=args.lr, synthetic=args.synthetic,
-                                     synthetic_beta=args.synthetic_beta, mine=args.mine)
+                                     synthetic_beta=args.synthetic_beta, mine=args.mine, stand_ins=args.stand_ins)
             seconds = time.perf_counter() - t0
             for rank, stage in ((r, st) for r in args.ranks for st in args.kv):
                 edited = with_text_encoder(world, low_rank(text, world.model.text, rank))
@@ -305,6 +351,7 @@ def main(argv=None) -> None:
                              "lr": args.lr, "beta": beta,
                              "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
                              "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,
+                             "stand_ins": args.stand_ins if args.synthetic else None,
                              "seconds": round(seconds + kv_seconds, 1),
                              "what": PARTS[part] + ("" if stage == "none" else "; " + KV_STAGES[stage])})
                 print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)

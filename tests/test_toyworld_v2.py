@@ -186,8 +186,11 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     target = world.model.text(diffusion.ids_tensor([t.format(task.anchor) for _ in task.erase
                                                     for t in task.templates], world.model.vocab))
     gap0 = (world.model.text(ids) - target).pow(2).mean().item()
-    for part, synthetic, mine in [(part, 0, 1) for part in PARTS] + [("ff_last", 32, 1), ("ff_last", 16, 3)]:
-        text = edit_text_encoder(world, task, part, steps=60, batch=64, synthetic=synthetic, mine=mine)
+    for part, synthetic, mine, stand_ins in ([(part, 0, 1, "gaussian") for part in PARTS]
+                                             + [("ff_last", 32, 1, "gaussian"), ("ff_last", 16, 3, "gaussian"),
+                                                ("ff_last", 16, 2, "analogy")]):
+        text = edit_text_encoder(world, task, part, steps=60, batch=64, synthetic=synthetic, mine=mine,
+                                 stand_ins=stand_ins)
         names = {id(p): n for n, p in text.named_parameters()}
         allowed = {names[id(p)] for p in trainable(text, part)}
         changed = {n for n, p in text.named_parameters() if not torch.equal(p, world.model.text.state_dict()[n])}
@@ -195,6 +198,8 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
         assert (text(ids) - target).pow(2).mean().item() < 0.5 * gap0, part
         edited = with_text_encoder(world, text)
         assert edited.model.text is text and edited.model.unet is world.model.unet
+    with pytest.raises(ValueError, match="ff_last"):
+        edit_text_encoder(world, task, "layers", steps=1, synthetic=4, stand_ins="analogy")
     cut, base = low_rank(text, world.model.text, 2), world.model.text.state_dict()   # what a rank-2 LoRA carries
     assert low_rank(text, world.model.text, 0) is text
     for n, q in cut.named_parameters():
