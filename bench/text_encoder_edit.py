@@ -92,19 +92,29 @@ def last_ff_inputs(text, ids: torch.Tensor) -> torch.Tensor:
 
 
 def analogy_inputs(world, task: erase.Task, seed: int):
-    """A sampler of ``k`` stand-in residuals at the last MLP's input: r(a) + r(b) − r(c) for three
-    distinct named words (erased + preserve list) in one template, the arithmetic that makes "other
-    names" out of the named ones where features add up by attribute (``ff_last`` only)."""
-    words = task.erase + task.preserve
+    """A sampler of ``k`` stand-in residuals at the last MLP's input: r(a) + r(b) − r(c), with a from
+    the preserve list and b ≠ c any named words (erased + preserve list), in one template: the
+    arithmetic that makes "other names" out of the named ones where features add up by attribute
+    (``ff_last`` only). ``a`` is a kept word because names' features share most of their length,
+    so r(a) + r(b) − r(c) lies near r(a): with an erased ``a`` the stand-in would undo the erasure."""
+    words = task.preserve + task.erase
+    if len(task.preserve) < 1 or len(words) < 3:
+        raise ValueError("stand_ins 'analogy' needs a preserve list and at least 3 named words")
     ids = diffusion.ids_tensor([t.format(w) for w in words for t in task.templates], world.model.vocab)
     with torch.no_grad():
         r = last_ff_inputs(world.model.text, ids).view(len(words), len(task.templates), *ids.shape[1:], -1)
     gen = torch.Generator().manual_seed(seed + 2)
 
     def draw(k: int) -> torch.Tensor:
-        abc = torch.stack([torch.randperm(len(words), generator=gen)[:3] for _ in range(k)])
+        a = torch.randint(len(task.preserve), (k,), generator=gen)
+        b = torch.randint(len(words) - 1, (k,), generator=gen)
+        b = b + (b >= a).long()                                         # b != a
+        c = torch.randint(len(words) - 2, (k,), generator=gen)
+        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+        c = c + (c >= lo).long()
+        c = c + (c >= hi).long()                                        # c != a, b
         t = torch.randint(len(task.templates), (k,), generator=gen)
-        return r[abc[:, 0], t] + r[abc[:, 1], t] - r[abc[:, 2], t]
+        return r[a, t] + r[b, t] - r[c, t]
     return draw
 
 
