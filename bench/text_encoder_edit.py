@@ -145,6 +145,7 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
     gen = torch.Generator().manual_seed(seed)
     if synthetic and stand_ins == "analogy":
         draw_r, ff0, ln2 = analogy_inputs(world, task, seed), world.model.text.layers[-1].ff, text.layers[-1].ln2
+        out = text.ln_final                     # compared as features, as every other term (not trained here)
     elif synthetic:
         draw = synthetic_words(world, task, seed)
         slot = (x_t == vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
@@ -154,11 +155,11 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
         if synthetic and stand_ins == "analogy":
             r_s = draw_r(synthetic * mine)
             with torch.no_grad():
-                y_s = ff0(ln2(r_s))
+                y_s = out(r_s + ff0(ln2(r_s)))
                 if mine > 1:
-                    worst = (text.layers[-1].ff(ln2(r_s)) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
+                    worst = (out(r_s + text.layers[-1].ff(ln2(r_s))) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
                     r_s, y_s = r_s[worst], y_s[worst]
-            loss = loss + beta_s * (text.layers[-1].ff(ln2(r_s)) - y_s).pow(2).mean()
+            loss = loss + beta_s * (out(r_s + text.layers[-1].ff(ln2(r_s))) - y_s).pow(2).mean()
         elif synthetic:
             k = synthetic * mine
             it = torch.randint(len(x_t), (k,), generator=gen)
