@@ -14,7 +14,6 @@ list's templated prompts, the anchor's, the caption prior); f_0 the shipped enco
 name and no nickname is seen. Adam, 512 + 512 prompts per step, fixed seeds. Parts:
 
 * ``ff_last``: the last layer's MLP (66 k parameters);
-* ``last_layer``: the last transformer layer (attention, MLP, norms) and the final LayerNorm (133 k);
 * ``layers``: every transformer layer and the final LayerNorm (265 k; not the token table or
   the position embeddings).
 
@@ -51,7 +50,6 @@ from toyworld.v2 import erase, evaluate
 
 PARTS = {
     "ff_last": "the last text layer's MLP",
-    "last_layer": "the last text layer (attention + MLP + norms) + final LayerNorm",
     "layers": "every text layer + final LayerNorm (not the token table or positions)",
 }
 # The pack's K/V stages run on top of the edited encoder (its features are what CFR / fusion see):
@@ -65,7 +63,7 @@ COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "be
 
 def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
     last = f"layers.{len(text_encoder.layers) - 1}."
-    prefixes = {"ff_last": (last + "ff.",), "last_layer": (last, "ln_final."), "layers": ("layers.", "ln_final.")}[part]
+    prefixes = {"ff_last": (last + "ff.",), "layers": ("layers.", "ln_final.")}[part]
     keep = lambda n: n.startswith(prefixes)  # noqa: E731
     return [p for n, p in text_encoder.named_parameters() if keep(n)]
 
@@ -351,8 +349,9 @@ def main(argv=None) -> None:
             text = edit_text_encoder(world, task, part, steps=steps, beta=beta, lr=args.lr, synthetic=args.synthetic,
                                      synthetic_beta=args.synthetic_beta, mine=args.mine, stand_ins=args.stand_ins)
             seconds = time.perf_counter() - t0
+            cuts = {r: with_text_encoder(world, low_rank(text, world.model.text, r)) for r in args.ranks}  # one SVD each
             for rank, stage in ((r, st) for r in args.ranks for st in args.kv):
-                edited = with_text_encoder(world, low_rank(text, world.model.text, rank))
+                edited = cuts[rank]
                 t1 = time.perf_counter()
                 weights = kv_stage(edited, task, stage)
                 kv_seconds = time.perf_counter() - t1
