@@ -80,13 +80,15 @@ def synthetic_words(world, task: erase.Task, seed: int):
 
 
 def last_ff_inputs(text, ids: torch.Tensor) -> torch.Tensor:
-    """The residual stream entering the last layer's MLP (B, L, dim): what ``ff_last`` acts on."""
-    x = text.tok(ids) + text.pos[: ids.shape[1]]
-    mask = text.causal_mask[: ids.shape[1], : ids.shape[1]]
-    for layer in text.layers[:-1]:
-        x = layer(x, mask)
-    last, h = text.layers[-1], text.layers[-1].ln1(x)
-    return x + last.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+    """The residual stream entering the last layer's MLP (B, L, dim): what ``ff_last`` acts on (the
+    input of that layer's ``ln2``, caught by a hook on the encoder's own forward)."""
+    caught = []
+    hook = text.layers[-1].ln2.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+    try:
+        text(ids)
+    finally:
+        hook.remove()
+    return caught[0]
 
 
 def analogy_inputs(world, task: erase.Task, seed: int):
@@ -141,34 +143,33 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    if synthetic and stand_ins == "analogy":
-        draw_r, ff0, ln2 = analogy_inputs(world, task, seed), world.model.text.layers[-1].ff, text.layers[-1].ln2
-        out = text.ln_final                     # compared as features, as every other term (not trained here)
-    elif synthetic:
-        draw = synthetic_words(world, task, seed)
+    # Stand-ins: draw(k) -> inputs, and the features the base and the edited encoder give them.
+    if synthetic and stand_ins == "analogy":    # residuals at the last MLP's input, compared as features
+        draw = analogy_inputs(world, task, seed)
+        ln2, out, ff0 = text.layers[-1].ln2, text.ln_final, world.model.text.layers[-1].ff   # ln2, out untrained
+        base_of = lambda r: out(r + ff0(ln2(r)))                     # noqa: E731
+        edited_of = lambda r: out(r + text.layers[-1].ff(ln2(r)))    # noqa: E731
+    elif synthetic:                             # the anchor's templates, a drawn embedding in its slot
+        words = synthetic_words(world, task, seed)
         slot = (x_t == vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
+
+        def draw(k: int) -> torch.Tensor:
+            it = torch.randint(len(x_t), (k,), generator=gen)
+            emb = world.model.text.tok(x_t[it]).clone()
+            emb[torch.arange(k), slot[it]] = words(k)
+            return emb
+        base_of, edited_of = world.model.text.forward_embeddings, text.forward_embeddings
     for _ in range(steps):
         ie, ip = torch.randint(len(x_e), (batch,), generator=gen), torch.randint(len(x_p), (batch,), generator=gen)
         loss = (text(x_e[ie]) - y_t[ie % len(x_t)]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
-        if synthetic and stand_ins == "analogy":
-            r_s = draw_r(synthetic * mine)
+        if synthetic:
+            x_s = draw(synthetic * mine)
             with torch.no_grad():
-                y_s = out(r_s + ff0(ln2(r_s)))
-                if mine > 1:
-                    worst = (out(r_s + text.layers[-1].ff(ln2(r_s))) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
-                    r_s, y_s = r_s[worst], y_s[worst]
-            loss = loss + beta_s * (out(r_s + text.layers[-1].ff(ln2(r_s))) - y_s).pow(2).mean()
-        elif synthetic:
-            k = synthetic * mine
-            it = torch.randint(len(x_t), (k,), generator=gen)
-            emb = world.model.text.tok(x_t[it]).clone()
-            emb[torch.arange(k), slot[it]] = draw(k)
-            with torch.no_grad():
-                y_s = world.model.text.forward_embeddings(emb)
+                y_s = base_of(x_s)
                 if mine > 1:    # the stand-ins the edit moves most so far
-                    worst = (text.forward_embeddings(emb) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
-                    emb, y_s = emb[worst], y_s[worst]
-            loss = loss + beta_s * (text.forward_embeddings(emb) - y_s).pow(2).mean()
+                    worst = (edited_of(x_s) - y_s).pow(2).flatten(1).sum(1).topk(synthetic).indices
+                    x_s, y_s = x_s[worst], y_s[worst]
+            loss = loss + beta_s * (edited_of(x_s) - y_s).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
