@@ -325,8 +325,10 @@ def main(argv=None) -> None:
         raise SystemExit("--ranks: each must be >= 0 (0 = the full edit)")
     if args.mine < 1:
         raise SystemExit("--mine: must be >= 1")
-    if args.mine > 1 and not args.synthetic:
-        raise SystemExit("--mine: needs --synthetic K > 0 (it picks among the stand-ins)")
+    for flag, given in (("--mine", args.mine > 1), ("--stand-ins", args.stand_ins != "gaussian"),
+                        ("--synthetic-beta", args.synthetic_beta is not None)):
+        if given and not args.synthetic:   # each acts on the stand-ins: without them it would do nothing
+            raise SystemExit(f"{flag}: needs --synthetic K > 0 (it acts on the synthetic stand-ins)")
     if not args.lr > 0:
         raise SystemExit("--lr: must be > 0")
     runs = [parse_run(r) for r in args.runs]
