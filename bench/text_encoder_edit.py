@@ -25,7 +25,9 @@ embeddings (erased + preserve list): stand-ins for the names nobody listed, no h
 ``--split validation`` is where settings are chosen: the preserve list's first half is kept and
 its second half scored, so the benchmark's retained set is never looked at until a setting is
 run once on ``--split evaluation``. ``--mine M`` keeps, of M x K stand-ins drawn per step, the K
-the edit moves most (hard negatives). ``--kv`` fits the pack's K/V stages (CFR + prior, or full
+the edit moves most (hard negatives). ``--stand-ins jitter`` draws them around the named words
+instead (``jittered_words``) and ``--exclude Q`` redraws any that lies nearer an erased name than
+the named words lie to one another (``erased_neighbourhood``, quantile Q). ``--kv`` fits the pack's K/V stages (CFR + prior, or full
 MACE) on top of the edited encoder, as a pipeline would. ``--kind style`` does the same for styles.
 
 Not a method of the pack (it would edit CLIP, and this world's names are one token each): a
@@ -58,7 +60,7 @@ KV_STAGES = {
     "cfr_prior": "then CFR + caption prior (erase.cfr_erase, prior_weight 1)",
     "full": "then full MACE, the pack's recommended settings (erase.mace_erase)",
 }
-COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "jitter", "exclude", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
 
 
 def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
@@ -77,6 +79,62 @@ def synthetic_words(world, task: erase.Task, seed: int):
     mu, cov = e.mean(0), torch.cov(e.T) + 1e-4 * torch.eye(e.shape[1], dtype=torch.float64)
     chol, gen = torch.linalg.cholesky(cov), torch.Generator().manual_seed(seed + 1)
     return lambda k: (mu + torch.randn(k, e.shape[1], generator=gen, dtype=torch.float64) @ chol.T).float()
+
+
+def jittered_words(world, task: erase.Task, seed: int, scale: float):
+    """A sampler of ``k`` token embeddings drawn around the named words (erased + preserve list): a
+    named word's embedding plus N(0, scale² Sigma), Sigma that of the named words (``scale`` 1 is
+    ``synthetic_words``' spread, centred on a name instead of on their mean): stand-ins nearer the
+    names, where the unnamed ones lie (``exclude`` keeps them off the erased names themselves)."""
+    table = world.model.text.tok.weight.detach().double()
+    e = table[[world.model.vocab.TOKEN_ID[w] for w in task.erase + task.preserve]]
+    cov = torch.cov(e.T) + 1e-4 * torch.eye(e.shape[1], dtype=torch.float64)
+    chol, gen = torch.linalg.cholesky(cov), torch.Generator().manual_seed(seed + 3)
+    return lambda k: (e[torch.randint(len(e), (k,), generator=gen)]
+                      + scale * torch.randn(k, e.shape[1], generator=gen, dtype=torch.float64) @ chol.T).float()
+
+
+def erased_neighbourhood(world, task: erase.Task, quantile: float):
+    """(the base features of the erased names' prompts per template (T, N, L·D), radius): the
+    ``quantile`` of each erased prompt's distance to the nearest *other* named word's prompt in the
+    same template (erased + preserve list; named words only). A stand-in nearer an erased name than
+    that is nearer than the named words are to one another: preserving it would fight the erasure."""
+    T, vocab = len(task.templates), world.model.vocab
+    named = list(task.erase) + list(task.preserve)
+    with torch.no_grad():
+        f = world.model.text(diffusion.ids_tensor([t.format(w) for w in named for t in task.templates], vocab))
+    f = f.view(len(named), T, -1).transpose(0, 1)                       # (T, words, L·D)
+    d = torch.cdist(f[:, :len(task.erase)], f)                          # (T, erased, words)
+    d[:, torch.arange(len(task.erase)), torch.arange(len(task.erase))] = float("inf")
+    return f[:, :len(task.erase)].contiguous(), torch.quantile(d.min(2).values.flatten(), quantile).item()
+
+
+def nearest_erased(f: torch.Tensor, t: torch.Tensor, f_e: torch.Tensor) -> torch.Tensor:
+    """Each row of ``f`` (k, L·D): its distance to the nearest erased prompt of its own template
+    ``t`` among ``f_e`` (T, N, L·D). In one template the words before the slot give equal features,
+    so this is the distance from the slot on."""
+    near = torch.empty(len(f))
+    for tt in t.unique():
+        near[t == tt] = torch.cdist(f[t == tt], f_e[tt]).min(1).values
+    return near
+
+
+def off_erased(draw, base_of, f_e: torch.Tensor, radius: float, tries: int = 50):
+    """``draw`` (k -> (inputs, template index)) redrawn until ``k`` stand-ins lie at least ``radius``
+    from every erased prompt of their template (base features ``base_of``)."""
+    def draw_off(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kept, n = [], 0
+        for _ in range(tries):
+            x, t = draw(2 * k)
+            with torch.no_grad():
+                far = nearest_erased(base_of(x).flatten(1), t, f_e) >= radius
+            kept.append((x[far], t[far]))
+            n += int(far.sum())
+            if n >= k:
+                return tuple(torch.cat(v)[:k] for v in zip(*kept))
+        raise RuntimeError(f"fewer than {k} of {tries} x {2 * k} stand-ins lie {radius:.3g} or more from the erased "
+                           "names; lower exclude or widen the stand-ins")
+    return draw_off
 
 
 def last_ff_inputs(text, ids: torch.Tensor) -> torch.Tensor:
@@ -114,19 +172,22 @@ def analogy_inputs(world, task: erase.Task, seed: int):
         c = c + (c >= lo).long()
         c = c + (c >= hi).long()                                        # c != a, b
         t = torch.randint(len(task.templates), (k,), generator=gen)
-        return r[a, t] + r[b, t] - r[c, t]
+        return r[a, t] + r[b, t] - r[c, t], t
     return draw
 
 
 def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: float = 1.0, lr: float = 1e-3,
                       batch: int = 512, seed: int = 0, synthetic: int = 0, synthetic_beta: float | None = None,
-                      mine: int = 1, stand_ins: str = "gaussian"):
+                      mine: int = 1, stand_ins: str = "gaussian", jitter: float = 1.0, exclude: float = 0.0):
     """A copy of the world's text encoder with ``part`` fitted to the objective above; ``synthetic`` > 0
     adds that many prompts per step to the preservation term whose concept slot holds a
     ``synthetic_words`` embedding (the anchor's templates, the slot's features kept as they were),
     weighted by ``synthetic_beta`` (``beta`` when None). ``mine`` > 1 draws that many times more
     stand-ins each step and keeps the ``synthetic`` the current edit moves most (hard negatives).
-    ``stand_ins`` "analogy" draws them as ``analogy_inputs`` instead (part ``ff_last`` only)."""
+    ``stand_ins`` "analogy" draws them as ``analogy_inputs`` instead (part ``ff_last`` only),
+    "jitter" as ``jittered_words`` of spread ``jitter``. ``exclude`` > 0 redraws every stand-in
+    nearer an erased name (same template, base features) than ``erased_neighbourhood``'s radius at
+    that quantile (0 = keep all)."""
     if stand_ins == "analogy" and part != "ff_last":
         raise ValueError(f"stand_ins 'analogy' acts on the last MLP's input: part must be ff_last, not {part!r}")
     beta_s = beta if synthetic_beta is None else synthetic_beta
@@ -150,20 +211,22 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
         base_of = lambda r: out(r + ff0(ln2(r)))                     # noqa: E731
         edited_of = lambda r: out(r + text.layers[-1].ff(ln2(r)))    # noqa: E731
     elif synthetic:                             # the anchor's templates, a drawn embedding in its slot
-        words = synthetic_words(world, task, seed)
+        words = jittered_words(world, task, seed, jitter) if stand_ins == "jitter" else synthetic_words(world, task, seed)
         slot = (x_t == vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
 
-        def draw(k: int) -> torch.Tensor:
+        def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
             it = torch.randint(len(x_t), (k,), generator=gen)
             emb = world.model.text.tok(x_t[it]).clone()
             emb[torch.arange(k), slot[it]] = words(k)
-            return emb
+            return emb, it
         base_of, edited_of = world.model.text.forward_embeddings, text.forward_embeddings
+    if synthetic and exclude > 0:               # stand-ins off the erased names' neighbourhoods
+        draw = off_erased(draw, base_of, *erased_neighbourhood(world, task, exclude))
     for _ in range(steps):
         ie, ip = torch.randint(len(x_e), (batch,), generator=gen), torch.randint(len(x_p), (batch,), generator=gen)
         loss = (text(x_e[ie]) - y_t[ie % len(x_t)]).pow(2).mean() + beta * (text(x_p[ip]) - y_p[ip]).pow(2).mean()
         if synthetic:
-            x_s = draw(synthetic * mine)
+            x_s = draw(synthetic * mine)[0]
             with torch.no_grad():
                 y_s = base_of(x_s)
                 if mine > 1:    # the stand-ins the edit moves most so far
@@ -258,7 +321,9 @@ def save_plot(path: str, rows: list[dict]) -> None:
     series_h, series_s = {}, {}
     for r in rows + reference_rows(kind, {r["concepts"] for r in rows}):
         label = (f"TE {r['part']} b={r['beta']:g}" + (" oracle" if r.get("oracle") else "")
-                 + ((" +analogy" if r.get("stand_ins") == "analogy" else " +synthetic") if r.get("synthetic") else "")
+                 + ((" +synthetic" if r.get("stand_ins") in (None, "gaussian") else f" +{r['stand_ins']}")
+                    + (f" {r['jitter']:g}" if r.get("jitter") else "") if r.get("synthetic") else "")
+                 + (f" excl {r['exclude']:g}" if r.get("exclude") else "")
                  + ("" if r.get("kv", "none") == "none" else f" +{r['kv']}")
                  + (f" rank {r['rank']}" if r.get("rank") else "")) if "beta" in r else r["part"]
         series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
@@ -282,10 +347,16 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
     ap.add_argument("--synthetic", type=int, default=0,
                     help="synthetic stand-in names per step in the preservation term (synthetic_words); 0 = none")
-    ap.add_argument("--stand-ins", choices=("gaussian", "analogy"), default="gaussian",
+    ap.add_argument("--stand-ins", choices=("gaussian", "jitter", "analogy"), default="gaussian",
                     help="gaussian: token embeddings from N(mu, Sigma) of the named words (synthetic_words); "
+                         "jitter: a named word's embedding + N(0, JITTER^2 Sigma) (jittered_words); "
                          "analogy: r(a) + r(b) - r(c) of three named words at the last MLP's input "
                          "(analogy_inputs; part ff_last only)")
+    ap.add_argument("--jitter", type=float, default=None,
+                    help="--stand-ins jitter: the spread in units of the named words' Sigma (default 1)")
+    ap.add_argument("--exclude", type=float, default=0.0,
+                    help="redraw stand-ins nearer an erased name than this quantile of the named words' "
+                         "nearest-neighbour distances (erased_neighbourhood), e.g. 0.1; 0 = keep all")
     ap.add_argument("--mine", type=int, default=1,
                     help="draw MINE x --synthetic stand-ins per step and keep the --synthetic the edit moves most "
                          "(hard negatives); 1 = no mining")
@@ -325,8 +396,14 @@ def main(argv=None) -> None:
         raise SystemExit("--ranks: each must be >= 0 (0 = the full edit)")
     if args.mine < 1:
         raise SystemExit("--mine: must be >= 1")
+    if args.jitter is not None and args.stand_ins != "jitter":
+        raise SystemExit("--jitter: acts on --stand-ins jitter only")
+    if args.jitter is not None and not args.jitter > 0:
+        raise SystemExit("--jitter: must be > 0")
+    if not 0 <= args.exclude < 1:
+        raise SystemExit("--exclude: a quantile in [0, 1) (0 = keep every stand-in)")
     for flag, given in (("--mine", args.mine > 1), ("--stand-ins", args.stand_ins != "gaussian"),
-                        ("--synthetic-beta", args.synthetic_beta is not None)):
+                        ("--synthetic-beta", args.synthetic_beta is not None), ("--exclude", args.exclude > 0)):
         if given and not args.synthetic:   # each acts on the stand-ins: without them it would do nothing
             raise SystemExit(f"{flag}: needs --synthetic K > 0 (it acts on the synthetic stand-ins)")
     if not args.lr > 0:
@@ -350,7 +427,8 @@ def main(argv=None) -> None:
         for part, beta in runs:
             t0 = time.perf_counter()
             text = edit_text_encoder(world, task, part, steps=steps, beta=beta, lr=args.lr, synthetic=args.synthetic,
-                                     synthetic_beta=args.synthetic_beta, mine=args.mine, stand_ins=args.stand_ins)
+                                     synthetic_beta=args.synthetic_beta, mine=args.mine, stand_ins=args.stand_ins,
+                                     jitter=args.jitter or 1.0, exclude=args.exclude)
             seconds = time.perf_counter() - t0
             cuts = {r: with_text_encoder(world, low_rank(text, world.model.text, r)) for r in args.ranks}  # one SVD each
             for rank, stage in ((r, st) for r in args.ranks for st in args.kv):
@@ -365,6 +443,8 @@ def main(argv=None) -> None:
                              "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
                              "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,
                              "stand_ins": args.stand_ins if args.synthetic else None,
+                             "jitter": (args.jitter or 1.0) if args.stand_ins == "jitter" else None,
+                             "exclude": args.exclude,
                              "seconds": round(seconds + kv_seconds, 1),
                              "what": PARTS[part] + ("" if stage == "none" else "; " + KV_STAGES[stage])})
                 print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)

@@ -172,12 +172,26 @@ def test_full_mace_keeps_specificity_against_cfr_at_ten_names(world):
     assert m_full.fd <= m_cfr.fd, (m_full.fd, m_cfr.fd)
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--exclude", "0.1"], "--exclude"), (["--stand-ins", "jitter"], "--stand-ins"),
+    (["--synthetic", "8", "--jitter", "0.5"], "--jitter"),
+    (["--synthetic", "8", "--stand-ins", "jitter", "--jitter", "0"], "--jitter"),
+    (["--synthetic", "8", "--exclude", "1"], "--exclude"), (["--synthetic", "8", "--mine", "0"], "--mine")])
+def test_text_encoder_edit_bench_names_the_bad_flag_before_any_work(argv, flag):
+    """A stand-in flag that would do nothing (no --synthetic, another kind) or is out of range exits
+    naming itself, before the world is loaded."""
+    from bench.text_encoder_edit import main
+
+    with pytest.raises(SystemExit, match=flag):
+        main(argv + ["--out", "/nonexistent/never-written.json"])
+
+
 def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     """``bench.text_encoder_edit`` (issue 16's locus check): each part (with or without synthetic
     stand-in names) trains only its own parameters, moves the erased prompts' features towards
     the anchor's, and neither the fit nor the edited world touches the shipped model."""
-    from bench.text_encoder_edit import (PARTS, edit_text_encoder, kv_stage, low_rank, split_names, trainable,
-                                         with_text_encoder)
+    from bench.text_encoder_edit import (PARTS, edit_text_encoder, erased_neighbourhood, kv_stage, low_rank,
+                                         nearest_erased, off_erased, split_names, trainable, with_text_encoder)
     from toyworld.v1 import diffusion
 
     before = {k: v.clone() for k, v in world.model.state_dict().items()}
@@ -186,11 +200,11 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     target = world.model.text(diffusion.ids_tensor([t.format(task.anchor) for _ in task.erase
                                                     for t in task.templates], world.model.vocab))
     gap0 = (world.model.text(ids) - target).pow(2).mean().item()
-    for part, synthetic, mine, stand_ins in ([(part, 0, 1, "gaussian") for part in PARTS]
-                                             + [("ff_last", 32, 1, "gaussian"), ("ff_last", 16, 3, "gaussian"),
-                                                ("ff_last", 16, 2, "analogy")]):
+    for part, synthetic, mine, stand_ins, exclude in ([(part, 0, 1, "gaussian", 0) for part in PARTS]
+                                                      + [("ff_last", 32, 1, "gaussian", 0), ("ff_last", 16, 3, "gaussian", 0),
+                                                         ("ff_last", 16, 2, "analogy", 0), ("ff_last", 16, 1, "jitter", 0.1)]):
         text = edit_text_encoder(world, task, part, steps=60, batch=64, synthetic=synthetic, mine=mine,
-                                 stand_ins=stand_ins)
+                                 stand_ins=stand_ins, jitter=0.5, exclude=exclude)
         names = {id(p): n for n, p in text.named_parameters()}
         allowed = {names[id(p)] for p in trainable(text, part)}
         changed = {n for n, p in text.named_parameters() if not torch.equal(p, world.model.text.state_dict()[n])}
@@ -200,6 +214,30 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
         assert edited.model.text is text and edited.model.unet is world.model.unet
     with pytest.raises(ValueError, match="ff_last"):
         edit_text_encoder(world, task, "layers", steps=1, synthetic=4, stand_ins="analogy")
+    # exclusion: the stand-ins it keeps lie off the erased names; a radius none can meet says so
+    f_e, radius = erased_neighbourhood(world, task, 0.5)
+    assert f_e.shape[:2] == (len(task.templates), len(task.erase)) and radius > erased_neighbourhood(world, task, 0.1)[1]
+    base_of = world.model.text.forward_embeddings
+    tok, slot_words = world.model.text.tok, [world.model.vocab.TOKEN_ID[w] for w in task.erase]
+    x_t = diffusion.ids_tensor([t.format(task.anchor) for t in task.templates], world.model.vocab)
+    slot = (x_t == world.model.vocab.TOKEN_ID[task.anchor]).int().argmax(1)
+    gen = torch.Generator().manual_seed(0)
+
+    def near_erased(k):   # half exactly the erased names, half 3x their spread away
+        t, w = torch.randint(len(x_t), (k,), generator=gen), torch.randint(len(slot_words), (k,), generator=gen)
+        emb = tok(x_t[t]).detach().clone()
+        emb[torch.arange(k), slot[t]] = tok.weight[torch.tensor(slot_words)[w]].detach() + (
+            torch.arange(k) % 2)[:, None] * 3 * torch.randn(k, tok.weight.shape[1], generator=gen)
+        return emb, t
+    x, t = near_erased(64)
+    with torch.no_grad():
+        d_all = nearest_erased(base_of(x).flatten(1), t, f_e)
+    assert d_all.min() < 1e-4 < radius < d_all.max()     # the exact names are 0 away: they are what it drops
+    x, t = off_erased(near_erased, base_of, f_e, radius)(32)
+    with torch.no_grad():
+        assert len(x) == 32 and nearest_erased(base_of(x).flatten(1), t, f_e).min() >= radius
+    with pytest.raises(RuntimeError, match="lower exclude"):
+        off_erased(near_erased, base_of, f_e, 1e6, tries=2)(8)
     cut, base = low_rank(text, world.model.text, 2), world.model.text.state_dict()   # what a rank-2 LoRA carries
     assert low_rank(text, world.model.text, 0) is text
     for n, q in cut.named_parameters():
