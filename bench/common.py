@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mace_ops.atomic_write import write_bytes_atomic
 from mace_ops.interfaces import EncodedPrompt
 
 # attn2 output widths of the 16 SD1.x cross-attention layers (input 1,2,4,5,7,8; middle; output 3..11)
@@ -100,9 +101,8 @@ def environment() -> dict:
 
 
 def write_json(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
+    """``payload`` as indented JSON, written whole or not at all (a results file is never half-written)."""
+    write_bytes_atomic(path, json.dumps(payload, indent=2).encode("utf-8"))
     print(f"wrote {path}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -19,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from . import __version__
+from .atomic_write import write_bytes_atomic
 from .fingerprint import mismatch, weights_fingerprint  # noqa: F401  (re-exported)
 from .interfaces import KVWeights
 from .validation import require_finite
@@ -91,23 +91,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
 
     The bytes are ``serialize``'s (identical inputs, identical file); the file gets the normal
     permissions of a new file (0666 minus the umask), not mkstemp's 0600."""
-    data = serialize(tensors, metadata)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mace-", suffix=".tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~umask)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes_atomic(path, serialize(tensors, metadata))
 
 
 def mace_metadata(fixed: dict[str, str], info: Mapping) -> dict[str, str]:
