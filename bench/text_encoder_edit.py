@@ -60,7 +60,7 @@ KV_STAGES = {
     "cfr_prior": "then CFR + caption prior (erase.cfr_erase, prior_weight 1)",
     "full": "then full MACE, the pack's recommended settings (erase.mace_erase)",
 }
-COLUMNS = ["kind", "part", "kv", "rank", "split", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "jitter", "exclude", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+COLUMNS = ["kind", "part", "kv", "rank", "split", "kept", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "jitter", "exclude", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
 
 
 def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
@@ -92,6 +92,20 @@ def jittered_words(world, task: erase.Task, seed: int, scale: float):
     chol, gen = torch.linalg.cholesky(cov), torch.Generator().manual_seed(seed + 3)
     return lambda k: (e[torch.randint(len(e), (k,), generator=gen)]
                       + scale * torch.randn(k, e.shape[1], generator=gen, dtype=torch.float64) @ chol.T).float()
+
+
+def slot_stand_ins(world, task: erase.Task, words, gen: torch.Generator):
+    """A sampler of ``k`` stand-in prompts (token embeddings, template index): one of the anchor's
+    templates, drawn by ``gen``, with ``words(k)``'s embedding in the anchor's slot."""
+    x_t = diffusion.ids_tensor([t.format(task.anchor) for t in task.templates], world.model.vocab)
+    slot = (x_t == world.model.vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
+
+    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        it = torch.randint(len(x_t), (k,), generator=gen)
+        emb = world.model.text.tok(x_t[it]).clone()
+        emb[torch.arange(k), slot[it]] = words(k)
+        return emb, it
+    return draw
 
 
 def erased_neighbourhood(world, task: erase.Task, quantile: float):
@@ -212,13 +226,7 @@ def edit_text_encoder(world, task: erase.Task, part: str, *, steps: int, beta: f
         edited_of = lambda r: out(r + text.layers[-1].ff(ln2(r)))    # noqa: E731
     elif synthetic:                             # the anchor's templates, a drawn embedding in its slot
         words = jittered_words(world, task, seed, jitter) if stand_ins == "jitter" else synthetic_words(world, task, seed)
-        slot = (x_t == vocab.TOKEN_ID[task.anchor]).int().argmax(1)      # the anchor word's position
-
-        def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-            it = torch.randint(len(x_t), (k,), generator=gen)
-            emb = world.model.text.tok(x_t[it]).clone()
-            emb[torch.arange(k), slot[it]] = words(k)
-            return emb, it
+        draw = slot_stand_ins(world, task, words, gen)
         base_of, edited_of = world.model.text.forward_embeddings, text.forward_embeddings
     if synthetic and exclude > 0:               # stand-ins off the erased names' neighbourhoods
         draw = off_erased(draw, base_of, *erased_neighbourhood(world, task, exclude))
@@ -374,6 +382,9 @@ def main(argv=None) -> None:
                          "retained 150-199 / 15-19); validation: settings are chosen here, away from the "
                          "retained set (the preserve list's first half kept, its second half scored: names "
                          "100-124 / 125-149, styles 10-11 / 12-14; the retained set unseen)")
+    ap.add_argument("--keep", type=int, default=None,
+                    help="preserve only the split's first KEEP preserve-list names (how retention grows with the "
+                         "list a user writes; the scored set unchanged); default: all of them")
     ap.add_argument("--oracle", action="store_true",
                     help="preserve the retained set itself instead of the preserve list (an upper reference, "
                          "as bench.mace_variants' oracle: it separates capacity from generalisation)")
@@ -418,6 +429,12 @@ def main(argv=None) -> None:
     toy = toy_v2_setup(args, kind)
     pool = erase.vocab.NAMES if kind == "name" else erase.vocab.STYLES
     world, preserve, retained = toy.world, *split_names(args.split, toy.preserve, toy.retained)
+    if args.keep is not None:
+        if args.oracle:
+            raise SystemExit("--keep: cuts the preserve list, which --oracle replaces by the retained set; drop one")
+        if not 1 <= args.keep <= len(preserve):
+            raise SystemExit(f"--keep: {args.keep} outside 1..{len(preserve)} (the {args.split} split's preserve list)")
+        preserve = preserve[:args.keep]
     rows, t_start = [], time.time()
     for i, count in enumerate(counts):
         check_count(count, toy.most, "--counts")
@@ -438,7 +455,7 @@ def main(argv=None) -> None:
                 kv_seconds = time.perf_counter() - t1
                 m, _ = evaluate.mass_metrics(edited, kind, task.erase, retained, kv_weights=weights,
                                              base_retained=base_ret, n_erased=args.n, n_retained=args.n)
-                rows.append({"part": part, "kv": stage, "rank": rank, "split": args.split, **m.row(), "steps": steps,
+                rows.append({"part": part, "kv": stage, "rank": rank, "split": args.split, "kept": len(preserve), **m.row(), "steps": steps,
                              "lr": args.lr, "beta": beta,
                              "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
                              "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,

@@ -176,10 +176,12 @@ def test_full_mace_keeps_specificity_against_cfr_at_ten_names(world):
     (["--exclude", "0.1"], "--exclude"), (["--stand-ins", "jitter"], "--stand-ins"),
     (["--synthetic", "8", "--jitter", "0.5"], "--jitter"),
     (["--synthetic", "8", "--stand-ins", "jitter", "--jitter", "0"], "--jitter"),
-    (["--synthetic", "8", "--exclude", "1"], "--exclude"), (["--synthetic", "8", "--mine", "0"], "--mine")])
+    (["--synthetic", "8", "--exclude", "1"], "--exclude"), (["--synthetic", "8", "--mine", "0"], "--mine"),
+    (["--split", "validation", "--keep", "26"], "--keep"), (["--keep", "0"], "--keep"),
+    (["--keep", "3", "--oracle"], "--keep")])
 def test_text_encoder_edit_bench_names_the_bad_flag_before_any_work(argv, flag):
     """A stand-in flag that would do nothing (no --synthetic, another kind) or is out of range exits
-    naming itself, before the world is loaded."""
+    naming itself, before any fitting (and, but for --keep, before the world is loaded)."""
     from bench.text_encoder_edit import main
 
     with pytest.raises(SystemExit, match=flag):
@@ -256,3 +258,24 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     assert not (set(val_keep) | set(val_score)) & set(retained)
     assert split_names("evaluation", tuple(preserve), tuple(retained)) == (tuple(preserve), tuple(retained))
     assert all(torch.equal(v, before[k]) for k, v in world.model.state_dict().items())
+
+
+def test_stand_in_geometry_bench_measures_every_source_and_writes_it(tmp_path):
+    """``bench.stand_in_geometry``: every source gets distance quantiles in order and the share each
+    exclusion radius keeps; the erased names lie a positive distance from one another; a quantile
+    outside (0, 1) exits naming its flag."""
+    import json
+
+    from bench.stand_in_geometry import main
+
+    out = tmp_path / "geometry.json"
+    main(["--counts", "6", "--draws", "64", "--out", str(out)])
+    rep = json.loads(out.read_text())
+    assert len(rep["rows"]) == 6 and set(rep["exclude_radii"]) == {"0.1", "0.5"}
+    assert rep["exclude_radii"]["0.1"] <= rep["exclude_radii"]["0.5"]
+    for name, r in rep["rows"].items():
+        assert 0 <= r["q10"] <= r["q50"] <= r["q90"], name
+        assert 1 >= r["kept_by_exclude_0.1"] >= r["kept_by_exclude_0.5"] >= 0, name
+    assert rep["rows"]["erased (to the nearest other erased)"]["q10"] > 0
+    with pytest.raises(SystemExit, match="--excludes"):
+        main(["--excludes", "1", "--out", str(out)])
