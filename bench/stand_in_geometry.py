@@ -58,11 +58,8 @@ def main(argv=None) -> None:
     task = erase.Task("name", tuple(erase.vocab.NAMES[:args.counts]), tuple(preserve))
     f_e, _ = erased_neighbourhood(world, task, 0.5)
     radii = {f"{q:g}": erased_neighbourhood(world, task, q)[1] for q in args.excludes}
-    with torch.no_grad():
-        f_own = world.model.text(diffusion.ids_tensor([t.format(w) for w in task.erase for t in task.templates],
-                                                      world.model.vocab)).view(len(task.erase), len(task.templates), -1)
-        d = torch.cdist(f_own.transpose(0, 1), f_e)                       # (T, erased, erased)
-        d[:, torch.arange(len(task.erase)), torch.arange(len(task.erase))] = float("inf")
+    d = torch.cdist(f_e, f_e)                                           # (T, erased, erased)
+    d[:, torch.arange(len(task.erase)), torch.arange(len(task.erase))] = float("inf")
     rows = {"erased (to the nearest other erased)": summary(d.min(2).values.flatten(), radii),
             "preserve list (named, kept)": summary(word_distances(world, task, preserve, f_e), radii),
             f"{args.split} scored names (unnamed)": summary(word_distances(world, task, scored, f_e), radii)}

@@ -27,8 +27,10 @@ its second half scored, so the benchmark's retained set is never looked at until
 run once on ``--split evaluation``. ``--mine M`` keeps, of M x K stand-ins drawn per step, the K
 the edit moves most (hard negatives). ``--stand-ins jitter`` draws them around the named words
 instead (``jittered_words``) and ``--exclude Q`` redraws any that lies nearer an erased name than
-the named words lie to one another (``erased_neighbourhood``, quantile Q). ``--kv`` fits the pack's K/V stages (CFR + prior, or full
-MACE) on top of the edited encoder, as a pipeline would. ``--kind style`` does the same for styles.
+the named words lie to one another (``erased_neighbourhood``, quantile Q). ``--keep K`` preserves
+only the first K names of the split's preserve list. ``--kv`` fits the pack's K/V stages (CFR +
+prior, or full MACE) on top of the edited encoder, as a pipeline would. ``--kind style`` does the
+same for styles.
 
 Not a method of the pack (it would edit CLIP, and this world's names are one token each): a
 measurement of where the ceiling lies. ``--runs`` picks (part, β) pairs. The prompt sets and seeds are ``bench.mass_quality``'s,
@@ -455,7 +457,8 @@ def main(argv=None) -> None:
                 kv_seconds = time.perf_counter() - t1
                 m, _ = evaluate.mass_metrics(edited, kind, task.erase, retained, kv_weights=weights,
                                              base_retained=base_ret, n_erased=args.n, n_retained=args.n)
-                rows.append({"part": part, "kv": stage, "rank": rank, "split": args.split, "kept": len(preserve), **m.row(), "steps": steps,
+                rows.append({"part": part, "kv": stage, "rank": rank, "split": args.split,
+                             "kept": len(task.preserve), **m.row(), "steps": steps,
                              "lr": args.lr, "beta": beta,
                              "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
                              "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,
