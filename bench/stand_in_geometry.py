@@ -19,9 +19,8 @@ from __future__ import annotations
 import torch
 
 from bench.common import toy_v2_args, toy_v2_parser, toy_v2_setup, write_json
-from bench.text_encoder_edit import (SPLITS, erased_neighbourhood, jittered_words, nearest_erased, slot_stand_ins,
-                                     split_names, synthetic_words)
-from toyworld.v1 import diffusion
+from bench.text_encoder_edit import (SPLITS, jittered_words, named_spacing, nearest_erased, slot_stand_ins, split_names,
+                                     synthetic_words, template_features)
 from toyworld.v2 import erase
 
 QUANTILES = (0.1, 0.5, 0.9)
@@ -29,11 +28,8 @@ QUANTILES = (0.1, 0.5, 0.9)
 
 def word_distances(world, task: erase.Task, words, f_e: torch.Tensor) -> torch.Tensor:
     """Each of ``words`` in each template: its distance to the nearest erased prompt (same template)."""
-    T = len(task.templates)
-    with torch.no_grad():
-        f = world.model.text(diffusion.ids_tensor([t.format(w) for w in words for t in task.templates],
-                                                  world.model.vocab)).flatten(1)
-    return nearest_erased(f, torch.arange(T).repeat(len(words)), f_e)
+    f = template_features(world, task, words)                           # (T, words, L·D)
+    return nearest_erased(f.flatten(0, 1), torch.arange(len(f)).repeat_interleave(len(words)), f_e)
 
 
 def summary(d: torch.Tensor, radii: dict[str, float]) -> dict:
@@ -56,8 +52,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--counts: {args.counts} outside 1..{toy.most}")
     world, (preserve, scored) = toy.world, split_names(args.split, toy.preserve, toy.retained)
     task = erase.Task("name", tuple(erase.vocab.NAMES[:args.counts]), tuple(preserve))
-    f_e, _ = erased_neighbourhood(world, task, 0.5)
-    radii = {f"{q:g}": erased_neighbourhood(world, task, q)[1] for q in args.excludes}
+    f_e, spacing = named_spacing(world, task)                           # encoded once; each radius a quantile
+    radii = {f"{q:g}": torch.quantile(spacing, q).item() for q in args.excludes}
     d = torch.cdist(f_e, f_e)                                           # (T, erased, erased)
     d[:, torch.arange(len(task.erase)), torch.arange(len(task.erase))] = float("inf")
     rows = {"erased (to the nearest other erased)": summary(d.min(2).values.flatten(), radii),

@@ -110,19 +110,31 @@ def slot_stand_ins(world, task: erase.Task, words, gen: torch.Generator):
     return draw
 
 
-def erased_neighbourhood(world, task: erase.Task, quantile: float):
-    """(the base features of the erased names' prompts per template (T, N, L·D), radius): the
-    ``quantile`` of each erased prompt's distance to the nearest *other* named word's prompt in the
-    same template (erased + preserve list; named words only). A stand-in nearer an erased name than
-    that is nearer than the named words are to one another: preserving it would fight the erasure."""
-    T, vocab = len(task.templates), world.model.vocab
-    named = list(task.erase) + list(task.preserve)
+def template_features(world, task: erase.Task, words) -> torch.Tensor:
+    """The base features of ``words`` in each of the task's templates, (T, words, L·D)."""
     with torch.no_grad():
-        f = world.model.text(diffusion.ids_tensor([t.format(w) for w in named for t in task.templates], vocab))
-    f = f.view(len(named), T, -1).transpose(0, 1)                       # (T, words, L·D)
-    d = torch.cdist(f[:, :len(task.erase)], f)                          # (T, erased, words)
-    d[:, torch.arange(len(task.erase)), torch.arange(len(task.erase))] = float("inf")
-    return f[:, :len(task.erase)].contiguous(), torch.quantile(d.min(2).values.flatten(), quantile).item()
+        f = world.model.text(diffusion.ids_tensor([t.format(w) for w in words for t in task.templates],
+                                                  world.model.vocab))
+    return f.view(len(words), len(task.templates), -1).transpose(0, 1)
+
+
+def named_spacing(world, task: erase.Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the erased names' prompts' base features per template (T, N, L·D), each erased prompt's
+    distance to the nearest *other* named word's prompt in the same template (T·N,); erased +
+    preserve list, named words only)."""
+    n = len(task.erase)
+    f = template_features(world, task, list(task.erase) + list(task.preserve))
+    d = torch.cdist(f[:, :n], f)                                        # (T, erased, words)
+    d[:, torch.arange(n), torch.arange(n)] = float("inf")
+    return f[:, :n].contiguous(), d.min(2).values.flatten()
+
+
+def erased_neighbourhood(world, task: erase.Task, quantile: float):
+    """(``named_spacing``'s erased features, radius): the ``quantile`` of the named words' spacing.
+    A stand-in nearer an erased name than that is nearer than the named words are to one another:
+    preserving it would fight the erasure."""
+    f_e, spacing = named_spacing(world, task)
+    return f_e, torch.quantile(spacing, quantile).item()
 
 
 def nearest_erased(f: torch.Tensor, t: torch.Tensor, f_e: torch.Tensor) -> torch.Tensor:
@@ -413,6 +425,7 @@ def main(argv=None) -> None:
         raise SystemExit("--jitter: acts on --stand-ins jitter only")
     if args.jitter is not None and not args.jitter > 0:
         raise SystemExit("--jitter: must be > 0")
+    jitter = 1.0 if args.jitter is None else args.jitter
     if not 0 <= args.exclude < 1:
         raise SystemExit("--exclude: a quantile in [0, 1) (0 = keep every stand-in)")
     for flag, given in (("--mine", args.mine > 1), ("--stand-ins", args.stand_ins != "gaussian"),
@@ -447,7 +460,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             text = edit_text_encoder(world, task, part, steps=steps, beta=beta, lr=args.lr, synthetic=args.synthetic,
                                      synthetic_beta=args.synthetic_beta, mine=args.mine, stand_ins=args.stand_ins,
-                                     jitter=args.jitter or 1.0, exclude=args.exclude)
+                                     jitter=jitter, exclude=args.exclude)
             seconds = time.perf_counter() - t0
             cuts = {r: with_text_encoder(world, low_rank(text, world.model.text, r)) for r in args.ranks}  # one SVD each
             for rank, stage in ((r, st) for r in args.ranks for st in args.kv):
@@ -463,7 +476,7 @@ def main(argv=None) -> None:
                              "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
                              "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,
                              "stand_ins": args.stand_ins if args.synthetic else None,
-                             "jitter": (args.jitter or 1.0) if args.stand_ins == "jitter" else None,
+                             "jitter": jitter if args.stand_ins == "jitter" else None,
                              "exclude": args.exclude,
                              "seconds": round(seconds + kv_seconds, 1),
                              "what": PARTS[part] + ("" if stage == "none" else "; " + KV_STAGES[stage])})

@@ -193,7 +193,8 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     stand-in names) trains only its own parameters, moves the erased prompts' features towards
     the anchor's, and neither the fit nor the edited world touches the shipped model."""
     from bench.text_encoder_edit import (PARTS, edit_text_encoder, erased_neighbourhood, kv_stage, low_rank,
-                                         nearest_erased, off_erased, split_names, trainable, with_text_encoder)
+                                         nearest_erased, off_erased, slot_stand_ins, split_names, trainable,
+                                         with_text_encoder)
     from toyworld.v1 import diffusion
 
     before = {k: v.clone() for k, v in world.model.state_dict().items()}
@@ -220,17 +221,11 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
     f_e, radius = erased_neighbourhood(world, task, 0.5)
     assert f_e.shape[:2] == (len(task.templates), len(task.erase)) and radius > erased_neighbourhood(world, task, 0.1)[1]
     base_of = world.model.text.forward_embeddings
-    tok, slot_words = world.model.text.tok, [world.model.vocab.TOKEN_ID[w] for w in task.erase]
-    x_t = diffusion.ids_tensor([t.format(task.anchor) for t in task.templates], world.model.vocab)
-    slot = (x_t == world.model.vocab.TOKEN_ID[task.anchor]).int().argmax(1)
-    gen = torch.Generator().manual_seed(0)
-
-    def near_erased(k):   # half exactly the erased names, half 3x their spread away
-        t, w = torch.randint(len(x_t), (k,), generator=gen), torch.randint(len(slot_words), (k,), generator=gen)
-        emb = tok(x_t[t]).detach().clone()
-        emb[torch.arange(k), slot[t]] = tok.weight[torch.tensor(slot_words)[w]].detach() + (
-            torch.arange(k) % 2)[:, None] * 3 * torch.randn(k, tok.weight.shape[1], generator=gen)
-        return emb, t
+    table = world.model.text.tok.weight.detach()
+    erased_emb, gen = table[[world.model.vocab.TOKEN_ID[w] for w in task.erase]], torch.Generator().manual_seed(0)
+    near_erased = slot_stand_ins(world, task, lambda k: (   # half exactly the erased names, half 3x their spread away
+        erased_emb[torch.randint(len(erased_emb), (k,), generator=gen)]
+        + (torch.arange(k) % 2)[:, None] * 3 * torch.randn(k, table.shape[1], generator=gen)), gen)
     x, t = near_erased(64)
     with torch.no_grad():
         d_all = nearest_erased(base_of(x).flatten(1), t, f_e)
