@@ -4,10 +4,12 @@ Each variant is measured with the celebrity protocol of ``bench.mass_quality`` (
 and seeds): Acc_e / Acc_g / Acc_s / H with binomial SEs, integrity and the retained-set Fréchet
 distance. The rows that lost stay in the table. ``oracle`` is not a method: CFR that preserves the
 *retained* names themselves (the evaluation set no method may see), an upper reference for what a
-linear K/V edit can keep in this world.
+linear K/V edit can keep in this world; ``oracle_preserve_S`` traces its trade-off (preserve scale S).
 
     python -m bench.mace_variants                      # 1 and 10 names (~25 min on one core)
     python -m bench.mace_variants --counts 100 --variants cfr full_ref lora_preserve_10
+    python -m bench.mace_variants --counts 10 50 100 --variants oracle oracle_preserve_0.5 oracle_preserve_2 \
+        oracle_preserve_4 --out docs/results/mace_variants_oracle.json   # the K/V ceiling (~6 min)
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ VARIANTS = {
     "uce": ("UCE-style closed form", None),
     "cfr_prior_1": ("CFR alone + toy caption prior (weight 1)", None),
     "oracle": ("CFR preserving the retained set itself (upper reference, not a method)", None),
+    # the oracle's trade-off curve: how much a linear K/V edit can keep at all (not methods)
+    **{f"oracle_preserve_{s:g}": (f"oracle, preserve scale x{s:g} (upper reference, not a method)",
+                                  {"oracle": {"preserve_scale": s}}) for s in (0.5, 2.0, 4.0)},
     "cfr_prior_1_preserve_2": ("CFR alone + toy caption prior, preserve scale x2",
                                {"cfr": {"prior_weight": 1.0, "preserve_scale": 2.0}}),
     "cfr_prior_1_preserve_4": ("CFR alone + toy caption prior, preserve scale x4",
@@ -75,9 +80,10 @@ def weights_for(world, task: erase.Task, variant: str, retained):
         return erase.uce_erase(world, task).weights
     if variant == "cfr_prior_1":
         return erase.cfr_erase(world, task, prior_weight=1.0).weights
-    if variant == "oracle":
-        return erase.cfr_erase(world, erase.Task(task.kind, task.erase, tuple(retained))).weights
     how = VARIANTS[variant][1]
+    if variant == "oracle" or "oracle" in how:
+        return erase.cfr_erase(world, erase.Task(task.kind, task.erase, tuple(retained)),
+                               **(how or {}).get("oracle", {})).weights
     if "cfr" in how:
         return erase.cfr_erase(world, task, **how["cfr"]).weights
     return erase.mace_erase(world, task, **erase.mace_setting("reference", **how)).fused

@@ -274,3 +274,18 @@ def test_stand_in_geometry_bench_measures_every_source_and_writes_it(tmp_path):
     assert rep["rows"]["erased (to the nearest other erased)"]["q10"] > 0
     with pytest.raises(SystemExit, match="--excludes"):
         main(["--excludes", "1", "--out", str(out)])
+
+
+def test_mace_variants_oracle_rows_preserve_the_retained_set_not_the_list(world):
+    """``bench.mace_variants``' oracle rows (the K/V ceiling): CFR fitted on the retained set, so the
+    user's preserve list cannot change them, and the preserve scale of each row is the one it names."""
+    from bench.mace_variants import weights_for
+
+    retained = tuple(vocab.NAMES[150:156])
+    a, b = (erase.Task("name", tuple(vocab.NAMES[:2]), tuple(vocab.NAMES[s:s + 4])) for s in (100, 110))
+    for variant in ("oracle", "oracle_preserve_2"):
+        wa, wb = weights_for(world, a, variant, retained), weights_for(world, b, variant, retained)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), variant
+    w1, w2 = weights_for(world, a, "oracle", retained), weights_for(world, a, "oracle_preserve_2", retained)
+    ref = erase.cfr_erase(world, erase.Task("name", a.erase, retained), preserve_scale=2.0).weights
+    assert all(torch.equal(w2[k], ref[k]) for k in w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)
