@@ -14,6 +14,7 @@ list's templated prompts, the anchor's, the caption prior); f_0 the shipped enco
 name and no nickname is seen. Adam, 512 + 512 prompts per step, fixed seeds. Parts:
 
 * ``ff_last``: the last layer's MLP (66 k parameters);
+* ``ff_last2``: the last two layers' MLPs (131 k); ``ff_last_in``: the last MLP's input layer (33 k);
 * ``layers``: every transformer layer and the final LayerNorm (265 k; not the token table or
   the position embeddings).
 
@@ -28,7 +29,8 @@ run once on ``--split evaluation``. ``--mine M`` keeps, of M x K stand-ins drawn
 the edit moves most (hard negatives). ``--stand-ins jitter`` draws them around the named words
 instead (``jittered_words``) and ``--exclude Q`` redraws any that lies nearer an erased name than
 the named words lie to one another (``erased_neighbourhood``, quantile Q). ``--keep K`` preserves
-only the first K names of the split's preserve list. ``--kv`` fits the pack's K/V stages (CFR +
+only the first K names of the split's preserve list; ``--keep-aliases`` adds their nicknames to it
+(a user listing the other names of the people to keep). ``--kv`` fits the pack's K/V stages (CFR +
 prior, or full MACE) on top of the edited encoder, as a pipeline would. ``--kind style`` does the
 same for styles.
 
@@ -54,6 +56,8 @@ from toyworld.v2 import erase, evaluate
 
 PARTS = {
     "ff_last": "the last text layer's MLP",
+    "ff_last2": "the last two text layers' MLPs",
+    "ff_last_in": "the last text layer's MLP, its first (input) layer only",
     "layers": "every text layer + final LayerNorm (not the token table or positions)",
 }
 # The pack's K/V stages run on top of the edited encoder (its features are what CFR / fusion see):
@@ -62,12 +66,14 @@ KV_STAGES = {
     "cfr_prior": "then CFR + caption prior (erase.cfr_erase, prior_weight 1)",
     "full": "then full MACE, the pack's recommended settings (erase.mace_erase)",
 }
-COLUMNS = ["kind", "part", "kv", "rank", "split", "kept", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "jitter", "exclude", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
+COLUMNS = ["kind", "part", "kv", "rank", "split", "kept", "aliases", "concepts", "steps", "lr", "beta", "beta_s", "synthetic", "stand_ins", "jitter", "exclude", "mine", "oracle", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "seconds"]
 
 
 def trainable(text_encoder, part: str) -> list[torch.nn.Parameter]:
-    last = f"layers.{len(text_encoder.layers) - 1}."
-    prefixes = {"ff_last": (last + "ff.",), "layers": ("layers.", "ln_final.")}[part]
+    n = len(text_encoder.layers)
+    last, second = f"layers.{n - 1}.", f"layers.{n - 2}."
+    prefixes = {"ff_last": (last + "ff.",), "ff_last2": (second + "ff.", last + "ff."),
+                "ff_last_in": (last + "ff.0.",), "layers": ("layers.", "ln_final.")}[part]
     keep = lambda n: n.startswith(prefixes)  # noqa: E731
     return [p for n, p in text_encoder.named_parameters() if keep(n)]
 
@@ -399,6 +405,8 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", type=int, default=None,
                     help="preserve only the split's first KEEP preserve-list names (how retention grows with the "
                          "list a user writes; the scored set unchanged); default: all of them")
+    ap.add_argument("--keep-aliases", action="store_true",
+                    help="also preserve the nicknames of the preserve list's names (their other names)")
     ap.add_argument("--oracle", action="store_true",
                     help="preserve the retained set itself instead of the preserve list (an upper reference, "
                          "as bench.mace_variants' oracle: it separates capacity from generalisation)")
@@ -450,6 +458,12 @@ def main(argv=None) -> None:
         if not 1 <= args.keep <= len(preserve):
             raise SystemExit(f"--keep: {args.keep} outside 1..{len(preserve)} (the {args.split} split's preserve list)")
         preserve = preserve[:args.keep]
+    if args.keep_aliases:
+        if args.oracle:
+            raise SystemExit("--keep-aliases: extends the preserve list, which --oracle replaces; drop one")
+        if kind != "name":
+            raise SystemExit("--keep-aliases: names have nicknames; with --kind style drop it")
+        preserve = tuple(preserve) + tuple(a for n in preserve for a in erase.vocab.NICKNAMES[n])
     rows, t_start = [], time.time()
     for i, count in enumerate(counts):
         check_count(count, toy.most, "--counts")
@@ -471,7 +485,7 @@ def main(argv=None) -> None:
                 m, _ = evaluate.mass_metrics(edited, kind, task.erase, retained, kv_weights=weights,
                                              base_retained=base_ret, n_erased=args.n, n_retained=args.n)
                 rows.append({"part": part, "kv": stage, "rank": rank, "split": args.split,
-                             "kept": len(task.preserve), **m.row(), "steps": steps,
+                             "kept": len(task.preserve), "aliases": args.keep_aliases, **m.row(), "steps": steps,
                              "lr": args.lr, "beta": beta,
                              "beta_s": beta if args.synthetic_beta is None else args.synthetic_beta,
                              "oracle": args.oracle, "synthetic": args.synthetic, "mine": args.mine,

@@ -178,7 +178,8 @@ def test_full_mace_keeps_specificity_against_cfr_at_ten_names(world):
     (["--synthetic", "8", "--stand-ins", "jitter", "--jitter", "0"], "--jitter"),
     (["--synthetic", "8", "--exclude", "1"], "--exclude"), (["--synthetic", "8", "--mine", "0"], "--mine"),
     (["--split", "validation", "--keep", "26"], "--keep"), (["--keep", "0"], "--keep"),
-    (["--keep", "3", "--oracle"], "--keep")])
+    (["--keep", "3", "--oracle"], "--keep"), (["--keep-aliases", "--oracle"], "--keep-aliases"),
+    (["--kind", "style", "--keep-aliases"], "--keep-aliases")])
 def test_text_encoder_edit_bench_names_the_bad_flag_before_any_work(argv, flag):
     """A stand-in flag that would do nothing (no --synthetic, another kind) or is out of range exits
     naming itself, before any fitting (and, but for --keep, before the world is loaded)."""
@@ -212,7 +213,8 @@ def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
         allowed = {names[id(p)] for p in trainable(text, part)}
         changed = {n for n, p in text.named_parameters() if not torch.equal(p, world.model.text.state_dict()[n])}
         assert changed and changed <= allowed, (part, changed - allowed)
-        assert (text(ids) - target).pow(2).mean().item() < 0.5 * gap0, part
+        # the MLP's input layer alone moves them least (at 100 names it hardly erases; README)
+        assert (text(ids) - target).pow(2).mean().item() < (0.9 if part == "ff_last_in" else 0.5) * gap0, part
         edited = with_text_encoder(world, text)
         assert edited.model.text is text and edited.model.unet is world.model.unet
     with pytest.raises(ValueError, match="ff_last"):
