@@ -9,6 +9,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -98,6 +99,22 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+# The same seeds' rows of the pack's methods that other benches draw beside their own: file -> methods.
+REFERENCES = {"mass_quality.json": ("full", "cfr_prior"), "mass_quality_ace.json": ("ace",)}
+
+
+def reference_rows(kind: str, counts) -> list[dict]:
+    """``REFERENCES``' rows of ``kind`` at ``counts`` (those whose files are present), as written."""
+    out = []
+    for name, methods in REFERENCES.items():
+        path = RESULTS / name
+        if path.is_file():
+            out += [r for r in json.loads(path.read_text())["rows"]
+                    if r["kind"] == kind and r["method"] in methods and r["concepts"] in counts]
+    return out
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -10,13 +10,18 @@ linear K/V edit can keep in this world; ``oracle_preserve_S`` traces its trade-o
     python -m bench.mace_variants --counts 100 --variants cfr full_ref lora_preserve_10
     python -m bench.mace_variants --counts 10 50 100 --variants oracle oracle_preserve_0.5 oracle_preserve_2 \
         oracle_preserve_4 --out docs/results/mace_variants_oracle.json   # the K/V ceiling (~6 min)
+    python -m bench.mace_variants --plot-only --out docs/results/mace_variants_oracle.json \
+        --plot docs/results/mace_variants_oracle.png                           # redraw its plot
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
-from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
-                          toy_v2_setup, write_json)
+from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, toy_v2_args,
+                          toy_v2_parser, toy_v2_setup, write_json)
+from bench.plot import save_panels
 from toyworld.v2 import erase, evaluate
 
 # cfr_tokens_prior_1's overrides of the reference: the pack's CFR stage (concept tokens mapped, prior on);
@@ -89,12 +94,38 @@ def weights_for(world, task: erase.Task, variant: str, retained):
     return erase.mace_erase(world, task, **erase.mace_setting("reference", **how)).fused
 
 
+def save_plot(path: str, rows: list[dict]) -> None:
+    """H and Acc_s against the number of erased names: each variant of ``rows`` (not the unedited
+    model), then ``bench.mass_quality``'s rows of the pack's methods at the same counts."""
+    counts = {r["concepts"] for r in rows}
+    series_h, series_s = {}, {}
+    for r in [r for r in rows if r["variant"] != "none"] + reference_rows("name", counts):
+        label = r.get("variant") or f"{r['method']} (mass_quality)"
+        series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
+        series_s.setdefault(label, []).append((r["concepts"], r["acc_s"], r["se_s"]))
+    save_panels(path, [
+        {"title": "toy v2: K/V variants vs the pack, H", "x_label": "number of erased names",
+         "y_label": "H (higher is better)", "series": series_h},
+        {"title": "retained-name accuracy Acc_s", "x_label": "number of erased names",
+         "y_label": "Acc_s (higher is better)", "series": series_s}], size=(600, 380))
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> None:
     ap = toy_v2_parser(__doc__)
     ap.add_argument("--counts", type=int, nargs="+", default=[1, 10], help="numbers of erased names")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
+    ap.add_argument("--plot", default=None, help="also write a PNG of H and Acc_s against the count")
+    ap.add_argument("--plot-only", action="store_true", help="redraw --plot from --out's JSON, no fitting")
     args = toy_v2_args(ap, argv, out="bench/results/mace_variants.json")
+    if args.plot_only:
+        if not args.plot:
+            raise SystemExit("--plot-only: give --plot PATH for the PNG")
+        if not Path(args.out).is_file():
+            raise SystemExit(f"--plot-only: {args.out} does not exist; run the bench first (or pass --out)")
+        save_plot(args.plot, json.loads(Path(args.out).read_text())["rows"])
+        return
     toy = toy_v2_setup(args)
     world, preserve, retained = toy.world, toy.preserve, toy.retained
     rows, t_start = [], time.time()
@@ -118,6 +149,8 @@ def main(argv=None) -> None:
                           "minutes": round((time.time() - t_start) / 60, 1), "n_per_set": args.n,
                           "recommended": erase.RECOMMENDED, "reference": erase.REFERENCE,
                           "variants": {k: v[0] for k, v in VARIANTS.items()}, "rows": rows})
+    if args.plot:
+        save_plot(args.plot, rows)
     print(markdown_table(rows, COLUMNS))
 
 

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
-                          toy_v2_setup, write_json)
+from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, toy_v2_args,
+                          toy_v2_parser, toy_v2_setup, write_json)
 from bench.plot import save_panels
 from toyworld.v1 import diffusion
 from toyworld.v1.evaluate import ToyWorld
@@ -324,22 +324,6 @@ def parse_run(text: str) -> tuple[str, float]:
     return part, value
 
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-# The same seeds' rows of the pack's methods, drawn beside the text-encoder edits: file -> methods.
-REFERENCES = {"mass_quality.json": ("full", "cfr_prior"), "mass_quality_ace.json": ("ace",)}
-
-
-def reference_rows(kind: str, counts) -> list[dict]:
-    """``REFERENCES``' rows of ``kind`` at ``counts`` (those whose files are present), tagged with ``part``."""
-    out = []
-    for name, methods in REFERENCES.items():
-        path = RESULTS / name
-        if path.is_file():
-            out += [{**r, "part": r["method"]} for r in json.loads(path.read_text())["rows"]
-                    if r["kind"] == kind and r["method"] in methods and r["concepts"] in counts]
-    return out
-
-
 def save_plot(path: str, rows: list[dict]) -> None:
     """H and Acc_s against the number of erased concepts: each (part, beta), then the reference rows
     (``rows`` of one kind)."""
@@ -347,7 +331,7 @@ def save_plot(path: str, rows: list[dict]) -> None:
     if any(r.get("kind", "name") != kind for r in rows):
         raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
     series_h, series_s = {}, {}
-    for r in rows + reference_rows(kind, {r["concepts"] for r in rows}):
+    for r in rows + [{**r, "part": r["method"]} for r in reference_rows(kind, {r["concepts"] for r in rows})]:
         label = (f"TE {r['part']} b={r['beta']:g}" + (" oracle" if r.get("oracle") else "")
                  + ((" +synthetic" if r.get("stand_ins") in (None, "gaussian") else f" +{r['stand_ins']}")
                     + (f" {r['jitter']:g}" if r.get("jitter") else "") if r.get("synthetic") else "")

@@ -291,3 +291,22 @@ def test_mace_variants_oracle_rows_preserve_the_retained_set_not_the_list(world)
     w1, w2 = weights_for(world, a, "oracle", retained), weights_for(world, a, "oracle_preserve_2", retained)
     ref = erase.cfr_erase(world, erase.Task("name", a.erase, retained), preserve_scale=2.0).weights
     assert all(torch.equal(w2[k], ref[k]) for k in w2) and any(not torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_mace_variants_plot_only_redraws_from_the_json_and_names_a_missing_flag(tmp_path):
+    """``bench.mace_variants --plot-only``: a PNG from the committed ceiling run with the pack's
+    reference rows beside it; without --plot, or with no JSON, it exits naming what to give."""
+    from PIL import Image
+
+    from bench.common import RESULTS, reference_rows
+    from bench.mace_variants import main
+
+    assert {r["method"] for r in reference_rows("name", {100})} >= {"full", "cfr_prior"}
+    png = tmp_path / "ceiling.png"
+    main(["--plot-only", "--out", str(RESULTS / "mace_variants_oracle.json"), "--plot", str(png)])
+    assert Image.open(png).size == (1200, 380)
+    with pytest.raises(SystemExit, match="--plot PATH"):
+        main(["--plot-only", "--out", str(RESULTS / "mace_variants_oracle.json")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--plot-only", "--out", str(tmp_path / "none.json"), "--plot", str(png)])
+    assert not (tmp_path / "none.json").exists()
