@@ -28,7 +28,9 @@ Clean H (the celebrity protocol, ``--n-clean`` prompts per set) is measured in t
 
 Methods: none | cfr_prior (CFR + toy caption prior: the CFR node's defaults) | full (MACE with the
 pack's defaults) | uce (UCE-style) | ace (ACE-style gated null-out, ``mace_ops.ace``) |
-cfr_prior_adv / ace_adv (the same + ``--rounds`` rounds of adversarial augmentation: the attack's
+te_edit (``bench.text_encoder_edit``'s default: the last text MLP fitted with 512 synthetic stand-ins
+per step, 400 steps per concept count up to 10, 800 above; attacked white-box through the edited
+encoder, its attacker images still drawn by the original model) | cfr_prior_adv / ace_adv (the same + ``--rounds`` rounds of adversarial augmentation: the attack's
 embeddings join the erase set; the defence's attacks use other init words and seeds than the
 evaluation's) | ace_adv_both (ace_adv whose rounds also attack each name from its nearest word of
 the preserve list by text-feature cosine, ``robust.nearest_kept``: the defender's own look-alike,
@@ -52,13 +54,21 @@ from mace_ops.ace import GATE_SHAPES, ACEConfig, GatedErasure
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
 
-METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both")
+METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both", "te_edit")
 COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
+
+
+def text_encoder_edited(world, task: erase.Task):
+    """The world with ``bench.text_encoder_edit``'s default edit of its text encoder for ``task``."""
+    from bench.text_encoder_edit import edit_text_encoder, with_text_encoder
+
+    steps = 400 if len(task.erase) <= 10 else 800
+    return with_text_encoder(world, edit_text_encoder(world, task, "ff_last", steps=steps, synthetic=512))
 
 
 def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig,
           ace: ACEConfig = ACEConfig()) -> robust.Edit:
-    if method == "none":
+    if method in ("none", "te_edit"):     # te_edit: the edit lives in the world (text_encoder_edited)
         return robust.Edit()
     if method == "cfr_prior":
         return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0).weights)
@@ -101,7 +111,8 @@ def cluster_se(values: list[float]) -> float:
 
 LABELS = {"none": "no edit", "cfr_prior": "CFR + prior (CFR node defaults)", "full": "full MACE (pack defaults)",
           "uce": "UCE-style", "ace": "ACE-style (gated)", "cfr_prior_adv": "CFR + prior + adversarial pairs",
-          "ace_adv": "ACE-style + adversarial refit", "ace_adv_both": "ACE-style + refit from both starts"}
+          "ace_adv": "ACE-style + adversarial refit", "ace_adv_both": "ACE-style + refit from both starts",
+          "te_edit": "text-encoder edit (last MLP + stand-ins; bench only)"}
 
 
 def readme_table(rows: list[dict]) -> str:
@@ -187,11 +198,14 @@ def main(argv=None) -> None:
         task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
         for method in args.methods:
             t0 = time.perf_counter()
-            edit = build(world, method, task, args.rounds, defence_cfg, ace_cfg)
+            w = text_encoder_edited(world, task) if method == "te_edit" else world   # where the edit lives
+            edit = build(w, method, task, args.rounds, defence_cfg, ace_cfg)
             seconds = time.perf_counter() - t0
-            clean, _ = evaluate.mass_metrics(world, kind, task.erase, retained, kv_weights=edit.kv_weights,
-                                             context_transform=edit.context_transform, n_erased=args.n_clean,
-                                             n_retained=args.n_clean)
+            base_ret = None if w is world else evaluate.mass_metrics(   # retained set as the original draws it
+                world, kind, task.erase, retained, n_erased=args.n_clean, n_retained=args.n_clean)[1]
+            clean, _ = evaluate.mass_metrics(w, kind, task.erase, retained, kv_weights=edit.kv_weights,
+                                             context_transform=edit.context_transform, base_retained=base_ret,
+                                             n_erased=args.n_clean, n_retained=args.n_clean)
             base = {"method": method, "kind": kind, "concepts": count, "H": round(clean.H, 4),
                     "se_H": clean.row()["se_H"], "acc_e": round(clean.acc_e, 4),
                     "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
@@ -202,8 +216,9 @@ def main(argv=None) -> None:
                                        ("soft_lookalike", (None,), tgt.lookalike_attack)):
                 def scored(through):
                     """Attacks through ``through``, each scored (ASR) on the real edit."""
-                    found = robust.soft_attack_runs(world, through, task.erase, args.runs, inits, seed=900, config=cfg)
-                    return found, [float(robust.soft_asr(world, edit, name, sp.embeddings).mean()) for name, sp in found]
+                    found = robust.soft_attack_runs(w, through, task.erase, args.runs, inits, seed=900, config=cfg,
+                                                    image_world=world if w is not world else None)
+                    return found, [float(robust.soft_asr(w, edit, name, sp.embeddings).mean()) for name, sp in found]
                 runs, per = scored(edit)
                 extra = {}
                 if proxy is not None:   # the same attacks through the smooth surrogate, scored on the real gate
@@ -222,7 +237,7 @@ def main(argv=None) -> None:
                 continue
             hits, means = [], []
             for name in task.erase[: args.para_names]:
-                h, m = robust.paraphrase_asr(world, edit, name)
+                h, m = robust.paraphrase_asr(w, edit, name)
                 hits.append(h)
                 means.append(m)
             h = torch.cat(hits)

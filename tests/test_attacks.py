@@ -341,3 +341,24 @@ def test_shared_floor_keeps_unseen_names_closed_when_many_are_erased(world):
     prompts, groups = task.preserve_groups()
     with pytest.raises(ValueError, match="calibration_groups: 3 labels"):
         fit_gated_erasure(enc, task.concepts(), task.templates, task.anchor, prompts, ACEConfig(), None, groups[:3])
+
+
+def test_soft_attack_runs_aim_at_the_image_worlds_pictures(monkeypatch):
+    """An attack on a text-encoder edit runs through the edited world but aims at what the concept
+    looked like in the original one (``image_world``): otherwise the target images would already
+    be erased. Without ``image_world`` each attack draws its own from the world it runs in."""
+    from toyworld.v2 import robust
+
+    drawn, seen = [], []
+    monkeypatch.setattr(robust, "attacker_images", lambda w, c: drawn.append((w, c)) or f"images of {c} by {w}")
+    monkeypatch.setattr(robust, "soft_attack", lambda w, edit, c, cfg, images=None, init_word=None:
+                        seen.append((w, images, cfg.seed)) or "found")
+    cfg = robust.TARGETS["name"].attack
+    out = robust.soft_attack_runs("edited", robust.Edit(), ["n0", "n1"], 3, ["someone"], 900, cfg, image_world="original")
+    assert out == [("n0", "found"), ("n1", "found"), ("n0", "found")]
+    assert drawn == [("original", "n0"), ("original", "n1"), ("original", "n0")]
+    assert seen == [("edited", "images of n0 by original", 900), ("edited", "images of n1 by original", 901),
+                    ("edited", "images of n0 by original", 902)]
+    seen.clear()
+    robust.soft_attack_runs("edited", robust.Edit(), ["n0"], 1, ["someone"], 900, cfg)
+    assert seen == [("edited", None, 900)]

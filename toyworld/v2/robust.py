@@ -194,14 +194,17 @@ def lookalike(concept: str, exclude: Sequence[str] = ()) -> str:
 
 
 def soft_attack_runs(world, edit: Edit, concepts: Sequence[str], runs: int, inits: Sequence[str | None], seed: int,
-                     config: SoftPromptConfig) -> list[tuple[str, SoftPrompt]]:
+                     config: SoftPromptConfig, image_world=None) -> list[tuple[str, SoftPrompt]]:
     """``runs`` attacks: run j on concepts[j % len], from init word inits[j % len] (None: the
-    concept's look-alike among those not erased), attack seed seed + j."""
+    concept's look-alike among those not erased), attack seed seed + j. The attacker's images come
+    from ``image_world`` (default ``world``): the original model, when ``world`` is itself edited
+    (a text-encoder edit), so the attack aims at what the concept looked like before."""
     out = []
     for j in range(runs):
         concept = concepts[j % len(concepts)]
         init = inits[j % len(inits)] or lookalike(concept, exclude=concepts)
-        sp = soft_attack(world, edit, concept, replace(config, seed=seed + j), init_word=init)
+        images = attacker_images(image_world, concept) if image_world is not None else None
+        sp = soft_attack(world, edit, concept, replace(config, seed=seed + j), images=images, init_word=init)
         out.append((concept, sp))
     return out
 
