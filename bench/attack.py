@@ -50,6 +50,7 @@ import torch
 
 from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
                           toy_v2_setup, write_json)
+from bench.text_encoder_edit import edit_text_encoder, with_text_encoder
 from mace_ops.ace import GATE_SHAPES, ACEConfig, GatedErasure
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
@@ -60,8 +61,6 @@ COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks"
 
 def text_encoder_edited(world, task: erase.Task):
     """The world with ``bench.text_encoder_edit``'s default edit of its text encoder for ``task``."""
-    from bench.text_encoder_edit import edit_text_encoder, with_text_encoder
-
     steps = 400 if len(task.erase) <= 10 else 800
     return with_text_encoder(world, edit_text_encoder(world, task, "ff_last", steps=steps, synthetic=512))
 

@@ -117,6 +117,17 @@ def reference_rows(kind: str, counts) -> list[dict]:
     return out
 
 
+def saved_rows(plot: str | None, files) -> list[dict]:
+    """``--plot-only``: the rows of the bench's JSON ``files``, after exiting with what to give when
+    ``--plot`` (the PNG path) or one of the files is missing."""
+    if not plot:
+        raise SystemExit("--plot-only: give --plot PATH for the PNG")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"--plot-only: {', '.join(missing)} does not exist; run the bench first (or pass --out)")
+    return [r for f in files for r in json.loads(Path(f).read_text())["rows"]]
+
+
 def write_json(path: str, payload: dict) -> None:
     """``payload`` as indented JSON, written whole or not at all (a results file is never half-written)."""
     write_bytes_atomic(path, json.dumps(payload, indent=2).encode("utf-8"))

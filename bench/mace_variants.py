@@ -15,13 +15,11 @@ linear K/V edit can keep in this world; ``oracle_preserve_S`` traces its trade-o
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
-from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, toy_v2_args,
-                          toy_v2_parser, toy_v2_setup, write_json)
-from bench.plot import save_panels
+from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, saved_rows,
+                          toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
+from bench.plot import save_h_and_acc_s
 from toyworld.v2 import erase, evaluate
 
 # cfr_tokens_prior_1's overrides of the reference: the pack's CFR stage (concept tokens mapped, prior on);
@@ -32,7 +30,7 @@ VARIANTS = {
     "cfr": ("CFR alone (concept tokens mapped)", None),
     "uce": ("UCE-style closed form", None),
     "cfr_prior_1": ("CFR alone + toy caption prior (weight 1)", None),
-    "oracle": ("CFR preserving the retained set itself (upper reference, not a method)", None),
+    "oracle": ("CFR preserving the retained set itself (upper reference, not a method)", {"oracle": {}}),
     # the oracle's trade-off curve: how much a linear K/V edit can keep at all (not methods)
     **{f"oracle_preserve_{s:g}": (f"oracle, preserve scale x{s:g} (upper reference, not a method)",
                                   {"oracle": {"preserve_scale": s}}) for s in (0.5, 2.0, 4.0)},
@@ -86,9 +84,8 @@ def weights_for(world, task: erase.Task, variant: str, retained):
     if variant == "cfr_prior_1":
         return erase.cfr_erase(world, task, prior_weight=1.0).weights
     how = VARIANTS[variant][1]
-    if variant == "oracle" or "oracle" in how:
-        return erase.cfr_erase(world, erase.Task(task.kind, task.erase, tuple(retained)),
-                               **(how or {}).get("oracle", {})).weights
+    if "oracle" in how:
+        return erase.cfr_erase(world, erase.Task(task.kind, task.erase, tuple(retained)), **how["oracle"]).weights
     if "cfr" in how:
         return erase.cfr_erase(world, task, **how["cfr"]).weights
     return erase.mace_erase(world, task, **erase.mace_setting("reference", **how)).fused
@@ -97,18 +94,9 @@ def weights_for(world, task: erase.Task, variant: str, retained):
 def save_plot(path: str, rows: list[dict]) -> None:
     """H and Acc_s against the number of erased names: each variant of ``rows`` (not the unedited
     model), then ``bench.mass_quality``'s rows of the pack's methods at the same counts."""
-    counts = {r["concepts"] for r in rows}
-    series_h, series_s = {}, {}
-    for r in [r for r in rows if r["variant"] != "none"] + reference_rows("name", counts):
-        label = r.get("variant") or f"{r['method']} (mass_quality)"
-        series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
-        series_s.setdefault(label, []).append((r["concepts"], r["acc_s"], r["se_s"]))
-    save_panels(path, [
-        {"title": "toy v2: K/V variants vs the pack, H", "x_label": "number of erased names",
-         "y_label": "H (higher is better)", "series": series_h},
-        {"title": "retained-name accuracy Acc_s", "x_label": "number of erased names",
-         "y_label": "Acc_s (higher is better)", "series": series_s}], size=(600, 380))
-    print(f"wrote {path}")
+    labelled = ([(r["variant"], r) for r in rows if r["variant"] != "none"]
+                + [(f"{r['method']} (mass_quality)", r) for r in reference_rows("name", {r["concepts"] for r in rows})])
+    save_h_and_acc_s(path, labelled, "toy v2: K/V variants vs the pack, H", "name")
 
 
 def main(argv=None) -> None:
@@ -120,11 +108,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plot-only", action="store_true", help="redraw --plot from --out's JSON, no fitting")
     args = toy_v2_args(ap, argv, out="bench/results/mace_variants.json")
     if args.plot_only:
-        if not args.plot:
-            raise SystemExit("--plot-only: give --plot PATH for the PNG")
-        if not Path(args.out).is_file():
-            raise SystemExit(f"--plot-only: {args.out} does not exist; run the bench first (or pass --out)")
-        save_plot(args.plot, json.loads(Path(args.out).read_text())["rows"])
+        save_plot(args.plot, saved_rows(args.plot, [args.out]))
         return
     toy = toy_v2_setup(args)
     world, preserve, retained = toy.world, toy.preserve, toy.retained

@@ -62,3 +62,19 @@ def save_panels(path: str, panels: Sequence[dict], size: tuple[int, int] = (520,
     for i, p in enumerate(panels):
         line_panel(draw, (i * w, 0, (i + 1) * w, h), **p)
     img.save(path)
+
+
+def save_h_and_acc_s(path: str, labelled_rows, title: str, unit: str) -> None:
+    """Two panels against the number of erased ``unit``s, one series per label: H, titled ``title``,
+    and the retained set's accuracy Acc_s. ``labelled_rows``: (label, bench row with ``concepts``,
+    ``H``, ``se_H``, ``acc_s``, ``se_s``) pairs."""
+    series_h, series_s = {}, {}
+    for label, r in labelled_rows:
+        series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
+        series_s.setdefault(label, []).append((r["concepts"], r["acc_s"], r["se_s"]))
+    save_panels(path, [
+        {"title": title, "x_label": f"number of erased {unit}s", "y_label": "H (higher is better)",
+         "series": series_h},
+        {"title": f"retained-{unit} accuracy Acc_s", "x_label": f"number of erased {unit}s",
+         "y_label": "Acc_s (higher is better)", "series": series_s}], size=(600, 380))
+    print(f"wrote {path}")

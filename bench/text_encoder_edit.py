@@ -41,15 +41,13 @@ so its rows compare directly. ~4 min per (part, count) on one core.
 from __future__ import annotations
 
 import copy
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, toy_v2_args,
-                          toy_v2_parser, toy_v2_setup, write_json)
-from bench.plot import save_panels
+from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, saved_rows,
+                          toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
+from bench.plot import save_h_and_acc_s
 from toyworld.v1 import diffusion
 from toyworld.v1.evaluate import ToyWorld
 from toyworld.v2 import erase, evaluate
@@ -330,7 +328,7 @@ def save_plot(path: str, rows: list[dict]) -> None:
     kind = rows[0].get("kind", "name")
     if any(r.get("kind", "name") != kind for r in rows):
         raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
-    series_h, series_s = {}, {}
+    labelled = []
     for r in rows + [{**r, "part": r["method"]} for r in reference_rows(kind, {r["concepts"] for r in rows})]:
         label = (f"TE {r['part']} b={r['beta']:g}" + (" oracle" if r.get("oracle") else "")
                  + ((" +synthetic" if r.get("stand_ins") in (None, "gaussian") else f" +{r['stand_ins']}")
@@ -338,14 +336,8 @@ def save_plot(path: str, rows: list[dict]) -> None:
                  + (f" excl {r['exclude']:g}" if r.get("exclude") else "")
                  + ("" if r.get("kv", "none") == "none" else f" +{r['kv']}")
                  + (f" rank {r['rank']}" if r.get("rank") else "")) if "beta" in r else r["part"]
-        series_h.setdefault(label, []).append((r["concepts"], r["H"], r["se_H"] or 0.0))
-        series_s.setdefault(label, []).append((r["concepts"], r["acc_s"], r["se_s"]))
-    save_panels(path, [
-        {"title": "toy v2: text-encoder edits vs the pack, H", "x_label": f"number of erased {kind}s",
-         "y_label": "H (higher is better)", "series": series_h},
-        {"title": f"retained-{kind} accuracy Acc_s", "x_label": f"number of erased {kind}s",
-         "y_label": "Acc_s (higher is better)", "series": series_s}], size=(600, 380))
-    print(f"wrote {path}")
+        labelled.append((label, r))
+    save_h_and_acc_s(path, labelled, "toy v2: text-encoder edits vs the pack, H", kind)
 
 
 def main(argv=None) -> None:
@@ -399,13 +391,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plot-with", nargs="*", default=[], help="more JSON files of this bench whose rows join the plot")
     args = toy_v2_args(ap, argv, out="bench/results/text_encoder_edit.json")
     if args.plot_only:
-        if not args.plot:
-            raise SystemExit("--plot-only: give --plot PATH for the PNG")
-        files = [args.out, *args.plot_with]
-        missing = [f for f in files if not Path(f).is_file()]
-        if missing:
-            raise SystemExit(f"--plot-only: {', '.join(missing)} does not exist; run the bench first (or pass --out)")
-        save_plot(args.plot, [r for f in files for r in json.loads(Path(f).read_text())["rows"]])
+        save_plot(args.plot, saved_rows(args.plot, [args.out, *args.plot_with]))
         return
     if args.synthetic_beta is not None and not args.synthetic_beta >= 0:
         raise SystemExit("--synthetic-beta: must be >= 0")
