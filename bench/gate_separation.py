@@ -17,7 +17,16 @@ number of erased names:
 Prompts: every name template with each word (12 per word). Not an image metric: a gate that opens
 on a retained name does not always change its image, so read this beside ``bench.mass_quality``.
 
+``--site last_mlp_input`` reads the gate at the last text layer's MLP input instead of the encoder's
+output (``LastMlpInput``): the residual there, standardised as that layer's ``ln2`` does before its
+affine part. A hidden unit of that MLP computes w·x + b of ``ln2``'s output, so with w = p / gamma it
+computes the cosine to a prototype p there exactly (the standardised residual has a fixed norm):
+the rates read here bound what a gate *compiled into* that MLP (one thresholded unit per concept,
+a weight edit a stock loader could carry) could decide. Its H cannot exceed
+HM(1, nick_open, 1 - retained_open), even if every opened prompt were erased perfectly.
+
     python -m bench.gate_separation     # docs/results/gate_separation.json (~2 min)
+    python -m bench.gate_separation --site last_mlp_input --out docs/results/gate_separation_mlp_input.json
 """
 from __future__ import annotations
 
@@ -25,11 +34,43 @@ import time
 
 import torch
 
+from types import SimpleNamespace
+
 from bench.common import environment, markdown_table, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json
 from mace_ops.ace import ACEConfig, prompt_peaks, shared_floor
+from toyworld.v1.adapters import ToyTextEncoder
 from toyworld.v2 import erase, vocab
 
-COLUMNS = ["concepts", "open_rate", "margin", "nick_open", "retained_open", "cv_open", "mean_tau"]
+COLUMNS = ["site", "concepts", "open_rate", "margin", "nick_open", "retained_open", "cv_open", "mean_tau", "h_bound"]
+SITES = ("output", "last_mlp_input")
+
+
+class LastMlpInput(ToyTextEncoder):
+    """The toy encoder read at its last layer's MLP input: the residual entering that layer's ``ln2``,
+    standardised over the width ((r - mean) / std, ``ln2`` without its affine part)."""
+
+    @torch.no_grad()
+    def context(self, prompts):
+        text, caught = self.model.text, []
+        hook = text.layers[-1].ln2.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+        try:
+            text(self.ids(prompts))
+        finally:
+            hook.remove()
+        r = caught[0]
+        return (r - r.mean(-1, keepdim=True)) / r.std(-1, keepdim=True)
+
+
+def at_site(world, site: str):
+    """``world`` itself, or a stand-in whose ``text_encoder`` reads ``site`` (all a gate fit needs)."""
+    return world if site == "output" else SimpleNamespace(text_encoder=LastMlpInput(world.model))
+
+
+def h_bound(nick_open: float, retained_open: float) -> float:
+    """HM(1, nick_open, 1 - retained_open): the H of a gate with these decisions that erased every
+    prompt it opened on perfectly and never touched one it stayed closed on."""
+    parts = (1.0, nick_open, 1.0 - retained_open)
+    return 0.0 if min(parts) <= 0 else 3 / sum(1 / p for p in parts)
 
 
 def peaks(world, gate, words):
@@ -65,9 +106,11 @@ def measure(world, preserve, retained, count, open_rates, margins):
                 floor = shared_floor(groups, list(range(len(groups))), open_rate)
                 t = torch.maximum(torch.quantile(groups, 0.999, 0), captions).clamp(min=floor) + margin
                 cv.append(float(((kept[held] - t).amax(-1) > 0).float().mean()))
+            nick_open = float((own > tau[:, None]).float().mean())
+            retained_open = float(((ret - tau).amax(-1) > 0).float().mean())
             rows.append({"concepts": count, "open_rate": open_rate, "margin": margin,
-                         "nick_open": round(float((own > tau[:, None]).float().mean()), 3),
-                         "retained_open": round(float(((ret - tau).amax(-1) > 0).float().mean()), 3),
+                         "nick_open": round(nick_open, 3), "retained_open": round(retained_open, 3),
+                         "h_bound": round(h_bound(nick_open, retained_open), 3),
                          "cv_open": round(sum(cv) / 2, 3), "mean_tau": round(float(tau.mean()), 4),
                          "n_nick": own.numel(), "n_retained": ret.shape[0] * ret.shape[1]})
             print(rows[-1], flush=True)
@@ -79,13 +122,17 @@ def main(argv=None) -> None:
     ap.add_argument("--counts", type=int, nargs="*", default=[10, 50, 100])
     ap.add_argument("--margins", type=float, nargs="*", default=[0.0, 0.01, 0.02, 0.03, 0.04])
     ap.add_argument("--open-rates", type=float, nargs="*", default=[1.0, 0.05])
+    ap.add_argument("--site", choices=SITES, default="output",
+                    help="where the gate reads the text: output (the K/V inputs, the pack's gate) or "
+                         "last_mlp_input (what a gate compiled into the last text MLP could read; LastMlpInput)")
     args = toy_v2_args(ap, argv, out="bench/results/gate_separation.json", threads=2)
     setup = toy_v2_setup(args)
-    world, preserve, retained = setup.world, setup.preserve, setup.retained
+    world, preserve, retained = at_site(setup.world, args.site), setup.preserve, setup.retained
     t0, rows = time.time(), []
     for count in args.counts:
-        rows += measure(world, preserve, retained, count, args.open_rates, args.margins)
-    write_json(args.out, {"bench": "gate_separation", "env": environment(), "world": world.metadata,
+        rows += [{"site": args.site, **r} for r in measure(world, preserve, retained, count, args.open_rates,
+                                                           args.margins)]
+    write_json(args.out, {"bench": "gate_separation", "env": environment(), "world": setup.world.metadata,
                           "minutes": round((time.time() - t0) / 60, 1), "rows": rows})
     print(markdown_table(rows, COLUMNS))
 

@@ -117,14 +117,16 @@ def edit_seconds(run) -> float:
     return s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0)
 
 
-def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict) -> None:
-    """Rows: 4 erased names, their nicknames, 4 retained names (one prompt each); columns: methods."""
+def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict, models: dict | None = None) -> None:
+    """Rows: 4 erased names, their nicknames, 4 retained names (one prompt each); columns: methods
+    (``edits_by_method``: method -> (K/V weights, context transform); ``models``: method -> the
+    model it samples from, e.g. one with an edited text encoder; default the world's)."""
     erased = list(task.erase[:4])
     rows = ([(f"erased: a photo of {n}", f"a photo of {n}") for n in erased]
             + [(f"nickname: a photo of {vocab.NICKNAMES[n][0]}", f"a photo of {vocab.NICKNAMES[n][0]}") for n in erased]
             + [(f"retained: a photo of {n}", f"a photo of {n}") for n in list(retained)[:4]])
     prompts = [p for _, p in rows]
-    cols = {m: diffusion.sample(world.model, prompts, seed=5, kv_weights=w, context_transform=ct)
+    cols = {m: diffusion.sample((models or {}).get(m, world.model), prompts, seed=5, kv_weights=w, context_transform=ct)
             for m, (w, ct) in edits_by_method.items()}
     labels = [f"{label}  [{vocab.describe(label.split()[-1]).split(': ')[1]}]" for label, _ in rows]
     grid = labelled_grid(list(cols), labels, [[cols[m][r] for m in cols] for r in range(len(rows))],

@@ -310,3 +310,52 @@ def test_mace_variants_plot_only_redraws_from_the_json_and_names_a_missing_flag(
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--plot-only", "--out", str(tmp_path / "none.json"), "--plot", str(png)])
     assert not (tmp_path / "none.json").exists()
+
+
+def test_gate_compiled_into_the_last_mlp_computes_the_gates_cosine_and_edits_only_what_it_detects(world):
+    """``bench.gate_compile`` (the ACE gate as a weight edit): each unit's pre-activation is the
+    ramp's s (cos - tau) - 4 of the standardised residual at the last MLP's input (the cosine
+    ``bench.gate_separation --site last_mlp_input`` reads); added units leave the preserve list's
+    features as they were and move the erased names' slot features onto the anchor's; replaced
+    units keep the MLP's shape; the shipped model is untouched."""
+    from bench.gate_compile import OPEN_Z, compile_gate, compiled_units, mean_prototype_gate, residuals, slot_positions
+    from bench.gate_separation import LastMlpInput, h_bound
+    from mace_ops.ace import TEMPERATURE
+    from toyworld.v1 import diffusion
+
+    before = {k: v.clone() for k, v in world.model.state_dict().items()}
+    task = erase.Task("name", tuple(vocab.NAMES[:3]), tuple(vocab.NAMES[100:110]))
+    gate, deltas = mean_prototype_gate(world, task)
+    assert gate.prototypes.shape == (3, 128) and deltas.shape == (3, 128)
+    assert torch.all((gate.thresholds > 0) & (gate.thresholds < 1))
+    width = 2 * TEMPERATURE
+    rows, bias, cols = compiled_units(world.model.text, gate, deltas, width)
+    prompts = [t.format(w) for w in ("someone",) + task.erase + task.preserve[:3] for t in task.templates[:4]]
+    ids = diffusion.ids_tensor(prompts, world.model.vocab)
+    r, _ = residuals(world.model.text, ids)
+    with torch.no_grad():
+        z = world.model.text.layers[-1].ln2(r) @ rows[:3].T + bias[:3]
+    x = torch.nn.functional.normalize(LastMlpInput(world.model).context(prompts), dim=-1)
+    assert torch.allclose(x.norm(dim=-1), torch.ones(()))
+    expected = 12.0 / width * (x @ gate.prototypes.T - gate.thresholds) - OPEN_Z
+    assert torch.allclose(z, expected, atol=0.05), (z - expected).abs().max()
+    assert torch.allclose(bias[3:], bias[:3] - OPEN_Z) and torch.equal(cols[:, 3:], -cols[:, :3])
+
+    edited, _ = compile_gate(world, task, "add")
+    kept = diffusion.ids_tensor([t.format(w) for w in task.preserve for t in task.templates], world.model.vocab)
+    assert torch.allclose(edited(kept), world.model.text(kept), atol=1e-4)     # closed: |g| < 1e-4
+    ids = diffusion.ids_tensor([t.format(w) for w in task.erase for t in task.templates], world.model.vocab)
+    pos = torch.isin(ids, torch.tensor([world.model.vocab.TOKEN_ID[w] for w in task.erase])).int().argmax(1)
+    a_ids, a_pos = slot_positions(world, [t.format(task.anchor) for _ in task.erase for t in task.templates], task.anchor)
+    at = lambda f, p: f[torch.arange(len(p)), p]     # noqa: E731
+    anchor = at(world.model.text(a_ids), a_pos)
+    gap0, gap1 = ((at(f(ids), pos) - anchor).norm(dim=-1).mean() for f in (world.model.text, edited))
+    assert gap1 < 0.5 * gap0, (gap0, gap1)
+
+    replaced, _ = compile_gate(world, task, "replace")
+    shapes = lambda t: {k: v.shape for k, v in t.state_dict().items()}     # noqa: E731
+    assert shapes(replaced) == shapes(world.model.text) and shapes(edited) != shapes(world.model.text)
+    changed = {k for k, v in replaced.state_dict().items() if not torch.equal(v, world.model.text.state_dict()[k])}
+    assert changed == {f"layers.1.ff.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert all(torch.equal(v, before[k]) for k, v in world.model.state_dict().items())
+    assert h_bound(1.0, 0.0) == 1.0 and h_bound(0.5, 0.0) == pytest.approx(0.75) and h_bound(0.0, 0.0) == 0.0
