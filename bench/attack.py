@@ -30,7 +30,9 @@ Methods: none | cfr_prior (CFR + toy caption prior: the CFR node's defaults) | f
 pack's defaults) | uce (UCE-style) | ace (ACE-style gated null-out, ``mace_ops.ace``) |
 te_edit (``bench.text_encoder_edit``'s default: the last text MLP fitted with 512 synthetic stand-ins
 per step, 400 steps per concept count up to 10, 800 above; attacked white-box through the edited
-encoder, its attacker images still drawn by the original model) | cfr_prior_adv / ace_adv (the same + ``--rounds`` rounds of adversarial augmentation: the attack's
+encoder, its attacker images still drawn by the original model) | gate_compiled (``bench.gate_compile``'s
+``replace`` edit: the ACE gate compiled into the last text MLP's weights, same shapes; attacked the
+same way) | cfr_prior_adv / ace_adv (the same + ``--rounds`` rounds of adversarial augmentation: the attack's
 embeddings join the erase set; the defence's attacks use other init words and seeds than the
 evaluation's) | ace_adv_both (ace_adv whose rounds also attack each name from its nearest word of
 the preserve list by text-feature cosine, ``robust.nearest_kept``: the defender's own look-alike,
@@ -50,12 +52,14 @@ import torch
 
 from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
                           toy_v2_setup, write_json)
+from bench.gate_compile import compile_gate
 from bench.text_encoder_edit import edit_text_encoder, with_text_encoder
 from mace_ops.ace import GATE_SHAPES, ACEConfig, GatedErasure
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
 
-METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both", "te_edit")
+METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both", "te_edit",
+           "gate_compiled")
 COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
 
 
@@ -65,9 +69,18 @@ def text_encoder_edited(world, task: erase.Task):
     return with_text_encoder(world, edit_text_encoder(world, task, "ff_last", steps=steps, synthetic=512))
 
 
+def gate_compiled(world, task: erase.Task):
+    """The world with ``bench.gate_compile``'s ``replace`` edit of its text encoder for ``task``."""
+    return with_text_encoder(world, compile_gate(world, task, "replace")[0])
+
+
+# Methods whose edit lives in the text encoder: the world they return is the edited one.
+EDITED_ENCODERS = {"te_edit": text_encoder_edited, "gate_compiled": gate_compiled}
+
+
 def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig,
           ace: ACEConfig = ACEConfig()) -> robust.Edit:
-    if method in ("none", "te_edit"):     # te_edit: the edit lives in the world (text_encoder_edited)
+    if method == "none" or method in EDITED_ENCODERS:     # the edit lives in the world
         return robust.Edit()
     if method == "cfr_prior":
         return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0).weights)
@@ -111,7 +124,8 @@ def cluster_se(values: list[float]) -> float:
 LABELS = {"none": "no edit", "cfr_prior": "CFR + prior (CFR node defaults)", "full": "full MACE (pack defaults)",
           "uce": "UCE-style", "ace": "ACE-style (gated)", "cfr_prior_adv": "CFR + prior + adversarial pairs",
           "ace_adv": "ACE-style + adversarial refit", "ace_adv_both": "ACE-style + refit from both starts",
-          "te_edit": "text-encoder edit (last MLP + stand-ins; bench only)"}
+          "te_edit": "text-encoder edit (last MLP + stand-ins; bench only)",
+          "gate_compiled": "ACE gate compiled into the last text MLP (bench only)"}
 
 
 def readme_table(rows: list[dict]) -> str:
@@ -197,7 +211,7 @@ def main(argv=None) -> None:
         task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
         for method in args.methods:
             t0 = time.perf_counter()
-            w = text_encoder_edited(world, task) if method == "te_edit" else world   # where the edit lives
+            w = EDITED_ENCODERS[method](world, task) if method in EDITED_ENCODERS else world   # where the edit lives
             edit = build(w, method, task, args.rounds, defence_cfg, ace_cfg)
             seconds = time.perf_counter() - t0
             base_ret = None if w is world else evaluate.mass_metrics(   # retained set as the original draws it

@@ -359,3 +359,9 @@ def test_gate_compiled_into_the_last_mlp_computes_the_gates_cosine_and_edits_onl
     assert changed == {f"layers.1.ff.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     assert all(torch.equal(v, before[k]) for k, v in world.model.state_dict().items())
     assert h_bound(1.0, 0.0) == 1.0 and h_bound(0.5, 0.0) == pytest.approx(0.75) and h_bound(0.0, 0.0) == 0.0
+    # bench.attack attacks it where it lives: the edited encoder, no K/V weights or gate on top
+    from bench.attack import EDITED_ENCODERS, build
+    attacked = EDITED_ENCODERS["gate_compiled"](world, task)
+    assert all(torch.equal(v, replaced.state_dict()[k]) for k, v in attacked.model.text.state_dict().items())
+    edit = build(attacked, "gate_compiled", task, 0, None)
+    assert edit.kv_weights is None and edit.context_transform is None
