@@ -18,9 +18,10 @@ Prompts: every name template with each word (12 per word). Not an image metric: 
 on a retained name does not always change its image, so read this beside ``bench.mass_quality``.
 
 ``--site last_mlp_input`` reads the gate at the last text layer's MLP input instead of the encoder's
-output (``LastMlpInput``): the residual there, standardised as that layer's ``ln2`` does before its
-affine part. A hidden unit of that MLP computes w·x + b of ``ln2``'s output, so with w = p / gamma it
-computes the cosine to a prototype p there exactly (the standardised residual has a fixed norm):
+output (``LastMlpInput``): the residual there, centred as that layer's ``ln2`` does before it scales.
+A hidden unit of that MLP computes w·x + b of ``ln2``'s output, so with w = p / gamma it computes
+the cosine to a prototype p there exactly (``mace_ops.text_gate``; the standardised residual has a
+fixed norm):
 the rates read here bound what a gate *compiled into* that MLP (one thresholded unit per concept,
 a weight edit a stock loader could carry) could decide. Its H cannot exceed
 HM(1, nick_open, 1 - retained_open), even if every opened prompt were erased perfectly.
@@ -31,34 +32,26 @@ HM(1, nick_open, 1 - retained_open), even if every opened prompt were erased per
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 
-from types import SimpleNamespace
-
 from bench.common import environment, markdown_table, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json
 from mace_ops.ace import ACEConfig, prompt_peaks, shared_floor
-from toyworld.v1.adapters import ToyTextEncoder
+from mace_ops.text_gate import centred
+from toyworld.v1.adapters import ToyResiduals
 from toyworld.v2 import erase, vocab
 
 COLUMNS = ["site", "concepts", "open_rate", "margin", "nick_open", "retained_open", "cv_open", "mean_tau", "h_bound"]
 SITES = ("output", "last_mlp_input")
 
 
-class LastMlpInput(ToyTextEncoder):
+class LastMlpInput(ToyResiduals):
     """The toy encoder read at its last layer's MLP input: the residual entering that layer's ``ln2``,
-    standardised over the width ((r - mean) / std, ``ln2`` without its affine part)."""
+    centred over the width (``mace_ops.text_gate.centred``: where a compiled unit reads cosines)."""
 
-    @torch.no_grad()
-    def context(self, prompts):
-        text, caught = self.model.text, []
-        hook = text.layers[-1].ln2.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
-        try:
-            text(self.ids(prompts))
-        finally:
-            hook.remove()
-        r = caught[0]
-        return (r - r.mean(-1, keepdim=True)) / r.std(-1, keepdim=True)
+    def encode(self, prompts):
+        return centred(super().encode(prompts))
 
 
 def at_site(world, site: str):

@@ -312,36 +312,29 @@ def test_mace_variants_plot_only_redraws_from_the_json_and_names_a_missing_flag(
     assert not (tmp_path / "none.json").exists()
 
 
-def test_gate_compiled_into_the_last_mlp_computes_the_gates_cosine_and_edits_only_what_it_detects(world):
-    """``bench.gate_compile`` (the ACE gate as a weight edit): each unit's pre-activation is the
-    ramp's s (cos - tau) - 4 of the standardised residual at the last MLP's input (the cosine
-    ``bench.gate_separation --site last_mlp_input`` reads); added units leave the preserve list's
-    features as they were and move the erased names' slot features onto the anchor's; replaced
-    units keep the MLP's shape; the shipped model is untouched."""
-    from bench.gate_compile import OPEN_Z, compile_gate, compiled_units, mean_prototype_gate, residuals, slot_positions
-    from bench.gate_separation import LastMlpInput, h_bound
-    from mace_ops.ace import TEMPERATURE
+def test_gate_compiled_into_the_last_mlp_edits_only_what_it_detects(world):
+    """``bench.gate_compile`` on ``mace_ops.text_gate`` (the ACE gate as a weight edit): the toy
+    site reads the residual around the last MLP; added units leave the preserve list's features
+    as they were and move the erased names' slot features onto the anchor's; replaced units keep
+    every shape and change only the MLP's four tensors; the shipped model is untouched; and
+    ``bench.attack`` attacks the edited encoder itself."""
+    from bench.attack import EDITED_ENCODERS, build
+    from bench.gate_compile import compile_gate, slot_positions
+    from bench.gate_separation import h_bound
     from toyworld.v1 import diffusion
+    from toyworld.v1.adapters import ToyMlpSite
 
     before = {k: v.clone() for k, v in world.model.state_dict().items()}
     task = erase.Task("name", tuple(vocab.NAMES[:3]), tuple(vocab.NAMES[100:110]))
-    gate, deltas = mean_prototype_gate(world, task)
-    assert gate.prototypes.shape == (3, 128) and deltas.shape == (3, 128)
-    assert torch.all((gate.thresholds > 0) & (gate.thresholds < 1))
-    width = 2 * TEMPERATURE
-    rows, bias, cols = compiled_units(world.model.text, gate, deltas, width)
-    prompts = [t.format(w) for w in ("someone",) + task.erase + task.preserve[:3] for t in task.templates[:4]]
-    ids = diffusion.ids_tensor(prompts, world.model.vocab)
-    r, _ = residuals(world.model.text, ids)
-    with torch.no_grad():
-        z = world.model.text.layers[-1].ln2(r) @ rows[:3].T + bias[:3]
-    x = torch.nn.functional.normalize(LastMlpInput(world.model).context(prompts), dim=-1)
-    assert torch.allclose(x.norm(dim=-1), torch.ones(()))
-    expected = 12.0 / width * (x @ gate.prototypes.T - gate.thresholds) - OPEN_Z
-    assert torch.allclose(z, expected, atol=0.05), (z - expected).abs().max()
-    assert torch.allclose(bias[3:], bias[:3] - OPEN_Z) and torch.equal(cols[:, 3:], -cols[:, :3])
+    site, ids = ToyMlpSite(world.model), diffusion.ids_tensor(["a photo of someone"], world.model.vocab)
+    r_in, r_out = site.inputs.context(["a photo of someone"]), site.outputs.context(["a photo of someone"])
+    block = world.model.text.layers[-1]
+    assert torch.allclose(world.model.text.ln_final(r_out), world.model.text(ids), atol=1e-6)
+    assert torch.allclose(r_out, r_in + block.ff(block.ln2(r_in)))
 
-    edited, _ = compile_gate(world, task, "add")
+    edited, gate = compile_gate(world, task, "add")
+    assert gate.prototypes.shape == (3, 128) and gate.deltas.shape == (3, 128)
+    assert torch.all((gate.thresholds > 0) & (gate.thresholds < 1))
     kept = diffusion.ids_tensor([t.format(w) for w in task.preserve for t in task.templates], world.model.vocab)
     assert torch.allclose(edited(kept), world.model.text(kept), atol=1e-4)     # closed: |g| < 1e-4
     ids = diffusion.ids_tensor([t.format(w) for w in task.erase for t in task.templates], world.model.vocab)
@@ -359,8 +352,6 @@ def test_gate_compiled_into_the_last_mlp_computes_the_gates_cosine_and_edits_onl
     assert changed == {f"layers.1.ff.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     assert all(torch.equal(v, before[k]) for k, v in world.model.state_dict().items())
     assert h_bound(1.0, 0.0) == 1.0 and h_bound(0.5, 0.0) == pytest.approx(0.75) and h_bound(0.0, 0.0) == 0.0
-    # bench.attack attacks it where it lives: the edited encoder, no K/V weights or gate on top
-    from bench.attack import EDITED_ENCODERS, build
     attacked = EDITED_ENCODERS["gate_compiled"](world, task)
     assert all(torch.equal(v, replaced.state_dict()[k]) for k, v in attacked.model.text.state_dict().items())
     edit = build(attacked, "gate_compiled", task, 0, None)

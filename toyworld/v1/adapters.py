@@ -6,6 +6,8 @@
 * ``ToyDenoiser`` implements ``CrossAttentionDenoiser``: the 14 cross-attention to_k/to_v
   weights by name, noising, and a forward pass that reports every ``XAttn``'s probabilities.
 * ``toy_kv_weights(model)``: the K/V weights dict of a model (detached copies).
+* ``ToyMlpSite`` implements ``mace_ops.text_gate.MlpSite``: the last text layer's MLP, its norm,
+  and the residual stream before and after it.
 """
 from __future__ import annotations
 
@@ -115,3 +117,41 @@ class ToyDenoiser:
 
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).expand(x_t.shape[0])
         return self.model(x_t, t, context, Hooks(weight_transform=weight_transform, on_attention=report))
+
+
+class ToyResiduals(ToyTextEncoder):
+    """``ToyTextEncoder`` whose features are the residual stream entering ``layer``'s MLP norm
+    (``after`` False) or leaving its MLP (``after`` True), per token."""
+
+    def __init__(self, model: T2I, layer: int = -1, after: bool = False):
+        super().__init__(model)
+        self.layer, self.after = model.text.layers[layer], after
+
+    @torch.no_grad()
+    def context(self, prompts: Sequence[str]) -> torch.Tensor:
+        caught = []
+        hook = self.layer.ln2.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+        try:
+            self.model.text(self.ids(prompts))
+        finally:
+            hook.remove()
+        r = caught[0]
+        return r + self.layer.ff(self.layer.ln2(r)) if self.after else r
+
+
+class ToyMlpSite:
+    """The toy text encoder's ``layer`` MLP (Linear, GELU, Linear after ``ln2``) as an ``MlpSite``."""
+
+    activation = "gelu"
+
+    def __init__(self, model: T2I, layer: int = -1):
+        self.block = model.text.layers[layer]
+        self.inputs, self.outputs = ToyResiduals(model, layer), ToyResiduals(model, layer, after=True)
+
+    def norm(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.block.ln2.weight.detach(), self.block.ln2.bias.detach()
+
+    def mlp(self) -> dict[str, torch.Tensor]:
+        ff = self.block.ff
+        return {"fc1.weight": ff[0].weight.detach(), "fc1.bias": ff[0].bias.detach(),
+                "fc2.weight": ff[2].weight.detach(), "fc2.bias": ff[2].bias.detach()}
