@@ -21,9 +21,8 @@ on a retained name does not always change its image, so read this beside ``bench
 output (``LastMlpInput``): the residual there, centred as that layer's ``ln2`` does before it scales.
 A hidden unit of that MLP computes w·x + b of ``ln2``'s output, so with w = p / gamma it computes
 the cosine to a prototype p there exactly (``mace_ops.text_gate``; the standardised residual has a
-fixed norm):
-the rates read here bound what a gate *compiled into* that MLP (one thresholded unit per concept,
-a weight edit a stock loader could carry) could decide. Its H cannot exceed
+fixed norm). The rates read here bound what a gate *compiled into* that MLP (a thresholded ramp of
+two units per concept, a weight edit a stock loader could carry) could decide. Its H cannot exceed
 HM(1, nick_open, 1 - retained_open), even if every opened prompt were erased perfectly.
 
     python -m bench.gate_separation     # docs/results/gate_separation.json (~2 min)
