@@ -12,6 +12,10 @@ can decide), closed at the gate's threshold and writing R(anchor) - R(concept) w
 * ``--units add``: the same units widen the MLP instead (SD1's CLIP-L last MLP has 3,072 units, so
   100 concepts would take 6.5% of them): what replacing costs.
 
+``--half`` also scores each compiled encoder with its weights and arithmetic in float16 (what a GPU
+running CLIP in fp16 does; the units' weights are large, s = 1,200 here): the UNet and the retained
+set's reference stay float32.
+
 Unlike the gate, a unit acts on one position: nothing carries the detection forward to the words
 after the concept, which the last layer's attention has already mixed the concept into.
 Not a node of the pack: a measurement of whether the gate's boundary survives as weights.
@@ -36,7 +40,7 @@ from toyworld.v1 import diffusion
 from toyworld.v1.adapters import ToyMlpSite
 from toyworld.v2 import erase, evaluate
 
-COLUMNS = ["kind", "concepts", "units", "kv", "added", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "mean_tau", "seconds"]
+COLUMNS = ["kind", "concepts", "units", "kv", "dtype", "added", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "mean_tau", "seconds"]
 UNITS = ("add", "replace")
 
 
@@ -79,13 +83,27 @@ def compile_gate(world, task: erase.Task, units: str, config: TextGateConfig = T
     return text.eval().requires_grad_(False), gate
 
 
+class Float16Text(torch.nn.Module):
+    """``text`` run in float16 (weights and arithmetic), its features handed on as float32."""
+
+    def __init__(self, text: torch.nn.Module):
+        super().__init__()
+        self.text = copy.deepcopy(text).half()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text(ids).float()
+
+
 def save_plot(path: str, rows: list[dict], reference: list[dict]) -> None:
     """H and Acc_s against the count: each (units, K/V stage) setting, then the pack's reference rows."""
     kind = rows[0].get("kind", "name")
     if any(r.get("kind", "name") != kind for r in rows):
         raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
-    labelled = [(f"compiled gate ({r['units']})" + ("" if r.get("kv", "none") == "none" else f" + {r['kv']}"), r)
-                for r in rows]
+    def label(r):
+        name = "no edit" if r["units"] == "none" else f"compiled gate ({r['units']})"
+        return (name + ("" if r.get("kv", "none") == "none" else f" + {r['kv']}")
+                + (" fp16" if r.get("dtype") == "float16" else ""))
+    labelled = [(label(r), r) for r in rows]
     save_h_and_acc_s(path, labelled + [(r["method"], r) for r in reference],
                      "toy v2: the ACE gate as a weight edit vs the pack, H", kind)
 
@@ -101,6 +119,8 @@ def main(argv=None) -> None:
                     help="the pack's K/V stages fitted on top of each compiled encoder: " +
                          "; ".join(f"{k}: {v}" for k, v in KV_STAGES.items()))
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
+    ap.add_argument("--half", action="store_true",
+                    help="also score each compiled encoder in float16 (Float16Text; with --kv none only)")
     ap.add_argument("--plot", default=None, help="also write a PNG of H and Acc_s against the count")
     ap.add_argument("--plot-only", action="store_true", help="redraw --plot from --out's JSON, no fitting")
     ap.add_argument("--grid", default=None,
@@ -111,6 +131,8 @@ def main(argv=None) -> None:
         rows = saved_rows(args.plot, [args.out])
         save_plot(args.plot, rows, reference_rows(rows[0].get("kind", "name"), {r["concepts"] for r in rows}))
         return
+    if args.half and args.kv != ["none"]:
+        raise SystemExit("--half: scores the compiled encoder alone; drop --kv or --half")
     if args.grid and args.kind != "name":
         raise SystemExit("--grid: draws names (erased, nicknames, retained); with --kind style drop it")
     kind = args.kind
@@ -123,6 +145,11 @@ def main(argv=None) -> None:
         task = erase.Task(kind, tuple(pool[:count]), toy.preserve)
         _, base_ret = evaluate.mass_metrics(world, kind, task.erase, toy.retained, n_erased=args.n, n_retained=args.n)
         models = {}
+        if args.half:   # the unedited encoder in float16: what fp16 alone costs
+            m, _ = evaluate.mass_metrics(with_text_encoder(world, Float16Text(world.model.text)), kind, task.erase,
+                                         toy.retained, base_retained=base_ret, n_erased=args.n, n_retained=args.n)
+            rows.append({"units": "none", "kv": "none", "dtype": "float16", "added": 0, **m.row(), "mean_tau": None,
+                         "seconds": 0.0})
         for units in args.units:
             t0 = time.perf_counter()
             text, gate = compile_gate(world, task, units)
@@ -135,9 +162,14 @@ def main(argv=None) -> None:
                 kv_seconds = time.perf_counter() - t1
                 m, _ = evaluate.mass_metrics(edited, kind, task.erase, toy.retained, kv_weights=weights,
                                              base_retained=base_ret, n_erased=args.n, n_retained=args.n)
-                rows.append({"units": units, "kv": stage, "added": 2 * count if units == "add" else 0, **m.row(),
-                             "mean_tau": round(float(gate.thresholds.mean()), 4),
+                rows.append({"units": units, "kv": stage, "dtype": "float32", "added": 2 * count if units == "add" else 0,
+                             **m.row(), "mean_tau": round(float(gate.thresholds.mean()), 4),
                              "seconds": round(seconds + kv_seconds, 1)})
+                print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
+            if args.half:
+                m, _ = evaluate.mass_metrics(with_text_encoder(world, Float16Text(text)), kind, task.erase, toy.retained,
+                                             base_retained=base_ret, n_erased=args.n, n_retained=args.n)
+                rows.append({**rows[-1], **m.row(), "dtype": "float16"})
                 print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
         if args.grid and count == max(counts):
             edits = {"no edit": (None, None), "ACE gate": (None, erase.ace_erase(world, task)),

@@ -356,3 +356,14 @@ def test_gate_compiled_into_the_last_mlp_edits_only_what_it_detects(world):
     assert all(torch.equal(v, replaced.state_dict()[k]) for k, v in attacked.model.text.state_dict().items())
     edit = build(attacked, "gate_compiled", task, 0, None)
     assert edit.kv_weights is None and edit.context_transform is None
+
+
+@pytest.mark.parametrize("argv, flag", [(["--half", "--kv", "full"], "--half"),
+                                        (["--kind", "style", "--grid", "/nonexistent/g.png"], "--grid")])
+def test_gate_compile_bench_names_the_bad_flag_before_any_work(argv, flag):
+    """``bench.gate_compile``: fp16 scoring with K/V stages on top, or a names grid for styles,
+    exits naming the flag before the world is loaded."""
+    from bench.gate_compile import main
+
+    with pytest.raises(SystemExit, match=flag):
+        main(argv + ["--out", "/nonexistent/never-written.json"])
