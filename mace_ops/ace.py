@@ -170,7 +170,7 @@ class GatedErasure:
         return cls(*(sd[k] for k in STATE_KEYS), temperature=float(temperature), shape=check_shape(shape, "gate shape"))
 
 
-def _slot(o, n) -> tuple[int, int]:
+def concept_slot(o, n) -> tuple[int, int]:
     """[start, stop) of the concept's (or soft) tokens in prompt o against its anchor prompt n."""
     a, b = o.ids[: o.length], n.ids[: n.length]
     pre = 0
@@ -188,7 +188,7 @@ def _pairs(encoded, anchors):
     for o, n in zip(encoded, anchors):
         a = align(o.ids, o.length, n.ids, n.length, True)
         old, new = torch.tensor(a.old), torch.tensor(a.new)
-        start, stop = _slot(o, n)
+        start, stop = concept_slot(o, n)
         keep = old >= start                                   # the positions that carry the concept
         cs.append(o.features[old[keep]].detach().float())
         es.append(n.features[new[keep]].detach().float())
@@ -256,9 +256,8 @@ def fit_gated_erasure(
         erasure = GatedErasure(prototypes[keep], owners[keep], torch.zeros(len(concepts)), torch.stack(bases),
                                torch.stack(targets), config.temperature, config.gate)
         peaks = _owner_max(row_peaks[:, keep], owners[keep], len(concepts))   # (P, n)
-        per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0)
-        floor = shared_floor(peaks.masked_fill(names, -2.0), calibration_groups, config.open_rate)
-        erasure.thresholds = per_concept.clamp(min=floor) + config.margin
+        erasure.thresholds = calibrated_thresholds(peaks, names, calibration_groups, config.quantile,
+                                                   config.open_rate) + config.margin
         return erasure
 
     named = calibrated(~is_found)
@@ -279,6 +278,14 @@ def _owner_max(row_peaks: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Te
     exactly what ``GatedErasure.similarity`` reduces."""
     out = torch.full((row_peaks.shape[0], n), -2.0, dtype=row_peaks.dtype, device=row_peaks.device)
     return out.scatter_reduce(1, owner.to(row_peaks.device).expand(row_peaks.shape[0], -1), row_peaks, reduce="amax")
+
+
+def calibrated_thresholds(peaks: torch.Tensor, names: torch.Tensor, groups: Sequence[Hashable | None] | None,
+                          quantile: float, open_rate: float) -> torch.Tensor:
+    """(n,) each concept's threshold from the calibration prompts' peaks (P, n): the ``quantile`` over
+    the prompts that do not name it (``names``, (P, n) bool), at least the shared floor."""
+    per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), quantile, dim=0)
+    return per_concept.clamp(min=shared_floor(peaks.masked_fill(names, -2.0), groups, open_rate))
 
 
 def shared_floor(peaks: torch.Tensor, groups: Sequence[Hashable | None] | None, open_rate: float) -> float:

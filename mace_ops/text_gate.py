@@ -33,7 +33,7 @@ from typing import Callable, Hashable, Protocol, Sequence
 
 import torch
 
-from .ace import TEMPERATURE, GatedErasure, _slot, mentions, prompt_peaks, shared_floor
+from .ace import TEMPERATURE, GatedErasure, calibrated_thresholds, concept_slot, mentions, prompt_peaks
 from .concepts import Concept
 from .interfaces import EncodedPrompt, TextEncoder
 from .templates import check_templates, fill
@@ -99,7 +99,7 @@ def calibrate_text_gate(site: MlpSite, concepts: Sequence[Concept], templates: S
         for phrase in concept.phrases:
             prompts = [fill(t, phrase) for t in templates]
             for o, o_out, n, n_out in zip(site.inputs.encode(prompts), site.outputs.encode(prompts), a_in, a_out):
-                j, k = _slot(o, n)[1] - 1, _slot(n, o)[1] - 1                # last concept / anchor token
+                j, k = concept_slot(o, n)[1] - 1, concept_slot(n, o)[1] - 1                # last concept / anchor token
                 x = o.features[j].float()
                 xs.append(torch.nn.functional.normalize(x - x.mean(), dim=0))
                 ds.append(n_out.features[k].float() - o_out.features[j].float())
@@ -108,10 +108,9 @@ def calibrate_text_gate(site: MlpSite, concepts: Sequence[Concept], templates: S
     n = len(concepts)
     probe = GatedErasure(torch.stack(protos), torch.arange(n), torch.zeros(n), torch.zeros(n, 1, 1), torch.zeros(n, 1))
     peaks = prompt_peaks(probe, centred(site.inputs.encode(list(calibration_prompts))))
-    names = mentions(calibration_prompts, concepts)
-    per_concept = torch.nanquantile(peaks.masked_fill(names, float("nan")), config.quantile, dim=0)
-    floor = shared_floor(peaks.masked_fill(names, -2.0), calibration_groups, config.open_rate)
-    return TextGate(probe.prototypes, per_concept.clamp(min=floor), torch.stack(deltas))
+    thresholds = calibrated_thresholds(peaks, mentions(calibration_prompts, concepts), calibration_groups,
+                                       config.quantile, config.open_rate)
+    return TextGate(probe.prototypes, thresholds, torch.stack(deltas))
 
 
 def ramp_units(gamma: torch.Tensor, beta: torch.Tensor, gate: TextGate, activation: str,
