@@ -117,6 +117,14 @@ def reference_rows(kind: str, counts) -> list[dict]:
     return out
 
 
+def plotted_kind(rows: list[dict]) -> str:
+    """The one kind ("name" / "style") of the rows a plot draws; exits naming ``--plot`` if they mix."""
+    kind = rows[0].get("kind", "name")
+    if any(r.get("kind", "name") != kind for r in rows):
+        raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
+    return kind
+
+
 def saved_rows(plot: str | None, files) -> list[dict]:
     """``--plot-only``: the rows of the bench's JSON ``files``, after exiting with what to give when
     ``--plot`` (the PNG path) or one of the files is missing."""

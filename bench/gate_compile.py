@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, saved_rows,
-                          toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
+from bench.common import (check_count, environment, markdown_table, plotted_kind, print_table, reference_rows,
+                          saved_rows, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
 from bench.mass_quality import save_grid
 from bench.plot import save_h_and_acc_s
 from bench.text_encoder_edit import KV_STAGES, kv_stage, with_text_encoder
@@ -96,9 +96,7 @@ class Float16Text(torch.nn.Module):
 
 def save_plot(path: str, rows: list[dict], reference: list[dict]) -> None:
     """H and Acc_s against the count: each (units, K/V stage) setting, then the pack's reference rows."""
-    kind = rows[0].get("kind", "name")
-    if any(r.get("kind", "name") != kind for r in rows):
-        raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
+    kind = plotted_kind(rows)
     def label(r):
         name = "no edit" if r["units"] == "none" else f"compiled gate ({r['units']})"
         return (name + ("" if r.get("kv", "none") == "none" else f" + {r['kv']}")
@@ -129,7 +127,7 @@ def main(argv=None) -> None:
     args = toy_v2_args(ap, argv, out="bench/results/gate_compile.json")
     if args.plot_only:
         rows = saved_rows(args.plot, [args.out])
-        save_plot(args.plot, rows, reference_rows(rows[0].get("kind", "name"), {r["concepts"] for r in rows}))
+        save_plot(args.plot, rows, reference_rows(plotted_kind(rows), {r["concepts"] for r in rows}))
         return
     if args.half and args.kv != ["none"]:
         raise SystemExit("--half: scores the compiled encoder alone; drop --kv or --half")

@@ -45,8 +45,8 @@ import time
 
 import torch
 
-from bench.common import (check_count, environment, markdown_table, print_table, reference_rows, saved_rows,
-                          toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
+from bench.common import (check_count, environment, markdown_table, plotted_kind, print_table, reference_rows,
+                          saved_rows, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
 from bench.plot import save_h_and_acc_s
 from toyworld.v1 import diffusion
 from toyworld.v1.evaluate import ToyWorld
@@ -325,9 +325,7 @@ def parse_run(text: str) -> tuple[str, float]:
 def save_plot(path: str, rows: list[dict]) -> None:
     """H and Acc_s against the number of erased concepts: each (part, beta), then the reference rows
     (``rows`` of one kind)."""
-    kind = rows[0].get("kind", "name")
-    if any(r.get("kind", "name") != kind for r in rows):
-        raise SystemExit("--plot: the rows mix names and styles; plot one kind at a time")
+    kind = plotted_kind(rows)
     labelled = []
     for r in rows + [{**r, "part": r["method"]} for r in reference_rows(kind, {r["concepts"] for r in rows})]:
         label = (f"TE {r['part']} b={r['beta']:g}" + (" oracle" if r.get("oracle") else "")
