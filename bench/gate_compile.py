@@ -35,6 +35,7 @@ from bench.common import (check_count, environment, markdown_table, plotted_kind
 from bench.mass_quality import save_grid
 from bench.plot import save_h_and_acc_s
 from bench.text_encoder_edit import KV_STAGES, kv_stage, with_text_encoder
+from mace_ops.encoding_cache import cached
 from mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_text_gate, ramp_units
 from toyworld.v1 import diffusion
 from toyworld.v1.adapters import ToyMlpSite
@@ -62,6 +63,8 @@ def compile_gate(world, task: erase.Task, units: str, config: TextGateConfig = T
     replace (``mace_ops.text_gate.compile_text_gate``) or add (the same ramp units widen the MLP)."""
     site = ToyMlpSite(world.model)
     prompts, groups = calibration(task)
+    # calibration and the units' importance read the same prompts: encode them once
+    site.inputs = cached(site.inputs, max_prompts=len(prompts) + len(task.templates) * (len(task.erase) + 1))
     gate = calibrate_text_gate(site, task.concepts(), task.templates, task.anchor, prompts, groups, config)
     if units == "replace":
         try:

@@ -137,7 +137,9 @@ def unit_importance(site: MlpSite, prompts: Sequence[str]) -> tuple[torch.Tensor
 
 def compile_text_gate(site: MlpSite, gate: TextGate, importance_prompts: Sequence[str],
                       width: float = 2 * TEMPERATURE) -> dict[str, torch.Tensor]:
-    """The MLP's four tensors with the ramp units in place of its least important units."""
+    """The MLP's four tensors with the ramp units in place of its least important units, ranked over
+    ``importance_prompts`` (usually the calibration prompts: wrap ``site.inputs`` in
+    ``encoding_cache.cached`` so they are encoded once for both)."""
     gamma, beta = (v.float() for v in site.norm())
     mlp = {k: v.detach().float().clone() for k, v in site.mlp().items()}
     rows, bias, cols = ramp_units(gamma, beta, gate, site.activation, width)
