@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from mace_ops.text_gate import ACTIVATIONS, CLOSED_OFFSET, TextGate, TextGateConfig, compile_text_gate, ramp_units
+from mace_ops.concepts import Concept
+from mace_ops.text_gate import (ACTIVATIONS, CLOSED_OFFSET, TextGate, TextGateConfig, calibrate_text_gate,
+                                  compile_text_gate, ramp_units)
 
 
 def _residuals_at(p: torch.Tensor, cosines: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -100,3 +102,12 @@ def test_compile_text_gate_replaces_the_least_important_units_and_keeps_every_sh
     with pytest.raises(ValueError, match="width"):
         TextGateConfig(width=0.0).validate()
     assert math.isclose(TextGateConfig().width, 0.01)
+
+
+def test_calibrate_text_gate_refuses_an_empty_concept_list_or_calibration_set():
+    """Nothing to erase, or nothing to set the thresholds on, is named before any encoding."""
+    site = _Site(8, 16, torch.Generator().manual_seed(2))
+    concept = Concept(("ship",))
+    for concepts, prompts in (([], ["a prompt"]), ([concept], [])):
+        with pytest.raises(ValueError, match="concepts and calibration prompts: the text gate needs both"):
+            calibrate_text_gate(site, concepts, ("a photo of {}",), "boat", prompts)
