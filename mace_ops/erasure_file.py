@@ -1,7 +1,9 @@
 """Save and load an erasure as a small safetensors patch that stock LoRA loaders read.
 
 Each changed weight ``<module>.weight`` is stored as ``<module>.diff`` (the full delta, which
-ComfyUI's LoraLoader / LoraLoaderModelOnly add to the model with the chosen strength). Metadata
+ComfyUI's LoraLoader / LoraLoaderModelOnly add to the model with the chosen strength), a changed
+bias as ``<module>.diff_b``. K/V keys are the model's (``diffusion_model.…``); a compiled text gate's
+are ``text_encoders.<CLIP key>``, ComfyUI's generic key for CLIP weights (LoraLoader, strength_clip). Metadata
 under ``mace.*`` records what was erased, the settings, the pack version and a fingerprint of the
 base model's original K/V weights, so a loader can refuse a mismatched base model.
 Files are written to a temporary file and renamed, so an interrupted save leaves nothing behind.
@@ -50,15 +52,18 @@ def _maybe_json(value: str):
 
 
 def diff_key(weight_name: str) -> str:
-    if not weight_name.endswith(".weight"):
-        raise ValueError(f"weight name must end with '.weight': {weight_name!r}")
-    return weight_name[: -len(".weight")] + ".diff"
+    """``<module>.weight`` -> ``<module>.diff``, ``<module>.bias`` -> ``<module>.diff_b`` (ComfyUI's LoRA keys)."""
+    for leaf, key in ((".weight", ".diff"), (".bias", ".diff_b")):
+        if weight_name.endswith(leaf):
+            return weight_name[: -len(leaf)] + key
+    raise ValueError(f"weight name must end with '.weight' or '.bias': {weight_name!r}")
 
 
 def weight_name(file_key: str) -> str:
-    if not file_key.endswith(".diff"):
-        raise ValueError(f"not a MACE diff key: {file_key!r}")
-    return file_key[: -len(".diff")] + ".weight"
+    for key, leaf in ((".diff", ".weight"), (".diff_b", ".bias")):
+        if file_key.endswith(key):
+            return file_key[: -len(key)] + leaf
+    raise ValueError(f"not a MACE diff key: {file_key!r}")
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

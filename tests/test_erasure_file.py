@@ -133,3 +133,16 @@ def test_damaged_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ef.DamagedFileError, match="e.safetensors: damaged or truncated erasure file"):
         ef.load_erasure(str(path))
+
+
+def test_bias_deltas_use_comfyuis_diff_b_key_and_round_trip(tmp_path):
+    """A compiled text gate changes biases too: ``<module>.bias`` is stored as ``<module>.diff_b``,
+    the key ComfyUI's LoRA loader reads for a bias diff."""
+    deltas = {"text_encoders.clip_l.mlp.fc1.weight": torch.randn(4, 3), "text_encoders.clip_l.mlp.fc1.bias": torch.randn(4)}
+    path = str(tmp_path / "tg.safetensors")
+    ef.save_erasure(path, deltas, "", {"stages": []}, "fp32")
+    assert sorted(load_file(path)) == ["text_encoders.clip_l.mlp.fc1.diff", "text_encoders.clip_l.mlp.fc1.diff_b"]
+    loaded = ef.load_erasure(path).deltas
+    assert sorted(loaded) == sorted(deltas) and all(torch.equal(loaded[k], v) for k, v in deltas.items())
+    with pytest.raises(ValueError, match="'.weight' or '.bias'"):
+        ef.diff_key("a.b.scale")
