@@ -86,15 +86,19 @@ def centred(encoded: list[EncodedPrompt]) -> list[EncodedPrompt]:
 def calibrate_text_gate(site: MlpSite, concepts: Sequence[Concept], templates: Sequence[str], anchor: str,
                         calibration_prompts: Sequence[str], calibration_groups: Sequence[Hashable | None] | None = None,
                         config: TextGateConfig = TextGateConfig()) -> TextGate:
-    """Prototypes, thresholds and Deltas of ``concepts`` (every phrase of a concept pooled)."""
+    """Prototypes, thresholds and Deltas of ``concepts`` (every phrase of a concept pooled; a
+    concept's own ``anchor`` in place of ``anchor`` where it has one)."""
     config.validate()
     check_templates(templates)
     if not concepts or not calibration_prompts:
         raise ValueError("concepts and calibration prompts: the text gate needs both (the preserve list, captions)")
-    anchor_prompts = [fill(t, anchor) for t in templates]
-    a_in, a_out = site.inputs.encode(anchor_prompts), site.outputs.encode(anchor_prompts)
+    anchored: dict[str, tuple] = {}
+    for name in dict.fromkeys(anchor if c.anchor is None else c.anchor for c in concepts):
+        anchor_prompts = [fill(t, name) for t in templates]
+        anchored[name] = site.inputs.encode(anchor_prompts), site.outputs.encode(anchor_prompts)
     protos, deltas = [], []
     for concept in concepts:
+        a_in, a_out = anchored[anchor if concept.anchor is None else concept.anchor]
         xs, ds = [], []
         for phrase in concept.phrases:
             prompts = [fill(t, phrase) for t in templates]
