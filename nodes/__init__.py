@@ -7,6 +7,7 @@ check_core()  # an incompatible ComfyUI: one clear ImportError here, not a trace
 
 from .cfr_node import MaceRefineCrossAttention
 from .ace_node import MaceGatedErasure
+from .text_gate_node import MaceTextGate
 from .erasure_io_nodes import MaceLoadErasure, MaceSaveErasure
 from .fusion_node import MaceFuseLoras
 from .mass_erase_node import MaceMassErase
@@ -17,7 +18,7 @@ from .unet_pt_nodes import MaceLoadUNetPt, MaceSaveUNetPt
 
 NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras,
                                   MaceTrainingImages, MaceTrainConceptLora, MaceMassErase, MaceBeforeAfterGrid,
-                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt, MaceGatedErasure]
+                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt, MaceGatedErasure, MaceTextGate]
 
 
 class MaceExtension(ComfyExtension):

@@ -80,9 +80,10 @@ def effective_kv_weights(model) -> KVWeights:
     return effective_weights(model, kv_keys(model))
 
 
-def effective_weights(model, keys) -> KVWeights:
-    """Current weights (original + patches) of ``keys`` that the model has, float32, CPU."""
-    entries = model.get_key_patches(PREFIX)
+def effective_weights(model, keys, prefix: str = PREFIX) -> KVWeights:
+    """Current weights (original + patches) of ``keys`` that the model has, float32, CPU. ``model``:
+    any ModelPatcher (a CLIP's ``patcher`` too, with the prefix of its keys)."""
+    entries = model.get_key_patches(prefix)
     out = {}
     for key in [k for k in keys if k in entries]:
         weight, convert, patches = split_key_patch_entry(entries[key])

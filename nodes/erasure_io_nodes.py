@@ -1,4 +1,10 @@
-"""Nodes ``MACE Save Erasure`` and ``MACE Load Erasure``: the erasure as a shareable patch file."""
+"""Nodes ``MACE Save Erasure`` and ``MACE Load Erasure``: the erasure as a shareable patch file.
+
+A file holds the MODEL's K/V edits (``diffusion_model.….diff``) and/or a compiled text gate's CLIP
+edits (``text_encoders.….diff`` / ``.diff_b``): the stock LoraLoader applies both parts (strength_model,
+strength_clip), LoraLoaderModelOnly only the first. ``mace.base_model`` fingerprints the model part's
+base weights, ``mace.base_text_encoder`` the CLIP part's.
+"""
 from __future__ import annotations
 
 import json
@@ -7,9 +13,10 @@ import os
 import folder_paths
 from .comfy_compat import io
 
-from ..mace_ops.erasure_file import check_base, load_erasure, save_erasure
+from ..mace_ops.erasure_file import ErasureFile, check_base, load_erasure, save_erasure
 from .comfy_gate import get_gate, is_gate_file, load_gate, save_gate
 from .comfy_model import apply_erasure, effective_weights, get_record, kv_keys
+from .comfy_text_site import apply_text_gate, file_deltas, get_text_gate, split_file_deltas, text_base
 from .validation import check_inputs
 
 
@@ -20,32 +27,50 @@ class MaceSaveErasure(io.ComfyNode):
             node_id="MaceSaveErasure",
             display_name="MACE Save Erasure",
             category="MACE",
-            description="Writes only the changed K/V weights as a small .safetensors patch that the stock "
-            "LoraLoaderModelOnly loads. To bake a full checkpoint instead, use the stock CheckpointSave node.",
+            description="Writes only the changed weights (K/V, and the CLIP's MLP for a compiled text gate) as a "
+            "small .safetensors patch that the stock LoraLoader loads (LoraLoaderModelOnly: the model part). To bake "
+            "a full checkpoint instead, use the stock CheckpointSave node.",
             inputs=[
-                io.Model.Input("model", tooltip="A model that went through MACE nodes."),
+                io.Model.Input("model", optional=True, tooltip="A model that went through MACE nodes (optional when "
+                               "clip carries a text gate)."),
                 io.String.Input("filename_prefix", default="loras/mace_erasure",
                                 tooltip="Relative to ComfyUI's output folder; 'loras/...' shows up in LoRA loaders."),
                 io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16"),
+                io.Clip.Input("clip", optional=True, tooltip="A CLIP from MACE Text Gate (compiled): its MLP edits "
+                              "go into the same file."),
             ],
             outputs=[io.String.Output(display_name="path")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, filename_prefix, dtype) -> io.NodeOutput:
+    def execute(cls, model=None, filename_prefix="loras/mace_erasure", dtype="fp16", clip=None) -> io.NodeOutput:
         check_inputs(cls, locals())
-        record = get_record(model)
-        if record is None and get_gate(model) is None:
-            raise ValueError("model: carries no MACE erasure; connect the MODEL output of a MACE node")
+        record = get_record(model) if model is not None else None
+        gate = get_gate(model) if model is not None else None
+        text = get_text_gate(clip) if clip is not None else None
+        if clip is not None and text is None:
+            raise ValueError("clip: carries no compiled text gate; connect the CLIP output of MACE Text Gate "
+                             "(compiled), or disconnect clip")
+        if record is None and gate is None and text is None:
+            raise ValueError("model: carries no MACE erasure; connect the MODEL output of a MACE node, "
+                             "or the CLIP output of MACE Text Gate (compiled) to clip")
+        if gate is not None and text is not None:
+            raise ValueError("clip: an ACE gate file cannot also hold a text gate; save them with two MACE Save "
+                             "Erasure nodes (one with model only, one with clip only)")
         folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory())
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
-        if get_gate(model) is not None:  # an ACE gate: gate + the record's deltas as the stock-loader part
-            save_gate(path, model, get_gate(model), dtype)
+        if gate is not None:  # an ACE gate: gate + the record's deltas as the stock-loader part
+            save_gate(path, model, gate, dtype)
             return io.NodeOutput(path, ui={"text": [path]})
-        info = {"stages": list(record.stages)}
-        save_erasure(path, record.deltas, record.base_fingerprint, info, dtype)
+        deltas = dict(record.deltas) if record is not None else {}
+        info = {"stages": list(record.stages) if record is not None else []}
+        if text is not None:
+            deltas.update(file_deltas(text))
+            info.update({"text_gate": text.info, "base_text_encoder": text.base_fingerprint})
+        fingerprint = record.base_fingerprint if record is not None else ""
+        save_erasure(path, deltas, fingerprint, info, dtype)
         return io.NodeOutput(path, ui={"text": [path]})
 
 
@@ -56,29 +81,44 @@ class MaceLoadErasure(io.ComfyNode):
             node_id="MaceLoadErasure",
             display_name="MACE Load Erasure",
             category="MACE",
-            description="Applies a MACE erasure file to a model after checking it was made for this base model.",
+            description="Applies a MACE erasure file to a model (and, for a compiled text gate's part, to the "
+            "connected CLIP) after checking it was made for this base model.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("erasure_name", options=folder_paths.get_filename_list("loras")),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
                 io.Boolean.Input("allow_other_base", default=False,
                                  tooltip="Apply even if the file was made for a different base model."),
+                io.Clip.Input("clip", optional=True, tooltip="Needed when the file holds a compiled text gate (it edits "
+                              "the CLIP); use the CLIP output for sampling then."),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="info")],
+            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="info"),
+                     io.Clip.Output(display_name="clip")],
         )
 
     @classmethod
-    def execute(cls, model, erasure_name, strength, allow_other_base) -> io.NodeOutput:
+    def execute(cls, model, erasure_name, strength, allow_other_base, clip=None) -> io.NodeOutput:
         check_inputs(cls, locals())
         path = folder_paths.get_full_path("loras", erasure_name)
         if path is None:
             raise ValueError(f"erasure_name: {erasure_name!r} not found in the loras folders; refresh the list (R)")
         if is_gate_file(path):  # an ACE gate file: gate (attn2 patch) + its fallback deltas
-            return io.NodeOutput(*load_gate(model, path, erasure_name, strength, allow_other_base))
+            return io.NodeOutput(*load_gate(model, path, erasure_name, strength, allow_other_base), clip)
         erasure = load_erasure(path)
-        base = effective_weights(model, sorted(set(kv_keys(model)) | set(erasure.deltas)))  # K/V + e.g. SDXL's pooled layer
-        check_base(erasure, base, erasure_name, allow_other_base)  # keys and shapes always, base unless allowed
-        deltas = {k: v.float() for k, v in erasure.deltas.items()}
+        model_part, text_part = split_file_deltas(erasure.deltas)
         info = {"method": "load", "file": erasure_name, "strength": strength, "source": erasure.info}
-        out = apply_erasure(model, deltas, base, info, strength)
-        return io.NodeOutput(out, json.dumps(erasure.info, indent=1, sort_keys=True))
+        out_clip = clip
+        if text_part:
+            if clip is None:
+                raise ValueError(f"clip: {erasure_name} holds a compiled text gate (CLIP edits); connect the CLIP "
+                                 "and sample with this node's CLIP output (or load the file with the stock LoraLoader)")
+            base = text_base(clip, sorted(text_part))
+            check_base(ErasureFile(text_part, {"mace.base_model": erasure.metadata.get("mace.base_text_encoder", "")}),
+                       base, f"{erasure_name} (text encoder part)", allow_other_base)
+            out_clip = apply_text_gate(clip, {k: v.float() for k, v in text_part.items()}, base, info, strength)
+        out = model
+        if model_part:
+            base = effective_weights(model, sorted(set(kv_keys(model)) | set(model_part)))  # K/V + e.g. SDXL's pooled layer
+            check_base(ErasureFile(model_part, erasure.metadata), base, erasure_name, allow_other_base)
+            out = apply_erasure(model, {k: v.float() for k, v in model_part.items()}, base, info, strength)
+        return io.NodeOutput(out, json.dumps(erasure.info, indent=1, sort_keys=True), out_clip)

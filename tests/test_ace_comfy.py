@@ -130,7 +130,7 @@ def test_file_with_fallback_stock_loader_and_bad_input(ace_run, comfy):
     for k in base:
         assert torch.allclose(patched[k], base[k] + deltas[k], atol=1e-3), k
 
-    loaded, _info = io_nodes.MaceLoadErasure.execute(base_model, saved.name, 1.0, False).result
+    loaded, _info, _clip = io_nodes.MaceLoadErasure.execute(base_model, saved.name, 1.0, False).result
     assert gate_mod.get_gate(loaded) is not None
     assert len(loaded.model_options["transformer_options"]["patches"]["attn2_patch"]) == 1
     for k, d in cm.get_record(loaded).deltas.items():

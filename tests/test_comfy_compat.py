@@ -120,7 +120,7 @@ def test_pack_loads_with_an_api_version_hidden(comfy, monkeypatch, hidden, expec
         monkeypatch.setitem(sys.modules, h, None)  # `import h` now raises ImportError
     nodes_pkg, node_list = _load_pack_fresh(comfy)
     assert nodes_pkg.comfy_compat.API_MODULE == expected
-    assert len(node_list) == len(comfy.pack_node_ids) == 12  # 10 nodes + the two eval-unlearn .pt nodes
+    assert len(node_list) == len(comfy.pack_node_ids) == 13  # 11 nodes + the two eval-unlearn .pt nodes
     for cls in node_list:  # every schema builds with the chosen API
         assert cls.GET_SCHEMA() is not None
 

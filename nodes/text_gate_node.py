@@ -1,0 +1,115 @@
+"""Node ``MACE Text Gate (compiled)``: the ACE gate compiled into the CLIP's MLP (``mace_ops.text_gate``).
+
+For each text encoder the conditioning reads (SDXL: CLIP-L and bigG), the MLP of the layer clip
+skip reads gets two hidden units per concept in place of its least important ones: a ramp that is
+closed, up to < 1e-4 of its output, unless a token's input is within the calibrated threshold of the
+concept's prototype, and then writes the anchor's residual in place of the concept's at that token.
+Shapes are unchanged, so the edit is four tensors' diffs per encoder: ``MACE Save Erasure`` writes
+them as a file the stock LoraLoader applies to the CLIP (no pack needed to use it).
+
+Calibration as the ACE node's: the preserve prompts (each phrase's templates one group) plus the
+pack's 1,000 general captions; threshold = max(the ``quantile`` of each prompt's peak cosine, the
+shared floor set by ``open_rate``). On toy world v2 (``bench.gate_compile``): H 0.916 +- 0.013 at 100
+erased names, with the retained names and the captions' outputs as they were (README).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from .comfy_compat import io
+
+from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
+from ..mace_ops.encoding_cache import CachedTextEncoder
+from ..mace_ops.prior import general_captions
+from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
+from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_text_gate
+from .ace_node import _Counted, _Progress
+from .cfr_node import preserve_groups, preserve_phrases
+from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites, text_base
+from .concept_inputs import concept_inputs
+from .prior_input import PRIOR_CAPTIONS
+from .validation import check_inputs
+
+DEFAULTS = TextGateConfig()
+
+
+class MaceTextGate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line; they also calibrate the gate.",
+                           builtin_tooltip="Also calibrate the gate on a built-in set of 20 everyday prompts.")
+        return io.Schema(
+            node_id="MaceTextGate",
+            display_name="MACE Text Gate (compiled)",
+            category="MACE",
+            description="The ACE gate compiled into the text encoder's weights: two MLP units per concept, in the "
+            "layer clip skip reads, make a token that carries the concept leave that layer as the anchor's would; "
+            "other prompts pass unchanged. Seconds, no images. The result is a CLIP weight edit that MACE Save "
+            "Erasure writes and the stock LoraLoader applies.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP used for sampling (set clip skip before this node)."),
+                c["concepts"], c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
+                io.Float.Input("quantile", default=DEFAULTS.quantile, min=0.5, max=1.0, step=0.0005,
+                               tooltip="Gate threshold: this quantile, over ordinary prompts, of each prompt's largest "
+                               "similarity to the concept at the MLP's input (higher = opens less often)."),
+                io.Float.Input("open_rate", default=DEFAULTS.open_rate, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Shared threshold floor: at most this share of phrases like the preserve list "
+                               "(unseen ones) should open any concept's gate; it matters when many concepts are "
+                               "erased. 1 = off."),
+                io.Float.Input("width", default=DEFAULTS.width, min=1e-4, max=1.0, step=0.001, optional=True,
+                               tooltip="Cosine above the threshold at which a gate is fully open (it is closed at "
+                               "and below the threshold)."),
+            ],
+            outputs=[io.Clip.Output(display_name="clip"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, clip, concepts, concept_type, anchor, preserve, builtin_preserve, quantile,
+                open_rate=DEFAULTS.open_rate, width=DEFAULTS.width) -> io.NodeOutput:
+        check_inputs(cls, locals())
+        if clip is None:
+            raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
+        if get_text_gate(clip) is not None:
+            raise ValueError("clip: already carries a compiled text gate; erase every concept in one MACE Text Gate "
+                             "node (or start from the CLIP without it)")
+        parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
+        check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
+        templates = templates_for(concept_type)
+        keep, groups = preserve_groups(preserve, templates, builtin_preserve)
+        default_anchor = normalise_phrase(anchor) or DEFAULT_ANCHORS.get(concept_type, "")
+        config = TextGateConfig(float(quantile), float(open_rate), float(width))
+        captions = general_captions(PRIOR_CAPTIONS)
+        calibration = keep + captions
+        anchors = {default_anchor if c.anchor is None else c.anchor for c in parsed}
+        per_site = (len(calibration) + 2 * len(templates) * (len(anchors) + sum(len(c.phrases) for c in parsed)))
+        t0 = time.perf_counter()
+        sites = mlp_sites(clip)
+        progress = _Progress(per_site * len(sites))
+        deltas, lines = {}, []
+        for site in sites:
+            site.inputs = CachedTextEncoder(_Counted(site.inputs, progress), max_prompts=len(calibration) + 64)
+            site.outputs = _Counted(site.outputs, progress)
+            gate = calibrate_text_gate(site, parsed, templates, default_anchor, calibration,
+                                       groups + [None] * len(captions), config)
+            deltas.update(site.deltas(compile_text_gate(site, gate, calibration, config.width)))
+            lines.append(f"{site.name} ({site.activation}): thresholds "
+                         f"{', '.join(f'{t:.3f}' for t in gate.thresholds.tolist())}")
+        seconds = time.perf_counter() - t0
+        info = {
+            "method": "text_gate",
+            "concepts": [{"phrases": list(c.phrases), "anchor": default_anchor if c.anchor is None else c.anchor}
+                         for c in parsed],
+            "concept_type": concept_type,
+            "preserve": preserve_phrases(preserve),
+            "builtin_preserve": builtin_preserve,
+            "calibration_captions": len(captions),
+            "layers": [s.name for s in sites],
+            "text_gate": dict(config.__dict__),
+        }
+        out = apply_text_gate(clip, deltas, text_base(clip, list(deltas)), info)
+        progress.finish()
+        summary = (f"Text gate compiled for {len(parsed)} concept(s) in {seconds:.2f}s on {len(calibration)} "
+                   f"calibration prompts: {2 * len(parsed)} MLP units replaced per encoder.\n" + "\n".join(lines)
+                   + "\n" + json.dumps(info["concepts"]))
+        return io.NodeOutput(out, summary)
