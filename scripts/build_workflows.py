@@ -30,12 +30,14 @@ SOCKETS: dict[str, tuple[list, list]] = {
     "CheckpointSave": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], []),
     "MaceRefineCrossAttention": ([("model", "MODEL"), ("clip", "CLIP")],
                                  [("model", "MODEL"), ("summary", "STRING")]),
-    "MaceSaveErasure": ([("model", "MODEL")], [("path", "STRING")]),
+    "MaceSaveErasure": ([("model", "MODEL"), ("clip", "CLIP")], [("path", "STRING")]),
+    "MaceTextGate": ([("clip", "CLIP")], [("clip", "CLIP"), ("summary", "STRING")]),
     "MaceGatedErasure": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("summary", "STRING")]),
     "MaceMassErase": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                       [("model", "MODEL"), ("summary", "STRING")]),
     "MaceFuseLoras": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("summary", "STRING")]),
-    "MaceLoadErasure": ([("model", "MODEL")], [("model", "MODEL"), ("info", "STRING")]),
+    "MaceLoadErasure": ([("model", "MODEL"), ("clip", "CLIP")],
+                        [("model", "MODEL"), ("info", "STRING"), ("clip", "CLIP")]),
     "PreviewImage": ([("images", "IMAGE")], []),
     "MaceTrainingImages": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                            [("images", "IMAGE"), ("prompts", "STRING")]),
@@ -46,11 +48,11 @@ SOCKETS: dict[str, tuple[list, list]] = {
 
 
 def sampler_nodes(prefix: str, model: str, prompt: str, x: int, y: int, seed: int = 42, size: int = 512,
-                  steps: int = 20) -> dict:
+                  steps: int = 20, clip: tuple = ("ckpt", "CLIP")) -> dict:
     """Positive/negative prompts, an empty ``size`` latent, KSampler, decode and save."""
     return {
-        f"{prefix}pos": ("CLIPTextEncode", [prompt], {"clip": ("ckpt", "CLIP")}, (x, y)),
-        f"{prefix}neg": ("CLIPTextEncode", ["blurry, low quality"], {"clip": ("ckpt", "CLIP")}, (x, y + 220)),
+        f"{prefix}pos": ("CLIPTextEncode", [prompt], {"clip": clip}, (x, y)),
+        f"{prefix}neg": ("CLIPTextEncode", ["blurry, low quality"], {"clip": clip}, (x, y + 220)),
         f"{prefix}latent": ("EmptyLatentImage", [size, size, 1], {}, (x, y + 440)),
         f"{prefix}sample": ("KSampler", [seed, "fixed", steps, 7.0, "euler", "normal", 1.0],
                             {"model": model, "positive": (f"{prefix}pos", "CONDITIONING"),
@@ -164,6 +166,21 @@ WORKFLOWS = {
         **sampler_nodes("kept_", ("ace", "model"), "a painting of water lilies in the style of claude monet",
                         820, 760),
     },
+    # The ACE gate compiled into the CLIP's MLP (a CLIP weight edit, no patch on the model): the
+    # gated CLIP encodes both prompts; the saved file is a plain LoRA the stock LoraLoader applies.
+    "erase_text_gate": {
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
+        "gate": ("MaceTextGate",
+                 ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt", True,
+                  0.999, 0.05, 0.01],
+                 {"clip": ("ckpt", "CLIP")}, (380, 0)),
+        "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_text_gate", "fp16"], {"clip": ("gate", "clip")},
+                         (820, -260)),
+        "summary": ("PreviewAny", [], {"source": ("gate", "summary")}, (820, -120)),
+        **sampler_nodes("erased_", ("ckpt", "MODEL"), STARRY_NIGHT, 820, 60, clip=("gate", "clip")),
+        **sampler_nodes("kept_", ("ckpt", "MODEL"), "a painting of water lilies in the style of claude monet",
+                        820, 760, clip=("gate", "clip")),
+    },
     # SD 2.x (2.1 768-v is a v-prediction model; ComfyUI detects it): erase an object class with CFR.
     "erase_object_cfr_sd2": cfr_workflow(
         SD21, ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar", 1.0, 1.0, True, True],
@@ -174,7 +191,7 @@ WORKFLOWS = {
 # Layout: nodes keep their declared (x, y) only as an ordering -- columns by x, top to bottom by
 # y -- and get sizes estimated from their sockets and widgets, so that no two nodes overlap in
 # the frontend (a test checks the rectangles; tests/test_browser.py measures the real ones).
-MULTILINE = {"CLIPTextEncode": 1, "MaceRefineCrossAttention": 2, "MaceGatedErasure": 2, "MaceMassErase": 2, "MaceFuseLoras": 2,
+MULTILINE = {"CLIPTextEncode": 1, "MaceRefineCrossAttention": 2, "MaceGatedErasure": 2, "MaceTextGate": 2, "MaceMassErase": 2, "MaceFuseLoras": 2,
              "MaceTrainingImages": 0, "MaceTrainConceptLora": 0, "PreviewAny": 1}
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 110
 COL_GAP, ROW_GAP = 60, 50
