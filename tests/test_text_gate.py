@@ -111,3 +111,30 @@ def test_calibrate_text_gate_refuses_an_empty_concept_list_or_calibration_set():
     for concepts, prompts in (([], ["a prompt"]), ([concept], [])):
         with pytest.raises(ValueError, match="concepts and calibration prompts: the text gate needs both"):
             calibrate_text_gate(site, concepts, ("a photo of {}",), "boat", prompts)
+
+
+def test_calibrate_text_gate_writes_each_concepts_own_anchor():
+    """A concept with its own anchor (``x -> y``) gets the Delta towards that anchor, the others
+    towards the shared one, each exactly as if calibrated alone with it."""
+    from mace_ops.interfaces import EncodedPrompt
+
+    site = _Site(8, 16, torch.Generator().manual_seed(3))
+
+    class ByPrompt:                                  # one token per word, its rows fixed by word and place
+        def encode(self, prompts):
+            out = []
+            for p in prompts:
+                words = p.split()
+                ids = tuple(sum(map(ord, w)) for w in words)
+                rows = [torch.randn(8, generator=torch.Generator().manual_seed(i * 31 + t)) for t, i in enumerate(ids)]
+                out.append(EncodedPrompt(ids, len(ids), torch.stack(rows)))
+            return out
+    site.inputs = site.outputs = ByPrompt()
+    templates, prompts = ("a photo of {}", "a picture of {}"), ["a dog", "a red car", "the sea at night"]
+    ship, cat = Concept(("ship",), anchor="boat"), Concept(("cat",))
+    both = calibrate_text_gate(site, [ship, cat], templates, "animal", prompts)
+    alone_ship = calibrate_text_gate(site, [Concept(("ship",))], templates, "boat", prompts)
+    alone_cat = calibrate_text_gate(site, [cat], templates, "animal", prompts)
+    shared = calibrate_text_gate(site, [Concept(("ship",))], templates, "animal", prompts)
+    assert torch.allclose(both.deltas[0], alone_ship.deltas[0]) and torch.allclose(both.deltas[1], alone_cat.deltas[0])
+    assert not torch.allclose(both.deltas[0], shared.deltas[0])

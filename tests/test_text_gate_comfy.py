@@ -170,3 +170,30 @@ def test_families_each_encoder_gets_its_gate_and_the_stock_loader_applies_it(com
     comfy.add_model_dir("loras", path.parent)
     _m, stock_clip = nodes.LoraLoader().load_lora(model, clip, path.name, 1.0, 1.0)
     assert torch.allclose(cond(stock_clip, CONCEPT_PROMPT), cond(gated, CONCEPT_PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_cfr_on_the_gated_clip_saves_one_file_with_both_parts(gate_run, comfy):
+    """The chain the toy bench measured best as weight edits (gate, then MACE's K/V stages fitted on
+    the gated encoder): CFR reads the gated CLIP, Save Erasure writes K/V and CLIP diffs into one
+    file, and Load Erasure gives back both the CFR model and the gated conditioning."""
+    model, base, gated, _ = gate_run
+    pack = comfy.pack_module
+    cfr = pack.nodes.cfr_node.MaceRefineCrossAttention
+    erased = cfr.execute(model, gated, "van gogh", "style", "", "claude monet", 0.1, 1.0, False,
+                         prior_weight=0.0).result[0]
+    record = pack.nodes.comfy_model.get_record(erased)
+    path = Path(pack.nodes.erasure_io_nodes.MaceSaveErasure.execute(
+        erased, "loras/mace_test_tg_cfr", "fp32", clip=gated).result[0])
+    comfy.add_model_dir("loras", path.parent)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    text_keys = {k for k in keys if k.startswith("text_encoders.")}
+    assert len(text_keys) == 4 and keys - text_keys == {k[: -len(".weight")] + ".diff" for k in record.deltas}
+    assert meta["mace.base_model"] and meta["mace.base_text_encoder"]
+    load = pack.nodes.erasure_io_nodes.MaceLoadErasure
+    loaded_model, _info, loaded_clip = load.execute(model, path.name, 1.0, False, clip=base).result
+    got = pack.nodes.comfy_model.effective_kv_weights(loaded_model)
+    want = pack.nodes.comfy_model.effective_kv_weights(erased)
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    assert torch.allclose(cond(loaded_clip, CONCEPT_PROMPT), cond(gated, CONCEPT_PROMPT), atol=1e-4, rtol=1e-4)
