@@ -738,3 +738,32 @@ def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64
             if isinstance(inputs.get(key), int):
                 inputs[key] = min(inputs[key], 2)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Cancel
+# --------------------------------------------------------------------------------------------
+
+def cancel_at_first_encode(pack, run) -> list[int]:
+    """Call ``run()`` with Cancel pressed during the pack's first text encode; it must raise
+    ComfyUI's InterruptProcessingException. Returns the batch size of every encode that ran."""
+    import comfy.model_management as mm
+    import pytest
+
+    enc_cls = pack.nodes.comfy_text_encoder.ComfyTextEncoder
+    real_encode, calls = enc_cls.encode, []
+
+    def encode(self, prompts):
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            mm.interrupt_current_processing(True)  # the user presses Cancel
+        return real_encode(self, prompts)
+
+    enc_cls.encode = encode
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run()
+    finally:
+        enc_cls.encode = real_encode
+        mm.interrupt_current_processing(False)
+    return calls

@@ -164,28 +164,11 @@ def test_file_with_fallback_stock_loader_and_bad_input(ace_run, comfy):
 
 def test_cancel_stops_the_fit(ace_run, comfy):
     """Cancel pressed while the gate is being fitted: InterruptProcessingException, not a gated model."""
-    import comfy.model_management as mm
-
     pack = comfy.pack_module
-    enc_cls = pack.nodes.comfy_text_encoder.ComfyTextEncoder
-    real_encode, calls = enc_cls.encode, []
-
-    def encode(self, prompts):
-        calls.append(len(prompts))
-        mm.interrupt_current_processing(True)  # the user presses Cancel
-        return real_encode(self, prompts)
-
     _, _, _, ex, _, _ = ace_run
-    enc_cls.encode = encode
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            pack.nodes.ace_node.MaceGatedErasure.execute(comfy.node_output("1", 0, ex), comfy.node_output("1", 1, ex),
-                                                         "van gogh", "style", "", "", False, 8, 0.999)
-    finally:
-        enc_cls.encode = real_encode
-        mm.interrupt_current_processing(False)
+    calls = ch.cancel_at_first_encode(pack, lambda: pack.nodes.ace_node.MaceGatedErasure.execute(
+        comfy.node_output("1", 0, ex), comfy.node_output("1", 1, ex), "van gogh", "style", "", "", False, 8, 0.999))
     assert len(calls) == 1
-
 
 
 ADV = {"adversarial_rounds": 1, "attack_steps": 2, "attack_images": 1, "image_size": 64, "sampling_steps": 1,

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import comfy_harness as ch
 from comfy_harness import load_tiny_checkpoint, make_tiny_sd15_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -148,25 +149,8 @@ def test_load_erasure_refuses_nan_strength_and_nan_files(env):
 
 def test_mass_erase_cancel_acts_during_cfr_encoding(env):
     """Cancel pressed while CFR encodes the first concept stops the run at the next concept."""
-    import comfy.model_management as mm
-
-    enc_cls = env.pack.nodes.comfy_text_encoder.ComfyTextEncoder
-    real_encode = enc_cls.encode
-    calls = []
-
-    def encode(self, prompts):
-        calls.append(len(prompts))
-        if len(calls) == 1:
-            mm.interrupt_current_processing(True)  # the user presses Cancel
-        return real_encode(self, prompts)
-
-    enc_cls.encode = encode
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            mass_erase(env, "cancel_cfr", concepts="ship\ncar\ndog\ncat\nhorse")
-    finally:
-        enc_cls.encode = real_encode
-        mm.interrupt_current_processing(False)
+    calls = ch.cancel_at_first_encode(env.pack, lambda: mass_erase(env, "cancel_cfr",
+                                                                   concepts="ship\ncar\ndog\ncat\nhorse"))
     assert len(calls) <= 3  # dim probe + first concept's anchor and phrase prompts, then the interrupt point
     folder = env.comfy.output_dir / "loras" / "mace_mass" / "cancel_cfr"
     assert not folder.exists() or not [f for f in os.listdir(folder) if f.endswith((".safetensors", ".tmp"))]
@@ -221,7 +205,7 @@ def test_same_checkpoint_in_another_dtype_is_the_same_base_and_other_checkpoints
         name = os.path.relpath(path, env.comfy.output_dir / "loras")
         for dtype in (torch.float16, torch.bfloat16):
             other_dtype = load_as(env.ckpt, dtype)
-            out, info = load.execute(other_dtype, name, 1.0, False).result
+            out, info, _clip = load.execute(other_dtype, name, 1.0, False).result
             assert env.pack.nodes.comfy_model.get_record(out) is not None
         other = make_tiny_sd15_checkpoint(env.tmp / "other.safetensors", clip_layers=1, seed=7)
         other_model = load_as(other, torch.float32)

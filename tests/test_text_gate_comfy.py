@@ -125,26 +125,9 @@ def test_clip_skip_second_gate_and_bad_input(gate_run, comfy, monkeypatch):
 
 
 def test_cancel_stops_the_compile(gate_run, comfy):
-    import comfy.model_management as mm
-
     _model, base, _gated, _ = gate_run
-    pack = comfy.pack_module
-    enc_cls = pack.nodes.comfy_text_encoder.ComfyTextEncoder
-    real_encode, calls = enc_cls.encode, []
-
-    def encode(self, prompts):
-        calls.append(len(prompts))
-        mm.interrupt_current_processing(True)  # the user presses Cancel
-        return real_encode(self, prompts)
-
-    enc_cls.encode = encode
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            pack.nodes.text_gate_node.MaceTextGate.execute(base, **GATE)
-    finally:
-        enc_cls.encode = real_encode
-        mm.interrupt_current_processing(False)
-    assert len(calls) == 1
+    node = comfy.pack_module.nodes.text_gate_node.MaceTextGate
+    assert len(ch.cancel_at_first_encode(comfy.pack_module, lambda: node.execute(base, **GATE))) == 1
 
 
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
