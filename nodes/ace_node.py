@@ -43,7 +43,7 @@ from .comfy_denoiser import ComfyDenoiser
 from .comfy_gate import GateRecord, apply_gate, base_fingerprint, check_gate_fits, get_gate
 from .comfy_model import effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
-from .concept_inputs import concept_inputs
+from .concept_inputs import gate_concept_inputs, quantile_input
 from .progress import NodeProgress
 from .training_images_node import DEFAULT_CFG, DEFAULT_SCHEDULER, concept_prompts, default_sampler, sample_latents
 from .validation import check_inputs
@@ -100,8 +100,7 @@ class _Counted:
 class MaceGatedErasure(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line; they also calibrate the gate.",
-                           builtin_tooltip="Also calibrate the gate on a built-in set of 20 everyday prompts.")
+        c = gate_concept_inputs()
         return io.Schema(
             node_id="MaceGatedErasure",
             display_name="MACE Gated Erasure (ACE)",
@@ -115,9 +114,7 @@ class MaceGatedErasure(io.ComfyNode):
                 c["concepts"], c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
                 io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=4096,
                              tooltip="Directions nulled out per concept (top singular vectors)."),
-                io.Float.Input("quantile", default=DEFAULTS.quantile, min=0.5, max=1.0, step=0.0005,
-                               tooltip="Gate threshold: this quantile, over ordinary prompts, of each prompt's "
-                               "largest similarity to the concept (higher = opens less often on other prompts)."),
+                quantile_input(DEFAULTS.quantile),
                 io.Float.Input("margin", default=DEFAULTS.margin, min=-2.0, max=2.0, step=0.01, optional=True,
                                tooltip="Added to the threshold (cosine units); > 0 opens the gate less often."),
                 io.Float.Input("temperature", default=DEFAULTS.temperature, min=1e-6, max=10.0, step=0.001,

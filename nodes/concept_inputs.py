@@ -1,4 +1,4 @@
-"""The concept / anchor / preserve inputs the erasing nodes share (CFR, ACE, Mass Erase).
+"""The concept / anchor / preserve inputs the erasing nodes share (CFR, ACE, Text Gate, Mass Erase).
 
 ``concept_inputs(...)`` returns the ``io`` input declarations by name, so each node lists them in
 its own order (saved workflows hold widget values by position: names, defaults and order stay
@@ -32,3 +32,19 @@ def concept_inputs(*, concepts_default: str = "van gogh, vincent van gogh", conc
         "preserve": io.String.Input("preserve", multiline=True, default="", tooltip=preserve_tooltip),
         "builtin_preserve": io.Boolean.Input("builtin_preserve", default=True, tooltip=builtin_tooltip),
     }
+
+
+GATE_PRESERVE_TOOLTIP = "Concepts to keep unchanged, one per line; they also calibrate the gate."
+GATE_BUILTIN_TOOLTIP = "Also calibrate the gate on a built-in set of 20 everyday prompts."
+
+
+def gate_concept_inputs(**kwargs) -> dict[str, io.Input]:
+    """``concept_inputs`` of the gate nodes (ACE, Text Gate): preserve and built-ins calibrate the gate."""
+    return concept_inputs(preserve_tooltip=GATE_PRESERVE_TOOLTIP, builtin_tooltip=GATE_BUILTIN_TOOLTIP, **kwargs)
+
+
+def quantile_input(default: float, where: str = "") -> io.Input:
+    """The gate threshold's ``quantile`` input; ``where``: where the similarity is read (tooltip)."""
+    return io.Float.Input("quantile", default=default, min=0.5, max=1.0, step=0.0005,
+                          tooltip="Gate threshold: this quantile, over ordinary prompts, of each prompt's largest "
+                          f"similarity to the concept{where} (higher = opens less often on other prompts).")

@@ -27,7 +27,7 @@ from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_te
 from .ace_node import _Counted, _Progress
 from .cfr_node import preserve_groups, preserve_phrases
 from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites, text_base
-from .concept_inputs import concept_inputs
+from .concept_inputs import gate_concept_inputs, quantile_input
 from .prior_input import PRIOR_CAPTIONS
 from .validation import check_inputs
 
@@ -37,22 +37,20 @@ DEFAULTS = TextGateConfig()
 class MaceTextGate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line; they also calibrate the gate.",
-                           builtin_tooltip="Also calibrate the gate on a built-in set of 20 everyday prompts.")
+        c = gate_concept_inputs(anchor_tooltip="What the concept becomes (e.g. 'art', 'a person'); empty = 'art' "
+                                "for styles, 'a person' for people, the empty word for objects.")
         return io.Schema(
             node_id="MaceTextGate",
             display_name="MACE Text Gate (compiled)",
             category="MACE",
             description="The ACE gate compiled into the text encoder's weights: two MLP units per concept, in the "
             "layer clip skip reads, make a token that carries the concept leave that layer as the anchor's would; "
-            "other prompts pass unchanged. Seconds, no images. The result is a CLIP weight edit that MACE Save "
+            "other prompts pass unchanged. No images (it encodes about 1,000 calibration prompts). The result is a CLIP weight edit that MACE Save "
             "Erasure writes and the stock LoraLoader applies.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling (set clip skip before this node)."),
                 c["concepts"], c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
-                io.Float.Input("quantile", default=DEFAULTS.quantile, min=0.5, max=1.0, step=0.0005,
-                               tooltip="Gate threshold: this quantile, over ordinary prompts, of each prompt's largest "
-                               "similarity to the concept at the MLP's input (higher = opens less often)."),
+                quantile_input(DEFAULTS.quantile, " at the MLP's input"),
                 io.Float.Input("open_rate", default=DEFAULTS.open_rate, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Shared threshold floor: at most this share of phrases like the preserve list "
                                "(unseen ones) should open any concept's gate; it matters when many concepts are "
