@@ -198,11 +198,12 @@ class PriorCache:
             self._write(key, {"moment": self.memory[key]})
 
     def encode(self, encoder: TextEncoder, captions: Sequence[str], batch: int = MOMENT_BATCH,
-               on_batch: Callable[[], None] | None = None) -> list[EncodedPrompt]:
+               on_batch: Callable[[], None] | None = None, keep_moment: bool = True) -> list[EncodedPrompt]:
         """``encoder.encode(captions)``, features rounded to float16 (how they are kept: 1,000 captions
         of 77 x 768 are 118 MB, SDXL's 2048 wide 315 MB), read back from the cache when present; the
         same values on the first run and every later one. Encoding them also keeps their ``moment``
-        (CFR's prior), so a CFR run after an ACE run does not encode the captions again."""
+        (CFR's prior), so a CFR run after an ACE run does not encode the captions again; ``keep_moment``
+        False for encodings that are not CFR's features (e.g. a text gate's residuals)."""
         if not captions:
             raise ValueError("captions: none to encode")
         key = self._key("captions", encoder, captions)
@@ -215,7 +216,7 @@ class PriorCache:
                 acc.add(part)
                 if on_batch:
                     on_batch()
-            if batch == MOMENT_BATCH:
+            if keep_moment and batch == MOMENT_BATCH:
                 self._keep_moment(encoder, captions, acc)
             tensors = {"features": torch.stack([e.features.detach().cpu().to(torch.float16) for e in encoded]),
                        "ids": torch.tensor([e.ids for e in encoded], dtype=torch.int32),

@@ -4,7 +4,7 @@
 the weight is 0. The moment is computed with the user's own CLIP (its clip-skip setting included)
 over ``mace_ops.prior.general_captions`` once, then read from ``<user>/mace_cache``.
 ``caption_encodings(encoder)``: the same captions' encodings (float16-rounded features), cached the
-same way: the ACE node calibrates its gate on them.
+same way: the ACE node calibrates its gate on them, the Text Gate node on its residuals' ones.
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ def _cache() -> PriorCache:
     return _CACHE
 
 
-def caption_encodings(encoder):
-    """``(captions, encodings)`` of the ``PRIOR_CAPTIONS`` general captions with this encoder."""
+def caption_encodings(encoder, keep_moment: bool = True):
+    """``(captions, encodings)`` of the ``PRIOR_CAPTIONS`` general captions with this encoder (any
+    ``TextEncoder``: the cache is keyed by its features, so a text gate's residual reader gets its
+    own entry; ``keep_moment`` False there, its moment is no CFR prior)."""
     captions = general_captions(PRIOR_CAPTIONS)
-    return captions, _cache().encode(encoder, captions,
+    return captions, _cache().encode(encoder, captions, keep_moment=keep_moment,
                                      on_batch=comfy.model_management.throw_exception_if_processing_interrupted)
 
 

@@ -8,7 +8,8 @@ Shapes are unchanged, so the edit is four tensors' diffs per encoder: ``MACE Sav
 them as a file the stock LoraLoader applies to the CLIP (no pack needed to use it).
 
 Calibration as the ACE node's: the preserve prompts (each phrase's templates one group) plus the
-pack's 1,000 general captions; threshold = max(the ``quantile`` of each prompt's peak cosine, the
+pack's 1,000 general captions (their residuals at the MLP's input cached per CLIP and layer, as the
+ACE node's caption encodings are: ``prior_input.caption_encodings``); threshold = max(the ``quantile`` of each prompt's peak cosine, the
 shared floor set by ``open_rate``). On toy world v2 (``bench.gate_compile``): H 0.916 +- 0.013 at 100
 erased names, with the retained names and the captions' outputs as they were (README).
 """
@@ -22,13 +23,13 @@ from .comfy_compat import io
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.encoding_cache import CachedTextEncoder
 from ..mace_ops.prior import general_captions
+from . import prior_input
 from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
 from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_text_gate
 from .ace_node import _Counted, _Progress
 from .cfr_node import preserve_groups, preserve_phrases
 from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites, text_base
 from .concept_inputs import gate_concept_inputs, quantile_input
-from .prior_input import PRIOR_CAPTIONS
 from .validation import check_inputs
 
 DEFAULTS = TextGateConfig()
@@ -77,16 +78,19 @@ class MaceTextGate(io.ComfyNode):
         keep, groups = preserve_groups(preserve, templates, builtin_preserve)
         default_anchor = normalise_phrase(anchor) or DEFAULT_ANCHORS.get(concept_type, "")
         config = TextGateConfig(float(quantile), float(open_rate), float(width))
-        captions = general_captions(PRIOR_CAPTIONS)
+        captions = general_captions(prior_input.PRIOR_CAPTIONS)   # the list caption_encodings encodes
         calibration = keep + captions
         anchors = {default_anchor if c.anchor is None else c.anchor for c in parsed}
-        per_site = (len(calibration) + 2 * len(templates) * (len(anchors) + sum(len(c.phrases) for c in parsed)))
+        per_site = (len(calibration) + 3 + 2 * len(templates) * (len(anchors) + sum(len(c.phrases) for c in parsed)))
         t0 = time.perf_counter()
         sites = mlp_sites(clip)
         progress = _Progress(per_site * len(sites))
         deltas, lines = {}, []
         for site in sites:
-            site.inputs = CachedTextEncoder(_Counted(site.inputs, progress), max_prompts=len(calibration) + 64)
+            counted = _Counted(site.inputs, progress)
+            _, caption_enc = prior_input.caption_encodings(counted, keep_moment=False)  # cached per CLIP and layer
+            site.inputs = CachedTextEncoder(counted, max_prompts=len(calibration) + 64)
+            site.inputs.remember(captions, caption_enc)
             site.outputs = _Counted(site.outputs, progress)
             gate = calibrate_text_gate(site, parsed, templates, default_anchor, calibration,
                                        groups + [None] * len(captions), config)

@@ -119,6 +119,10 @@ def test_encoding_the_captions_keeps_their_moment(tmp_path):
     other = PriorCache(str(tmp_path / "other"))
     other.encode(a, caps, batch=5)
     assert not list((tmp_path / "other").glob("prior-*.safetensors")) and not other.memory
+    unkept = PriorCache(str(tmp_path / "unkept"))          # e.g. a text gate's residuals: no CFR prior
+    unkept.encode(a, caps, keep_moment=False)
+    assert not list((tmp_path / "unkept").glob("prior-*.safetensors")) and not unkept.memory
+    assert list((tmp_path / "unkept").glob("captions-*.safetensors"))
 
 
 def _train(config, den, moment=None):

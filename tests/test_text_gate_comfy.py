@@ -4,7 +4,7 @@ On the tiny random-weight SD1.5-layout checkpoint (2-layer CLIP-L): the node edi
 tensors of the layer clip skip reads, moves the concept prompt's conditioning and leaves prompts
 without the concept nearly as they were; MACE Save Erasure writes ``text_encoders.*`` diffs that the
 stock LoraLoader and MACE Load Erasure apply to give the node's conditioning. The captions are cut
-to 100 (``PRIOR_CAPTIONS``) to keep the CPU run short; the node's maths does not depend on the count.
+to 100 (``prior_input.PRIOR_CAPTIONS``) to keep the CPU run short; the node's maths does not depend on the count.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def change(a, b, text):
 def gate_run(comfy, tiny_ckpt_2layer):
     comfy.require_pack()
     mp = pytest.MonkeyPatch()
-    mp.setattr(comfy.pack_module.nodes.text_gate_node, "PRIOR_CAPTIONS", 100)
+    mp.setattr(comfy.pack_module.nodes.prior_input, "PRIOR_CAPTIONS", 100)
     api = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": Path(tiny_ckpt_2layer).name}},
         "2": {"class_type": "MaceTextGate", "inputs": {"clip": ["1", 1], **GATE}},
@@ -96,7 +96,7 @@ def test_file_loads_with_stock_lora_loader_and_load_node(gate_run, comfy):
 def test_clip_skip_second_gate_and_bad_input(gate_run, comfy, monkeypatch):
     model, base, gated, _ = gate_run
     pack = comfy.pack_module
-    monkeypatch.setattr(pack.nodes.text_gate_node, "PRIOR_CAPTIONS", 20)
+    monkeypatch.setattr(pack.nodes.prior_input, "PRIOR_CAPTIONS", 20)
     node = pack.nodes.text_gate_node.MaceTextGate
     skipped = base.clone()
     skipped.clip_layer(-2)                                                # CLIPSetLastLayer -2: layer 0's output
@@ -124,6 +124,24 @@ def test_clip_skip_second_gate_and_bad_input(gate_run, comfy, monkeypatch):
         save.execute(None, "loras/mace_test_tg_bad", "fp32")
 
 
+def test_a_second_run_reads_the_captions_residuals_from_the_disk_cache(gate_run, comfy, monkeypatch):
+    """The captions' residuals at the MLP's input are cached per CLIP and layer (as ACE's caption
+    encodings): a later run, in a new process's cache, encodes only the preserve, concept and anchor
+    prompts and compiles the same tensors, bit for bit."""
+    _model, base, gated, _ = gate_run
+    pack = comfy.pack_module
+    monkeypatch.setattr(pack.nodes.prior_input, "PRIOR_CAPTIONS", 100)       # the fixture's captions
+    monkeypatch.setattr(pack.nodes.prior_input, "_CACHE", None)              # read back from disk
+    enc_cls, sizes = pack.nodes.comfy_text_encoder.ComfyTextEncoder, []
+    real = enc_cls.encode
+    monkeypatch.setattr(enc_cls, "encode", lambda self, prompts: sizes.append(len(prompts)) or real(self, prompts))
+    again = pack.nodes.text_gate_node.MaceTextGate.execute(base, **GATE).result[0]
+    n = len(pack.mace_ops.templates.templates_for("style"))
+    assert sum(sizes) == 3 + 5 * n      # the cache's 3 probes; preserve, anchor and concept in, anchor and concept out
+    first, second = (pack.nodes.comfy_text_site.get_text_gate(c).deltas for c in (gated, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_cancel_stops_the_compile(gate_run, comfy):
     _model, base, _gated, _ = gate_run
     node = comfy.pack_module.nodes.text_gate_node.MaceTextGate
@@ -139,7 +157,7 @@ def test_families_each_encoder_gets_its_gate_and_the_stock_loader_applies_it(com
 
     pack = comfy.pack_module
     comfy.require_pack()
-    monkeypatch.setattr(pack.nodes.text_gate_node, "PRIOR_CAPTIONS", 20)
+    monkeypatch.setattr(pack.nodes.prior_input, "PRIOR_CAPTIONS", 20)
     model, clip, _vae = ch.load_tiny_checkpoint(request.getfixturevalue(f"tiny_{family}_ckpt"))
     gated, summary = pack.nodes.text_gate_node.MaceTextGate.execute(clip, **GATE).result
     parts = {"sd2": ["clip_h"], "sdxl": ["clip_g", "clip_l"]}[family]
