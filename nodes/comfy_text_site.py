@@ -145,20 +145,21 @@ def text_base(clip, keys) -> KVWeights:
     return effective_weights(clip.patcher, keys, prefix=None)
 
 
-def apply_text_gate(clip, deltas: KVWeights, base: KVWeights, info: dict, strength: float = 1.0):
-    """A clone of ``clip`` with ``strength`` x ``deltas`` as diff patches and the record attached
-    (``clip`` untouched); ``base``: the values the deltas were computed from (their fingerprint)."""
+def apply_text_gate(clip, deltas: KVWeights, base: KVWeights, info: dict):
+    """A clone of ``clip`` with ``deltas`` as diff patches (strength 1: a scaled gate is another gate)
+    and the record attached (``clip`` untouched); ``base``: the values the deltas were computed from
+    (their fingerprint)."""
     if get_text_gate(clip) is not None:
         raise ValueError("clip: already carries a compiled text gate; erase every concept in one MACE Text Gate "
                          "node (or start from the CLIP without it)")
     require_finite(deltas, "text gate", "the compiled gate holds NaN/inf; nothing was applied")
+    deltas = {k: d.to(torch.float32) for k, d in deltas.items()}
     out = clip.clone()
-    accepted = set(out.add_patches({k: ("diff", (d.to(torch.float32),)) for k, d in deltas.items()}, strength))
+    accepted = set(out.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0))
     missing = sorted(set(deltas) - accepted)
     if missing:
         raise ValueError(f"clip: {len(missing)} weight(s) to patch are missing, e.g. {missing[0]}")
-    scaled = {k: (strength * d).to(torch.float32) for k, d in deltas.items()}
-    out.patcher.set_attachments(TEXT_GATE_ATTACHMENT, TextGateRecord(scaled, weights_fingerprint(
+    out.patcher.set_attachments(TEXT_GATE_ATTACHMENT, TextGateRecord(deltas, weights_fingerprint(
         {k: base[k] for k in deltas}), info))
     return out
 

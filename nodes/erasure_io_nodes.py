@@ -112,10 +112,13 @@ class MaceLoadErasure(io.ComfyNode):
             if clip is None:
                 raise ValueError(f"clip: {erasure_name} holds a compiled text gate (CLIP edits); connect the CLIP "
                                  "and sample with this node's CLIP output (or load the file with the stock LoraLoader)")
+            if strength != 1.0:  # scaled, its units mix with the ones they replaced: another gate, not a weaker one
+                raise ValueError(f"strength: {erasure_name} holds a compiled text gate, which loads at strength 1 "
+                                 "only (its units' thresholds scale with it); set strength to 1")
             base = text_base(clip, sorted(text_part))
             check_base(ErasureFile(text_part, {"mace.base_model": erasure.metadata.get("mace.base_text_encoder", "")}),
                        base, f"{erasure_name} (text encoder part)", allow_other_base)
-            out_clip = apply_text_gate(clip, {k: v.float() for k, v in text_part.items()}, base, info, strength)
+            out_clip = apply_text_gate(clip, text_part, base, info)
         out = model
         if model_part:
             base = effective_weights(model, sorted(set(kv_keys(model)) | set(model_part)))  # K/V + e.g. SDXL's pooled layer

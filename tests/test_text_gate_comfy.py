@@ -85,6 +85,8 @@ def test_file_loads_with_stock_lora_loader_and_load_node(gate_run, comfy):
             assert torch.allclose(cond(clip, text), want, atol=1e-4, rtol=1e-4), text
     with pytest.raises(ValueError, match="clip"):
         load.execute(model, path.name, 1.0, False)                        # the text part needs a CLIP
+    with pytest.raises(ValueError, match="strength: .* loads at strength 1 only"):
+        load.execute(model, path.name, 0.5, False, clip=base)
     other = base.clone()
     key = sorted(comfy.pack_module.nodes.comfy_text_site.get_text_gate(gated).deltas)[0]
     other.add_patches({key: ("diff", (torch.full_like(base.patcher.model.state_dict()[key].float(), 0.05),))})
