@@ -163,3 +163,39 @@ def test_mass_erase_shards_then_fuse_match_one_run(env):
             run("sh_bad", bad)
     with pytest.raises(ValueError, match="lora_training: unknown 'fast'"):
         run("sh_bad", "", training="fast")
+
+
+def test_mass_erase_on_the_gated_clip_saves_one_file_with_both_parts(env):
+    """Text Gate (compiled) -> Mass Erase on its CLIP -> one Save: the toy's "compiled gate + full
+    MACE" as a graph. The file holds the fused K/V and the CLIP's MLP diffs; Load Erasure gives both
+    back (K/V to 1e-5, the gated conditioning to 1e-4)."""
+    from pathlib import Path
+
+    pack = env.pack
+    with torch.inference_mode():
+        gated = pack.nodes.text_gate_node.MaceTextGate.execute(env.clip, CONCEPTS, "object", "", "", False,
+                                                                0.999).result[0]
+    node = pack.nodes.mass_erase_node.MaceMassErase
+    with torch.inference_mode():
+        erased = node.execute(env.model, gated, env.vae, CONCEPTS, "", "object", "", "", False, "gated",
+                              1.0, 1.0, 3, 3e-2, 1, 64, 2, 5, 1e-3).result[0]
+        path = Path(pack.nodes.erasure_io_nodes.MaceSaveErasure.execute(erased, "loras/mace_test_gated_mass", "fp32",
+                                                                        clip=gated).result[0])
+        env.comfy.add_model_dir("loras", path.parent)
+        loaded, _info, clip = pack.nodes.erasure_io_nodes.MaceLoadErasure.execute(env.model, path.name, 1.0, False,
+                                                                                  clip=env.clip).result
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    assert sum(k.startswith("text_encoders.") for k in keys) == 4 and sum(k.startswith("diffusion_model.") for k in keys) > 0
+    cm = pack.nodes.comfy_model
+    want, got = cm.effective_kv_weights(erased), cm.effective_kv_weights(loaded)
+    assert any(not torch.equal(w, b) for w, b in zip(want.values(), cm.effective_kv_weights(env.model).values()))
+    assert want.keys() == got.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    text = "a photo of a ship"
+    with torch.inference_mode():
+        a = clip.encode_from_tokens(clip.tokenize(text)).float()
+        b = gated.encode_from_tokens(gated.tokenize(text)).float()
+        base = env.clip.encode_from_tokens(env.clip.tokenize(text)).float()
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4) and not torch.allclose(a, base, atol=1e-4)
