@@ -116,20 +116,9 @@ def test_calibrate_text_gate_refuses_an_empty_concept_list_or_calibration_set():
 def test_calibrate_text_gate_writes_each_concepts_own_anchor():
     """A concept with its own anchor (``x -> y``) gets the Delta towards that anchor, the others
     towards the shared one, each exactly as if calibrated alone with it."""
-    from mace_ops.interfaces import EncodedPrompt
-
     site = _Site(8, 16, torch.Generator().manual_seed(3))
 
-    class ByPrompt:                                  # one token per word, its rows fixed by word and place
-        def encode(self, prompts):
-            out = []
-            for p in prompts:
-                words = p.split()
-                ids = tuple(sum(map(ord, w)) for w in words)
-                rows = [torch.randn(8, generator=torch.Generator().manual_seed(i * 31 + t)) for t, i in enumerate(ids)]
-                out.append(EncodedPrompt(ids, len(ids), torch.stack(rows)))
-            return out
-    site.inputs = site.outputs = ByPrompt()
+    site.inputs = site.outputs = _ByPrompt()
     templates, prompts = ("a photo of {}", "a picture of {}"), ["a dog", "a red car", "the sea at night"]
     ship, cat = Concept(("ship",), anchor="boat"), Concept(("cat",))
     both = calibrate_text_gate(site, [ship, cat], templates, "animal", prompts)
@@ -138,3 +127,36 @@ def test_calibrate_text_gate_writes_each_concepts_own_anchor():
     shared = calibrate_text_gate(site, [Concept(("ship",))], templates, "animal", prompts)
     assert torch.allclose(both.deltas[0], alone_ship.deltas[0]) and torch.allclose(both.deltas[1], alone_cat.deltas[0])
     assert not torch.allclose(both.deltas[0], shared.deltas[0])
+
+
+class _ByPrompt:
+    """One token per word, its rows fixed by word and place (8 wide), the same on every call."""
+
+    def encode(self, prompts):
+        from mace_ops.interfaces import EncodedPrompt
+
+        out = []
+        for p in prompts:
+            ids = tuple(sum(map(ord, w)) for w in p.split())
+            rows = [torch.randn(8, generator=torch.Generator().manual_seed(i * 31 + t)) for t, i in enumerate(ids)]
+            out.append(EncodedPrompt(ids, len(ids), torch.stack(rows)))
+        return out
+
+
+def test_unit_importance_is_the_same_in_chunks(monkeypatch):
+    """Summed over chunks of token rows (its memory bound), the ranking and mean activation equal
+    the all-at-once values."""
+    import mace_ops.text_gate as tg
+
+    site = _Site(8, 16, torch.Generator().manual_seed(4))
+    site.inputs = _ByPrompt()
+    prompts = ["a dog on the grass", "a red car", "the sea at night under the moon", "two cats"]
+    whole = tg.unit_importance(site, prompts)
+    monkeypatch.setattr(tg, "IMPORTANCE_ROWS", 3)          # 3 rows = one prompt's worth at most per chunk
+    chunked = tg.unit_importance(site, prompts)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, chunked))
+    rows = torch.cat([e.features for e in site.inputs.encode(prompts)])
+    gamma, beta = site.norm()
+    act = ACTIVATIONS[site.activation](torch.nn.functional.layer_norm(rows, (8,), gamma, beta)
+                                       @ site.mlp()["fc1.weight"].T + site.mlp()["fc1.bias"])
+    assert torch.allclose(whole[1], act.mean(0), atol=1e-6)
