@@ -97,6 +97,30 @@ class _Counted:
         return out
 
 
+def gate_concepts(concepts: str, concept_type: str, preserve: str, builtin_preserve: bool):
+    """(concepts parsed, their templates, the preserve prompts, their groups) of a gate node's inputs;
+    no concepts, or a concept also in ``preserve``, is refused naming the field."""
+    parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
+    check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
+    templates = templates_for(concept_type)
+    keep, groups = preserve_groups(preserve, templates, builtin_preserve)
+    return parsed, templates, keep, groups
+
+
+def gate_info(method: str, parsed, default_anchor: str, concept_type: str, preserve: str, builtin_preserve: bool,
+              n_captions: int) -> dict:
+    """What a gate node records of its inputs (the erasure's ``info``, saved as the file's metadata)."""
+    return {
+        "method": method,
+        "concepts": [{"phrases": list(c.phrases), "anchor": default_anchor if c.anchor is None else c.anchor}
+                     for c in parsed],
+        "concept_type": concept_type,
+        "preserve": preserve_phrases(preserve),
+        "builtin_preserve": builtin_preserve,
+        "calibration_captions": n_captions,
+    }
+
+
 class MaceGatedErasure(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -162,10 +186,7 @@ class MaceGatedErasure(io.ComfyNode):
         if get_gate(model) is not None:
             raise ValueError("model: already carries an ACE gate; erase every concept in one MACE Gated Erasure "
                              "(ACE) node")
-        parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
-        check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
-        templates = templates_for(concept_type)
-        keep, groups = preserve_groups(preserve, templates, builtin_preserve)
+        parsed, templates, keep, groups = gate_concepts(concepts, concept_type, preserve, builtin_preserve)
         default_anchor = normalise_phrase(anchor)
         config = ACEConfig(int(rank), float(quantile), float(margin), float(temperature), float(open_rate), str(gate))
         rounds, n_images, steps = int(adversarial_rounds), int(attack_images), int(sampling_steps)
@@ -227,16 +248,8 @@ class MaceGatedErasure(io.ComfyNode):
             attack_seconds = time.perf_counter() - t1
         seconds = time.perf_counter() - t0
         check_gate_fits(erasure, base, "clip")
-        info = {
-            "method": "ace",
-            "concepts": [{"phrases": list(c.phrases), "anchor": default_anchor if c.anchor is None else c.anchor}
-                         for c in parsed],
-            "concept_type": concept_type,
-            "preserve": preserve_phrases(preserve),
-            "builtin_preserve": builtin_preserve,
-            "calibration_captions": len(captions),
-            "ace": dict(config.__dict__),
-        }
+        info = {**gate_info("ace", parsed, default_anchor, concept_type, preserve, builtin_preserve, len(captions)),
+                "ace": dict(config.__dict__)}
         if rounds:
             info["adversarial"] = {"rounds": rounds, "attack_steps": int(attack_steps), "attack_images": n_images,
                                    "image_size": int(image_size), "sampling_steps": steps, "seed": int(seed),

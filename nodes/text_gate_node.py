@@ -20,14 +20,13 @@ import time
 
 from .comfy_compat import io
 
-from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
+from ..mace_ops.concepts import normalise_phrase
 from ..mace_ops.encoding_cache import CachedTextEncoder
 from ..mace_ops.prior import general_captions
-from . import prior_input
-from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
+from ..mace_ops.templates import DEFAULT_ANCHORS
 from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_text_gate
-from .ace_node import _Counted, _Progress
-from .cfr_node import preserve_groups, preserve_phrases
+from . import prior_input
+from .ace_node import _Counted, _Progress, gate_concepts, gate_info
 from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites, text_base
 from .concept_inputs import gate_concept_inputs, quantile_input
 from .validation import check_inputs
@@ -72,10 +71,7 @@ class MaceTextGate(io.ComfyNode):
         if get_text_gate(clip) is not None:
             raise ValueError("clip: already carries a compiled text gate; erase every concept in one MACE Text Gate "
                              "node (or start from the CLIP without it)")
-        parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
-        check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
-        templates = templates_for(concept_type)
-        keep, groups = preserve_groups(preserve, templates, builtin_preserve)
+        parsed, templates, keep, groups = gate_concepts(concepts, concept_type, preserve, builtin_preserve)
         default_anchor = normalise_phrase(anchor) or DEFAULT_ANCHORS.get(concept_type, "")
         config = TextGateConfig(float(quantile), float(open_rate), float(width))
         captions = general_captions(prior_input.PRIOR_CAPTIONS)   # the list caption_encodings encodes
@@ -98,17 +94,9 @@ class MaceTextGate(io.ComfyNode):
             lines.append(f"{site.name} ({site.activation}): thresholds "
                          f"{', '.join(f'{t:.3f}' for t in gate.thresholds.tolist())}")
         seconds = time.perf_counter() - t0
-        info = {
-            "method": "text_gate",
-            "concepts": [{"phrases": list(c.phrases), "anchor": default_anchor if c.anchor is None else c.anchor}
-                         for c in parsed],
-            "concept_type": concept_type,
-            "preserve": preserve_phrases(preserve),
-            "builtin_preserve": builtin_preserve,
-            "calibration_captions": len(captions),
-            "layers": [s.name for s in sites],
-            "text_gate": dict(config.__dict__),
-        }
+        info = {**gate_info("text_gate", parsed, default_anchor, concept_type, preserve, builtin_preserve,
+                            len(captions)),
+                "layers": [s.name for s in sites], "text_gate": dict(config.__dict__)}
         out = apply_text_gate(clip, deltas, text_base(clip, list(deltas)), info)
         progress.finish()
         summary = (f"Text gate compiled for {len(parsed)} concept(s) in {seconds:.2f}s on {len(calibration)} "
