@@ -125,6 +125,8 @@ def save_erasure(
     require_finite(deltas, "save erasure", "the erasure holds NaN/inf; nothing was saved. Rerun the MACE "
                    "stages with a larger lambda or lower learning rate")
     tensors = {diff_key(k): v.detach().to(device="cpu", dtype=DTYPES[dtype]).contiguous() for k, v in deltas.items()}
+    require_finite(tensors, f"dtype: in {dtype}", "the erasure's values exceed its range (e.g. a compiled text "
+                   "gate's steep units); nothing was saved. Save with fp32 or bf16")
     metadata = mace_metadata({"mace.format": FORMAT_VERSION, "mace.pack_version": __version__, "mace.dtype": dtype,
                               "mace.base_model": base_fingerprint}, info)
     atomic_save(tensors, path, metadata)

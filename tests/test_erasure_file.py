@@ -95,7 +95,11 @@ def test_save_rejects_bad_input(tmp_path):
         ef.save_erasure(str(tmp_path / "a.safetensors"), RES.deltas, FP, {}, "fp8")
     with pytest.raises(ValueError, match="nothing to save"):
         ef.save_erasure(str(tmp_path / "a.safetensors"), {}, FP, {})
+    big = {k: torch.full_like(v, 1e5) for k, v in RES.deltas.items()}      # beyond fp16's 65,504
+    with pytest.raises(ValueError, match="dtype: in fp16: .* exceed its range.* fp32 or bf16"):
+        ef.save_erasure(str(tmp_path / "a.safetensors"), big, FP, {}, "fp16")
     assert os.listdir(tmp_path) == []
+    ef.save_erasure(str(tmp_path / "b.safetensors"), big, FP, {}, "bf16")
 
 
 def test_saved_files_are_byte_identical_and_get_normal_permissions(tmp_path):
