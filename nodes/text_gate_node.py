@@ -90,9 +90,11 @@ class MaceTextGate(io.ComfyNode):
             site.outputs = _Counted(site.outputs, progress)
             gate = calibrate_text_gate(site, parsed, templates, default_anchor, calibration,
                                        groups + [None] * len(captions), config)
-            deltas.update(site.deltas(compile_text_gate(site, gate, calibration, config.width)))
+            compiled = compile_text_gate(site, gate, calibration, config.width)
+            deltas.update(site.deltas(compiled))
             lines.append(f"{site.name} ({site.activation}): thresholds "
-                         f"{', '.join(f'{t:.3f}' for t in gate.thresholds.tolist())}")
+                         f"{', '.join(f'{t:.3f}' for t in gate.thresholds.tolist())}; largest |fc1 weight| "
+                         f"{float(compiled['fc1.weight'].abs().max()):.3g} (fp16 holds up to 65,504)")
         seconds = time.perf_counter() - t0
         info = {**gate_info("text_gate", parsed, default_anchor, concept_type, preserve, builtin_preserve,
                             len(captions)),
