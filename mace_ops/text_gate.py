@@ -131,6 +131,14 @@ def ramp_units(gamma: torch.Tensor, beta: torch.Tensor, gate: TextGate, activati
 
 
 @torch.no_grad()
+def check_capacity(site: MlpSite, n_concepts: int) -> None:
+    """ValueError naming ``concepts`` when the layer has fewer than the 2 units per concept the gate needs."""
+    h = site.mlp()["fc1.weight"].shape[0]
+    if 2 * n_concepts > h:
+        raise ValueError(f"concepts: {n_concepts} need {2 * n_concepts} MLP units, the layer has {h}; erase fewer "
+                         "concepts at once")
+
+
 def unit_importance(site: MlpSite, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(importance (h,), mean activation (h,)) of the MLP's hidden units over every position of
     ``prompts`` (pads too: cross-attention reads them), summed in float64 over chunks of at most
@@ -160,9 +168,7 @@ def compile_text_gate(site: MlpSite, gate: TextGate, importance_prompts: Sequenc
     gamma, beta = (v.float() for v in site.norm())
     mlp = {k: v.detach().float().clone() for k, v in site.mlp().items()}
     rows, bias, cols = ramp_units(gamma, beta, gate, site.activation, width)
-    if len(rows) > mlp["fc1.weight"].shape[0]:
-        raise ValueError(f"concepts: {len(gate.thresholds)} need {len(rows)} MLP units, the layer has "
-                         f"{mlp['fc1.weight'].shape[0]}; erase fewer concepts at once")
+    check_capacity(site, len(gate.thresholds))
     score, mean = unit_importance(site, importance_prompts)
     drop = score.argsort()[: len(rows)]
     mlp["fc2.bias"] += mlp["fc2.weight"][:, drop] @ mean[drop]

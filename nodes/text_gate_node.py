@@ -24,7 +24,7 @@ from ..mace_ops.concepts import normalise_phrase
 from ..mace_ops.encoding_cache import CachedTextEncoder
 from ..mace_ops.prior import general_captions
 from ..mace_ops.templates import DEFAULT_ANCHORS
-from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_text_gate
+from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, check_capacity, compile_text_gate
 from . import prior_input
 from .ace_node import _Counted, _Progress, gate_concepts, gate_info
 from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites, text_base
@@ -80,6 +80,8 @@ class MaceTextGate(io.ComfyNode):
         per_site = (len(calibration) + 3 + 2 * len(templates) * (len(anchors) + sum(len(c.phrases) for c in parsed)))
         t0 = time.perf_counter()
         sites = mlp_sites(clip)
+        for site in sites:                       # before any encoding
+            check_capacity(site, len(parsed))
         progress = _Progress(per_site * len(sites))
         deltas, lines = {}, []
         for site in sites:

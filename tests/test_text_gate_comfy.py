@@ -110,6 +110,15 @@ def test_clip_skip_second_gate_and_bad_input(gate_run, comfy, monkeypatch):
         node.execute(base, **{**GATE, "quantile": float("nan")})
     with pytest.raises(ValueError, match="concepts"):
         node.execute(base, **{**GATE, "concepts": "  "})
+    h = pack.nodes.comfy_text_site.mlp_sites(base)[0].mlp()["fc1.weight"].shape[0]
+    too_many = "\n".join(f"concept{i}" for i in range(h // 2 + 1))
+    calls = []
+    monkeypatch.setattr(pack.nodes.comfy_text_site._Residuals, "encode", lambda self, p: calls.append(p))
+    with pytest.raises(ValueError, match=f"concepts: {h // 2 + 1} need {h + 2} MLP units, the layer has {h}"):
+        node.execute(base, **{**GATE, "concepts": too_many})
+    assert calls == []                                                    # refused before any encoding
+    monkeypatch.undo()
+    monkeypatch.setattr(pack.nodes.prior_input, "PRIOR_CAPTIONS", 20)
     other_family = base.clone()
     other_family.cond_stage_model = torch.nn.Module()                    # e.g. Flux's CLIP-L + T5: no CLIP part
     with pytest.raises(ValueError, match="clip: the text gate compiles .* supported: SD1.x"):
