@@ -130,7 +130,6 @@ def ramp_units(gamma: torch.Tensor, beta: torch.Tensor, gate: TextGate, activati
     return torch.cat([w, w]), torch.cat([b, b - z0]), torch.cat([gate.deltas, -gate.deltas]).T / z0
 
 
-@torch.no_grad()
 def check_capacity(site: MlpSite, n_concepts: int) -> None:
     """ValueError naming ``concepts`` when the layer has fewer than the 2 units per concept the gate needs."""
     h = site.mlp()["fc1.weight"].shape[0]
@@ -139,6 +138,7 @@ def check_capacity(site: MlpSite, n_concepts: int) -> None:
                          "concepts at once")
 
 
+@torch.no_grad()
 def unit_importance(site: MlpSite, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(importance (h,), mean activation (h,)) of the MLP's hidden units over every position of
     ``prompts`` (pads too: cross-attention reads them), summed in float64 over chunks of at most
@@ -148,14 +148,13 @@ def unit_importance(site: MlpSite, prompts: Sequence[str]) -> tuple[torch.Tensor
     mlp, phi = site.mlp(), ACTIVATIONS[site.activation]
     w1, b1 = mlp["fc1.weight"].T.float(), mlp["fc1.bias"].float()
     encoded = site.inputs.encode(list(prompts))
-    total_abs = total = None
+    total_abs, total = torch.zeros(len(b1), dtype=torch.float64), torch.zeros(len(b1), dtype=torch.float64)
     n, step = 0, max(1, IMPORTANCE_ROWS // max(1, encoded[0].features.shape[0]))
     for i in range(0, len(encoded), step):
         rows = torch.cat([e.features.float() for e in encoded[i: i + step]])
         act = phi(torch.nn.functional.layer_norm(rows, rows.shape[-1:], gamma, beta) @ w1 + b1)
-        part_abs, part = act.abs().sum(0, dtype=torch.float64), act.sum(0, dtype=torch.float64)
-        total_abs = part_abs if total_abs is None else total_abs + part_abs
-        total = part if total is None else total + part
+        total_abs += act.abs().sum(0, dtype=torch.float64)
+        total += act.sum(0, dtype=torch.float64)
         n += rows.shape[0]
     return (total_abs / n).float() * mlp["fc2.weight"].float().norm(dim=0), (total / n).float()
 
