@@ -124,6 +124,10 @@ class ComfyMlpSite:
     def mlp(self):
         return {t: self._base[f"{self.name}.mlp.{t}"] for t in MLP_TENSORS}
 
+    def base(self) -> KVWeights:
+        """CLIP key -> the MLP tensor as the CLIP computes it now (what ``deltas`` are relative to)."""
+        return {k: self._base[k] for k in self.keys()}
+
     def deltas(self, compiled: dict[str, torch.Tensor]) -> KVWeights:
         """CLIP key -> compiled tensor - the tensor as the CLIP computes it now."""
         return {f"{self.name}.mlp.{t}": compiled[t].float() - self._base[f"{self.name}.mlp.{t}"] for t in MLP_TENSORS}

@@ -27,7 +27,7 @@ from ..mace_ops.templates import DEFAULT_ANCHORS
 from ..mace_ops.text_gate import TextGateConfig, calibrate_text_gate, check_capacity, compile_text_gate
 from . import prior_input
 from .ace_node import _Counted, _Progress, gate_concepts, gate_info
-from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites, text_base
+from .comfy_text_site import apply_text_gate, get_text_gate, mlp_sites
 from .concept_inputs import gate_concept_inputs, quantile_input
 from .validation import check_inputs
 
@@ -83,7 +83,7 @@ class MaceTextGate(io.ComfyNode):
         for site in sites:                       # before any encoding
             check_capacity(site, len(parsed))
         progress = _Progress(per_site * len(sites))
-        deltas, lines = {}, []
+        deltas, base, lines = {}, {}, []
         for site in sites:
             counted = _Counted(site.inputs, progress)
             _, caption_enc = prior_input.caption_encodings(counted, keep_moment=False)  # cached per CLIP and layer
@@ -94,6 +94,7 @@ class MaceTextGate(io.ComfyNode):
                                        groups + [None] * len(captions), config)
             compiled = compile_text_gate(site, gate, calibration, config.width)
             deltas.update(site.deltas(compiled))
+            base.update(site.base())
             lines.append(f"{site.name} ({site.activation}): thresholds "
                          f"{', '.join(f'{t:.3f}' for t in gate.thresholds.tolist())}; largest |fc1 weight| "
                          f"{float(compiled['fc1.weight'].abs().max()):.3g} (fp16 holds up to 65,504)")
@@ -101,7 +102,7 @@ class MaceTextGate(io.ComfyNode):
         info = {**gate_info("text_gate", parsed, default_anchor, concept_type, preserve, builtin_preserve,
                             len(captions)),
                 "layers": [s.name for s in sites], "text_gate": dict(config.__dict__)}
-        out = apply_text_gate(clip, deltas, text_base(clip, list(deltas)), info)
+        out = apply_text_gate(clip, deltas, base, info)
         progress.finish()
         summary = (f"Text gate compiled for {len(parsed)} concept(s) in {seconds:.2f}s on {len(calibration)} "
                    f"calibration prompts: {2 * len(parsed)} MLP units replaced per encoder.\n" + "\n".join(lines)
