@@ -48,6 +48,12 @@ def _cond(clip, text):
     return clip.encode_from_tokens(clip.tokenize(text)).float()
 
 
+def _change(clip, gated, text) -> float:
+    """|c_gated - c| / |c| of ``text``'s conditioning."""
+    c = _cond(clip, text)
+    return float((_cond(gated, text) - c).norm() / c.norm())
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "text_gate_node.json"))
@@ -62,7 +68,7 @@ def main(argv=None) -> None:
     pack = h.pack_module
     pack.nodes.prior_input.PRIOR_CAPTIONS = CAPTIONS          # the node's default (the harness cuts it for tests)
     templates, prior = pack.mace_ops.templates, pack.mace_ops.prior
-    fill = pack.mace_ops.templates.fill
+    fill = templates.fill
     sets = {
         "concept_in_sample": [fill(t, "van gogh") for t in templates.templates_for("style")][:N],
         "concept_held_out": [fill(t, "van gogh") for t in templates.templates_for("object")][:N],
@@ -81,8 +87,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 gated, summary = node.execute(clip, **GATE).result
                 seconds.append(round(time.perf_counter() - t0, 2))
-            change = {name: _stats([float((_cond(gated, p) - _cond(clip, p)).norm() / _cond(clip, p).norm())
-                                    for p in prompts]) for name, prompts in sets.items()}
+            change = {name: _stats([_change(clip, gated, p) for p in prompts]) for name, prompts in sets.items()}
         row = {"family": family, "seconds_cold": seconds[0], "seconds_warm": seconds[1],
                "cold_over_warm": round(seconds[0] / seconds[1], 1), "change": change,
                "summary": summary.splitlines()[:-1]}
