@@ -55,6 +55,22 @@ def align(
     return Alignment(tuple(old), tuple(new))
 
 
+def align_encoded(old, new, include_concept: bool = False) -> Alignment:
+    """:func:`align` of two ``EncodedPrompt``s, window by window when they are segmented (SD3:
+    CLIP's window, then T5's); positions are into the whole prompt."""
+    a, b = old.windows(), new.windows()
+    if [w for _, w, _ in a] != [w for _, w, _ in b]:
+        raise ValueError(f"align: the prompts' windows differ ({[w for _, w, _ in a]} vs {[w for _, w, _ in b]}); "
+                         "shorten the prompts")
+    pos_old: list[int] = []
+    pos_new: list[int] = []
+    for (off, w, n_old), (_, _, n_new) in zip(a, b):
+        part = align(old.ids[off:off + w], n_old, new.ids[off:off + w], n_new, include_concept)
+        pos_old += [off + i for i in part.old]
+        pos_new += [off + i for i in part.new]
+    return Alignment(tuple(pos_old), tuple(pos_new))
+
+
 def find_subsequence(ids: Sequence[int], pattern: Sequence[int]) -> list[int]:
     """Start indices of every occurrence of ``pattern`` in ``ids``."""
     n = len(pattern)

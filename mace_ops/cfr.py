@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .alignment import align
+from .alignment import align_encoded
 from .concepts import Concept
 from .covariance import PairStats
 from .interfaces import KVWeights, TextEncoder
@@ -105,7 +105,7 @@ def add_concept_pairs(
     for phrase in concept.phrases:
         old = _encode_checked(encoder, [fill(t, phrase) for t in templates], f"concept line {concept.line}")
         for o, n in zip(old, new):
-            a = align(o.ids, o.length, n.ids, n.length, own_tokens)
+            a = align_encoded(o, n, own_tokens)
             stats.add_pairs(o.features[list(a.old)], n.features[list(a.new)])
 
 

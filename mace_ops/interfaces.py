@@ -35,6 +35,10 @@ class EncodedPrompt:
     ids: tuple[int, ...]
     length: int
     features: torch.Tensor
+    segments: tuple[tuple[int, int], ...] = ()
+    """Several windows read one after the other (SD3 reads CLIP's 77 positions, then T5's): (window,
+    length) per window, in order; ``ids`` and ``features`` cover all of them, ``length`` is the
+    first window's. Empty: one window."""
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2 or self.features.shape[0] != len(self.ids):
@@ -43,6 +47,17 @@ class EncodedPrompt:
             )
         if not 2 <= self.length <= len(self.ids):
             raise ValueError(f"EncodedPrompt: length {self.length} outside [2, {len(self.ids)}]")
+        if self.segments and (sum(w for w, _ in self.segments) != len(self.ids)
+                              or any(not 1 <= n <= w for w, n in self.segments)):
+            raise ValueError(f"EncodedPrompt: segments {self.segments} do not cover the {len(self.ids)} positions")
+
+    def windows(self) -> tuple[tuple[int, int, int], ...]:
+        """(offset, window, length) of every window (one for an unsegmented prompt)."""
+        parts, out, offset = self.segments or ((len(self.ids), self.length),), [], 0
+        for window, length in parts:
+            out.append((offset, window, length))
+            offset += window
+        return tuple(out)
 
 
 @runtime_checkable
