@@ -14,12 +14,13 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import torch
+
+from mace_ops.erasure_metrics import binomial_se, harmonic, harmonic_se
 
 from ..v1 import checkpoint, diffusion
 from ..v1.evaluate import ToyWorld
@@ -127,26 +128,6 @@ def score_set(world: ToyWorld, pset: PromptSet, *, steps: int = DEFAULT_STEPS, c
     st_acc = (s["style"] == pset.styles)[has_st].float().mean().item() if has_st.any() else float("nan")
     return SetScore(len(pset.prompts), id_acc, st_acc, s["integrity"].float().mean().item(), s["features"],
                     s["identity"])
-
-
-def binomial_se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 and p == p else float("nan")
-
-
-def harmonic(*xs: float) -> float:
-    if any(x <= 0 for x in xs):
-        return 0.0
-    return len(xs) / sum(1 / x for x in xs)
-
-
-def harmonic_se(xs: Sequence[float], ses: Sequence[float]) -> float:
-    """Delta-method SE of ``harmonic(*xs)`` from independent SEs of its terms:
-    dH/dx_i = n / (S x_i)^2 with S = sum 1/x_j, so se_H^2 = sum (n se_i / (S x_i)^2)^2.
-    A term at 0 makes H 0 with a one-sided error; the SE is then reported as nan."""
-    if any(x <= 0 for x in xs):
-        return float("nan")
-    S = sum(1 / x for x in xs)
-    return math.sqrt(sum((len(xs) * se / (S * x) ** 2) ** 2 for x, se in zip(xs, ses)))
 
 
 # ----------------------------------------------------------------------------- the celebrity protocol
