@@ -1,4 +1,5 @@
-"""Node ``MACE Refine Cross-Attention (CFR)``: closed-form erasure of concepts from K/V weights."""
+"""Node ``MACE Refine Cross-Attention (CFR)``: closed-form erasure of concepts from the weights that read the text
+(UNets: the cross-attention K/V weights; FLUX.1 / SD3: the text-entry projection, ``comfy_text_entry``)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.scope import parse_erase_from
 from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, phrase_groups, templates_for
 from ..mace_ops.pooled import edit_pooled_projection, pooled_stats
-from .comfy_model import POOLED_KEY, apply_erasure, effective_kv_weights, effective_weights, pooled_text_width
-from .comfy_text_encoder import ComfyTextEncoder
+from .comfy_model import PREFIX, apply_erasure, effective_weights
+from .comfy_text_entry import text_entry
 from .concept_inputs import concept_inputs
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
@@ -19,25 +20,27 @@ from .validation import check_inputs
 
 
 DEFAULT_EDIT_POOLED = False  # bench.pooled: held out, it removes 21 % of the concept's effect at 4x the preserve drift
-POOLED_TOOLTIP = ("SDXL family only: also edit the pooled-text columns of the first layer reading SDXL's pooled "
-                  "embedding (label_emb.0.0), closed form, so the concept's pooled embedding acts like the "
-                  "anchor's while the preserve prompts' keep their effect. Stored in the erasure file (the stock "
-                  "LoRA loader applies it). No effect on SD1.x/SD2.x, which read no pooled text, or with erase_from.")
+POOLED_TOOLTIP = ("Also edit the pooled-text columns of the first layer reading the pooled text embedding (SDXL "
+                  "family: label_emb.0.0; FLUX.1: vector_in.in_layer, CLIP-L's; SD3/3.5: y_embedder.mlp.0, CLIP-L|G's), "
+                  "closed form, so the concept's pooled embedding acts like the anchor's while the preserve prompts' "
+                  "keep their effect. Stored in the erasure file (the stock LoRA loader applies it). No effect on "
+                  "SD1.x/SD2.x, which read no pooled text, or with erase_from.")
 
 
 def pooled_edit(model, encoder, parsed, templates, anchor, keep, config, erase_from):
-    """(PooledEdit, base weight, "") for an SDXL-family model, else (None, None, reason)."""
-    width = pooled_text_width(model)
-    if width is None:
+    """(PooledEdit, base weight, "") for a model reading pooled text (SDXL family, FLUX.1, SD3), else
+    (None, None, reason)."""
+    entry = text_entry(model)
+    if entry.pooled_key is None:
         return None, None, "this model reads no pooled text"
     if erase_from:
         return None, None, "not scoped: skipped with erase_from"
-    weight = effective_weights(model, [POOLED_KEY])[POOLED_KEY]
+    weight = effective_weights(model, [entry.pooled_key])[entry.pooled_key]
     stats = pooled_stats(encoder.encode_pooled, parsed, templates, anchor, keep)
-    if stats.dim != width:
-        raise ValueError(f"clip: pooled embedding width {stats.dim}, the model reads {width}; "
+    if stats.dim != entry.pooled_width:
+        raise ValueError(f"clip: pooled embedding width {stats.dim}, the model reads {entry.pooled_width}; "
                          "connect the CLIP of this checkpoint")
-    return edit_pooled_projection(weight, POOLED_KEY, stats, config), weight, ""
+    return edit_pooled_projection(weight, entry.pooled_key, stats, config), weight, ""
 
 
 def preserve_phrases(preserve_text: str) -> list[str]:
@@ -59,6 +62,8 @@ def preserve_groups(preserve_text: str, templates, builtin: bool) -> tuple[list[
 
 
 class MaceRefineCrossAttention(io.ComfyNode):
+    EDITS_TEXT_ENTRY = True  # FLUX.1 / SD3: the same M on the projection the text enters through (comfy_text_entry)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line (e.g. other artists).",
@@ -68,7 +73,9 @@ class MaceRefineCrossAttention(io.ComfyNode):
             display_name="MACE Refine Cross-Attention (CFR)",
             category="MACE",
             description="Closed-form erasure: the words around a concept (and the end/padding tokens) stop "
-            "carrying it, while preserved prompts keep their outputs. Seconds, no images needed.",
+            "carrying it, while preserved prompts keep their outputs. Seconds, no images needed. UNets (SD1.x, SD2.x, "
+            "SDXL): the cross-attention K/V weights; FLUX.1 and SD3/3.5: the projection their text enters through "
+            "(txt_in, context_embedder).",
             inputs=[
                 io.Model.Input("model"),
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
@@ -102,8 +109,9 @@ class MaceRefineCrossAttention(io.ComfyNode):
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         templates = templates_for(concept_type)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
-        encoder = ComfyTextEncoder(clip)
-        base = effective_kv_weights(model)
+        entry = text_entry(model)
+        encoder = entry.text_encoder(clip)
+        base = effective_weights(model, entry.keys)
         default_anchor = normalise_phrase(anchor)
         result = refine_cross_attention(
             encoder, base, parsed, templates, default_anchor, keep,
@@ -123,6 +131,8 @@ class MaceRefineCrossAttention(io.ComfyNode):
             "erase_concept_tokens": erase_concept_tokens,
             "prior_weight": float(prior_weight),
         }
+        if not entry.unet:
+            info["text_entry"] = [k[len(PREFIX):] for k in entry.keys]
         if parse_erase_from(erase_from):
             info["erase_from"] = list(parse_erase_from(erase_from))
         deltas, note = dict(result.deltas), ""
@@ -133,12 +143,12 @@ class MaceRefineCrossAttention(io.ComfyNode):
                 note = f"\npooled text: not edited ({why})."
             else:
                 deltas[pooled.key], base = pooled.delta, {**base, pooled.key: weight}
-                note = (f"\npooled text: edited {pooled.key[len('diffusion_model.'):]} (pooled columns; "
+                note = (f"\npooled text: edited {pooled.key[len(PREFIX):]} (pooled columns; "
                         f"{pooled.n_pairs} pairs, {pooled.n_preserve} preserve prompts, condition {pooled.condition:.3g}).")
-        info["edit_pooled"] = POOLED_KEY in deltas
+        info["edit_pooled"] = entry.pooled_key in deltas
         out = apply_erasure(model, deltas, base, info)
         summary = (
-            f"CFR erased {len(parsed)} concept(s) from {len(result.deltas)} K/V weights in {result.seconds:.2f}s "
+            f"CFR erased {len(parsed)} concept(s) from {entry.where()} in {result.seconds:.2f}s "
             f"({result.stats.n_pairs} token pairs, {result.stats.n_preserve} preserve tokens, "
             f"condition {max(result.condition.values()):.3g}).{note}\n" + json.dumps(info["concepts"])
         )

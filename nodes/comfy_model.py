@@ -45,9 +45,14 @@ def model_family(model) -> str:
 def kv_keys(model, field: str = "model") -> list[str]:
     keys = [k for k in model.model_state_dict(PREFIX) if KV_PATTERN.search(k)]
     if not keys:
+        from .comfy_text_entry import TEXT_ENTRY_FAMILIES, refusal_hint
+
+        hint = refusal_hint(model) or (f"; MACE Refine Cross-Attention (CFR) and Save/Load Erasure also edit "
+                                       f"{TEXT_ENTRY_FAMILIES} (through their text-entry projection)")
         raise ValueError(
             f"{field}: this is a {model_family(model)} model, which has no cross-attention (attn2) to_k/to_v "
-            f"weights for MACE to edit; MACE supports UNet models with text cross-attention: {SUPPORTED_FAMILIES}"
+            f"weights for this MACE node to edit; it supports UNet models with text cross-attention: "
+            f"{SUPPORTED_FAMILIES}{hint}"
         )
     return sorted(keys)
 

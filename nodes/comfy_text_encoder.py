@@ -43,14 +43,20 @@ PLACEHOLDER = "a"  # one CLIP token, also next to punctuation: marks the soft sl
 
 class ComfyTextEncoder:
     def __init__(self, clip, batch_size: int = 8,
-                 check_interrupt: Callable[[], None] | None = comfy.model_management.throw_exception_if_processing_interrupted):
+                 check_interrupt: Callable[[], None] | None = comfy.model_management.throw_exception_if_processing_interrupted,
+                 key: str | None = None):
+        """``key``: the tokenizer whose ids describe the features (default CLIP-L's "l" where there is one;
+        FLUX's conditioning is T5's: "t5xxl")."""
         if clip is None:
             raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
         self.clip = clip
         self.batch_size = batch_size
         self.check_interrupt = check_interrupt
         keys = sorted(clip.tokenize("a", disable_weights=True).keys())
-        self.key = "l" if "l" in keys else keys[0]
+        if key is not None and key not in keys:
+            raise ValueError(f"clip: this text encoder has no {key!r} tokenizer (it has {keys}); connect the CLIP "
+                             "of this checkpoint")
+        self.key = key or ("l" if "l" in keys else keys[0])
         sub = getattr(clip.tokenizer, f"clip_{self.key}", None) or getattr(clip.tokenizer, self.key, None)
         if sub is None or getattr(sub, "end_token", None) is None:
             raise ValueError("clip: this text encoder has no end token; MACE supports CLIP-based models (SD1.x, SD2.x, SDXL)")

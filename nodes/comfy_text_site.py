@@ -33,6 +33,7 @@ from ..mace_ops.text_gate import ACTIVATIONS
 from ..mace_ops.validation import require_finite
 from .comfy_model import effective_weights
 from .comfy_text_encoder import ComfyTextEncoder
+from .comfy_text_entry import dit_text_encoder
 
 TEXT_GATE_ATTACHMENT = "mace_text_gate"
 FILE_PREFIX = "text_encoders."          # ComfyUI's generic LoRA key prefix for CLIP weights
@@ -135,6 +136,11 @@ class ComfyMlpSite:
 
 def mlp_sites(clip, **encoder_kw) -> list[ComfyMlpSite]:
     """One site per text encoder whose features the conditioning holds (SDXL: CLIP-L, then bigG)."""
+    family = dit_text_encoder(clip)
+    if family is not None:
+        raise ValueError(f"clip: this is {family}'s text encoder; the text gate compiles into CLIP MLPs, but {family} "
+                         "reads the prompt through T5-XXL too, whose gated MLP (wi_0, wi_1, wo) has no biases to hold "
+                         "the gate's thresholds. Erase with MACE Refine Cross-Attention (CFR) on the model instead")
     try:
         parts = ComfyTextEncoder(clip)._parts()
     except ValueError:

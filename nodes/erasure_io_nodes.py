@@ -15,12 +15,15 @@ from .comfy_compat import io
 
 from ..mace_ops.erasure_file import ErasureFile, check_base, load_erasure, save_erasure
 from .comfy_gate import get_gate, is_gate_file, load_gate, save_gate
-from .comfy_model import apply_erasure, effective_weights, get_record, kv_keys
+from .comfy_model import apply_erasure, effective_weights, get_record
+from .comfy_text_entry import entry_keys
 from .comfy_text_site import apply_text_gate, file_deltas, get_text_gate, split_file_deltas, text_base
 from .validation import check_inputs
 
 
 class MaceSaveErasure(io.ComfyNode):
+    EDITS_TEXT_ENTRY = True  # also FLUX.1 / SD3 models (their text-entry projection's edit)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -75,6 +78,8 @@ class MaceSaveErasure(io.ComfyNode):
 
 
 class MaceLoadErasure(io.ComfyNode):
+    EDITS_TEXT_ENTRY = True
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -121,7 +126,7 @@ class MaceLoadErasure(io.ComfyNode):
             out_clip = apply_text_gate(clip, text_part, base, info)
         out = model
         if model_part:
-            base = effective_weights(model, sorted(set(kv_keys(model)) | set(model_part)))  # K/V + e.g. SDXL's pooled layer
+            base = effective_weights(model, sorted(set(entry_keys(model)) | set(model_part)))  # K/V or text entry + pooled
             check_base(ErasureFile(model_part, erasure.metadata), base, erasure_name, allow_other_base)
             out = apply_erasure(model, {k: v.float() for k, v in model_part.items()}, base, info, strength)
         return io.NodeOutput(out, json.dumps(erasure.info, indent=1, sort_keys=True), out_clip)

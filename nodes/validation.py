@@ -10,7 +10,9 @@ name) and the range. The mace_ops entry points repeat the checks that matter for
 Every MODEL input is checked first (``comfy_model.require_supported``): a model family without
 text cross-attention (SD3, Flux, other MMDiT/DiT models) is refused before any work, with an
 error naming its family and the supported ones -- never a traceback from deep inside, never a
-silently unedited model.
+silently unedited model. A node class with ``EDITS_TEXT_ENTRY = True`` (CFR, Save/Load Erasure) also
+takes the families whose text enters through one projection (``comfy_text_entry.text_entry``: FLUX.1,
+SD3/SD3.5) and refuses the others the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from .comfy_compat import io
 
 from ..mace_ops.validation import check_number
 from .comfy_model import require_supported
+from .comfy_text_entry import text_entry
 
 
 @lru_cache(maxsize=None)
@@ -41,9 +44,10 @@ def _model_inputs(cls) -> tuple[str, ...]:
 def check_inputs(cls, values: dict) -> None:
     """ValueError for the first MODEL input of an unsupported family, or else the first numeric
     input of ``cls`` that is non-finite or out of its range."""
+    supported = text_entry if getattr(cls, "EDITS_TEXT_ENTRY", False) else require_supported
     for key in _model_inputs(cls):
         if values.get(key) is not None:
-            require_supported(values[key], key)
+            supported(values[key], key)
     for key, name, lo, hi, integer in _numeric_inputs(cls):
         if key in values and values[key] is not None:
             check_number(values[key], name, lo, hi, integer=integer)

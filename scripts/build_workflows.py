@@ -39,6 +39,8 @@ SOCKETS: dict[str, tuple[list, list]] = {
     "MaceLoadErasure": ([("model", "MODEL"), ("clip", "CLIP")],
                         [("model", "MODEL"), ("info", "STRING"), ("clip", "CLIP")]),
     "PreviewImage": ([("images", "IMAGE")], []),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")]),
     "MaceTrainingImages": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")],
                            [("images", "IMAGE"), ("prompts", "STRING")]),
     "MaceTrainConceptLora": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("images", "IMAGE"),
@@ -65,6 +67,23 @@ def sampler_nodes(prefix: str, model: str, prompt: str, x: int, y: int, seed: in
     }
 
 
+def dit_sampler_nodes(prefix: str, model: tuple, prompt: str, x: int, y: int, *, flux: bool, steps: int,
+                      cfg: float, scheduler: str, seed: int = 42, size: int = 1024) -> dict:
+    """:func:`sampler_nodes` for FLUX.1 / SD3.5: a 16-channel SD3 latent; FLUX's guidance through
+    FluxGuidance at cfg 1 (its negative prompt is then unused), SD3.5's through cfg."""
+    nodes = sampler_nodes(prefix, model, prompt, x, y, seed=seed, size=size, steps=steps)
+    nodes[f"{prefix}latent"] = ("EmptySD3LatentImage", [size, size, 1], {}, (x, y + 440))
+    positive = (f"{prefix}pos", "CONDITIONING")
+    if flux:
+        nodes[f"{prefix}neg"] = ("CLIPTextEncode", [""], {"clip": ("ckpt", "CLIP")}, (x, y + 220))
+        nodes[f"{prefix}guidance"] = ("FluxGuidance", [3.5], {"conditioning": positive}, (x + 210, y))
+        positive = (f"{prefix}guidance", "CONDITIONING")
+    typ, _widgets, links, at = nodes[f"{prefix}sample"]
+    nodes[f"{prefix}sample"] = (typ, [seed, "fixed", steps, cfg, "euler", scheduler, 1.0],
+                                {**links, "positive": positive}, at)
+    return nodes
+
+
 # The SD1.5 checkpoint ComfyUI's own templates use (and offer to download: the "models" property).
 SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
 SD15_MODEL = {"name": SD15, "directory": "checkpoints",
@@ -80,18 +99,29 @@ SD21 = "v2-1_768-ema-pruned.safetensors"
 SD21_MODEL = {"name": SD21, "directory": "checkpoints",
               "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1/resolve/main/"
                      "v2-1_768-ema-pruned.safetensors?download=true"}
-MODELS = {SD15: SD15_MODEL, SDXL: SDXL_MODEL, SD21: SD21_MODEL}
+# FLUX.1-dev and SD3.5 Large as ComfyUI's own FLUX / SD3.5 examples name them: single files holding
+# the diffusion model, its text encoders (CLIP-L + T5-XXL; CLIP-L + CLIP-G + T5-XXL) and VAE.
+FLUX_DEV = "flux1-dev-fp8.safetensors"
+FLUX_DEV_MODEL = {"name": FLUX_DEV, "directory": "checkpoints",
+                  "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors?download=true"}
+SD35 = "sd3.5_large_fp8_scaled.safetensors"
+SD35_MODEL = {"name": SD35, "directory": "checkpoints",
+              "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+                     "sd3.5_large_fp8_scaled.safetensors?download=true"}
+MODELS = {SD15: SD15_MODEL, SDXL: SDXL_MODEL, SD21: SD21_MODEL, FLUX_DEV: FLUX_DEV_MODEL, SD35: SD35_MODEL}
 
 
-def cfr_workflow(ckpt: str, cfr_widgets: list, save_prefix: str, prompt: str, **sampler_kw) -> dict:
-    """The CFR-only workflow: checkpoint -> CFR -> MACE Save Erasure, the summary, one sample."""
+def cfr_workflow(ckpt: str, cfr_widgets: list, save_prefix: str, prompt: str, sampler=None, **sampler_kw) -> dict:
+    """The CFR-only workflow: checkpoint -> CFR -> MACE Save Erasure, the summary, one sample
+    (``sampler``: the sampler-nodes builder, default :func:`sampler_nodes`)."""
+    sampler = sampler or sampler_nodes
     return {
         "ckpt": ("CheckpointLoaderSimple", [ckpt], {}, (0, 0)),
         "cfr": ("MaceRefineCrossAttention", cfr_widgets, {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")},
                 (380, 0)),
         "save_erasure": ("MaceSaveErasure", [save_prefix, "fp16"], {"model": ("cfr", "model")}, (820, -260)),
         "summary": ("PreviewAny", [], {"source": ("cfr", "summary")}, (820, -120)),
-        **sampler_nodes("erased_", ("cfr", "model"), prompt, 820, 60, **sampler_kw),
+        **sampler("erased_", ("cfr", "model"), prompt, 820, 60, **sampler_kw),
     }
 
 
@@ -181,6 +211,15 @@ WORKFLOWS = {
         **sampler_nodes("kept_", ("ckpt", "MODEL"), "a painting of water lilies in the style of claude monet",
                         820, 760, clip=("gate", "clip")),
     },
+    # FLUX.1 (dev; schnell the same): CFR on txt_in, the one projection T5's features enter through
+    # (4096 -> 3072): the same closed form, fitted on T5's features; 1024 px sample at guidance 3.5.
+    "erase_style_cfr_flux": cfr_workflow(FLUX_DEV, VAN_GOGH_CFR, "loras/mace_van_gogh_flux", STARRY_NIGHT,
+                                         sampler=dit_sampler_nodes, flux=True, steps=20, cfg=1.0,
+                                         scheduler="simple"),
+    # SD3.5 (Large; Medium the same): CFR on context_embedder, which reads CLIP-L|G's and T5's tokens.
+    "erase_style_cfr_sd35": cfr_workflow(SD35, VAN_GOGH_CFR, "loras/mace_van_gogh_sd35", STARRY_NIGHT,
+                                         sampler=dit_sampler_nodes, flux=False, steps=28, cfg=4.5,
+                                         scheduler="sgm_uniform"),
     # SD 2.x (2.1 768-v is a v-prediction model; ComfyUI detects it): erase an object class with CFR.
     "erase_object_cfr_sd2": cfr_workflow(
         SD21, ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar", 1.0, 1.0, True, True],

@@ -6,8 +6,8 @@ detects as those families (``supported_models.Flux`` / ``FluxSchnell`` -> ``mode
   ``x_embedder`` as 64 x depth = 128, heads = depth) with SD3.5's RMS q/k norms, ``context_embedder``
   4096 -> 128 and ``y_embedder`` reading the pooled CLIP-L + CLIP-G; CLIP-L, CLIP-G and T5-XXL in the
   checkpoint (``text_encoders.*``), TAESD-layout 16-channel VAE.  Detection needs no help: every
-  width is read from the shapes.  The text encoders are narrow (CLIP-L and CLIP-G 64 wide, 1-3
-  layers; T5 one layer, 1 head, d_ff 32) but T5 keeps d_model 4096: ComfyUI's SD3 text encoder pads
+  width is read from the shapes.  The text encoders are narrow (CLIP-L and CLIP-G 64 wide, 3
+  layers: the least for the penultimate layer SD3 reads; T5 one layer, 1 head, d_ff 32) but T5 keeps d_model 4096: ComfyUI's SD3 text encoder pads
   the CLIP features to 4096 and concatenates T5's tokens after them, so 4096 is what
   ``context_embedder`` reads.
 * FLUX.1 (``make_tiny_flux_checkpoint``, ``schnell`` = no guidance embedder): one double and one

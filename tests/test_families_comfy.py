@@ -370,12 +370,15 @@ def test_every_node_refuses_a_flux_model_naming_the_families(comfy, tiny_flux):
     supported = comfy.pack_module.nodes.comfy_model.SUPPORTED_FAMILIES
     assert "SD1.x" in supported and "SD2.x" in supported and "SDXL" in supported
     io = comfy.pack_module.nodes.comfy_compat.io
-    checked = []
+    checked, text_entry = [], []
     for cls in _pack_nodes(comfy):
         inputs = cls.define_schema().inputs
         models = [i.id for i in inputs if isinstance(i, io.Model.Input)]
         if cls.__name__ in CLIP_ONLY:  # edits the CLIP only: its refusals in test_text_gate_comfy
             assert not models, cls.__name__
+            continue
+        if getattr(cls, "EDITS_TEXT_ENTRY", False):  # CFR, Save/Load Erasure take FLUX: test_text_entry_comfy
+            text_entry.append(cls.__name__)
             continue
         assert models, f"{cls.__name__} takes no MODEL"
         kwargs = {i.id: (tiny_flux if i.id in models else getattr(i, "default", None)) for i in inputs}
@@ -384,7 +387,8 @@ def test_every_node_refuses_a_flux_model_naming_the_families(comfy, tiny_flux):
         msg = str(err.value)
         assert msg.startswith(f"{models[0]}: this is a Flux model") and supported in msg, (cls.__name__, msg)
         checked.append(cls.__name__)
-    assert len(checked) + len(CLIP_ONLY) == 13, checked  # every node the pack registers (test_comfy_compat counts them too)
+    assert sorted(text_entry) == ["MaceLoadErasure", "MaceRefineCrossAttention", "MaceSaveErasure"]
+    assert len(checked) + len(CLIP_ONLY) + len(text_entry) == len(_pack_nodes(comfy)), checked  # every node
 
 
 # --------------------------------------------------------------------------------------------
