@@ -13,6 +13,9 @@ are random (image sampling is not timed). Sections, each in the same run as its 
   and V: the reference's way) vs ``cached_queries`` (the pack's default): seconds per step (median
   after the first), seconds per concept (all steps, recording included) and peak memory above
   the loaded model (CUDA: max allocated; CPU: resident high-water mark).
+* ``dynamic``: one LoRA trained with dynamic VRAM on and off from the same file and seed; the
+  largest relative difference of the LoRA deltas (``bench/dynamic_vram.py``; on a ComfyUI without
+  dynamic VRAM, or without CUDA, a row that says so).
 * ``pipeline``: ``run_mass_erasure`` end to end (CFR -> LoRAs -> fusion) through ``ComfyDenoiser``,
   reference-style (full path, one concept after another) vs the default (cached queries, concepts
   batched).
@@ -157,17 +160,22 @@ def _ratio(rows: list[dict], seconds: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- LoRA + pipeline
 
+def _unet_config(scale: Scale) -> dict:
+    from bench.train import SD15_UNET
+
+    if scale.unet != "tiny":
+        return SD15_UNET
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy_harness import TINY_UNET_CONFIG
+
+    return {**TINY_UNET_CONFIG, "use_checkpoint": False}
+
+
 def _model(scale: Scale, dtype: torch.dtype):
-    from bench.train import SD15_UNET, build_sd15
+    from bench.train import build_sd15
 
-    config = SD15_UNET
-    if scale.unet == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from comfy_harness import TINY_UNET_CONFIG
-
-        config = {**TINY_UNET_CONFIG, "use_checkpoint": False}
     with torch.inference_mode():  # as the executor loads a checkpoint: inference tensors
-        patcher, _ = build_sd15(0, config, dtype)
+        patcher, _ = build_sd15(0, _unet_config(scale), dtype)
     return patcher
 
 
@@ -269,7 +277,7 @@ def _sync(device: str) -> None:
 
 
 COLUMNS = ["section", "case", "method", "seconds", "speedup", "s_per_step", "first_step_s", "peak_mb", "cfr_s",
-           "lora_s", "fusion_s", "note"]
+           "lora_s", "fusion_s", "delta_rel_max", "loss_abs_max", "note"]
 
 
 def main(argv=None) -> None:
@@ -277,8 +285,8 @@ def main(argv=None) -> None:
     ap.add_argument("--small", action="store_true", help="tiny UNet, 64 px, few concepts: the CI run")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None)
-    ap.add_argument("--sections", nargs="+", default=["closed", "lora", "pipeline"],
-                    choices=["closed", "lora", "pipeline"])
+    ap.add_argument("--sections", nargs="+", default=["closed", "lora", "pipeline", "dynamic"],
+                    choices=["closed", "lora", "pipeline", "dynamic"])
     ap.add_argument("--res", type=int, default=None, help="override the image side (pixels, multiple of 8)")
     ap.add_argument("--steps", type=int, default=None, help="override the LoRA steps per concept")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_suite[_small].json)")
@@ -301,7 +309,7 @@ def main(argv=None) -> None:
     rows = []
     if "closed" in args.sections:
         rows += closed_forms(scale)
-    if "lora" in args.sections or "pipeline" in args.sections:
+    if {"lora", "pipeline", "dynamic"} & set(args.sections):
         from bench.train import init_comfy
 
         with tempfile.TemporaryDirectory(prefix="mace-gpu-suite-") as base:
@@ -310,6 +318,11 @@ def main(argv=None) -> None:
                 rows += lora_rows(h, scale, dtypes, device)
             if "pipeline" in args.sections:
                 rows += pipeline_rows(h, scale, "bf16" if device == "cuda" else "fp32", device)
+            if "dynamic" in args.sections:
+                from bench.dynamic_vram import dynamic_rows
+
+                rows += dynamic_rows(h, scale, device, _latents(scale, scale.images, device),
+                                     _pool(h.pack_module.mace_ops, scale), _unet_config(scale))
     minutes = (time.perf_counter() - t0) / 60
     print_table(rows, COLUMNS)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -104,7 +104,8 @@ def evaluate(models, clip, base, templates, evals, mm) -> dict:
     sampling = base.get_model_object("model_sampling")
 
     def outputs(mp, pairs):
-        mm.load_models_gpu([mp], force_full_load=True, force_patch_weights=True)
+        dynamic = getattr(mp, "is_dynamic", lambda: False)()  # a dynamic-VRAM patcher asserts on forced patching
+        mm.load_models_gpu([mp], force_full_load=True, force_patch_weights=not dynamic)
         out = {}
         for i, t in enumerate(TIMESTEPS):
             sigma = sampling.sigmas[t].reshape(1)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, TextIO
 
 from .bootstrap import set_progress_server
+from .executor_compat import make_executor
 
 
 class PromptInvalid(Exception):
@@ -147,7 +148,6 @@ def run_prompt(api_prompt: Mapping, *, server: ConsoleServer | None = None, quie
                cache_type: str = "classic", prompt_id: str | None = None,
                extra_data: Mapping | None = None) -> RunResult:
     """Validate (raises :class:`PromptInvalid`) and execute an API prompt in this process."""
-    import execution
     import server as comfy_server
 
     prompt = {str(k): copy.deepcopy(dict(v)) for k, v in api_prompt.items()}
@@ -156,10 +156,7 @@ def run_prompt(api_prompt: Mapping, *, server: ConsoleServer | None = None, quie
     srv = server or ConsoleServer(prompt, quiet=quiet)
     srv.prompt = prompt
     srv.last_prompt_id = pid
-    ct = {"classic": execution.CacheType.CLASSIC, "lru": execution.CacheType.LRU,
-          "none": execution.CacheType.DEPENDENCY_AWARE}[cache_type]
-    executor = execution.PromptExecutor(srv, cache_type=ct,
-                                        cache_size=8 if cache_type == "lru" else None)
+    executor = make_executor(srv, cache_type)
     # A few nodes reach for PromptServer.instance; give them the stub while we run.
     had_instance = hasattr(comfy_server.PromptServer, "instance")
     old_instance = getattr(comfy_server.PromptServer, "instance", None)

@@ -9,6 +9,16 @@
 * :func:`split_key_patch_entry`: ``ModelPatcher.get_key_patches()`` entries, in the
   ``(weight, convert)`` / ``PatchWeightTuple`` form of 0.3.64 and later and the bare-tensor form
   of older builds.
+* :func:`static_patcher` / :func:`static_clip`: private clones the pack may train or
+  differentiate through. Newer ComfyUI loads checkpoints as ``ModelPatcherDynamic`` on NVIDIA
+  (dynamic VRAM, on by default): weights come from VBAR views, weight functions are rebuilt on
+  every load, ``force_full_load`` / ``force_patch_weights`` do not hold. Such a patcher is
+  demoted to upstream's own non-dynamic delegate (``get_non_dynamic_delegate``, what upstream
+  does for weight hooks and ``torch.compile``: a legacy ``ModelPatcher`` over a second copy of
+  the model from the loader's ``cached_patcher_init``, with the same patches); where there is
+  none, the node refuses, naming ``--disable-dynamic-vram``. A legacy patcher is cloned as before.
+
+The executor and cache shapes (headless runner, tests) are handled in ``headless/executor_compat.py``.
 """
 from __future__ import annotations
 
@@ -20,7 +30,9 @@ API_CANDIDATES = ("comfy_api.latest", "comfy_api.v0_0_3", "comfy_api.v0_0_2")
 IO_NAMES = ("ComfyNode", "Schema", "NodeOutput", "Model", "Clip", "Vae", "Image", "Mask", "String",
             "Int", "Float", "Boolean", "Combo")
 PATCHER_METHODS = ("clone", "add_patches", "get_key_patches", "model_state_dict", "get_attachment",
-                   "set_attachments")
+                   "set_attachments", "set_model_attn2_replace", "set_model_attn2_patch", "add_weight_wrapper",
+                   "get_model_object")
+DYNAMIC_VRAM_FLAG = "--disable-dynamic-vram"
 LORA_FUNCTIONS = ("calculate_weight", "load_lora", "model_lora_keys_unet")
 
 
@@ -84,6 +96,64 @@ def split_key_patch_entry(entry):
         def convert(a, **_kw):
             return a
     return weight, convert, patches
+
+
+class DynamicVramUnsupported(ValueError):
+    """A dynamic-VRAM model that the pack cannot demote to a private legacy patcher."""
+
+
+def is_dynamic(patcher) -> bool:
+    """Whether ``patcher`` is a dynamic-VRAM patcher (``ModelPatcherDynamic``); False on 0.3.64."""
+    probe = getattr(patcher, "is_dynamic", None)
+    return bool(probe()) if callable(probe) else False
+
+
+def static_patcher(patcher, field: str = "model"):
+    """A private clone of ``patcher`` that holds weight wrappers and autograd: ``clone()`` of a
+    legacy patcher; a dynamic one's non-dynamic delegate (same patches, own weights), or
+    :class:`DynamicVramUnsupported` naming ``field`` and the flag that avoids it."""
+    if not is_dynamic(patcher):
+        return patcher.clone()
+    delegate = getattr(patcher, "get_non_dynamic_delegate", None)
+    reason = "this ComfyUI offers no non-dynamic delegate"
+    if callable(delegate):
+        try:
+            out = delegate()
+        except RuntimeError as exc:  # e.g. "cached_patcher_init is not initialized"
+            reason = str(exc)
+        else:
+            if not is_dynamic(out):
+                return out
+            reason = "its delegate is dynamic too"
+    raise DynamicVramUnsupported(
+        f"{field}: this model is loaded with dynamic VRAM and MACE cannot make a private copy to train or "
+        f"differentiate through ({reason}). Load it with a core loader (Load Checkpoint, Load Diffusion Model, "
+        f"Load CLIP), or restart ComfyUI with {DYNAMIC_VRAM_FLAG}.")
+
+
+def static_clip(clip, field: str = "clip"):
+    """``clip`` itself when its patcher is a legacy one; else a clone whose patcher is
+    :func:`static_patcher`'s delegate and whose ``cond_stage_model`` is that delegate's model
+    (``CLIP.clone`` would keep the dynamic one)."""
+    if not is_dynamic(getattr(clip, "patcher", None)):
+        return clip
+    out = clip.clone()
+    out.patcher = static_patcher(clip.patcher, field)
+    out.cond_stage_model = out.patcher.model
+    return out
+
+
+def private_user_directory(name: str, folder_paths_module=None) -> str:
+    """A folder for the pack's own data that ComfyUI's HTTP routes never serve:
+    ``folder_paths.get_system_user_directory(name)`` (``<user>/__name``) where it exists, else
+    ``<user>/name`` (0.3.64, whose /userdata routes serve only per-user folders)."""
+    if folder_paths_module is None:
+        import folder_paths as folder_paths_module
+    system = getattr(folder_paths_module, "get_system_user_directory", None)
+    if callable(system):
+        return system(name)
+    import os
+    return os.path.join(folder_paths_module.get_user_directory(), name)
 
 
 API_MODULE, _api = import_newest_api()

@@ -7,7 +7,9 @@ What LoRA training needs from the model, and how it is done without touching the
   model runs on, keyed by BaseModel state-dict key (``diffusion_model.<...>.attn2.to_k.weight``,
   as ``comfy_model.effective_kv_weights``).
 * **A private patcher.** The adapter works on ``model.clone()``: the clone shares the
-  ``nn.Module`` but has its own patch lists. On it, every comfy.ops weight and bias of the
+  ``nn.Module`` but has its own patch lists (a dynamic-VRAM model is demoted first,
+  ``comfy_compat.static_patcher``: its delegate has its own module with the same patches). On
+  it, every comfy.ops weight and bias of the
   diffusion model gets a weight wrapper (``add_weight_wrapper``, run by ComfyUI at every forward
   through the layer's ``weight_function``):
 
@@ -72,6 +74,7 @@ import torch
 import comfy.model_management
 
 from ..mace_ops.interfaces import AttentionProbe
+from .comfy_compat import static_patcher
 from .comfy_model import PREFIX, effective_kv_weights, kv_keys
 
 _BLOCK = re.compile(
@@ -191,12 +194,12 @@ class ComfyDenoiser:
             )
         self.kv_keys = keys
         self.state = _State(blocks)
-        patcher = model.clone()
+        patcher = static_patcher(model)  # a legacy clone; never the dynamic-VRAM patcher itself
         for (name, number, index) in blocks:
             patcher.set_model_attn2_replace(_attn2_patch(self.state), name, number, index)
         kv = set(keys)
         self._own = []
-        for n, m in model.model.named_modules():
+        for n, m in patcher.model.named_modules():
             if not n.startswith(PREFIX) or not hasattr(m, "weight_function"):
                 continue
             for part in ("weight", "bias"):
@@ -225,6 +228,7 @@ class ComfyDenoiser:
             self._adm = 0
         self.device = patcher.load_device
         self._kv_cache = None
+        self._ran = False
 
     # ------------------------------------------------------------------ CrossAttentionDenoiser
 
@@ -248,6 +252,9 @@ class ComfyDenoiser:
 
     def load(self) -> None:
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        if not self._ran:  # as the sampler does before apply_model: the BaseModel knows its patcher
+            self._ran = True
+            getattr(self.patcher, "pre_run", lambda: None)()
 
     def forward_with_attention(
         self,
@@ -292,6 +299,9 @@ class ComfyDenoiser:
             if loaded.model is self.patcher:
                 loaded.model_unload()
                 mm.current_loaded_models.pop(i)
+        if self._ran:
+            self._ran = False
+            getattr(self.patcher, "cleanup", lambda: None)()
         own = set(map(id, self._own)) | {id(_plain)}
         for n, m in self.patcher.model.named_modules():
             if not n.startswith(PREFIX):

@@ -23,7 +23,9 @@ For gradients to reach the embeddings through ComfyUI's encoder, which was writt
 two things are scoped to the call (restored after it): every LayerNorm gets a copy of its input
 (the encoder layers add to their input in place after the norm has saved it, ``x += attn(ln(x))``),
 and every weight is read through a per-call copy (the weights of a checkpoint loaded in a prompt
-are inference tensors, which autograd cannot save).
+are inference tensors, which autograd cannot save). A dynamic-VRAM CLIP (newer ComfyUI on NVIDIA)
+rebuilds its weight functions at every load, so gradients run through its legacy-patcher copy
+(``comfy_compat.static_clip``) instead.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import comfy.model_management
 
 from ..mace_ops.interfaces import SOFT_TOKEN_ID, EncodedPrompt
 from ..mace_ops.templates import check_templates
+from .comfy_compat import static_clip
 from .comfy_denoiser import _plain
 
 PLACEHOLDER = "a"  # one CLIP token, also next to punctuation: marks the soft slot before it is replaced
@@ -63,6 +66,7 @@ class ComfyTextEncoder:
         self.end_id = int(sub.end_token)
         self.start_id = getattr(sub, "start_token", None)
         self._windows: dict = {}
+        self._static = None
 
     def _tokens(self, text: str) -> dict:
         tokens = self.clip.tokenize(text, disable_weights=True)
@@ -115,9 +119,10 @@ class ComfyTextEncoder:
 
     # ------------------------------------------------------------------ EmbeddingTextEncoder
 
-    def _parts(self) -> list[tuple[str, torch.nn.Module]]:
-        """[(token key, SDClipModel)] in the order their features are concatenated."""
-        csm = self.clip.cond_stage_model
+    def _parts(self, clip=None) -> list[tuple[str, torch.nn.Module]]:
+        """[(token key, SDClipModel)] of ``clip`` (default: this encoder's) in the order their
+        features are concatenated."""
+        csm = (clip or self.clip).cond_stage_model
         name = getattr(csm, "clip", None)
         if isinstance(name, str) and isinstance(getattr(csm, name, None), torch.nn.Module):
             parts = [(csm.clip_name, getattr(csm, name))]
@@ -180,6 +185,13 @@ class ComfyTextEncoder:
         cache[key] = (tokens, starts.pop())
         return cache[key]
 
+    def _grad_clip(self):
+        """The CLIP that gradients run through: this one, or its legacy-patcher copy when it is a
+        dynamic-VRAM CLIP (which rebuilds weight functions at every load, dropping the per-call copies)."""
+        if self._static is None:
+            self._static = static_clip(self.clip)
+        return self._static
+
     @contextlib.contextmanager
     def _autograd_safe(self, parts):
         """Scoped to one call: LayerNorms read a copy of their input, weights a per-call copy (see the docstring)."""
@@ -217,8 +229,11 @@ class ComfyTextEncoder:
             raise ValueError("templates: each needs exactly one '{}'")
         k = int(embeddings.shape[0])
         columns = dict(zip([key for key, _ in parts], torch.split(embeddings.float(), widths, dim=1)))
-        self.clip.load_model()
         grad = torch.is_grad_enabled() and embeddings.requires_grad
+        clip = self._grad_clip() if grad else self.clip
+        if clip is not self.clip:
+            parts = self._parts(clip)
+        clip.load_model()
         out: list[EncodedPrompt] = []
         for i in range(0, len(templates), self.batch_size):
             if self.check_interrupt is not None:
@@ -236,7 +251,7 @@ class ComfyTextEncoder:
                 ids[start: start + k] = [SOFT_TOKEN_ID] * k
                 rows.append((ids, n))
             with self._autograd_safe(parts) if grad else contextlib.nullcontext():
-                cond = self.clip.encode_from_tokens(merged)
+                cond = clip.encode_from_tokens(merged)
             window = len(rows[0][0])
             feats = cond.reshape(len(rows), window, cond.shape[-1]).to(torch.float32)
             for (ids, n), f in zip(rows, feats):

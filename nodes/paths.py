@@ -15,6 +15,7 @@ import os
 
 import folder_paths
 
+from .comfy_compat import private_user_directory
 from ..mace_ops.safe_paths import files_in_folder, read_text_file, resolve_inside, root_of
 
 LORA_EXTENSIONS = (".safetensors",)
@@ -49,5 +50,6 @@ def resolve_lora_line(name: str, field: str) -> list[str]:
 
 
 def prior_cache_folder() -> str:
-    """Where the general caption prior's moment is cached per text encoder (ComfyUI's user folder)."""
-    return os.path.join(folder_paths.get_user_directory(), "mace_cache")
+    """Where the general caption prior's moment is cached per text encoder: a folder under ComfyUI's
+    user directory that its HTTP routes do not serve (``comfy_compat.private_user_directory``)."""
+    return private_user_directory("mace_cache")

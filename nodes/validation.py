@@ -16,8 +16,6 @@ SD3/SD3.5) and refuses the others the same way.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 from .comfy_compat import io
 
 from ..mace_ops.validation import check_number
@@ -25,29 +23,40 @@ from .comfy_model import require_supported
 from .comfy_text_entry import text_entry
 
 
-@lru_cache(maxsize=None)
-def _numeric_inputs(cls) -> tuple[tuple[str, str, float | None, float | None, bool], ...]:
-    out = []
-    for inp in cls.define_schema().inputs:
-        if isinstance(inp, (io.Int.Input, io.Float.Input)):
-            name = getattr(inp, "display_name", None) or inp.id
-            out.append((inp.id, name, getattr(inp, "min", None), getattr(inp, "max", None),
-                        isinstance(inp, io.Int.Input)))
-    return tuple(out)
+_SCHEMA_CACHE: dict = {}
 
 
-@lru_cache(maxsize=None)
-def _model_inputs(cls) -> tuple[str, ...]:
-    return tuple(inp.id for inp in cls.define_schema().inputs if isinstance(inp, io.Model.Input))
+def _schema_parts(cls) -> tuple[tuple[str, ...], tuple[tuple[str, str, float | None, float | None, bool], ...]]:
+    """(MODEL input ids, numeric inputs) of a node class, cached by its ``define_schema`` function.
+
+    ComfyUI runs ``execute`` on a fresh clone of the node class every time (``PREPARE_CLASS_CLONE``
+    / ``lock_class``), so a cache keyed by the class would never hit and would grow by one class
+    per run. The clones copy the class ``__dict__``, so ``define_schema.__func__`` is the same
+    function object for the node class and all its clones: one entry per node type.
+    """
+    key = getattr(cls.define_schema, "__func__", cls.define_schema)
+    parts = _SCHEMA_CACHE.get(key)
+    if parts is None:
+        models, numbers = [], []
+        for inp in cls.define_schema().inputs:
+            if isinstance(inp, io.Model.Input):
+                models.append(inp.id)
+            elif isinstance(inp, (io.Int.Input, io.Float.Input)):
+                name = getattr(inp, "display_name", None) or inp.id
+                numbers.append((inp.id, name, getattr(inp, "min", None), getattr(inp, "max", None),
+                                isinstance(inp, io.Int.Input)))
+        parts = _SCHEMA_CACHE[key] = (tuple(models), tuple(numbers))
+    return parts
 
 
 def check_inputs(cls, values: dict) -> None:
     """ValueError for the first MODEL input of an unsupported family, or else the first numeric
     input of ``cls`` that is non-finite or out of its range."""
+    models, numbers = _schema_parts(cls)
     supported = text_entry if getattr(cls, "EDITS_TEXT_ENTRY", False) else require_supported
-    for key in _model_inputs(cls):
+    for key in models:
         if values.get(key) is not None:
             supported(values[key], key)
-    for key, name, lo, hi, integer in _numeric_inputs(cls):
+    for key, name, lo, hi, integer in numbers:
         if key in values and values[key] is not None:
             check_number(values[key], name, lo, hi, integer=integer)

@@ -65,6 +65,7 @@ def load_pack_package(name: str = PACK_PACKAGE):
 
 load_pack_package()
 _bootstrap = importlib.import_module(f"{PACK_PACKAGE}.headless.bootstrap")
+_executor_compat = importlib.import_module(f"{PACK_PACKAGE}.headless.executor_compat")
 _is_comfyui = _bootstrap.is_comfyui
 
 
@@ -210,7 +211,7 @@ class ComfyHarness:
         ex = executor or self.last_executor
         if ex is None:
             raise RuntimeError("no workflow has been run yet")
-        out = ex.caches.outputs.get(str(node_id))
+        out = _executor_compat.cached_output(ex.caches.outputs, str(node_id))
         if out is None:
             raise KeyError(f"node {node_id} has no cached output (not executed, or cache_type=none)")
         # Newer ComfyUI versions wrap outputs in a CacheEntry-like object.
@@ -345,10 +346,7 @@ def run_workflow(api_prompt: Mapping, *, harness: ComfyHarness | None = None,
     server = StubServer()
     server.last_prompt_id = pid
     if executor is None:
-        ct = {"classic": execution.CacheType.CLASSIC, "lru": execution.CacheType.LRU,
-              "none": execution.CacheType.DEPENDENCY_AWARE}[cache_type]
-        executor = execution.PromptExecutor(server, cache_type=ct,
-                                            cache_size=8 if cache_type == "lru" else None)
+        executor = _executor_compat.make_executor(server, cache_type)
     else:
         executor.server = server
     h.server = server
@@ -357,7 +355,8 @@ def run_workflow(api_prompt: Mapping, *, harness: ComfyHarness | None = None,
     data.update(extra_data or {})
     _bootstrap.set_progress_server(server)  # bootstrap's progress hook reports to it
     try:
-        executor.execute(prompt, pid, data, outputs)
+        with _executor_compat.unthrottled_progress():  # tests count progress events
+            executor.execute(prompt, pid, data, outputs)
     finally:
         h.server = None
         _bootstrap.set_progress_server(None)

@@ -159,3 +159,84 @@ def test_locale_labels_every_renamed_input(comfy):
     assert want, "no renamed inputs found (lambda_ -> lambda expected)"
     have = {(n, i): v.get("name") for n, d in labels.items() for i, v in d.get("inputs", {}).items()}
     assert have == want
+
+
+# ---------------------------------------------------------------------------------------------
+# Newer ComfyUI shapes, with fakes that follow upstream's signatures (no ComfyUI needed)
+# ---------------------------------------------------------------------------------------------
+
+def test_private_user_directory_in_both_shapes(monkeypatch, tmp_path):
+    c = _load_compat(monkeypatch)
+    old = types.SimpleNamespace(get_user_directory=lambda: str(tmp_path))  # 0.3.64
+    assert c.private_user_directory("mace_cache", old) == str(tmp_path / "mace_cache")
+    new = types.SimpleNamespace(get_user_directory=lambda: str(tmp_path),  # later: not served over HTTP
+                                get_system_user_directory=lambda name="system": str(tmp_path / f"__{name}"))
+    assert c.private_user_directory("mace_cache", new) == str(tmp_path / "__mace_cache")
+
+
+class _Patcher:
+    def __init__(self, dynamic=None, delegate=None):
+        if dynamic is not None:
+            self.is_dynamic = lambda: dynamic
+        if delegate is not None:
+            self.get_non_dynamic_delegate = delegate
+        self.model = object()
+
+    def clone(self):
+        out = _Patcher()
+        out.model = self.model
+        return out
+
+
+def test_static_patcher_clones_legacy_and_demotes_dynamic(monkeypatch):
+    c = _load_compat(monkeypatch)
+    for legacy in (_Patcher(), _Patcher(dynamic=False)):  # 0.3.64 has no is_dynamic at all
+        out = c.static_patcher(legacy)
+        assert out is not legacy and out.model is legacy.model
+    static = _Patcher(dynamic=False)
+    assert c.static_patcher(_Patcher(dynamic=True, delegate=lambda: static)) is static
+
+
+@pytest.mark.parametrize("delegate, reason", [
+    (None, "offers no non-dynamic delegate"),
+    (lambda: (_ for _ in ()).throw(RuntimeError("cached_patcher_init is not initialized")), "cached_patcher_init"),
+    (lambda: _Patcher(dynamic=True), "delegate is dynamic too"),
+])
+def test_static_patcher_refuses_naming_the_flag(monkeypatch, delegate, reason):
+    c = _load_compat(monkeypatch)
+    with pytest.raises(c.DynamicVramUnsupported, match=f"^unet: .*{reason}.*--disable-dynamic-vram"):
+        c.static_patcher(_Patcher(dynamic=True, delegate=delegate), "unet")
+
+
+def test_check_core_names_every_missing_method(monkeypatch):
+    c = _load_compat(monkeypatch)
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    patcher_mod = types.ModuleType("comfy.model_patcher")
+    patcher_mod.ModelPatcher = type("ModelPatcher", (), {m: (lambda self: None) for m in c.PATCHER_METHODS
+                                                         if m != "add_weight_wrapper"})
+    lora = types.ModuleType("comfy.lora")
+    for f in c.LORA_FUNCTIONS:
+        setattr(lora, f, lambda *a: None)
+    comfy.model_patcher, comfy.lora = patcher_mod, lora
+    for name, mod in (("comfy", comfy), ("comfy.model_patcher", patcher_mod), ("comfy.lora", lora)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    with pytest.raises(c.ComfyUIIncompatible, match=r"lacks ModelPatcher\.add_weight_wrapper \("):
+        c.check_core()
+
+
+def test_input_checks_are_cached_per_node_type_not_per_run(comfy):
+    """ComfyUI runs ``execute`` on a new locked clone of the node class every time; the schema cache
+    must hit for those clones and hold one entry per node type."""
+    from comfy_api.internal import lock_class, shallow_clone_class
+
+    comfy.require_pack()
+    validation = comfy.pack_module.nodes.validation
+    cls = comfy.nodes.NODE_CLASS_MAPPINGS["MaceRefineCrossAttention"]
+    validation._SCHEMA_CACHE.clear()
+    for _ in range(5):
+        validation.check_inputs(lock_class(shallow_clone_class(cls)), {})
+    validation.check_inputs(cls, {})
+    assert len(validation._SCHEMA_CACHE) == 1
+    with pytest.raises(ValueError, match="lambda"):  # still checks
+        validation.check_inputs(lock_class(shallow_clone_class(cls)), {"lambda_": float("nan")})

@@ -21,8 +21,10 @@ def test_gpu_suite_small_runs_on_cpu(tmp_path, comfy):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {r["section"] for r in rows} == {"cfr", "fusion", "lora", "pipeline"}
-    assert not [r for r in rows if "note" in r], [r for r in rows if "note" in r]
+    assert {r["section"] for r in rows} == {"cfr", "fusion", "lora", "pipeline", "dynamic"}
+    dynamic = [r for r in rows if r["section"] == "dynamic"]  # 0.3.64 on CPU: the leg says why it cannot run
+    assert len(dynamic) == 1 and dynamic[0]["note"].startswith("skipped: "), dynamic
+    assert not [r for r in rows if "note" in r and r["section"] != "dynamic"], [r for r in rows if "note" in r]
     for section in ("cfr", "fusion", "lora", "pipeline"):
         methods = {r["method"] for r in rows if r["section"] == section}
         assert "reference-style" in methods and methods & {"ours", "cached_queries"}, section
@@ -41,3 +43,19 @@ def test_gpu_suite_script_names_a_missing_comfyui(tmp_path):
     script.write_text((REPO / "bench" / "gpu_suite.sh").read_text())
     proc = subprocess.run(["bash", str(script), "--small"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "set COMFYUI_PATH" in proc.stderr
+
+
+def test_dynamic_leg_compares_the_two_loads(comfy):
+    """The dynamic-VRAM leg's loading, training and comparison on CPU: with a no-op enabler both
+    loads are legacy, so the deltas must agree exactly (what a GPU run compares for real)."""
+    import dataclasses
+
+    from bench import gpu_suite
+    from bench.dynamic_vram import dynamic_rows
+
+    comfy.require_pack()
+    scale = dataclasses.replace(gpu_suite.SMALL, steps=2, images=1, res=32)
+    rows = dynamic_rows(comfy, scale, "cpu", gpu_suite._latents(scale, 1, "cpu"), 2, gpu_suite._unet_config(scale),
+                        enable=lambda: None)
+    assert [r["case"] for r in rows] == ["cached_queries", "full"], rows
+    assert all(r["delta_rel_max"] == 0.0 and r["loss_abs_max"] == 0.0 for r in rows), rows
