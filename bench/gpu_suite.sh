@@ -7,7 +7,7 @@
 #   bash bench/gpu_suite.sh --small    # anywhere (CI, CPU): tiny UNet, < 2 min
 #
 # Needs the pack's Python environment (.venv, else $PYTHON, else python3) and a ComfyUI source tree:
-# $COMFYUI_PATH, else .cache/ComfyUI (what .ci/run extracts from ../shared/vendor), else ~/ComfyUI.
+# $COMFYUI_PATH, else ~/ComfyUI (the README's "ComfyUI for the tests" says how to get one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
@@ -15,12 +15,12 @@ if [ -z "$PY" ]; then
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
 if [ -z "${COMFYUI_PATH:-}" ]; then
-    for d in .cache/ComfyUI "$HOME/ComfyUI"; do
+    for d in "$HOME/ComfyUI"; do
         if [ -f "$d/comfy/model_management.py" ]; then COMFYUI_PATH=$(cd "$d" && pwd); break; fi
     done
 fi
 if [ -z "${COMFYUI_PATH:-}" ] || [ ! -f "$COMFYUI_PATH/comfy/model_management.py" ]; then
-    echo "gpu_suite: no ComfyUI source tree; set COMFYUI_PATH, or run .ci/run once to extract the vendored one" >&2
+    echo "gpu_suite: no ComfyUI source tree; set COMFYUI_PATH or extract ComfyUI to ~/ComfyUI" >&2
     exit 2
 fi
 export COMFYUI_PATH

@@ -17,7 +17,7 @@ Any test that uses ``comfy`` (directly or through ``tiny_ckpt``) is marked ``int
 automatically.
 
 ``--require-comfyui`` (or ``MACE_REQUIRE_COMFYUI=1``, which ``.ci/run`` sets when it has
-extracted the vendored ComfyUI): a missing checkout is a usage error, and any *integration*
+found a ComfyUI checkout): a missing checkout is a usage error, and any *integration*
 test that ends up skipped is reported as a failure, with its skip reason.  Tests marked
 ``browser`` (tests/test_browser.py) follow ``MACE_REQUIRE_BROWSER=1`` instead, which ``.ci/run``
 sets when Chromium is installed.

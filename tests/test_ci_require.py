@@ -1,5 +1,5 @@
-"""``--require-comfyui`` / ``MACE_REQUIRE_COMFYUI=1`` (set by ``.ci/run`` when the vendored
-ComfyUI is there): a skipped integration test fails the run; without it, it only skips.
+"""``--require-comfyui`` / ``MACE_REQUIRE_COMFYUI=1`` (set by ``.ci/run`` when it finds a
+ComfyUI checkout): a skipped integration test fails the run; without it, it only skips.
 Runs a tiny pytest session in a subprocess with this repo's conftest."""
 from __future__ import annotations
 
