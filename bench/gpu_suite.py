@@ -19,6 +19,9 @@ are random (image sampling is not timed). Sections, each in the same run as its 
 * ``pipeline``: ``run_mass_erasure`` end to end (CFR -> LoRAs -> fusion) through ``ComfyDenoiser``,
   reference-style (full path, one concept after another) vs the default (cached queries, concepts
   batched).
+* ``text_entry`` (``--text-entry``, not in the default run): CFR on a FLUX-sized text-entry projection
+  (``txt_in``, 4096 -> 3072, 256-token T5 windows) for 1/10/100 concepts, seconds and peak memory
+  (``bench/text_entry_cfr.py``; ``--small``: 1024 -> 768).
 
 Full size (default): SD1.5 UNet, 512 x 512, 50 LoRA steps, CFR/fusion at 1/10/100 concepts, the
 pipeline at 10 concepts, dtypes fp16/bf16/fp32 on CUDA (fp32/bf16 on CPU). ``--small``: ComfyUI's
@@ -290,6 +293,7 @@ def main(argv=None) -> None:
     ap.add_argument("--res", type=int, default=None, help="override the image side (pixels, multiple of 8)")
     ap.add_argument("--steps", type=int, default=None, help="override the LoRA steps per concept")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_suite[_small].json)")
+    ap.add_argument("--text-entry", action="store_true", help="add the FLUX-sized text-entry CFR rows")
     args = ap.parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -309,6 +313,10 @@ def main(argv=None) -> None:
     rows = []
     if "closed" in args.sections:
         rows += closed_forms(scale)
+    if args.text_entry:
+        from bench.text_entry_cfr import FULL as ENTRY_FULL, SMALL as ENTRY_SMALL, text_entry_rows
+
+        rows += text_entry_rows(ENTRY_SMALL if args.small else ENTRY_FULL)
     if {"lora", "pipeline", "dynamic"} & set(args.sections):
         from bench.train import init_comfy
 
