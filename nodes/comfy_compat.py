@@ -8,7 +8,7 @@
   "Cannot import ... module for custom nodes" line, not a traceback in the middle of a run.
 * :func:`split_key_patch_entry`: ``ModelPatcher.get_key_patches()`` entries, in the
   ``(weight, convert)`` / ``PatchWeightTuple`` form of 0.3.64 and later and the bare-tensor form
-  of older builds.
+  of older builds; a quantised weight of a newer build comes back dequantised (:func:`plain_weight`).
 * :func:`static_patcher` / :func:`static_clip`: private clones the pack may train or
   differentiate through. Newer ComfyUI loads checkpoints as ``ModelPatcherDynamic`` on NVIDIA
   (dynamic VRAM, on by default): weights come from VBAR views, weight functions are rebuilt on
@@ -85,6 +85,17 @@ def check_core() -> None:
             f"ComfyUI, or report the ComfyUI version at the pack's issue tracker.")
 
 
+def plain_weight(weight):
+    """A weight as a plain tensor: newer ComfyUI's quantised weights (``comfy.quant_ops.QuantizedTensor``:
+    fp8-scaled, nvfp4, mxfp8, int8 "mixed ops" checkpoints) dequantised; anything else unchanged
+    (0.3.64 has no ``comfy.quant_ops``)."""
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:
+        return weight
+    return weight.dequantize() if isinstance(weight, QuantizedTensor) else weight
+
+
 def split_key_patch_entry(entry):
     """``(weight, convert, patches)`` from one ``get_key_patches()`` value."""
     first, *patches = entry
@@ -95,7 +106,7 @@ def split_key_patch_entry(entry):
     if convert is None:
         def convert(a, **_kw):
             return a
-    return weight, convert, patches
+    return plain_weight(weight), convert, patches
 
 
 class DynamicVramUnsupported(ValueError):

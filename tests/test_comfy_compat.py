@@ -120,7 +120,7 @@ def test_pack_loads_with_an_api_version_hidden(comfy, monkeypatch, hidden, expec
         monkeypatch.setitem(sys.modules, h, None)  # `import h` now raises ImportError
     nodes_pkg, node_list = _load_pack_fresh(comfy)
     assert nodes_pkg.comfy_compat.API_MODULE == expected
-    assert len(node_list) == len(comfy.pack_node_ids) == 13  # 11 nodes + the two eval-unlearn .pt nodes
+    assert len(node_list) == len(comfy.pack_node_ids) == len(nodes_pkg.NODES)  # every node, in either API
     for cls in node_list:  # every schema builds with the chosen API
         assert cls.GET_SCHEMA() is not None
 
@@ -240,3 +240,24 @@ def test_input_checks_are_cached_per_node_type_not_per_run(comfy):
     assert len(validation._SCHEMA_CACHE) == 1
     with pytest.raises(ValueError, match="lambda"):  # still checks
         validation.check_inputs(lock_class(shallow_clone_class(cls)), {"lambda_": float("nan")})
+
+
+def test_quantised_weights_come_back_dequantised(monkeypatch):
+    """Newer ComfyUI's fp8/nvfp4 checkpoints hold ``comfy.quant_ops.QuantizedTensor`` weights; the
+    pack reads them dequantised (0.3.64 has no such module: weights pass unchanged)."""
+    import torch
+
+    c = _load_compat(monkeypatch)
+    w = torch.ones(2)
+    assert c.plain_weight(w) is w  # no comfy.quant_ops here
+    quant = types.ModuleType("comfy.quant_ops")
+
+    class QuantizedTensor:  # the upstream contract the pack uses: isinstance + dequantize()
+        def dequantize(self):
+            return torch.full((2,), 3.0)
+
+    quant.QuantizedTensor = QuantizedTensor
+    monkeypatch.setitem(sys.modules, "comfy.quant_ops", quant)
+    assert c.plain_weight(w) is w
+    weight, _convert, patches = c.split_key_patch_entry([(QuantizedTensor(), None), "p"])
+    assert torch.equal(weight, torch.full((2,), 3.0)) and patches == ["p"]
