@@ -29,6 +29,7 @@ for candidate k, so each image can fill its own prompt template with every candi
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -77,6 +78,11 @@ class Judgement:
     def recognised(self) -> torch.Tensor:
         return self.winner == self.labels
 
+    def select(self, rows) -> "Judgement":
+        """The judgement of some images (an index or slice); ``forwards`` stays the whole run's."""
+        return Judgement(self.labels[rows], self.winner[rows], self.margin[rows], self.margin_se[rows],
+                         self.p_label[rows], self.errors[rows], self.forwards)
+
 
 def draws_for(config: JudgeConfig, index: int, shape: Sequence[int], num_timesteps: int):
     """(t (S,), eps (S, *shape)) of image ``index``: stratified timesteps, strata shuffled, fixed by the seed."""
@@ -86,40 +92,42 @@ def draws_for(config: JudgeConfig, index: int, shape: Sequence[int], num_timeste
     strata = torch.randperm(s, generator=gen).double()
     u = torch.rand(s, generator=gen, dtype=torch.float64)
     t = (lo + (strata + u) * (hi - lo) / s).floor().long().clamp(0, num_timesteps - 1)
-    eps = torch.randn(s, *shape, generator=gen)
-    return t, eps
+    return t, torch.randn(s, *shape, generator=gen)
 
 
 def _ignore(_probe) -> None:
     return None
 
 
-def _run(denoiser, latents, contexts, table, t, eps, jobs, errors, config, tick):
-    """Fill errors[i, j, k] for every job (i, j, k), ``config.batch`` forwards per call."""
+def _run(denoiser, latents, contexts, table, draw, jobs, errors, config, tick):
+    """Fill errors[i, j, k] for every job (i, j, k), ``config.batch`` forwards per call; ``draw(i)``
+    gives image i's (t, eps)."""
     device = latents.device
     for start in range(0, len(jobs), config.batch):
         chunk = jobs[start: start + config.batch]
         i = torch.tensor([a for a, _, _ in chunk])
         j = torch.tensor([b for _, b, _ in chunk])
         k = torch.tensor([c for _, _, c in chunk])
-        noise = eps[i, j].to(device)
-        tt = t[i, j].to(device)
+        noise = torch.stack([draw(a)[1][b] for a, b, _ in chunk]).to(device)
+        tt = torch.stack([draw(a)[0][b] for a, b, _ in chunk]).to(device)
         x_t = denoiser.add_noise(latents[i], noise, tt)
         ctx = contexts[table[i, k]].to(device)
         pred = denoiser.forward_with_attention(x_t, tt, ctx, _ignore)
-        err = (pred.float() - noise.float()).pow(2).flatten(1).mean(1).cpu().double()
-        errors[i, j, k] = err
+        errors[i, j, k] = (pred.float() - noise.float()).pow(2).flatten(1).mean(1).cpu().double()
         tick(len(chunk))
 
 
 @torch.no_grad()
 def classify(denoiser, latents: torch.Tensor, contexts: torch.Tensor, table: torch.Tensor, labels: torch.Tensor,
              config: JudgeConfig = JudgeConfig(), keep: Sequence[int] = (),
-             progress: Optional[Callable[[int, int], None]] = None) -> Judgement:
+             progress: Optional[Callable[[int, int], None]] = None,
+             draw_ids: Optional[Sequence[int]] = None) -> Judgement:
     """Judge every image in ``latents`` (N, ...) among K candidates (``table`` (N, K) rows of ``contexts``).
 
     ``labels`` (N,): the candidate position each image should show; ``keep``: candidate positions
     never screened out (e.g. the anchor). ``progress(done, total)`` after every denoiser call.
+    ``draw_ids`` (N,): image i gets the (t, eps) draws of number ``draw_ids[i]`` (default i); give two
+    models' images of one prompt the same number and their verdicts differ only where the images do.
     """
     config.check()
     n, k = table.shape
@@ -131,9 +139,11 @@ def classify(denoiser, latents: torch.Tensor, contexts: torch.Tensor, table: tor
     if n and (int(table.min()) < 0 or int(table.max()) >= contexts.shape[0]):
         raise ValueError(f"table must index the {contexts.shape[0]} context rows")
     s, T = config.draws, int(denoiser.num_train_timesteps)
-    draws = [draws_for(config, i, latents.shape[1:], T) for i in range(n)]
-    t = torch.stack([d[0] for d in draws]) if n else torch.zeros(0, s, dtype=torch.long)
-    eps = torch.stack([d[1] for d in draws]) if n else torch.zeros(0, s, *latents.shape[1:])
+    ids = list(range(n)) if draw_ids is None else [int(d) for d in draw_ids]
+    if len(ids) != n:
+        raise ValueError(f"draw_ids: {len(ids)} numbers for {n} images")
+    draw = functools.lru_cache(maxsize=2 * config.batch)(
+        lambda i: draws_for(config, ids[i], latents.shape[1:], T))   # jobs run image after image
     errors = torch.full((n, s, k), float("nan"), dtype=torch.float64)
     screening = k > config.shortlist + len(set(keep))
     screen = config.screen_draws if screening else s
@@ -147,7 +157,7 @@ def classify(denoiser, latents: torch.Tensor, contexts: torch.Tensor, table: tor
             progress(min(done[0], total), total)
 
     jobs = [(i, j, c) for i in range(n) for j in range(screen) for c in range(k)]
-    _run(denoiser, latents, contexts, table, t, eps, jobs, errors, config, tick)
+    _run(denoiser, latents, contexts, table, draw, jobs, errors, config, tick)
     alive = torch.ones(n, k, dtype=torch.bool)
     if screening:
         order = errors[:, :screen].mean(1).argsort(1)
@@ -157,7 +167,7 @@ def classify(denoiser, latents: torch.Tensor, contexts: torch.Tensor, table: tor
         for c in set(keep):
             alive[:, c] = True
         jobs = [(i, j, c) for i in range(n) for j in range(screen, s) for c in alive[i].nonzero().flatten().tolist()]
-        _run(denoiser, latents, contexts, table, t, eps, jobs, errors, config, tick)
+        _run(denoiser, latents, contexts, table, draw, jobs, errors, config, tick)
     if progress is not None:
         progress(total, total)
     return _verdicts(errors, alive, labels, config, done[0])
