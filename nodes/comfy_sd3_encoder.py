@@ -45,20 +45,16 @@ class SD3TextEncoder(ComfyTextEncoder):
             if cond.shape[0] != sum(clip_rows) + sum(t5_rows):
                 raise ValueError(f"clip: SD3 conditioning has {cond.shape[0]} positions, expected "
                                  f"{sum(clip_rows) + sum(t5_rows)}; connect ComfyUI's SD3 text encoder")
-            clip_at, t5_at = 0, sum(clip_rows)
+            at = {"l": 0, "t5xxl": sum(clip_rows)}  # where each part's rows of this batch start
             for tokens, nc, nt in zip(token_lists, clip_rows, t5_rows):
                 ids, feats, segments = [], [], []
-                if nc:
-                    window = [int(t[0]) for t in tokens["l"][0]]
+                for part, rows in (("l", nc), ("t5xxl", nt)):
+                    if not rows:
+                        continue
+                    window = [int(t[0]) for t in tokens[part][0]]
                     ids += window
-                    feats.append(cond[clip_at: clip_at + nc])
-                    segments.append((nc, self._length(window)))
-                    clip_at += nc
-                if nt:
-                    window = [int(t[0]) for t in tokens["t5xxl"][0]]
-                    ids += window
-                    feats.append(cond[t5_at: t5_at + nt])
-                    segments.append((nt, self._t5_length(window)))
-                    t5_at += nt
+                    feats.append(cond[at[part]: at[part] + rows])
+                    segments.append((rows, self._length(window) if part == "l" else self._t5_length(window)))
+                    at[part] += rows
                 out.append(EncodedPrompt(tuple(ids), segments[0][1], torch.cat(feats).clone(), tuple(segments)))
         return out
