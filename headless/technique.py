@@ -15,7 +15,13 @@ Schema (the harness's, plus our own keys for the full pipeline)::
 
 Our own keys: see ``OWN_KEYS``. ``load_path`` skips the erasure and applies the .pt's K/V (see
 ``nodes/unet_pt.py``); ``save_path`` writes the diffusers-key UNet .pt and, next to it,
-``<stem>.safetensors``, our erasure file. The erasure file is also written to ``output_dir``
+``<stem>.safetensors``, our erasure file.
+
+Paths follow the nodes' file policy (``mace_ops.safe_paths``): ``output_dir`` is ComfyUI's output
+folder for the run, and ``save_path`` is a name relative to it (.pt/.pth/.bin; absolute paths,
+'..', '~' and symlinks leading out are refused). ``load_path`` (like ``checkpoint``) is a file the
+operator names on their own machine, relative to the working directory; the run makes its folder
+ComfyUI's input folder and the Load node reads it by name under the same policy. The erasure file is also written to ``output_dir``
 together with ``technique_run.json`` (the resolved config, the files and the node summaries).
 """
 from __future__ import annotations
@@ -37,7 +43,7 @@ HARNESS_KEYS: dict[str, tuple[tuple, Any, str]] = {
     "erase_from": ((str, list, type(None)), None, "str, list of str or null"),
     "lambda_cfr": (NUM, 0.1, "number > 0"),
     "load_path": ((str, type(None)), None, "path of a .pt or null"),
-    "save_path": ((str, type(None)), None, "path of a .pt or null"),
+    "save_path": ((str, type(None)), None, "name of a .pt relative to output_dir, or null"),
     "num_inference_steps": ((int,), 50, "int >= 1"),
     "guidance_scale": (NUM, 7.5, "number"),
     "use_fp16": ((bool,), True, "true/false"),
@@ -63,8 +69,10 @@ ALL_KEYS = {**HARNESS_KEYS, **OWN_KEYS}
 
 
 try:
+    from ..mace_ops.safe_paths import PT_EXTENSIONS, resolve_write_pair
     from ..mace_ops.scope import parse_erase_from
 except ImportError:  # headless imported as a top-level package (tests, scripts)
+    from mace_ops.safe_paths import PT_EXTENSIONS, resolve_write_pair
     from mace_ops.scope import parse_erase_from
 
 
@@ -173,6 +181,7 @@ def validate_config(data: Mapping, base_dir: str = ".", check_files: bool = True
     if not isinstance(output_dir, str) or not output_dir.strip():
         problems.append(f"output_dir: expected a non-empty string, got {output_dir!r}")
         output_dir = "results"
+    out = os.path.abspath(os.path.join(base_dir, os.path.expanduser(output_dir)))
     seed = data.get("seed", 2024)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"seed: expected an int >= 0, got {seed!r}")
@@ -196,20 +205,7 @@ def validate_config(data: Mapping, base_dir: str = ".", check_files: bool = True
     if not (dev in ("cuda", "cpu", "mps", "auto") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         problems.append(f"technique.config.device: {dev!r}; choose 'cuda', 'cuda:N', 'cpu', 'mps' or 'auto'")
 
-    def path(key):
-        v = opts[key]
-        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(v))) if isinstance(v, str) and v else None
-
-    opts["load_path"], opts["save_path"] = path("load_path"), path("save_path")
-    if opts["load_path"] and opts["save_path"] and os.path.realpath(opts["load_path"]) == os.path.realpath(
-            opts["save_path"]):
-        problems.append(f"technique.config: load_path and save_path are the same file ({opts['load_path']}); "
-                        "saving would overwrite the weights being loaded. Use two paths")
-    if check_files and opts["load_path"] and not os.path.isfile(opts["load_path"]):
-        problems.append(f"technique.config.load_path: {opts['load_path']} not found")
-    if isinstance(cfg.get("save_path"), str) and opts["save_path"] and not opts["save_path"].endswith((".pt", ".pth", ".bin")):
-        notes.append(f"save_path {opts['save_path']} does not end in .pt; writing torch.save format anyway")
-
+    _pt_paths(opts, out, base_dir, check_files, problems)
     if opts["load_path"] is None:
         if "erase_concept" not in cfg:
             problems.append("technique.config.erase_concept: required (str or list of synonyms) unless load_path is given")
@@ -238,8 +234,36 @@ def validate_config(data: Mapping, base_dir: str = ".", check_files: bool = True
             problems.append(f"technique.config.checkpoint: {p} not found")
     if problems:
         raise ConfigError("invalid technique config:\n  " + "\n  ".join(problems))
-    out = os.path.abspath(os.path.join(base_dir, os.path.expanduser(output_dir)))
     return TechniqueConfig(out, seed, opts, notes=notes)
+
+
+def _pt_paths(opts: dict, output_dir: str, base_dir: str, check_files: bool, problems: list[str]) -> None:
+    """save_path: a name relative to output_dir (the run's output folder), by the nodes' write policy;
+    load_path: the operator's .pt, made absolute (its folder is the run's input folder)."""
+    target = None
+    if isinstance(opts["save_path"], str) and opts["save_path"].strip():
+        try:
+            target, _side = resolve_write_pair(opts["save_path"], ("output_dir", output_dir), "technique.config.save_path",
+                                               PT_EXTENSIONS, ".safetensors", "unet/mace.pt")
+            opts["save_path"] = opts["save_path"].strip()
+        except ValueError as exc:
+            problems.append(str(exc))
+            opts["save_path"] = None
+    else:
+        opts["save_path"] = None
+    load = opts["load_path"]
+    if not (isinstance(load, str) and load.strip()):
+        opts["load_path"] = None
+        return
+    path = os.path.realpath(os.path.join(base_dir, os.path.expanduser(load.strip())))
+    opts["load_path"] = path
+    if not path.lower().endswith(PT_EXTENSIONS):
+        problems.append(f"technique.config.load_path: {load!r} must end with {' or '.join(PT_EXTENSIONS)}")
+    elif check_files and not os.path.isfile(path):
+        problems.append(f"technique.config.load_path: {load!r} not found")
+    if target is not None and path == target:
+        problems.append(f"technique.config: load_path and save_path are the same file ({load!r}); saving would "
+                        "overwrite the weights being loaded. Use two paths")
 
 
 def build_prompt(tc: TechniqueConfig, ckpt_name: str) -> dict:
@@ -253,7 +277,8 @@ def build_prompt(tc: TechniqueConfig, ckpt_name: str) -> dict:
     preserve = "\n".join(o["preserve"])
     erase_from = ", ".join(o["erase_from"] or [])
     if o["load_path"]:
-        prompt["erase"] = {"class_type": "MaceLoadUNetPt", "inputs": {"model": ["ckpt", 0], "path": o["load_path"]}}
+        prompt["erase"] = {"class_type": "MaceLoadUNetPt",  # its folder is the run's input folder
+                           "inputs": {"model": ["ckpt", 0], "path": os.path.basename(o["load_path"])}}
     elif o["stages"] == "cfr":
         prompt["erase"] = {"class_type": "MaceRefineCrossAttention", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "concepts": concept, "concept_type": o["concept_type"],
@@ -308,14 +333,17 @@ def run_technique(tc: TechniqueConfig, comfyui=None, quiet: bool = False, custom
     for note in tc.notes:
         print(f"note: {note}", file=sys.stderr)
     os.makedirs(tc.output_dir, exist_ok=True)
-    previous_out = fp.get_output_directory()
+    previous_out, previous_in = fp.get_output_directory(), fp.get_input_directory()
     fp.set_output_directory(tc.output_dir)
+    if o["load_path"]:  # the operator's .pt: its folder is ComfyUI's input folder for this run
+        fp.set_input_directory(os.path.dirname(o["load_path"]))
     prompt = build_prompt(tc, name)
     t0 = time.perf_counter()
     try:
         res = run_prompt(prompt, quiet=quiet)
     finally:
         fp.set_output_directory(previous_out)
+        fp.set_input_directory(previous_in)
     if not res.success:
         raise RuntimeError(f"technique run failed after {res.seconds:.1f}s: "
                            f"{res.error if verbose else res.error_summary}")

@@ -375,17 +375,17 @@ def load_gated_file(path: str) -> tuple[GatedErasure, KVWeights, dict[str, str]]
     """(gate, fallback deltas keyed by weight name, metadata) of a ``save_gated_erasure`` file."""
     import os
     from .erasure_file import read_mace_file, weight_name
-    from .validation import require_finite
+    from .validation import require_file_values
     metadata, tensors = read_mace_file(path, GATE_FORMAT, "gated erasure")
-    require_finite(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; save it again")
+    require_file_values(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; save it again")
     state = {k[len(GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GATE_PREFIX)}
     fallback = {weight_name(k): v for k, v in tensors.items() if k.endswith(".diff")}
     shape = metadata.get("mace.gate_shape", LEGACY_SHAPE)
     if shape not in GATE_SHAPES:
-        raise ValueError(f"{path}: gate shape {shape!r} is not one this version of the pack knows "
+        raise ValueError(f"{os.path.basename(path)}: gate shape {shape!r} is not one this version of the pack knows "
                          f"({', '.join(GATE_SHAPES)}); update comfyui-mace to load it")
     try:
         temperature = float(metadata["mace.gate_temperature"])
         return GatedErasure.from_state_dict(state, temperature, shape), fallback, metadata
     except (KeyError, ValueError) as err:
-        raise ValueError(f"{path}: not a complete gated erasure ({err})") from None
+        raise ValueError(f"{os.path.basename(path)}: not a complete gated erasure ({err})") from None

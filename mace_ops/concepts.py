@@ -5,16 +5,21 @@ Format, one concept per line::
     # comments and blank lines are ignored
     van gogh, vincent van gogh        <- synonyms of one concept, comma separated
     ship -> ground                    <- optional per-concept anchor after '->'
+    c# programming  # a comment       <- '#' starts a comment only at the line's start or after a space
     ac\-dc, r\#b                       <- '\,' '\#' '\-' write a literal comma, hash, hyphen
 
 The first phrase is the concept's name; the others are synonyms erased with it. Every phrase
 and anchor (erase, preserve, probe, the anchor input) goes through ``normalise_phrase``: lower
 case, hyphens and underscores become spaces (unless escaped), runs of whitespace become one
-space. ``check_disjoint`` refuses a phrase that is both erased and preserved.
+space. ``check_disjoint`` refuses a phrase that is both erased and preserved. A line of only
+invisible characters (zero-width spaces, ...) is refused, not taken as a concept.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from .visible import visible
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,15 @@ def _restore(text: str) -> str:
     return text
 
 
+_COMMENT = re.compile(r"(^|\s)#")
+
+
+def strip_comment(line: str) -> str:
+    """``line`` without its comment: '#' at the start or after whitespace starts one ('c# code' keeps its '#')."""
+    m = _COMMENT.search(line)
+    return line if m is None else line[: m.start()]
+
+
 def normalise_phrase(text: str) -> str:
     r"""Lower-case, hyphens/underscores to spaces, single spaces (how MACE names concepts).
 
@@ -60,9 +74,12 @@ def parse_concepts(text: str, field: str = "concepts", allow_anchor: bool = True
     concepts: list[Concept] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = _protect(raw).split("#", 1)[0].strip()
+        line = strip_comment(_protect(raw)).strip()
         if not line:
             continue
+        if not visible(line):
+            raise ValueError(f"{field}, line {number}: only invisible characters (e.g. zero-width spaces); "
+                             "delete the line or write the concept")
         anchor = None
         if "->" in line:
             if not allow_anchor:
@@ -72,7 +89,7 @@ def parse_concepts(text: str, field: str = "concepts", allow_anchor: bool = True
                 raise ValueError(f"{field}, line {number}: more than one '->' in {raw.strip()!r}")
             anchor = _restore(normalise_phrase(anchor_text))
         parts = [_restore(normalise_phrase(p)) for p in line.split(",")]
-        if any(not p for p in parts):
+        if any(not visible(p) for p in parts):
             raise ValueError(
                 f"{field}, line {number}: empty phrase in {raw.strip()!r}; write 'a, b, c' with a word between commas"
             )

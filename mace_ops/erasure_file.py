@@ -23,7 +23,7 @@ from . import __version__
 from .atomic_write import write_bytes_atomic
 from .fingerprint import mismatch, weights_fingerprint  # noqa: F401  (re-exported)
 from .interfaces import KVWeights
-from .validation import require_finite
+from .validation import require_file_values, require_finite
 
 FORMAT_VERSION = "1"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -142,11 +142,11 @@ def read_mace_file(path: str, expected_format: str, what: str, hint: str = "",
     """(metadata, tensors) of a MACE safetensors file of ``expected_format``; ValueError naming the
     file otherwise. ``what`` names the kind of file in messages ("erasure", "concept LoRA").
     ``with_tensors=False``: the header only (the tensors come back empty, none is read)."""
+    name = os.path.basename(path)  # messages name the file, never the server path
     if not os.path.isfile(path):
-        raise ValueError(f"{what} file not found: {path}")
+        raise ValueError(f"{what} file not found: {name}")
     if not path.endswith(".safetensors"):
-        raise ValueError(f"{path}: MACE {what} files must be .safetensors (no pickle is ever loaded)")
-    name = os.path.basename(path)
+        raise ValueError(f"{name}: MACE {what} files must be .safetensors (no pickle is ever loaded)")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -167,8 +167,11 @@ def read_mace_file(path: str, expected_format: str, what: str, hint: str = "",
 def load_erasure(path: str) -> ErasureFile:
     """Load a MACE erasure file; raise ValueError naming the file when it is not one."""
     metadata, tensors = read_mace_file(path, FORMAT_VERSION, "erasure", "; load it with a LoRA loader")
-    require_finite(tensors, f"{os.path.basename(path)}", "the file is damaged or was saved from a broken run; "
-                   "delete it and save the erasure again")
+    name = os.path.basename(path)
+    if not tensors:
+        raise ValueError(f"{name}: holds no tensor, so it erases nothing; save the erasure again")
+    require_file_values(tensors, name, "the file is damaged or was saved from a broken run; delete it and save "
+                        "the erasure again")
     return ErasureFile({weight_name(k): t for k, t in tensors.items()}, metadata)
 
 

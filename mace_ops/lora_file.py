@@ -23,7 +23,7 @@ from .erasure_file import DTYPES, atomic_save, base_fingerprint_of, check_fits, 
 from .fingerprint import mismatch
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
-from .validation import require_finite
+from .validation import require_file_values, require_finite
 
 LORA_FORMAT = "concept-lora/1"
 REQUIRED_INFO = ("concept", "steps", "lr", "seed", "settings")
@@ -110,27 +110,28 @@ def read_lora_info(path: str) -> dict:
 def load_concept_lora(path: str) -> LoraFile:
     """Load a MACE concept LoRA; ValueError naming the file when it is not one."""
     metadata, tensors = read_mace_file(path, LORA_FORMAT, "concept LoRA")
-    require_finite(tensors, os.path.basename(path), "the file is damaged or was saved from a broken run; "
-                   "delete it and train the LoRA again")
+    fname = os.path.basename(path)  # messages name the file, never the server path
+    require_file_values(tensors, fname, "the file is damaged or was saved from a broken run; "
+                        "delete it and train the LoRA again")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         try:
             name, part = _split_key(key)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise ValueError(f"{fname}: {err}") from None
         parts.setdefault(name, {})[part] = tensor
     factors = {}
     for name, p in parts.items():
         if set(p) != set(_SUFFIXES):
-            raise ValueError(f"{path}: {name} lacks {sorted(set(_SUFFIXES) - set(p))}")
+            raise ValueError(f"{fname}: {name} lacks {sorted(set(_SUFFIXES) - set(p))}")
         if p["alpha"].numel() != 1:
-            raise ValueError(f"{path}: {name} alpha must be a scalar")
+            raise ValueError(f"{fname}: {name} alpha must be a scalar")
         try:
             factors[name] = LoraFactors(p["up"], p["down"], float(p["alpha"]))
         except ValueError as err:
-            raise ValueError(f"{path}: {name}: {err}") from None
+            raise ValueError(f"{fname}: {name}: {err}") from None
     if not factors:
-        raise ValueError(f"{path}: the file holds no LoRA weight")
+        raise ValueError(f"{fname}: the file holds no LoRA weight")
     return LoraFile(factors, metadata)
 
 

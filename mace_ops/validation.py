@@ -5,6 +5,8 @@
   (a NaN lambda used to fail 40 s later inside ``linalg.eigh``, naming nothing).
 * ``require_finite`` refuses non-finite tensors, naming the stage and the fix: nothing
   non-finite is ever saved, loaded, fused or applied.
+* ``require_file_values`` is the one check for every tensor read from a file (erasure, LoRA,
+  .pt K/V, gate) before it is applied: finite, and no |value| above ``FILE_VALUE_LIMIT``.
 * ``derive_seed`` adds an offset to a user seed modulo 2**64, so the largest seed a node offers
   (0xFFFFFFFFFFFFFFFF) still works where a run uses ``seed + i`` (torch generators take seeds
   in [0, 2**64)).
@@ -18,6 +20,10 @@ from typing import Mapping, Union
 import torch
 
 SEED_MODULUS = 2**64
+FILE_VALUE_LIMIT = 1e6
+"""The largest |value| a tensor read from a file may hold. SD's K/V weights and MACE's deltas and
+LoRA factors are O(1); a compiled text gate's steep units reach ~1e2-1e5 (beyond fp16's 65,504,
+for a layer norm gain of ~1e-3). A value above 1e6 is a damaged or hostile file, never an erasure."""
 
 
 def check_number(value, name: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
@@ -64,3 +70,18 @@ def require_finite(tensors: TensorsLike, stage: str, fix: str) -> None:
     if bad is not None:
         what = f"{bad} " if bad else ""
         raise ValueError(f"{stage}: {what}holds NaN or inf values; {fix}")
+
+
+def require_file_values(tensors: TensorsLike, where: str, fix: str = "the file is damaged or was saved from a "
+                        "broken run; delete it and make it again") -> None:
+    """ValueError naming ``where``, the tensor and the bound when a tensor read from a file holds NaN/inf
+    or a |value| above ``FILE_VALUE_LIMIT`` (checked before anything is applied)."""
+    require_finite(tensors, where, fix)
+    items = tensors.items() if isinstance(tensors, Mapping) else [("", tensors)]
+    for name, t in items:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            peak = float(t.detach().abs().max())
+            if peak > FILE_VALUE_LIMIT:
+                what = f"{name} " if name else ""
+                raise ValueError(f"{where}: {what}holds values up to {peak:.3g} in magnitude, above the limit "
+                                 f"{FILE_VALUE_LIMIT:g} (FILE_VALUE_LIMIT) for values read from a file; {fix}")

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ..mace_ops.ace import GatedErasure, attn2_patch, load_gated_file, save_gated_erasure
 from ..mace_ops.erasure_file import DTYPES, ErasureFile, base_fingerprint_of, check_fits, mismatch, weights_fingerprint
-from .comfy_model import apply_erasure, effective_weights, get_record, kv_keys
+from .comfy_model import apply_erasure, check_editable, effective_weights, get_record, kv_keys
+from .comfy_text_entry import entry_keys
 
 GATE_ATTACHMENT = "mace_gate"
 
@@ -82,6 +83,7 @@ def load_gate(model, path: str, name: str, strength: float, allow_other_base: bo
         raise ValueError(f"strength: {name} is a gated (ACE) erasure, which loads at strength 1 only; set "
                          "strength to 1")
     erasure, fallback, metadata = load_gated_file(path)
+    check_editable(fallback, entry_keys(model), name)
     base = effective_weights(model, sorted(set(kv_keys(model)) | set(fallback)))  # K/V + e.g. SDXL's pooled layer
     check_fits(fallback, base, name)
     check_gate_fits(erasure, base, name)

@@ -69,6 +69,16 @@ POOLED_KEY = PREFIX + "label_emb.0.0.weight"
 SIZE_EMBEDDING_WIDTH = 6 * 256
 
 
+def check_editable(keys, allowed, where: str) -> None:
+    """ValueError when a file would change a model weight outside ``allowed`` (the weights MACE edits on
+    this model: ``comfy_text_entry.entry_keys``), whatever ``allow_other_base`` says."""
+    other = sorted(set(keys) - set(allowed))
+    if other:
+        raise ValueError(f"{where}: changes {len(other)} model weight(s) MACE never edits (e.g. {other[0]}); only "
+                         "the weights reading the prompt (cross-attention K/V, a text-entry projection, the "
+                         "pooled-text layer) are applied. Load other LoRAs with the stock LoraLoader")
+
+
 def pooled_text_width(model) -> int | None:
     """Width of the pooled text embedding the UNet reads through :data:`POOLED_KEY` (the SDXL
     family: 1280), or None for models that read no pooled text (SD1.x, SD2.x)."""

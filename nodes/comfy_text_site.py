@@ -30,7 +30,7 @@ import comfy.clip_model
 from ..mace_ops.erasure_file import weights_fingerprint
 from ..mace_ops.interfaces import EncodedPrompt, KVWeights
 from ..mace_ops.text_gate import ACTIVATIONS
-from ..mace_ops.validation import require_finite
+from ..mace_ops.validation import require_file_values
 from .comfy_model import effective_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .comfy_text_entry import dit_text_encoder
@@ -162,7 +162,8 @@ def apply_text_gate(clip, deltas: KVWeights, base: KVWeights, info: dict):
     if get_text_gate(clip) is not None:
         raise ValueError("clip: already carries a compiled text gate; erase every concept in one MACE Text Gate "
                          "node (or start from the CLIP without it)")
-    require_finite(deltas, "text gate", "the compiled gate holds NaN/inf; nothing was applied")
+    require_file_values(deltas, "text gate", "nothing was applied (a compiled gate this steep cannot be saved "
+                        "and loaded back either)")
     deltas = {k: d.to(torch.float32) for k, d in deltas.items()}
     out = clip.clone()
     accepted = set(out.add_patches({k: ("diff", (d,)) for k, d in deltas.items()}, 1.0))
@@ -177,6 +178,15 @@ def apply_text_gate(clip, deltas: KVWeights, base: KVWeights, info: dict):
 def file_deltas(record: TextGateRecord) -> KVWeights:
     """The record's deltas under the keys an erasure file stores them by (``text_encoders.<key>``)."""
     return {FILE_PREFIX + k: d for k, d in record.deltas.items()}
+
+
+def check_text_editable(keys, where: str) -> None:
+    """ValueError when a file's CLIP part changes anything but text-layer MLP tensors (a compiled gate's)."""
+    other = sorted(k for k in keys if not k.endswith(tuple(f".mlp.{t}" for t in MLP_TENSORS)))
+    if other:
+        raise ValueError(f"{where}: its text encoder part changes {len(other)} weight(s) a compiled text gate never "
+                         f"edits (e.g. {other[0]}); only text-layer MLP tensors are applied. Load other LoRAs with "
+                         "the stock LoraLoader")
 
 
 def split_file_deltas(deltas: KVWeights) -> tuple[KVWeights, KVWeights]:

@@ -8,16 +8,17 @@ base weights, ``mace.base_text_encoder`` the CLIP part's.
 from __future__ import annotations
 
 import json
-import os
 
 import folder_paths
 from .comfy_compat import io
 
-from ..mace_ops.erasure_file import ErasureFile, check_base, load_erasure, save_erasure
+from ..mace_ops.erasure_file import ErasureFile, base_fingerprint_of, check_base, load_erasure, mismatch, save_erasure
 from .comfy_gate import get_gate, is_gate_file, load_gate, save_gate
-from .comfy_model import apply_erasure, effective_weights, get_record
+from .comfy_model import apply_erasure, check_editable, effective_weights, get_record
 from .comfy_text_entry import entry_keys
-from .comfy_text_site import apply_text_gate, file_deltas, get_text_gate, split_file_deltas, text_base
+from .comfy_text_site import (apply_text_gate, check_text_editable, file_deltas, get_text_gate, split_file_deltas,
+                              text_base)
+from .paths import resolve_lora_file, save_file_path
 from .validation import check_inputs
 
 
@@ -61,9 +62,7 @@ class MaceSaveErasure(io.ComfyNode):
         if gate is not None and text is not None:
             raise ValueError("clip: an ACE gate file cannot also hold a text gate; save them with two MACE Save "
                              "Erasure nodes (one with model only, one with clip only)")
-        folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(
-            filename_prefix, folder_paths.get_output_directory())
-        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+        path = save_file_path(filename_prefix)
         if gate is not None:  # an ACE gate: gate + the record's deltas as the stock-loader part
             save_gate(path, model, gate, dtype)
             return io.NodeOutput(path, ui={"text": [path]})
@@ -75,6 +74,25 @@ class MaceSaveErasure(io.ComfyNode):
         fingerprint = record.base_fingerprint if record is not None else ""
         save_erasure(path, deltas, fingerprint, info, dtype)
         return io.NodeOutput(path, ui={"text": [path]})
+
+
+def check_model_base(model, name: str, part: ErasureFile, base, allow_other_base: bool) -> None:
+    """``check_base``, except that a model which already carries MACE edits is compared by its base
+    (current weights minus the recorded deltas): a file made for that base stacks on the edits. The
+    same file loaded a second time is refused as such (not as "a different base model")."""
+    record = get_record(model)
+    if record is not None and any(isinstance(s, dict) and s.get("method") == "load" and s.get("file") == name
+                                  for s in record.stages):
+        raise ValueError(f"erasure_name: {name} is already applied to this model (by an earlier MACE Load Erasure); "
+                         "loading it again would apply it twice. Remove one of the two Load nodes (or raise strength)")
+    try:
+        check_base(part, base, name, allow_other_base)
+    except ValueError as err:
+        if record is None or "different base model" not in str(err):
+            raise
+        original = {k: base[k] - record.deltas[k] if k in record.deltas else base[k] for k in part.deltas}
+        if mismatch(base_fingerprint_of(part.metadata), original) is not None:
+            raise
 
 
 class MaceLoadErasure(io.ComfyNode):
@@ -104,13 +122,13 @@ class MaceLoadErasure(io.ComfyNode):
     @classmethod
     def execute(cls, model, erasure_name, strength, allow_other_base, clip=None) -> io.NodeOutput:
         check_inputs(cls, locals())
-        path = folder_paths.get_full_path("loras", erasure_name)
-        if path is None:
-            raise ValueError(f"erasure_name: {erasure_name!r} not found in the loras folders; refresh the list (R)")
+        path = resolve_lora_file(erasure_name)  # symlinks leading out of the loras folders are refused
         if is_gate_file(path):  # an ACE gate file: gate (attn2 patch) + its fallback deltas
             return io.NodeOutput(*load_gate(model, path, erasure_name, strength, allow_other_base), clip)
         erasure = load_erasure(path)
         model_part, text_part = split_file_deltas(erasure.deltas)
+        check_editable(model_part, entry_keys(model), erasure_name)  # what MACE edits only, allow_other_base or not
+        check_text_editable(text_part, erasure_name)
         info = {"method": "load", "file": erasure_name, "strength": strength, "source": erasure.info}
         out_clip = clip
         if text_part:
@@ -127,6 +145,6 @@ class MaceLoadErasure(io.ComfyNode):
         out = model
         if model_part:
             base = effective_weights(model, sorted(set(entry_keys(model)) | set(model_part)))  # K/V or text entry + pooled
-            check_base(ErasureFile(model_part, erasure.metadata), base, erasure_name, allow_other_base)
+            check_model_base(model, erasure_name, ErasureFile(model_part, erasure.metadata), base, allow_other_base)
             out = apply_erasure(model, {k: v.float() for k, v in model_part.items()}, base, info, strength)
         return io.NodeOutput(out, json.dumps(erasure.info, indent=1, sort_keys=True), out_clip)

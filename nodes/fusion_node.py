@@ -12,23 +12,10 @@ from ..mace_ops.templates import TEMPLATES, templates_for
 from .cfr_node import preserve_prompts
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
-from .paths import resolve_lora_line
+from .paths import resolve_lora_files
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
 from .validation import check_inputs
-
-
-def resolve_lora_files(text: str) -> list[str]:
-    """Lines of LoRA file names or folders, relative to the loras folders (``nodes.paths`` policy)."""
-    paths: list[str] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        paths += resolve_lora_line(line, f"lora_files, line {number}")
-    if not paths:
-        raise ValueError("lora_files: no LoRA given; one file name or folder per line")
-    return paths
 
 
 def trained_in_null_space(info: dict) -> bool:

@@ -19,7 +19,6 @@ import re
 import torch
 
 import comfy.model_management
-import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.concepts import parse_concepts, require_concepts
@@ -32,6 +31,7 @@ from ..mace_ops.validation import require_finite
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights, get_record
 from .comfy_text_encoder import ComfyTextEncoder
+from .paths import save_file_path
 from .progress import NodeProgress
 from .validation import check_inputs
 
@@ -75,11 +75,7 @@ def slug(text: str) -> str:
 
 def lora_path(filename_prefix: str, concept_name: str) -> str:
     """Next free ``<output>/<prefix>_<counter>_.safetensors``; ``{concept}`` in the prefix is replaced."""
-    prefix = filename_prefix.replace("{concept}", slug(concept_name)).strip()
-    if not prefix:
-        raise ValueError("filename_prefix: empty; e.g. loras/mace_lora/{concept}")
-    folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
-    return os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+    return save_file_path(filename_prefix.replace("{concept}", slug(concept_name)), example="loras/mace_lora/{concept}")
 
 
 def prepare_masks(masks, n_images: int) -> torch.Tensor:

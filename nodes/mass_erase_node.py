@@ -15,7 +15,6 @@ import logging
 import os
 
 import comfy.model_management
-import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.cfr import CFRConfig
@@ -23,7 +22,7 @@ from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.fusion import PRESERVE_TO, preserve_to_for
 from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_NULL_SPACE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE,
                                    OBJECTIVES, PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
-from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure, slug
+from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure
 from ..mace_ops.scope import parse_erase_from
 from .cfr_node import preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
@@ -32,7 +31,7 @@ from .comfy_text_encoder import ComfyTextEncoder
 from .concept_inputs import concept_inputs
 from .fusion_node import PRESERVE_TO_TOOLTIP
 from .lora_train_node import CONCEPT_TYPES, concept_templates, encode_images
-from .paths import text_roots
+from .paths import run_folder, text_roots
 from .prior_input import DEFAULT_PRIOR_WEIGHT, TOOLTIP, prior_for
 from .progress import NodeProgress
 from .training_images_node import (DEFAULT_CFG, DEFAULT_SCHEDULER, concept_prompts, default_sampler,
@@ -144,7 +143,7 @@ class MaceMassErase(io.ComfyNode):
         settings = PipelineSettings(concept_type, anchor, cfr, lora, fusion_lambda, preserve_scale,
                                     prior_weight=float(prior_weight), fusion_preserve_to=fusion_preserve_to)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
-        folder = os.path.join(folder_paths.get_output_directory(), "loras", "mace_mass", slug(run_name))
+        folder = run_folder(run_name)
         encoder = ComfyTextEncoder(clip)
         original = effective_kv_weights(model)  # an unsupported model family is refused before any work
         prior = prior_for(encoder, float(prior_weight))

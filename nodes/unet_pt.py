@@ -25,6 +25,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.utils
 
+from ..mace_ops.validation import require_file_values
 from .comfy_model import ATTACHMENT, KV_PATTERN, PREFIX, effective_kv_weights, extended_record
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -89,18 +90,20 @@ def save_unet_pt(model, path: str, dtype: str = "fp32") -> str:
     return path
 
 
-def read_unet_pt(path: str) -> dict[str, torch.Tensor]:
-    """``torch.load(weights_only=True)`` of a flat ``{str: Tensor}`` state dict; ValueError otherwise."""
+def read_unet_pt(path: str, name: str | None = None) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` of a flat ``{str: Tensor}`` state dict; ValueError otherwise.
+    Messages name the file by ``name`` (the user's own text; default its base name), never by the
+    server path (and torch's own error text, which may quote it, is left out)."""
+    name = name or os.path.basename(path)
     if not os.path.isfile(path):
-        raise ValueError(f"load_path: {path} not found")
+        raise ValueError(f"path: {name!r} not found")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for anything beyond tensors and containers
-        raise ValueError(f"load_path: {path} is not a weights-only torch file ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); only plain state dicts are read, "
-                         "never arbitrary pickles") from None
+        raise ValueError(f"path: {name!r} is not a weights-only torch file ({type(exc).__name__}); only plain "
+                         "state dicts are read, never arbitrary pickles") from None
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise ValueError(f"load_path: {path} is not a flat state dict of tensors (torch.save(unet.state_dict()))")
+        raise ValueError(f"path: {name!r} is not a flat state dict of tensors (torch.save(unet.state_dict()))")
     return sd
 
 
@@ -148,17 +151,20 @@ def check_unet_pt(model, sd: dict[str, torch.Tensor], path: str = "load_path", r
     return base_kv, file_kv
 
 
-def load_unet_pt(model, path: str):
+def load_unet_pt(model, path: str, name: str | None = None):
     """A clone of ``model`` with the file's K/V applied as an erasure (bit-exact ``set`` patches) and
-    the MACE record extended; returns (model, info)."""
-    sd = read_unet_pt(path)
-    base_kv, file_kv = check_unet_pt(model, sd, f"load_path {os.path.basename(path)}")
+    the MACE record extended; returns (model, info). ``name``: the file as the user gave it (messages)."""
+    name = name or os.path.basename(path)
+    sd = read_unet_pt(path, name)
+    base_kv, file_kv = check_unet_pt(model, sd, f"path {name!r}")
+    require_file_values(file_kv, f"path {name!r}", "the file is damaged or comes from a broken run; nothing was "
+                        "applied")
     deltas = {k: file_kv[k] - base_kv[k] for k in file_kv}
     changed = sorted(k for k, d in deltas.items() if bool(d.any()))
     out = model.clone()
     accepted = set(out.add_patches({k: ("set", (file_kv[k],)) for k in changed}, 1.0))
     if set(changed) - accepted:
         raise ValueError(f"model: could not patch {_names(set(changed) - accepted)}")
-    info = {"method": "load_unet_pt", "file": os.path.basename(path), "changed": len(changed)}
+    info = {"method": "load_unet_pt", "file": os.path.basename(name), "changed": len(changed)}
     out.set_attachments(ATTACHMENT, extended_record(model, {k: deltas[k] for k in changed}, base_kv, info))
     return out, info

@@ -1,30 +1,22 @@
 """Nodes ``MACE Save UNet .pt (diffusers)`` and ``MACE Load UNet .pt as Erasure``: the eval-learn /
-eval-unlearn harness's ``save_path`` / ``load_path`` files (see ``unet_pt.py``)."""
+eval-unlearn harness's ``save_path`` / ``load_path`` files (see ``unet_pt.py``).
+
+Paths follow the pack's policy (``paths``): the save writes only inside ComfyUI's output folder
+(.pt/.pth/.bin, with its ``<stem>.safetensors`` companion, which is never the target), the load
+reads only from the input, output or loras folders; names are relative, with no '..' or '~'.
+"""
 from __future__ import annotations
 
 import json
 import os
 
-import folder_paths
 from .comfy_compat import io
 
 from ..mace_ops.erasure_file import save_erasure
 from .comfy_model import get_record
+from .paths import resolve_pt_read, resolve_pt_write
 from .unet_pt import DTYPES, load_unet_pt, save_unet_pt
 from .validation import check_inputs
-
-
-def resolve(path: str, must_exist: bool = False) -> str:
-    """Absolute paths as given; relative ones under ComfyUI's output folder (for loading: also as
-    given relative to the working directory when that file exists)."""
-    path = os.path.expanduser(path.strip())
-    if not path:
-        raise ValueError("path: empty; give a .pt file path")
-    if os.path.isabs(path):
-        return path
-    if must_exist and os.path.isfile(path):
-        return os.path.abspath(path)
-    return os.path.join(folder_paths.get_output_directory(), path)
 
 
 class MaceSaveUNetPt(io.ComfyNode):
@@ -40,7 +32,8 @@ class MaceSaveUNetPt(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.String.Input("path", default="mace_unet.pt",
-                                tooltip="Absolute, or relative to ComfyUI's output folder."),
+                                tooltip="Relative to ComfyUI's output folder (.pt, .pth or .bin); <stem>.safetensors "
+                                "is written next to it."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="fp32"),
             ],
             outputs=[io.String.Output(display_name="path")],
@@ -50,15 +43,20 @@ class MaceSaveUNetPt(io.ComfyNode):
     @classmethod
     def execute(cls, model, path, dtype) -> io.NodeOutput:
         check_inputs(cls, locals())
-        written = save_unet_pt(model, resolve(path), dtype)
-        texts = [written]
+        target, side = resolve_pt_write(path)
         record = get_record(model)
-        if record is not None and record.deltas:  # our erasure file next to it: <stem>.safetensors
-            side = os.path.splitext(written)[0] + ".safetensors"
+        texts = []
+        if record is not None and record.deltas:  # our erasure file next to it: <stem>.safetensors, first
             save_erasure(side, record.deltas, record.base_fingerprint, {"stages": list(record.stages)},
                          "fp16" if dtype == "fp16" else "fp32")
             texts.append(side)
-        return io.NodeOutput(written, ui={"text": texts})
+        try:
+            written = save_unet_pt(model, target, dtype)
+        except BaseException:
+            if texts:  # no companion without its .pt
+                os.remove(side)
+            raise
+        return io.NodeOutput(written, ui={"text": [written] + texts})
 
 
 class MaceLoadUNetPt(io.ComfyNode):
@@ -74,7 +72,7 @@ class MaceLoadUNetPt(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.String.Input("path", default="mace_unet.pt",
-                                tooltip="Absolute, or relative to the working directory or ComfyUI's output folder."),
+                                tooltip="Relative to ComfyUI's input, output or loras folder (.pt, .pth or .bin)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="info")],
         )
@@ -82,5 +80,5 @@ class MaceLoadUNetPt(io.ComfyNode):
     @classmethod
     def execute(cls, model, path) -> io.NodeOutput:
         check_inputs(cls, locals())
-        out, info = load_unet_pt(model, resolve(path, must_exist=True))
+        out, info = load_unet_pt(model, resolve_pt_read(path), path.strip())
         return io.NodeOutput(out, json.dumps(info))

@@ -7,6 +7,10 @@ number within the min/max its schema declares, with a message naming the input (
 name) and the range. The mace_ops entry points repeat the checks that matter for their maths
 (``mace_ops.validation``), so scripts calling them directly are covered too.
 
+Every file-name input is checked next, by the path policy of ``paths.FILE_INPUTS`` (read: input,
+output and loras folders; write: the output folder; no absolute paths, '..', '~' or symlinks
+leading out), before any work and with one message style that never echoes a server path.
+
 Every MODEL input is checked first (``comfy_model.require_supported``): a model family without
 text cross-attention (SD3, Flux, other MMDiT/DiT models) is refused before any work, with an
 error naming its family and the supported ones -- never a traceback from deep inside, never a
@@ -21,6 +25,7 @@ from .comfy_compat import io
 from ..mace_ops.validation import check_number
 from .comfy_model import require_supported
 from .comfy_text_entry import text_entry
+from .paths import check_file_inputs
 
 
 _SCHEMA_CACHE: dict = {}
@@ -50,8 +55,9 @@ def _schema_parts(cls) -> tuple[tuple[str, ...], tuple[tuple[str, str, float | N
 
 
 def check_inputs(cls, values: dict) -> None:
-    """ValueError for the first MODEL input of an unsupported family, or else the first numeric
-    input of ``cls`` that is non-finite or out of its range."""
+    """ValueError for the first MODEL input of an unsupported family, the first numeric input of
+    ``cls`` that is non-finite or out of its range, or else the first file-name input the path
+    policy refuses."""
     models, numbers = _schema_parts(cls)
     supported = text_entry if getattr(cls, "EDITS_TEXT_ENTRY", False) else require_supported
     for key in models:
@@ -60,3 +66,4 @@ def check_inputs(cls, values: dict) -> None:
     for key, name, lo, hi, integer in numbers:
         if key in values and values[key] is not None:
             check_number(values[key], name, lo, hi, integer=integer)
+    check_file_inputs(cls, values)

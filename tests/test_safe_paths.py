@@ -68,3 +68,64 @@ def test_folder_listing_skips_links_out(tree):
     (root / "a.safetensors").write_bytes(b"x")
     os.symlink(tree[1], root / "b.safetensors")
     assert [os.path.basename(p) for p in files_in_folder(str(root), str(root), [".safetensors"])] == ["a.safetensors"]
+
+
+# ---- writes (issue 34) ---------------------------------------------------------------------------
+
+from mace_ops.safe_paths import check_save_prefix, resolve_write, resolve_write_pair, where_of  # noqa: E402
+
+
+@pytest.fixture()
+def out(tmp_path):
+    root = tmp_path / "output"
+    (root / "sub").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text(SECRET)
+    os.symlink(victim, root / "evil.pt")  # a file symlink leading out
+    os.symlink(tmp_path, root / "up")  # a folder symlink leading out
+    return ("the output folder", str(root)), victim
+
+
+@pytest.mark.parametrize("name", ["VICTIM_ABS", "../victim.pt", "sub/../../victim.pt", "~/x.pt", "evil.pt",
+                                  "up/victim.pt", "", "   ", "sub/", "sub/.hidden.pt", "\u200b.pt", "x.pt\x00",
+                                  "x.safetensors", "sub"])
+def test_writes_stay_in_the_output_folder(out, name):
+    root, victim = out
+    name = str(victim) if name == "VICTIM_ABS" else name
+    with pytest.raises(PathRefused) as err:
+        resolve_write_pair(name, root, "path", (".pt",), ".safetensors")
+    msg = str(err.value)
+    assert msg.startswith("path: ") and SECRET not in msg and str(victim.parent) not in msg.replace(name, "")
+
+
+def test_write_targets_and_companion(out):
+    root, _ = out
+    target, side = resolve_write_pair("sub/new/u.pt", root, "path", (".pt",), ".safetensors")
+    assert target == os.path.join(os.path.realpath(root[1]), "sub", "new", "u.pt") and side.endswith("u.safetensors")
+    os.symlink(os.path.join(root[1], "a.safetensors"), os.path.join(root[1], "a.pt"))  # a.pt -> its own companion
+    with pytest.raises(PathRefused, match="would be one file"):
+        resolve_write_pair("a.pt", root, "path", (".pt",), ".safetensors")
+    assert resolve_write("ok.pt", root, "path") == os.path.join(os.path.realpath(root[1]), "ok.pt")
+
+
+@pytest.mark.parametrize("prefix", ["", " ", "loras/", "loras/ ", "loras/.x", "\u200b\u2060", "/tmp/x", "../x",
+                                    "~/x", "up/x", "loras/../../x"])
+def test_save_prefixes_refused(out, prefix):
+    with pytest.raises(PathRefused, match="^filename_prefix: "):
+        check_save_prefix(prefix, out[0])
+
+
+def test_save_prefix_accepted(out):
+    assert check_save_prefix(" loras/mace_erasure ", out[0]) == "loras/mace_erasure"
+
+
+def test_labels_are_named_once_and_unreadable_reads_as_missing(tree, monkeypatch):
+    root, _ = tree
+    two = [("the loras folders", str(root)), ("the loras folders", str(root / "sub"))]
+    assert where_of(two) == "the loras folders"
+    msg = str(pytest.raises(PathRefused, resolve_inside, "none.txt", two, "f").value)
+    assert "the loras folders or the loras folders" not in msg
+    monkeypatch.setattr(os, "access", lambda p, mode: not str(p).endswith("list.txt"))
+    a = str(pytest.raises(PathRefused, resolve_inside, "list.txt", roots(root), "f").value)
+    b = str(pytest.raises(PathRefused, resolve_inside, "none.txt", roots(root), "f").value)
+    assert a.replace("list.txt", "X") == b.replace("none.txt", "X")

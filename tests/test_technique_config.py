@@ -46,7 +46,7 @@ def test_valid_config_and_defaults(tmp_path):
                                        save_path="u.pt"), str(tmp_path))
     p = technique.build_prompt(tc, "m")
     assert p["erase"]["class_type"] == "MaceMassErase" and p["erase"]["inputs"]["sampling_steps"] == 50
-    assert p["save_pt"]["inputs"]["path"] == str(tmp_path / "u.pt") and p["save_pt"]["inputs"]["dtype"] == "fp16"
+    assert p["save_pt"]["inputs"]["path"] == "u.pt" and p["save_pt"]["inputs"]["dtype"] == "fp16"  # in output_dir
 
 
 def test_unknown_keys_are_named(tmp_path):
@@ -71,9 +71,20 @@ def test_wrong_types_and_values(tmp_path):
 
 
 def test_load_path_equal_to_save_path_is_refused(tmp_path):
-    (tmp_path / "u.pt").write_bytes(b"")
-    msg = problems(cfg(tmp_path, load_path="u.pt", save_path=str(tmp_path / "u.pt")), tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "u.pt").write_bytes(b"")
+    msg = problems(cfg(tmp_path, load_path="out/u.pt", save_path="u.pt"), tmp_path)  # save_path: in output_dir
     assert "load_path and save_path are the same file" in msg
+
+
+@pytest.mark.parametrize("save", ["ABS", "../u.pt", "~/u.pt", "unet/../../u.pt", "u.safetensors", "u.txt", "unet/",
+                                  ".u.pt", "LINK/u.pt"])
+def test_save_path_stays_in_output_dir(tmp_path, save):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "LINK").symlink_to(tmp_path / "elsewhere")
+    save = str(tmp_path / "out" / "u.pt") if save == "ABS" else save
+    assert "technique.config.save_path: " in problems(cfg(tmp_path, save_path=save), tmp_path)
 
 
 def test_missing_files(tmp_path):
@@ -101,10 +112,10 @@ def test_yaml_config_and_cli_exit_status(tmp_path, capsys):
 def test_seed002_style_config_save_then_load(comfy, tiny_ckpt_2layer, tmp_path):
     """Synonym list + erase_from + save_path; then a second config loads the .pt (load_path)."""
     comfy.require_pack()
-    pt = tmp_path / "unet" / "mace_unet.pt"
+    pt = tmp_path / "run1" / "unet" / "mace_unet.pt"
     first = {"output_dir": str(tmp_path / "run1"), "seed": 2, "technique": {"name": "mace", "config": {
         "erase_concept": ["van gogh", "vincent van gogh"], "erase_from": "painting", "lambda_cfr": 0.1,
-        "save_path": str(pt), "use_fp16": False, "device": "cpu", "num_inference_steps": 2,
+        "save_path": "unet/mace_unet.pt", "use_fp16": False, "device": "cpu", "num_inference_steps": 2,
         "checkpoint": str(tiny_ckpt_2layer), "concept_type": "style", "preserve": ["claude monet"],
         "builtin_preserve": False}}}
     c1 = tmp_path / "first.json"
@@ -135,7 +146,7 @@ def test_seed002_style_config_save_then_load(comfy, tiny_ckpt_2layer, tmp_path):
         torch.testing.assert_close(d2[k], d1[k], rtol=0, atol=1e-6)
 
     same = json.loads(json.dumps(second))
-    same["technique"]["config"]["save_path"] = str(pt)
+    same["output_dir"], same["technique"]["config"]["save_path"] = str(tmp_path / "run1"), "unet/mace_unet.pt"
     c3 = tmp_path / "same.json"
     c3.write_text(json.dumps(same))
     assert cli.main(["technique", "--config", str(c3), "-q"]) == 2
