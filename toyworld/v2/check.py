@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from mace_ops.diffusion_classifier import JudgeConfig, Judgement, classify
+from mace_ops.erasure_check import judge_table
 from ..v1 import diffusion
 from . import erase, scorer, vocab
 from .evaluate import DEFAULT_CFG, DEFAULT_STEPS, PromptSet
@@ -40,18 +41,9 @@ def judge_inputs(world, pset: PromptSet, kind: str, cands: Sequence[str]):
     """(contexts (U, L, d), table (N, K), labels (N,)) for ``classify``: image i, candidate k -> its prompt."""
     index = vocab.NAME_INDEX if kind == "name" else vocab.STYLE_INDEX
     main = vocab.NAMES if kind == "name" else vocab.STYLES
-    position = {c: k for k, c in enumerate(cands)}
-    rows: dict[str, int] = {}
-    table, labels = [], []
-    for prompt in pset.prompts:
-        template, word = _slot(prompt, index)
-        label = main[index[word]]
-        if label not in position:
-            raise ValueError(f"{label!r} (from {prompt!r}) is not a candidate")
-        labels.append(position[label])
-        table.append([rows.setdefault(template.replace("{}", c), len(rows)) for c in cands])
-    contexts = diffusion.encode_prompts(world.model, list(rows))
-    return contexts, torch.tensor(table, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+    slots = [_slot(p, index) for p in pset.prompts]
+    texts, table, labels = judge_table([t for t, _ in slots], [main[index[w]] for _, w in slots], cands)
+    return diffusion.encode_prompts(world.model, texts), table, labels
 
 
 @dataclass
