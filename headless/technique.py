@@ -67,13 +67,33 @@ OWN_KEYS: dict[str, tuple[tuple, Any, str]] = {
 }
 ALL_KEYS = {**HARNESS_KEYS, **OWN_KEYS}
 
+# Numbers are checked by the nodes' own validator (mace_ops.validation.check_number) with the range of
+# the node input each key becomes (a test compares these with the node schemas), before ComfyUI starts.
+# key: (node id, input id, min, max, whole number, min excluded)
+NODE_RANGES: dict[str, tuple[str, str, float | None, float | None, bool, bool]] = {
+    "lambda_cfr": ("MaceRefineCrossAttention", "lambda_", 0.0, 1e6, False, True),
+    "preserve_scale": ("MaceRefineCrossAttention", "preserve_scale", 0.0, 1e6, False, False),
+    "fusion_lambda": ("MaceMassErase", "fusion_lambda", 0.0, 1e6, False, False),
+    "lora_lr": ("MaceMassErase", "lora_lr", 0.0, 1.0, False, False),
+    "lora_steps": ("MaceMassErase", "lora_steps", 0, 10000, True, False),
+    "images_per_concept": ("MaceMassErase", "images_per_concept", 1, 64, True, False),
+    "image_size": ("MaceMassErase", "image_size", 64, 2048, True, False),
+    "num_inference_steps": ("MaceMassErase", "sampling_steps", 1, 200, True, False),
+    "guidance_scale": ("", "", None, None, False, False),  # recorded only: any finite number
+}
+SEED_RANGE = ("MaceMassErase", "seed", 0, 2**64 - 1)
+
 
 try:
+    from ..mace_ops.concepts import check_disjoint, parse_concepts, require_concepts
     from ..mace_ops.safe_paths import PT_EXTENSIONS, resolve_write_pair
     from ..mace_ops.scope import parse_erase_from
+    from ..mace_ops.validation import check_number
 except ImportError:  # headless imported as a top-level package (tests, scripts)
+    from mace_ops.concepts import check_disjoint, parse_concepts, require_concepts
     from mace_ops.safe_paths import PT_EXTENSIONS, resolve_write_pair
     from mace_ops.scope import parse_erase_from
+    from mace_ops.validation import check_number
 
 
 class ConfigError(ValueError):
@@ -99,7 +119,12 @@ def load_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: file not found")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc.strerror}); check its permissions") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             try:
@@ -183,20 +208,20 @@ def validate_config(data: Mapping, base_dir: str = ".", check_files: bool = True
         output_dir = "results"
     out = os.path.abspath(os.path.join(base_dir, os.path.expanduser(output_dir)))
     seed = data.get("seed", 2024)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.append(f"seed: expected an int >= 0, got {seed!r}")
+    try:
+        seed = check_number(seed, "seed", SEED_RANGE[2], SEED_RANGE[3], integer=True)
+    except ValueError as exc:
+        problems.append(str(exc))
         seed = 2024
 
-    if opts["lambda_cfr"] is not None and _is(opts["lambda_cfr"], NUM) and not opts["lambda_cfr"] > 0:
-        problems.append(f"technique.config.lambda_cfr: must be > 0, got {opts['lambda_cfr']}")
-    for key in ("preserve_scale", "fusion_lambda", "lora_lr"):
-        if opts[key] < 0:
-            problems.append(f"technique.config.{key}: must be >= 0, got {opts[key]}")
-    for key, low in (("num_inference_steps", 1), ("images_per_concept", 1), ("lora_steps", 0)):
-        if opts[key] < low:
-            problems.append(f"technique.config.{key}: must be >= {low}, got {opts[key]}")
-    if opts["image_size"] < 64 or opts["image_size"] % 64:
-        problems.append(f"technique.config.image_size: a multiple of 64 >= 64, got {opts['image_size']}")
+    for key, (_node, _input, lo, hi, integer, lo_open) in NODE_RANGES.items():
+        try:
+            opts[key] = check_number(opts[key], f"technique.config.{key}", lo, hi, integer=integer, lo_open=lo_open)
+        except ValueError as exc:
+            problems.append(str(exc))
+            opts[key] = ALL_KEYS[key][1]
+    if opts["image_size"] % 64:
+        problems.append(f"technique.config.image_size: a multiple of 64, got {opts['image_size']}")
     if opts["stages"] not in ("cfr", "mace"):
         problems.append(f"technique.config.stages: {opts['stages']!r}; choose 'cfr' or 'mace'")
     if opts["concept_type"] not in ("object", "person", "style"):
@@ -215,6 +240,7 @@ def validate_config(data: Mapping, base_dir: str = ".", check_files: bool = True
     if any("," in c for c in opts["erase_concept"]):
         problems.append("technique.config.erase_concept: a phrase contains ','; give synonyms as a list")
     opts["preserve"] = _str_list(opts["preserve"], "technique.config.preserve", problems, True)
+    _check_phrases(opts, problems)
     if isinstance(opts["erase_from"], (str, list)):
         try:
             opts["erase_from"] = list(parse_erase_from(opts["erase_from"]))
@@ -235,6 +261,23 @@ def validate_config(data: Mapping, base_dir: str = ".", check_files: bool = True
     if problems:
         raise ConfigError("invalid technique config:\n  " + "\n  ".join(problems))
     return TechniqueConfig(out, seed, opts, notes=notes)
+
+
+def _escape(phrase: str) -> str:
+    """A config phrase as concept-list text: '#' literal (the lists' comment character)."""
+    return phrase.replace("#", "\\#")
+
+
+def _check_phrases(opts: dict, problems: list[str]) -> None:
+    """The phrases through the nodes' own concept parser (invisible-only, duplicates, erased and kept)."""
+    try:
+        erase = parse_concepts(", ".join(map(_escape, opts["erase_concept"])), "technique.config.erase_concept")
+        if opts["load_path"] is None and opts["erase_concept"]:
+            require_concepts(erase, "technique.config.erase_concept")
+        keep = parse_concepts("\n".join(map(_escape, opts["preserve"])), "technique.config.preserve", allow_anchor=False)
+        check_disjoint(erase, keep, "technique.config.erase_concept", "technique.config.preserve")
+    except ValueError as exc:
+        problems.append(str(exc))
 
 
 def _pt_paths(opts: dict, output_dir: str, base_dir: str, check_files: bool, problems: list[str]) -> None:
@@ -273,8 +316,8 @@ def build_prompt(tc: TechniqueConfig, ckpt_name: str) -> dict:
     prompt: dict[str, dict] = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
     }
-    concept = ", ".join(o["erase_concept"])
-    preserve = "\n".join(o["preserve"])
+    concept = ", ".join(map(_escape, o["erase_concept"]))
+    preserve = "\n".join(map(_escape, o["preserve"]))
     erase_from = ", ".join(o["erase_from"] or [])
     if o["load_path"]:
         prompt["erase"] = {"class_type": "MaceLoadUNetPt",  # its folder is the run's input folder

@@ -63,11 +63,53 @@ def test_wrong_types_and_values(tmp_path):
     for part in ("lambda_cfr: expected number > 0", "use_fp16: expected true/false", "num_inference_steps",
                  "erase_concept: every item must be a string", "device: 'gpu'"):
         assert part in msg, msg
-    assert "lambda_cfr: must be > 0" in problems(cfg(tmp_path, lambda_cfr=0), tmp_path)
+    assert "lambda_cfr: 0 is outside (0, 1e+06]" in problems(cfg(tmp_path, lambda_cfr=0), tmp_path)
     assert "technique.name" in problems({**cfg(tmp_path), "technique": {"name": "esd", "config": {}}}, tmp_path)
     assert "seed" in problems({**cfg(tmp_path), "seed": "2"}, tmp_path)
     assert "erase_concept: required" in problems(
         {**cfg(tmp_path), "technique": {"name": "mace", "config": {"checkpoint": "x.ckpt"}}}, tmp_path)
+
+
+@pytest.mark.parametrize("over,part", [
+    ({"preserve_scale": float("nan")}, "preserve_scale: nan is not a finite number"),
+    ({"fusion_lambda": float("nan")}, "fusion_lambda: nan is not a finite number"),
+    ({"lora_lr": float("nan")}, "lora_lr: nan is not a finite number"),
+    ({"lambda_cfr": float("inf")}, "lambda_cfr: inf is not a finite number"),
+    ({"guidance_scale": float("-inf")}, "guidance_scale: -inf is not a finite number"),
+    ({"lora_lr": 2.0}, "lora_lr: 2.0 is outside [0, 1]"),
+    ({"image_size": 4096}, "image_size: 4096 is outside [64, 2048]"),
+    ({"erase_concept": ["\u200b"]}, "erase_concept, line 1: only invisible characters"),
+    ({"preserve": ["nudity"]}, "preserve, line 1: 'nudity' is also erased"),
+])
+def test_numbers_and_phrases_go_through_the_node_validators(tmp_path, over, part):
+    assert f"technique.config.{part}" in problems(cfg(tmp_path, **over), tmp_path)
+
+
+def test_seed_above_2_64_and_a_hash_in_a_phrase(tmp_path):
+    assert "seed: 18446744073709551616 is outside" in problems({**cfg(tmp_path), "seed": 2**64}, tmp_path)
+    tc = technique.validate_config({**cfg(tmp_path, erase_concept=["c# programming", "c #sharp"]),
+                                    "seed": 2**64 - 1}, str(tmp_path))
+    assert technique.build_prompt(tc, "m")["erase"]["inputs"]["concepts"] == "c\\# programming, c \\#sharp"
+
+
+def test_config_not_utf8_names_the_file(tmp_path):
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"output_dir": "caf\u00e9"}'.encode("latin-1"))
+    with pytest.raises(technique.ConfigError, match=r"latin1.json: not UTF-8 text \(byte \d+"):
+        technique.load_config_file(str(bad))
+    assert cli.main(["technique", "--config", str(bad), "--validate-only"]) == 2
+
+
+def test_node_ranges_match_the_node_schemas(comfy):
+    """The config's numeric ranges are the nodes' own (min/max of the input each key becomes)."""
+    comfy.require_pack()
+    nodes = {cls.__name__: cls for cls in comfy.pack_module.nodes.NODES}
+    for key, (node, name, lo, hi, integer, _open) in {**technique.NODE_RANGES,
+                                                      "seed": (*technique.SEED_RANGE, True, False)}.items():
+        if not node:
+            continue
+        inp = next(i for i in nodes[node].define_schema().inputs if i.id == name)
+        assert (inp.min, inp.max) == (lo, hi), key
 
 
 def test_load_path_equal_to_save_path_is_refused(tmp_path):
