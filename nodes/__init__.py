@@ -15,10 +15,12 @@ from .lora_train_node import MaceTrainConceptLora
 from .training_images_node import MaceTrainingImages
 from .preview_nodes import MaceBeforeAfterGrid, MaceConceptProbe
 from .unet_pt_nodes import MaceLoadUNetPt, MaceSaveUNetPt
+from .erasure_check_node import MaceErasureCheck
 
 NODES: list[type[io.ComfyNode]] = [MaceRefineCrossAttention, MaceSaveErasure, MaceLoadErasure, MaceFuseLoras,
                                   MaceTrainingImages, MaceTrainConceptLora, MaceMassErase, MaceBeforeAfterGrid,
-                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt, MaceGatedErasure, MaceTextGate]
+                                  MaceConceptProbe, MaceSaveUNetPt, MaceLoadUNetPt, MaceGatedErasure, MaceTextGate,
+                                  MaceErasureCheck]
 
 
 class MaceExtension(ComfyExtension):

@@ -74,6 +74,11 @@ def sample_images(model, clip, vae, prompts, steps: int, cfg: float, seed: int, 
     """One decoded image per prompt with ComfyUI's KSampler path; image i uses seed + i. IMAGE (N, H, W, C)."""
     latents = sample_latents(model, clip, prompts, steps, cfg, seed, width, height, sampler_name, scheduler,
                              negative, progress)
+    return decode_latents(vae, latents)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """IMAGE (N, H, W, C) float32 on the CPU: each of ``latents`` (KSampler's output space) decoded alone."""
     images = []
     for samples in latents:
         decoded = vae.decode(samples[None])

@@ -1,0 +1,202 @@
+"""Node ``MACE Erasure Check``: did the erasure work? Measured with the models already in the graph.
+
+Both models sample the same prompts (``sample_latents``: KSampler path, image i uses seed + i):
+erased prompts (the words the erasure was fitted on), held-out words (nicknames it never saw)
+and kept concepts, from the concept type's templates (``mace_ops.erasure_check.check_prompts``).
+Every image is judged by the *base* model as a zero-shot diffusion classifier
+(``mace_ops.diffusion_classifier``) among the anchor, the erased, kept and extra concepts, each
+filled into the image's own template; it works on the latents, so no decode is needed except for
+the worst cases shown. Outputs: the table (Acc_e, Acc_g, Acc_s, H with binomial SEs and n, before
+and after), a labelled grid of the worst cases (the erased / held-out images the judge still
+recognises most surely, the kept images it recognises least), and a JSON under
+``<output>/mace_checks/`` with rows in ``bench/mass_quality.py``'s schema and every image's
+verdict. The judge sees no pooled text: SDXL's ``y`` is zeros (unmeasured there).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+import comfy.samplers
+import folder_paths
+from .comfy_compat import io
+
+from ..mace_ops.atomic_write import write_bytes_atomic
+from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
+from ..mace_ops.diffusion_classifier import JudgeConfig, classify
+from ..mace_ops.erasure_check import candidates, check_prompts, check_rows, judge_table, parse_held_out, report
+from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
+from .comfy_denoiser import ComfyDenoiser
+from .comfy_text_encoder import ComfyTextEncoder
+from .concept_inputs import concept_inputs
+from .preview_nodes import compose_grid
+from .progress import NodeProgress
+from .training_images_node import decode_latents, default_sampler, sample_latents
+from .validation import check_inputs
+
+WORST = 4            # worst cases per kind in the grid
+JSON_PREFIX = "mace_checks/erasure_check"
+
+
+def _judged(cands, winner: int, p: float) -> str:
+    return f"judged {cands[winner] or '(anchor)'!r}, p {p:.2f}"
+
+
+def worst_cases(prompts, judgement, k: int = WORST) -> list[int]:
+    """Erased/held-out images the judge still recognises (highest margin first), then kept images it
+    recognises least (lowest margin first): ``k`` of each, recognised or not."""
+    margin = judgement.margin.tolist()
+    gone = sorted((i for i, p in enumerate(prompts) if p.set != "kept"), key=lambda i: -margin[i])[:k]
+    kept = sorted((i for i, p in enumerate(prompts) if p.set == "kept"), key=lambda i: margin[i])[:k]
+    return gone + kept
+
+
+def save_json(payload: dict) -> str:
+    folder, name, counter, _sub, _prefix = folder_paths.get_save_image_path(JSON_PREFIX,
+                                                                            folder_paths.get_output_directory())
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}_{counter:05}_.json")
+    write_bytes_atomic(path, json.dumps(payload, indent=1).encode("utf-8"))
+    return path
+
+
+class MaceErasureCheck(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        shared = concept_inputs(concepts_tooltip="The erased concepts, one per line; synonyms (also erased) "
+                                "separated by commas.", type_tooltip="Chooses the prompt templates.",
+                                anchor_tooltip="What the erased concepts were mapped to; empty = the type's "
+                                "default ('a person', 'art', nothing for objects). The judge's first candidate.")
+        return io.Schema(
+            node_id="MaceErasureCheck",
+            display_name="MACE Erasure Check",
+            category="MACE",
+            description="Measures an erasure with the models in the graph: both models sample erased, held-out and "
+            "kept prompts; the base model judges every image (diffusion classifier). Table of Acc_e / Acc_g / Acc_s "
+            "/ H with SEs before and after, a grid of the worst cases, and a JSON under output/mace_checks.",
+            inputs=[
+                io.Model.Input("base_model", tooltip="The model before erasure: it samples the 'before' images and "
+                               "judges every image."),
+                io.Clip.Input("clip", tooltip="The base model's CLIP."),
+                io.Model.Input("erased_model", tooltip="The model after erasure (same architecture)."),
+                io.Vae.Input("vae", tooltip="Decodes only the worst cases for the grid."),
+                shared["concepts"],
+                io.String.Input("held_out", multiline=True, default="",
+                                tooltip="Optional words the erasure was not fitted on (nicknames, paraphrases), "
+                                "one line per concept: 'word, word -> erased concept' ('-> ...' may be left out "
+                                "with one erased concept). Empty: no Acc_g."),
+                io.String.Input("keep", multiline=True, default="claude monet\npablo picasso",
+                                tooltip="Concepts that should survive (the look-alikes you care about), one per line."),
+                shared["concept_type"],
+                shared["anchor"],
+                io.Int.Input("images_per_set", default=12, min=1, max=1000,
+                             tooltip="Images per set (erased, held-out, kept), for each model."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Image i of a set uses seed + i (both models); the judge's draws too."),
+                io.Int.Input("steps", default=20, min=1, max=1000),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS),
+                               default=default_sampler()),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
+                io.Int.Input("draws", default=8, min=1, max=256,
+                             tooltip="The judge's shared (t, noise) draws per image, t in the high-noise half: "
+                             "more = surer verdicts, cost grows with it."),
+                io.String.Input("other_candidates", multiline=True, default="",
+                                tooltip="Optional look-alikes the images might drift to, one per line: the judge "
+                                "may answer them (nothing is sampled from them)."),
+                io.Clip.Input("erased_clip", optional=True,
+                              tooltip="The erased model's CLIP when the erasure changed it (MACE Text Gate); "
+                              "default: clip."),
+            ],
+            outputs=[io.String.Output(display_name="table"), io.Image.Output(display_name="worst_cases"),
+                     io.String.Output(display_name="json_path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, base_model, clip, erased_model, vae, concepts, held_out, keep, concept_type, anchor,
+                images_per_set, seed, steps, cfg, width, height, sampler_name, scheduler, draws,
+                other_candidates="", erased_clip=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
+        start = time.perf_counter()
+        if clip is None:
+            raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
+        if vae is None:
+            raise ValueError("vae: no VAE connected; connect the VAE output of your checkpoint loader")
+        if base_model is None or erased_model is None:
+            raise ValueError("base_model/erased_model: connect both MODELs")
+        templates = templates_for(concept_type)
+        erased = require_concepts(parse_concepts(concepts, "concepts", allow_anchor=False), "concepts")
+        kept = require_concepts(parse_concepts(keep, "keep", allow_anchor=False), "keep")
+        check_disjoint(erased, kept, "concepts", "keep")
+        extra = parse_concepts(other_candidates, "other_candidates", allow_anchor=False)
+        held = parse_held_out(held_out, erased)
+        anchor_text = normalise_phrase(anchor) or DEFAULT_ANCHORS.get(concept_type, "")
+        cands = candidates(anchor_text, erased, kept, extra)
+        if anchor_text in cands[1:]:
+            raise ValueError(f"anchor: {anchor_text!r} is also a listed concept; the anchor must be another phrase")
+        prompts = check_prompts(erased, held, kept, templates, int(images_per_set))
+        texts = [p.prompt for p in prompts]
+        config = JudgeConfig(draws=int(draws), screen_draws=min(2, int(draws)), seed=int(seed), batch=8)
+        sample_units = 2 * len(texts) * int(steps)
+        n_judge = 2 * len(texts) * len(cands) * int(draws)
+        total = sample_units + n_judge
+        bar = NodeProgress(total)
+        args = (int(steps), float(cfg), int(seed), int(width), int(height), sampler_name, scheduler, "")
+        latents, seconds = {}, {}
+        for i, (name, model, enc) in enumerate((("none", base_model, clip), ("erased", erased_model,
+                                                                              erased_clip or clip))):
+            t0 = time.perf_counter()
+            latents[name] = sample_latents(model, enc, texts, *args,
+                                           progress=lambda d, t, i=i: bar(i * t + d, total))
+            seconds[f"sampling ({name})"] = (time.perf_counter() - t0) / len(texts)
+        unique, table, labels = judge_table([p.template for p in prompts], [p.label for p in prompts], cands)
+        contexts = torch.stack([e.features for e in ComfyTextEncoder(clip).encode(unique)])
+        denoiser = ComfyDenoiser(base_model, backward=False, prediction="eps")
+        judged = {}
+        try:
+            to_model = base_model.model.process_latent_in
+            x0 = torch.cat([to_model(latents["none"]), to_model(latents["erased"])]).to(denoiser.device)
+            t0 = time.perf_counter()
+            both = classify(denoiser, x0, contexts, torch.cat([table, table]), torch.cat([labels, labels]), config,
+                            keep=(0,), progress=lambda d, t: bar(sample_units + d * n_judge // max(t, 1), total),
+                            draw_ids=list(range(len(texts))) * 2)
+            seconds["judging"] = (time.perf_counter() - t0) / (2 * len(texts))
+        finally:
+            denoiser.release()
+        n = len(texts)
+        for j, name in enumerate(("none", "erased")):
+            judged[name] = both.select(slice(j * n, (j + 1) * n))
+        extra_info = {"judge": "diffusion classifier (base model)", "candidates": len(cands), "draws": int(draws),
+                      "seconds": round(time.perf_counter() - start, 2), "peak_mb": None}
+        rows = check_rows(concept_type, len(erased), prompts, {k: v.recognised for k, v in judged.items()},
+                          **extra_info)
+        close = {k: float(((v.p_label > 0.1) & (v.p_label < 0.9)).double().mean()) for k, v in judged.items()}
+        table_text = report(rows, {"before": close["none"], "after": close["erased"]}, seconds)
+        worst = worst_cases(prompts, judged["erased"])
+        grid_rows = [(f"{prompts[i].set} ({prompts[i].label}), after: "
+                      f"{_judged(cands, int(judged['erased'].winner[i]), float(judged['erased'].p_label[i]))}",
+                      prompts[i].prompt) for i in worst]
+        before = decode_latents(vae, latents["none"][worst])
+        after = decode_latents(vae, latents["erased"][worst])
+        grid = compose_grid(grid_rows, before, after)
+        payload = {"bench": "erasure_check", "settings": {"concept_type": concept_type, "anchor": anchor_text,
+                   "images_per_set": int(images_per_set), "seed": int(seed), "steps": int(steps), "cfg": float(cfg),
+                   "width": int(width), "height": int(height), "sampler": sampler_name, "scheduler": scheduler,
+                   "judge": {"draws": config.draws, "t_range": [config.t_low, config.t_high],
+                             "shortlist": config.shortlist, "screen_draws": config.screen_draws,
+                             "bootstrap": config.bootstrap}},
+                   "candidates": cands, "rows": rows, "seconds_per_image": seconds,
+                   "images": [{"set": p.set, "prompt": p.prompt, "label": p.label,
+                               **{f"judged_{k}": cands[int(v.winner[i])] for k, v in judged.items()},
+                               **{f"p_label_{k}": round(float(v.p_label[i]), 3) for k, v in judged.items()},
+                               **{f"margin_{k}": float(v.margin[i]) for k, v in judged.items()}}
+                              for i, p in enumerate(prompts)]}
+        path = save_json(payload)
+        return io.NodeOutput(table_text, grid, path, ui={"text": [table_text + "\n" + path]})
+
