@@ -46,6 +46,9 @@ SOCKETS: dict[str, tuple[list, list]] = {
     "MaceTrainConceptLora": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE"), ("images", "IMAGE"),
                               ("masks", "MASK")],
                              [("model", "MODEL"), ("lora_path", "STRING"), ("summary", "STRING")]),
+    "MaceErasureCheck": ([("base_model", "MODEL"), ("clip", "CLIP"), ("erased_model", "MODEL"), ("vae", "VAE"),
+                          ("erased_clip", "CLIP")],
+                         [("table", "STRING"), ("worst_cases", "IMAGE"), ("json_path", "STRING")]),
 }
 
 
@@ -224,6 +227,21 @@ WORKFLOWS = {
     "erase_object_cfr_sd2": cfr_workflow(
         SD21, ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar", 1.0, 1.0, True, True],
         "loras/mace_airplane_sd2", "a photo of an airplane above the clouds", size=768, steps=25),
+    # Did it work? CFR on Van Gogh, then MACE Erasure Check: both models sample erased, held-out and kept
+    # prompts; the base model judges every image (Acc_e / Acc_g / Acc_s / H before and after, worst cases).
+    "check_erasure": {
+        "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
+        "cfr": ("MaceRefineCrossAttention", VAN_GOGH_CFR, {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")},
+                (380, 0)),
+        "check": ("MaceErasureCheck",
+                  ["van gogh, vincent van gogh", "gogh, the painter of the starry night -> van gogh",
+                   "claude monet\npablo picasso\nrembrandt", "style", "art", 12, 0, "fixed", 20, 7.0, 512, 512,
+                   "dpmpp_2m", "karras", 8, "paul cezanne\npaul gauguin"],
+                  {"base_model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "erased_model": ("cfr", "model"),
+                   "vae": ("ckpt", "VAE")}, (820, 0)),
+        "table": ("PreviewAny", [], {"source": ("check", "table")}, (1300, 0)),
+        "worst": ("PreviewImage", [], {"images": ("check", "worst_cases")}, (1300, 200)),
+    },
 }
 
 
@@ -231,6 +249,7 @@ WORKFLOWS = {
 # y -- and get sizes estimated from their sockets and widgets, so that no two nodes overlap in
 # the frontend (a test checks the rectangles; tests/test_browser.py measures the real ones).
 MULTILINE = {"CLIPTextEncode": 1, "MaceRefineCrossAttention": 2, "MaceGatedErasure": 2, "MaceTextGate": 2, "MaceMassErase": 2, "MaceFuseLoras": 2,
+             "MaceErasureCheck": 4,
              "MaceTrainingImages": 0, "MaceTrainConceptLora": 0, "PreviewAny": 1}
 TITLE_H, SLOT_H, WIDGET_H, MULTILINE_H = 30, 22, 26, 110
 COL_GAP, ROW_GAP = 60, 50
