@@ -28,7 +28,7 @@ class EncodedPrompt:
     """One prompt encoded in one context window.
 
     ids:      every position of the window (start token, words, end token, padding), length L.
-    length:   number of real positions, start and end token included (ids[:length]).
+    length:   number of real positions, start (if the encoder has one) and end token included (ids[:length]).
     features: (L, d) float tensor, what the cross-attention K/V projections read at each position.
     """
 
@@ -45,8 +45,8 @@ class EncodedPrompt:
             raise ValueError(
                 f"EncodedPrompt: features must be (L, d) with L={len(self.ids)}, got {tuple(self.features.shape)}"
             )
-        if not 2 <= self.length <= len(self.ids):
-            raise ValueError(f"EncodedPrompt: length {self.length} outside [2, {len(self.ids)}]")
+        if not 1 <= self.length <= len(self.ids):  # 1: an empty prompt of an encoder without start token (T5)
+            raise ValueError(f"EncodedPrompt: length {self.length} outside [1, {len(self.ids)}]")
         if self.segments and (sum(w for w, _ in self.segments) != len(self.ids)
                               or any(not 1 <= n <= w for w, n in self.segments)):
             raise ValueError(f"EncodedPrompt: segments {self.segments} do not cover the {len(self.ids)} positions")

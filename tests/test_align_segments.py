@@ -34,3 +34,9 @@ def test_windows_must_match_and_cover_the_prompt():
         align_encoded(_prompt([([0, 5, 1, 1], 3), ([5, 1], 2)]), _prompt([([0, 5, 1], 3), ([5, 1, 0], 2)]))
     with pytest.raises(ValueError, match="segments"):
         EncodedPrompt((0, 5, 1, 1), 3, torch.zeros(4, 2), ((3, 3),))
+
+
+def test_an_empty_prompt_without_start_token_has_length_one():
+    """T5 (FLUX, SD3) has no start token: '' is its end token alone, then padding."""
+    e = EncodedPrompt((1, 0, 0), 1, torch.zeros(3, 2))
+    assert align_encoded(e, e) == align((1, 0, 0), 1, (1, 0, 0), 1)

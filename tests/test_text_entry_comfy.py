@@ -191,8 +191,8 @@ def test_schnell_pooled_entry_is_edited_saved_and_applied(comfy, dit_ckpts, few_
     model, clip, _vae = ch.load_tiny_checkpoint(dit_ckpts["flux_schnell"])
     cfr = pack.nodes.cfr_node.MaceRefineCrossAttention
     inputs = node_inputs(comfy, "MaceRefineCrossAttention", model=model, clip=clip, concepts=CONCEPT,
-                         concept_type="style", preserve=PRESERVE, builtin_preserve=False, prior_weight=0.0,
-                         edit_pooled=True)
+                         concept_type="style", preserve=PRESERVE, builtin_preserve=False,
+                         edit_pooled=True)  # the default caption prior: T5 encodes '' as its end token alone
     erased, summary = cfr.execute(**inputs).result
     keys = {"diffusion_model.txt_in.weight", "diffusion_model.vector_in.in_layer.weight"}
     record = cm.get_record(erased)
