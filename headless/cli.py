@@ -200,6 +200,15 @@ def _read(path: str) -> tuple[str, dict]:
         raise UsageError(f"{path}: {exc}") from exc
 
 
+def _write(path: str, text: str, what: str) -> None:
+    """Write a file the operator named (``-o``, ``--save-api``), making missing folders; UsageError otherwise."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot write ({exc.strerror or exc}); choose a writable path") from None
+
+
 def _to_api(kind: str, data: dict, path: str) -> dict:
     if kind == "api":
         return data
@@ -222,7 +231,7 @@ def cmd_run(args) -> int:
     for nid, name, value in apply_overrides(prompt, args.set):
         _err(f"set node {_node_label(nid, prompt[nid])} {name} = {json.dumps(value)}")
     if args.save_api:
-        Path(args.save_api).write_text(json.dumps(prompt, indent=1) + "\n", encoding="utf-8")
+        _write(args.save_api, json.dumps(prompt, indent=1) + "\n", "--save-api")
     try:
         res = run_prompt(prompt, quiet=args.quiet)
     except PromptInvalid as exc:
@@ -284,7 +293,7 @@ def cmd_convert(args) -> int:
     apply_overrides(prompt, args.set)
     text = json.dumps(prompt, indent=1) + "\n"
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        _write(args.output, text, "-o")
         _err(f"wrote {args.output}")
     else:
         sys.stdout.write(text)

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from .visible import visible
+from .work import check_concept_count
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,10 @@ def parse_concepts(text: str, field: str = "concepts", allow_anchor: bool = True
 
 
 def require_concepts(concepts: list[Concept], field: str = "concepts") -> list[Concept]:
+    """``concepts`` unless empty or longer than the server's ``max_concepts`` (``work``); ValueError naming ``field``."""
     if not concepts:
         raise ValueError(f"{field}: no concept given; write one concept per line (synonyms comma separated)")
+    check_concept_count(len(concepts), field)
     return concepts
 
 

@@ -19,11 +19,13 @@ from typing import Mapping
 import torch
 
 from . import __version__
+from .concepts import normalise_phrase
 from .erasure_file import DTYPES, atomic_save, base_fingerprint_of, check_fits, mace_info, mace_metadata, read_mace_file
 from .fingerprint import mismatch
 from .interfaces import KVWeights
 from .lora import KVLora, LoraFactors
 from .validation import require_file_values, require_finite
+from .visible import visible
 
 LORA_FORMAT = "concept-lora/1"
 REQUIRED_INFO = ("concept", "steps", "lr", "seed", "settings")
@@ -48,6 +50,19 @@ class LoraFile:
 
     def to_lora(self) -> KVLora:
         return KVLora.from_factors(self.factors)
+
+    def phrases(self, name: str) -> tuple[str, ...]:
+        """The concept's phrases from ``mace.concept``: a list of phrases, or one phrase as a plain string
+        (never its letters); ValueError naming the file when there is none usable."""
+        value = self.info.get("concept")
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+            items = []
+        phrases = tuple(dict.fromkeys(p for p in (normalise_phrase(i) for i in items) if visible(p)))
+        if not phrases:
+            raise ValueError(f"{name}: records no concept (mace.concept must be a phrase or a list of phrases); "
+                             "train it with MACE Train Concept LoRA")
+        return phrases
 
 
 def lora_keys(weight_name: str) -> dict[str, str]:

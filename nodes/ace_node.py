@@ -37,6 +37,7 @@ from ..mace_ops.attacks import adversarial_rounds as refit_rounds
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
 from ..mace_ops.encoding_cache import CachedTextEncoder
 from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
+from ..mace_ops.work import WorkEstimate, announce, encodes_for
 from . import prior_input
 from .cfr_node import preserve_groups, preserve_phrases
 from .comfy_denoiser import ComfyDenoiser
@@ -190,6 +191,9 @@ class MaceGatedErasure(io.ComfyNode):
         default_anchor = normalise_phrase(anchor)
         config = ACEConfig(int(rank), float(quantile), float(margin), float(temperature), float(open_rate), str(gate))
         rounds, n_images, steps = int(adversarial_rounds), int(attack_images), int(sampling_steps)
+        announce("MACE Gated Erasure (ACE)", WorkEstimate(
+            len(parsed), encodes_for(parsed, len(templates), len(keep), default_anchor), solves=len(parsed),
+            images=rounds * n_images * len(parsed), denoise_steps=rounds * n_images * len(parsed) * steps))
         base = effective_kv_weights(model)
         raw = ComfyTextEncoder(clip)
         if rounds:

@@ -11,6 +11,7 @@ from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.scope import parse_erase_from
 from ..mace_ops.templates import GENERIC_PRESERVE_PROMPTS, phrase_groups, templates_for
 from ..mace_ops.pooled import edit_pooled_projection, pooled_stats
+from ..mace_ops.work import WorkEstimate, announce, encodes_for
 from .comfy_model import PREFIX, apply_erasure, effective_weights
 from .comfy_text_entry import text_entry
 from .concept_inputs import concept_inputs
@@ -113,6 +114,8 @@ class MaceRefineCrossAttention(io.ComfyNode):
         encoder = entry.text_encoder(clip)
         base = effective_weights(model, entry.keys)
         default_anchor = normalise_phrase(anchor)
+        announce("MACE Refine Cross-Attention", WorkEstimate(len(parsed), encodes_for(parsed, len(templates), len(keep),
+                                                                                      default_anchor)))
         result = refine_cross_attention(
             encoder, base, parsed, templates, default_anchor, keep,
             CFRConfig(lambda_, preserve_scale, erase_concept_tokens), NodeProgress(len(parsed) + 1),

@@ -86,9 +86,7 @@ class MaceFuseLoras(io.ComfyNode):
             for i, path in enumerate(paths, start=1):
                 lora = load_concept_lora(path)
                 check_lora_fits(lora, current, os.path.basename(path), original)  # keys, shapes, base model
-                phrases = tuple(lora.info.get("concept") or ())
-                if not phrases:
-                    raise ValueError(f"{os.path.basename(path)}: records no concept; train it with MACE Train Concept LoRA")
+                phrases = lora.phrases(os.path.basename(path))  # a plain string is one phrase, not its letters
                 concept = Concept(phrases, None, i)
                 check_disjoint([concept], preserved, f"LoRA {os.path.basename(path)} (concept)")
                 kinds[phrases] = lora.info.get("concept_type", concept_type)

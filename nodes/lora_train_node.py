@@ -57,6 +57,8 @@ NUDITY_TEMPLATES: tuple[str, ...] = (
 
 
 def concept_templates(concept_type: str) -> tuple[str, ...]:
+    if concept_type not in CONCEPT_TYPES:
+        raise ValueError(f"concept_type: unknown {concept_type!r}; choose one of {list(CONCEPT_TYPES)}")
     if concept_type == "nudity":
         return NUDITY_TEMPLATES
     return templates_for(concept_type)

@@ -24,6 +24,7 @@ from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_NULL_SPACE, DE
                                    OBJECTIVES, PATH_CHOICES, PATH_TOOLTIP, config_for, training_path)
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure
 from ..mace_ops.scope import parse_erase_from
+from ..mace_ops.work import WorkEstimate, announce, encodes_for
 from .cfr_node import preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
@@ -144,6 +145,10 @@ class MaceMassErase(io.ComfyNode):
                                     prior_weight=float(prior_weight), fusion_preserve_to=fusion_preserve_to)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
         folder = run_folder(run_name)
+        n, images = len(parsed), len(parsed) * int(images_per_concept)
+        announce("MACE Mass Erase", WorkEstimate(  # CFR and fusion each encode the prompts; one LoRA per concept
+            n, 2 * encodes_for(parsed, len(templates), len(keep), anchor), solves=2, images=images,
+            denoise_steps=images * int(sampling_steps), train_steps=n * lora.steps))
         encoder = ComfyTextEncoder(clip)
         original = effective_kv_weights(model)  # an unsupported model family is refused before any work
         prior = prior_for(encoder, float(prior_weight))

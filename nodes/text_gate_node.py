@@ -21,6 +21,7 @@ import time
 from .comfy_compat import io
 
 from ..mace_ops.concepts import normalise_phrase
+from ..mace_ops.work import WorkEstimate, announce
 from ..mace_ops.encoding_cache import CachedTextEncoder
 from ..mace_ops.prior import general_captions
 from ..mace_ops.templates import DEFAULT_ANCHORS
@@ -82,6 +83,7 @@ class MaceTextGate(io.ComfyNode):
         sites = mlp_sites(clip)
         for site in sites:                       # before any encoding
             check_capacity(site, len(parsed))
+        announce("MACE Text Gate", WorkEstimate(len(parsed), per_site * len(sites), solves=len(sites)))
         progress = _Progress(per_site * len(sites))
         deltas, base, lines = {}, {}, []
         for site in sites:

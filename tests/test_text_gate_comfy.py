@@ -113,6 +113,7 @@ def test_clip_skip_second_gate_and_bad_input(gate_run, comfy, monkeypatch):
     h = pack.nodes.comfy_text_site.mlp_sites(base)[0].mlp()["fc1.weight"].shape[0]
     too_many = "\n".join(f"concept{i}" for i in range(h // 2 + 1))
     calls = []
+    monkeypatch.setenv("MACE_MAX_CONCEPTS", str(h))                      # the server's max_concepts guard let through
     monkeypatch.setattr(pack.nodes.comfy_text_site._Residuals, "encode", lambda self, p: calls.append(p))
     with pytest.raises(ValueError, match=f"concepts: {h // 2 + 1} need {h + 2} MLP units, the layer has {h}"):
         node.execute(base, **{**GATE, "concepts": too_many})
