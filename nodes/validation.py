@@ -7,16 +7,16 @@ number within the min/max its schema declares, with a message naming the input (
 name) and the range. The mace_ops entry points repeat the checks that matter for their maths
 (``mace_ops.validation``), so scripts calling them directly are covered too.
 
-Every file-name input is checked next, by the path policy of ``paths.FILE_INPUTS`` (read: input,
-output and loras folders; write: the output folder; no absolute paths, '..', '~' or symlinks
-leading out), before any work and with one message style that never echoes a server path.
-
 Every MODEL input is checked first (``comfy_model.require_supported``): a model family without
 text cross-attention (SD3, Flux, other MMDiT/DiT models) is refused before any work, with an
 error naming its family and the supported ones -- never a traceback from deep inside, never a
 silently unedited model. A node class with ``EDITS_TEXT_ENTRY = True`` (CFR, Save/Load Erasure) also
 takes the families whose text enters through one projection (``comfy_text_entry.text_entry``: FLUX.1,
 SD3/SD3.5) and refuses the others the same way.
+
+Last, every file-name input is checked by the path policy of ``paths.FILE_INPUTS`` (read: input,
+output and loras folders; write: the output folder; no absolute paths, '..', '~' or symlinks
+leading out), before any work and with one message style that never echoes a server path.
 """
 from __future__ import annotations
 
