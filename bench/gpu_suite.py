@@ -19,6 +19,12 @@ are random (image sampling is not timed). Sections, each in the same run as its 
 * ``pipeline``: ``run_mass_erasure`` end to end (CFR -> LoRAs -> fusion) through ``ComfyDenoiser``,
   reference-style (full path, one concept after another) vs the default (cached queries, concepts
   batched).
+* ``check``: the cost of ``MACE Erasure Check`` per image: sampling (``comfy.sample.sample``, the
+  KSampler path the node uses, ``check_steps`` steps, CFG) and judging (``diffusion_classifier.classify``
+  through ``ComfyDenoiser(prediction="eps")``, the node's batch of 8) at the workflow's 7 candidates
+  and at a 10-concept erasure's 21 (10 erased + 10 kept + the anchor); then the derived minutes of
+  a whole check (2 models x 3 sets x images per set x (sampling + judging)) for the workflow's
+  default (12 images per set, 7 candidates) and for 10 concepts at 12 images per set.
 * ``text_entry`` (``--text-entry``, not in the default run): CFR on a FLUX-sized text-entry projection
   (``txt_in``, 4096 -> 3072, 256-token T5 windows) for 1/10/100 concepts, seconds and peak memory
   (``bench/text_entry_cfr.py``; ``--small``: 1024 -> 768).
@@ -60,6 +66,10 @@ class Scale:
     images: int
     templates: int  # object templates per concept (0: all 30)
     text_dim: int  # width of the closed forms' text features (768 = SD1.5)
+    check_images: int = 4  # images timed per check case
+    check_steps: int = 20  # sampling steps of the check's images (the node's default)
+    check_draws: int = 8  # the judge's draws (the node's default)
+    check_candidates: tuple[int, ...] = (7, 21)  # the workflow's candidates; a 10-concept erasure's
 
     def template_list(self):
         from mace_ops.templates import OBJECT_TEMPLATES
@@ -68,7 +78,9 @@ class Scale:
 
 
 FULL = Scale("sd15", 512, 50, (1, 10, 100), 10, 10, 8, 0, 768)
-SMALL = Scale("tiny", 64, 6, (1, 2), 2, 2, 2, 4, 256)
+SMALL = Scale("tiny", 64, 6, (1, 2), 2, 2, 2, 4, 256, check_images=1, check_steps=2, check_draws=1,
+              check_candidates=(3, 8))
+CHECK_SETS, CHECK_IMAGES_PER_SET = 3, 12  # the node's sets (erased, held-out, kept) and default images per set
 
 
 class Peak:
@@ -269,6 +281,58 @@ def pipeline_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
     return rows
 
 
+def check_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
+    """Seconds per image of the erasure check's sampling and judging, and the derived minutes of a check."""
+    ops, nodes = h.pack_module.mace_ops, h.pack_module.nodes
+    import comfy.model_management as mm
+    import comfy.sample
+
+    patcher = _model(scale, DTYPES[dtype])
+    enc, side, n = HashTextEncoder(), scale.res // 8, scale.check_images
+    cond = lambda text: [[enc.encode([text])[0].features[None], {}]]  # noqa: E731
+    latent = torch.zeros(1, 4, side, side)
+    rows = []
+    try:
+        comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, 0), 1, 7.0, "euler", "normal",
+                            cond("warm up"), cond(""), latent, disable_pbar=True, seed=0)  # loads the model
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(n):
+            comfy.sample.sample(patcher, comfy.sample.prepare_noise(latent, i), scale.check_steps, 7.0, "euler",
+                                "normal", cond(f"a painting number {i}"), cond(""), latent, disable_pbar=True, seed=i)
+        _sync(device)
+        sampling = (time.perf_counter() - start) / n
+        rows.append({"section": "check", "case": f"sampling {dtype} {scale.res}px, {scale.check_steps} steps, per image",
+                     "method": "KSampler path", "seconds": round(sampling, 3)})
+        judging = {}
+        for k in scale.check_candidates:
+            contexts = torch.stack([e.features for e in enc.encode([f"a painting by artist {c}" for c in range(k)])])
+            config = ops.diffusion_classifier.JudgeConfig(draws=scale.check_draws,
+                                                          screen_draws=min(2, scale.check_draws), batch=8)
+            latents = _latents(scale, n, device, seed=k)
+            den = nodes.comfy_denoiser.ComfyDenoiser(patcher, backward=False, prediction="eps")
+            try:
+                den.load()
+                _sync(device)
+                start = time.perf_counter()
+                j = ops.diffusion_classifier.classify(den, latents, contexts, torch.arange(k).repeat(n, 1),
+                                                      torch.ones(n, dtype=torch.long), config, keep=(0,))
+                _sync(device)
+                judging[k] = (time.perf_counter() - start) / n
+            finally:
+                den.release()
+            rows.append({"section": "check", "case": f"judging {k} candidates {dtype} {scale.res}px, {scale.check_draws} "
+                         f"draws ({j.forwards / n:.0f} forwards), per image", "method": "diffusion classifier",
+                         "seconds": round(judging[k], 3)})
+        per_check = 2 * CHECK_SETS * CHECK_IMAGES_PER_SET / 60
+        for label, k in (("workflow default", scale.check_candidates[0]), ("10 concepts", scale.check_candidates[-1])):
+            rows.append({"section": "check", "case": f"one check, {label}: {CHECK_IMAGES_PER_SET} images per set, "
+                         f"{k} candidates", "method": "derived", "seconds": round(per_check * 60 * (sampling + judging[k]), 1)})
+    finally:
+        mm.unload_all_models()
+    return rows
+
+
 def _pool(ops, scale: Scale) -> int:
     """The nodes' default query pool (never more samples than steps)."""
     return min(ops.lora_train.DEFAULT_QUERY_SAMPLES, scale.steps)
@@ -288,8 +352,8 @@ def main(argv=None) -> None:
     ap.add_argument("--small", action="store_true", help="tiny UNet, 64 px, few concepts: the CI run")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None)
-    ap.add_argument("--sections", nargs="+", default=["closed", "lora", "pipeline", "dynamic"],
-                    choices=["closed", "lora", "pipeline", "dynamic"])
+    ap.add_argument("--sections", nargs="+", default=["closed", "lora", "pipeline", "dynamic", "check"],
+                    choices=["closed", "lora", "pipeline", "dynamic", "check"])
     ap.add_argument("--res", type=int, default=None, help="override the image side (pixels, multiple of 8)")
     ap.add_argument("--steps", type=int, default=None, help="override the LoRA steps per concept")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/gpu_suite[_small].json)")
@@ -317,7 +381,7 @@ def main(argv=None) -> None:
         from bench.text_entry_cfr import FULL as ENTRY_FULL, SMALL as ENTRY_SMALL, text_entry_rows
 
         rows += text_entry_rows(ENTRY_SMALL if args.small else ENTRY_FULL)
-    if {"lora", "pipeline", "dynamic"} & set(args.sections):
+    if {"lora", "pipeline", "dynamic", "check"} & set(args.sections):
         from bench.train import init_comfy
 
         with tempfile.TemporaryDirectory(prefix="mace-gpu-suite-") as base:
@@ -326,6 +390,8 @@ def main(argv=None) -> None:
                 rows += lora_rows(h, scale, dtypes, device)
             if "pipeline" in args.sections:
                 rows += pipeline_rows(h, scale, "bf16" if device == "cuda" else "fp32", device)
+            if "check" in args.sections:
+                rows += check_rows(h, scale, "fp16" if device == "cuda" else "fp32", device)
             if "dynamic" in args.sections:
                 from bench.dynamic_vram import dynamic_rows
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every stage on random-weight SD1.5 next to its reference-style baseline (bench/gpu_suite.py):
-# CFR and fusion for 1/10/100 concepts, one concept's LoRA at 512 px in fp16/bf16/fp32, and the
-# 10-concept Mass Erase pipeline end to end. Nothing is downloaded.
+# CFR and fusion for 1/10/100 concepts, one concept's LoRA at 512 px in fp16/bf16/fp32, the
+# 10-concept Mass Erase pipeline end to end, and the Erasure Check's seconds per image (sampling;
+# judging at 7 and 21 candidates) with the minutes of one check derived from them ("check").
+# Nothing is downloaded.
 #
 #   bash bench/gpu_suite.sh            # on a CUDA machine: full size, < 8 min, bench/results/gpu_suite.json
 #   bash bench/gpu_suite.sh --small    # anywhere (CI, CPU): tiny UNet, < 2 min

@@ -21,7 +21,10 @@ def test_gpu_suite_small_runs_on_cpu(tmp_path, comfy):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {r["section"] for r in rows} == {"cfr", "fusion", "lora", "pipeline", "dynamic"}
+    assert {r["section"] for r in rows} == {"cfr", "fusion", "lora", "pipeline", "dynamic", "check"}
+    check = [r for r in rows if r["section"] == "check"]  # the erasure check: sampling, judging, derived
+    assert [r["method"] for r in check] == ["KSampler path"] + ["diffusion classifier"] * 2 + ["derived"] * 2
+    assert all(r["seconds"] > 0 for r in check)
     dynamic = [r for r in rows if r["section"] == "dynamic"]  # 0.3.64 on CPU: the leg says why it cannot run
     assert len(dynamic) == 1 and dynamic[0]["note"].startswith("skipped: "), dynamic
     assert not [r for r in rows if "note" in r and r["section"] != "dynamic"], [r for r in rows if "note" in r]
