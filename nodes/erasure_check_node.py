@@ -20,7 +20,6 @@ import time
 
 import torch
 
-import comfy.samplers
 import folder_paths
 from .comfy_compat import io
 
@@ -34,6 +33,7 @@ from .comfy_text_encoder import ComfyTextEncoder
 from .concept_inputs import concept_inputs
 from .preview_nodes import compose_grid
 from .progress import NodeProgress
+from .sampling_inputs import sampling_inputs
 from .training_images_node import decode_latents, default_sampler, sample_latents
 from .validation import check_inputs
 
@@ -96,13 +96,7 @@ class MaceErasureCheck(io.ComfyNode):
                              tooltip="Images per set (erased, held-out, kept), for each model."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Image i of a set uses seed + i (both models); the judge's draws too."),
-                io.Int.Input("steps", default=20, min=1, max=1000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS),
-                               default=default_sampler()),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="karras"),
+                *sampling_inputs(default_sampler(), "karras"),
                 io.Int.Input("draws", default=8, min=1, max=256,
                              tooltip="The judge's shared (t, noise) draws per image, t in the high-noise half: "
                              "more = surer verdicts, cost grows with it."),

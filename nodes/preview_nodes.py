@@ -17,7 +17,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import comfy.model_management
-import comfy.samplers
 from .comfy_compat import io
 
 from ..mace_ops.alignment import concept_positions
@@ -29,6 +28,7 @@ from .comfy_model import effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
 from .lora_train_node import one_concept
 from .progress import NodeProgress
+from .sampling_inputs import sampling_inputs
 from .training_images_node import sample_images
 from .validation import check_inputs
 
@@ -96,12 +96,7 @@ class MaceBeforeAfterGrid(io.ComfyNode):
                                 tooltip="Prompts that should not change, one per line."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Row i uses seed + i for both models."),
-                io.Int.Input("steps", default=20, min=1, max=1000),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
-                io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler"),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal"),
+                *sampling_inputs("euler", "normal"),
             ],
             outputs=[io.Image.Output(display_name="grid")],
         )
