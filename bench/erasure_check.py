@@ -38,7 +38,7 @@ METHODS = ("none", "cfr_prior", "full", "text_gate")
 SETS = ("e", "g", "s")
 COLUMNS = ["method", "kind", "concepts", "judge", "H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e",
            "n_g", "n_s"]
-CMP_COLUMNS = ["method", "kind", "concepts", "d_e", "d_g", "d_s", "tol_e", "tol_g", "tol_s", "within",
+CMP_COLUMNS = ["method", "kind", "concepts", "pool", "d_e", "d_g", "d_s", "tol_e", "tol_g", "tol_s", "within",
                "agree", "close_calls", "s_per_image", "forwards_per_image"]
 
 
@@ -94,12 +94,17 @@ def close_calls(sets: dict) -> tuple[float, float]:
     return round(close.double().mean().item(), 4), round(sure.double().mean().item(), 4) if len(sure) else None
 
 
-def run_task(world, kind: str, count: int, methods, n: int, config: JudgeConfig, log=print):
-    pool = vocab.NAMES if kind == "name" else vocab.STYLES
+def pool_words(kind: str) -> tuple[str, ...]:
+    return vocab.NAMES if kind == "name" else vocab.STYLES
+
+
+def run_task(world, kind: str, count: int, methods, n: int, config: JudgeConfig, log=print, pool: str = "listed"):
     preserve, retained, _ = erase.preserve_and_retained(kind)
-    task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
+    task = erase.Task(kind, tuple(pool_words(kind)[:count]), tuple(preserve))
     psets = dict(zip(SETS, evaluate.prompt_sets(kind, task.erase, retained, n, n)))
     cands = check.candidates(kind, task.erase, retained)
+    if pool == "all":  # a user who also lists every other concept of the domain as look-alikes
+        cands = check.candidates(kind, task.erase, list(retained) + [c for c in pool_words(kind) if c not in cands])
     rows, comparisons, confusions = [], [], []
     for method, kw, fit_s in erased_models(world, task, methods):
         sets = {c: check.check_set(world, psets[c], kind, cands, config, **kw) for c in SETS}
@@ -109,13 +114,14 @@ def run_task(world, kind: str, count: int, methods, n: int, config: JudgeConfig,
         per = {j: {c: rate((s.judgement.recognised if j == "check" else s.truth).tolist()) for c, s in sets.items()}
                for j in ("scorer", "check")}
         pair = {j: mass_row(kind, count, v["e"], v["s"], v["g"], method=method, judge=j, candidates=len(cands),
-                            seconds=round(fit_s, 2)) for j, v in per.items()}
+                            pool=pool, seconds=round(fit_s, 2)) for j, v in per.items()}
         rows += [pair["scorer"], pair["check"]]
         close, sure = close_calls(sets)
         agree = torch.cat([s.judgement.recognised == s.truth for s in sets.values()]).double().mean().item()
-        comparisons.append({"method": method, "kind": kind, "concepts": count, **compare(pair["scorer"], pair["check"], sets),
+        comparisons.append({"method": method, "kind": kind, "concepts": count, "pool": pool,
+                            **compare(pair["scorer"], pair["check"], sets),
                             "agree": round(agree, 4), "close_calls": close, "agree_when_sure": sure, **judge})
-        confusions += [{"method": method, "kind": kind, "concepts": count, "set": c, **confusion(s)}
+        confusions += [{"method": method, "kind": kind, "concepts": count, "pool": pool, "set": c, **confusion(s)}
                        for c, s in sets.items()]
         log({k: comparisons[-1].get(k) for k in CMP_COLUMNS})
     return rows, comparisons, confusions
@@ -127,12 +133,16 @@ def main(argv=None) -> None:
     ap.add_argument("--style-counts", type=int, nargs="*", default=[5], help="numbers of erased styles")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out, retained)")
+    ap.add_argument("--pool", choices=("listed", "all"), default="listed",
+                    help="the judge's candidates: the anchor + erased + retained concepts (what a user lists), or "
+                         "also every other name/style of the world (a user who lists the whole domain)")
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON", help="only merge earlier runs into --out")
     args = toy_v2_args(ap, argv, out="bench/results/erasure_check.json", threads=1)
     config = JudgeConfig()
     if args.combine:
         parts = [json.loads(Path(p).read_text()) for p in args.combine]
-        merged = {key: [r for part in parts for r in part[key]] for key in ("rows", "comparisons", "confusion")}
+        merged = {key: [{"pool": "listed", **r} for part in parts for r in part[key]]
+                  for key in ("rows", "comparisons", "confusion")}
         write(args.out, merged, parts[0]["world"], config, sum(p["minutes"] for p in parts),
               sorted({p["n_per_set"] for p in parts}))
         return
@@ -145,7 +155,8 @@ def main(argv=None) -> None:
         for count in counts:
             check_count(count, most, "--counts" if kind == "name" else "--style-counts")
             rows, cmp, conf = run_task(world, kind, count, args.methods, args.n, config,
-                                       log=lambda r: print(r, f"[{(time.time() - t0) / 60:.1f} min]", flush=True))
+                                       log=lambda r: print(r, f"[{(time.time() - t0) / 60:.1f} min]", flush=True),
+                                       pool=args.pool)
             merged["rows"] += rows
             merged["comparisons"] += cmp
             merged["confusion"] += conf
