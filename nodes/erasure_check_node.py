@@ -35,7 +35,7 @@ from .preview_nodes import compose_grid
 from .progress import NodeProgress
 from .sampling_inputs import sampling_inputs
 from .training_images_node import decode_latents, default_sampler, sample_latents
-from .validation import check_inputs
+from .validation import check_inputs, require_clip_vae
 
 WORST = 4            # worst cases per kind in the grid
 JSON_PREFIX = "mace_checks/erasure_check"
@@ -118,10 +118,7 @@ class MaceErasureCheck(io.ComfyNode):
                 other_candidates="", erased_clip=None) -> io.NodeOutput:
         check_inputs(cls, locals())
         start = time.perf_counter()
-        if clip is None:
-            raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
-        if vae is None:
-            raise ValueError("vae: no VAE connected; connect the VAE output of your checkpoint loader")
+        require_clip_vae(clip, vae)
         if base_model is None or erased_model is None:
             raise ValueError("base_model/erased_model: connect both MODELs")
         templates = templates_for(concept_type)

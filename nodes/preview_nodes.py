@@ -30,7 +30,7 @@ from .lora_train_node import one_concept
 from .progress import NodeProgress
 from .sampling_inputs import sampling_inputs
 from .training_images_node import sample_images
-from .validation import check_inputs
+from .validation import check_inputs, require_clip_vae
 
 GROUPS = ("target", "synonym", "preserved")
 PAD, HEADER, LABEL = 4, 18, 14
@@ -105,10 +105,7 @@ class MaceBeforeAfterGrid(io.ComfyNode):
     def execute(cls, original, erased, clip, vae, target_prompts, synonym_prompts, preserved_prompts, seed, steps,
                 cfg, width, height, sampler_name, scheduler) -> io.NodeOutput:
         check_inputs(cls, locals())
-        if clip is None:
-            raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
-        if vae is None:
-            raise ValueError("vae: no VAE connected; connect the VAE output of your checkpoint loader")
+        require_clip_vae(clip, vae)
         if original is None or erased is None:
             raise ValueError("original/erased: connect both MODELs")
         rows = [(group, p) for group, text in zip(GROUPS, (target_prompts, synonym_prompts, preserved_prompts))

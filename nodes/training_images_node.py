@@ -20,7 +20,7 @@ from ..mace_ops.templates import fill
 from ..mace_ops.validation import derive_seed
 from .lora_train_node import CONCEPT_TYPES, concept_templates, one_concept
 from .progress import NodeProgress
-from .validation import check_inputs
+from .validation import check_inputs, require_clip_vae
 
 
 DEFAULT_CFG = 7.5
@@ -122,10 +122,7 @@ class MaceTrainingImages(io.ComfyNode):
     def execute(cls, model, clip, vae, concept, concept_type, count, steps, cfg, seed, width, height, sampler_name,
                 scheduler, negative) -> io.NodeOutput:
         check_inputs(cls, locals())
-        if clip is None:
-            raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
-        if vae is None:
-            raise ValueError("vae: no VAE connected; connect the VAE output of your checkpoint loader")
+        require_clip_vae(clip, vae)
         prompts = training_prompts(concept, concept_type, int(count))
         images = sample_images(model, clip, vae, prompts, int(steps), float(cfg), int(seed), int(width), int(height),
                                sampler_name, scheduler, negative, NodeProgress(len(prompts) * int(steps)))

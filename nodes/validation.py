@@ -67,3 +67,11 @@ def check_inputs(cls, values: dict) -> None:
         if key in values and values[key] is not None:
             check_number(values[key], name, lo, hi, integer=integer)
     check_file_inputs(cls, values)
+
+
+def require_clip_vae(clip, vae) -> None:
+    """ValueError naming ``clip`` / ``vae`` when one is not connected (the nodes that sample and decode)."""
+    if clip is None:
+        raise ValueError("clip: no CLIP connected; connect the CLIP output of your checkpoint loader")
+    if vae is None:
+        raise ValueError("vae: no VAE connected; connect the VAE output of your checkpoint loader")

@@ -108,6 +108,8 @@ def test_cancel_while_sampling_and_while_judging(env):
 @pytest.mark.parametrize("field,kw,match", [
     ("keep", {"keep": " \n"}, r"keep: no concept"),
     ("anchor", {"anchor": "dog"}, r"anchor: 'dog' is also a listed concept"),
+    ("clip", {"clip": None}, r"clip: no CLIP connected"),
+    ("vae", {"vae": None}, r"vae: no VAE connected"),
     ("held_out", {"held_out": "vessel -> car"}, r"held_out, line 1: 'car' is not an erased concept"),
     ("held_out", {"concepts": "ship\ncar", "held_out": "vessel"}, r"held_out, line 1: say which erased concept"),
     ("keep", {"keep": "ship"}, r"keep, line 1: 'ship' is also erased"),
