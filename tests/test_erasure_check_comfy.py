@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfy_harness import load_tiny_checkpoint, make_tiny_sd15_checkpoint
+from tiny_models import tiny_sd15_clip1
 
 pytestmark = pytest.mark.integration
 SCHEMA = ("kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g", "n_s",
@@ -24,11 +24,9 @@ SCHEMA = ("kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "ac
 @pytest.fixture(scope="module")
 def env(comfy, tmp_path_factory):
     comfy.require_pack()
-    path = make_tiny_sd15_checkpoint(tmp_path_factory.mktemp("tiny_check") / "mace_tiny_check.safetensors",
-                                     clip_layers=1, seed=0)
     pack = comfy.pack_module
+    model, clip, vae = tiny_sd15_clip1(tmp_path_factory, "tiny_check")
     with torch.inference_mode():
-        model, clip, vae = load_tiny_checkpoint(path, clip_layers=1)
         erased = model.clone()  # a stand-in erasure: every to_k weight changed (cheaper than fitting one)
         keys = [k for k in erased.model_state_dict() if k.endswith("attn2.to_k.weight")]
         erased.add_patches({k: ("diff", (0.5 * torch.randn_like(erased.model_state_dict()[k]),)) for k in keys})

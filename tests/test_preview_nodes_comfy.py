@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from comfy_harness import load_tiny_checkpoint, make_tiny_sd15_checkpoint
+from tiny_models import tiny_sd15_clip1
 
 pytestmark = pytest.mark.integration
 
@@ -20,11 +20,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def env(comfy, tmp_path_factory):
     comfy.require_pack()
-    path = make_tiny_sd15_checkpoint(tmp_path_factory.mktemp("tiny_preview") / "mace_tiny_clip1.safetensors",
-                                     clip_layers=1, seed=0)
     pack = comfy.pack_module
+    model, clip, vae = tiny_sd15_clip1(tmp_path_factory, "tiny_preview")
     with torch.inference_mode():
-        model, clip, vae = load_tiny_checkpoint(path, clip_layers=1)
         erased = pack.nodes.cfr_node.MaceRefineCrossAttention.execute(
             model, clip, "ship", "object", "", "", 1.0, 1.0, False, True).result[0]
     return SimpleNamespace(model=model, clip=clip, vae=vae, erased=erased, nodes=pack.nodes.preview_nodes)
