@@ -52,11 +52,10 @@ import torch
 
 from bench.common import (check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
                           toy_v2_setup, write_json)
-from bench.gate_compile import compile_gate
-from bench.text_encoder_edit import edit_text_encoder, with_text_encoder
 from mace_ops.ace import GATE_SHAPES, ACEConfig, GatedErasure
 from mace_ops.adversarial import embedding_pairs
 from toyworld.v2 import erase, evaluate, robust, vocab
+from toyworld.v2.text_edit import compile_gate, edit_text_encoder, with_text_encoder
 
 METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both", "te_edit",
            "gate_compiled")
@@ -64,13 +63,15 @@ COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks"
 
 
 def text_encoder_edited(world, task: erase.Task):
-    """The world with ``bench.text_encoder_edit``'s default edit of its text encoder for ``task``."""
+    """The world with ``bench.text_encoder_edit``'s default edit of its text encoder for ``task``
+    (``toyworld.v2.text_edit.edit_text_encoder``)."""
     steps = 400 if len(task.erase) <= 10 else 800
     return with_text_encoder(world, edit_text_encoder(world, task, "ff_last", steps=steps, synthetic=512))
 
 
 def gate_compiled(world, task: erase.Task):
-    """The world with ``bench.gate_compile``'s ``replace`` edit of its text encoder for ``task``."""
+    """The world with ``bench.gate_compile``'s ``replace`` edit of its text encoder for ``task``
+    (``toyworld.v2.text_edit.compile_gate``)."""
     return with_text_encoder(world, compile_gate(world, task, "replace")[0])
 
 

@@ -1,8 +1,8 @@
 """Benchmark CFR: our shared d x d factorisation vs a straightforward per-layer solve.
 
 Both methods get the same encoded prompts (30 object templates, anchor 'ground', full 77 x 768
-windows) and the same 32 SD1.5-shaped K/V weights. The per-layer baseline does what the reference
-code does: it keeps every layer's target values W0 e and contexts c for all concepts, sums
+windows) and the same 32 SD1.5-shaped K/V weights. The per-layer baseline (``mace_ops.per_layer``) does what
+the reference code does: it keeps every layer's target values W0 e and contexts c for all concepts, sums
 W0 e c^T and c c^T per layer and inverts each layer's 768 x 768 matrix in float32. Each case runs
 in its own subprocess so peak memory is measured cleanly. Encoding with a real random-weight
 CLIP-L is timed separately (same cost for both methods) when ComfyUI is importable.
@@ -25,38 +25,13 @@ import time
 
 import torch
 
-from bench.common import HashTextEncoder, context_dim, environment, kv_weights, peak_rss_mb, print_table, rss_mb, write_json
-from mace_ops.alignment import align
+from bench.common import (HashTextEncoder, concepts, context_dim, environment, kv_weights, peak_rss_mb, print_table,
+                          rss_mb, write_json)
 from mace_ops.cfr import CFRConfig, refine_cross_attention
-from mace_ops.concepts import Concept
+from mace_ops.per_layer import per_layer_cfr
 from mace_ops.templates import OBJECT_TEMPLATES, fill
 
 BASELINE_MAX_CONCEPTS = {"sd15": 10, "sdxl": 2}  # the per-layer baseline holds ~225 MB (SDXL: ~1.5 GB) per concept
-
-
-def concepts(n: int) -> list[Concept]:
-    return [Concept((f"concept{i} thing{i}",), "ground", i + 1) for i in range(n)]
-
-
-def per_layer_baseline(encoder, weights, cs, templates, lamb):
-    """Reference-style CFR: per-layer value tensors held in memory, one float32 inverse per layer."""
-    values = {k: [] for k in weights}
-    contexts = []
-    for c in cs:
-        new = encoder.encode([fill(t, c.anchor) for t in templates])
-        old = encoder.encode([fill(t, c.phrases[0]) for t in templates])
-        for o, n in zip(old, new):
-            a = align(o.ids, o.length, n.ids, n.length)
-            ctx, emb = o.features[list(a.old)], n.features[list(a.new)]
-            contexts.append(ctx)
-            for k, w in weights.items():
-                values[k].append(emb @ w.T)
-    out = {}
-    for k, w in weights.items():
-        mat1 = lamb * w + sum(v.T @ c for v, c in zip(values[k], contexts))
-        mat2 = lamb * torch.eye(w.shape[1]) + sum(c.T @ c for c in contexts)
-        out[k] = mat1 @ torch.inverse(mat2)
-    return out
 
 
 def run_case(method: str, n: int, shape: str = "sd15") -> dict:
@@ -68,7 +43,7 @@ def run_case(method: str, n: int, shape: str = "sd15") -> dict:
         res = refine_cross_attention(encoder, weights, cs, OBJECT_TEMPLATES, config=CFRConfig(lamb=1.0))
         new = res.weights
     else:
-        new = per_layer_baseline(encoder, weights, cs, OBJECT_TEMPLATES, 1.0)
+        new = per_layer_cfr(encoder, weights, cs, OBJECT_TEMPLATES, 1.0)
     seconds = time.perf_counter() - start
     checksum = float(sum(v.double().sum() for v in new.values()))
     return {"method": method, "shape": shape, "weights": len(weights), "concepts": n, "seconds": round(seconds, 3),

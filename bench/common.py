@@ -1,9 +1,12 @@
-"""Shared bench helpers: SD1.5- and SDXL-shaped random K/V weights, a cheap 77 x d encoder, timing, JSON,
-and the toy world v2 benches' common preamble (``toy_v2_parser`` / ``toy_v2_args`` / ``toy_v2_setup``)."""
+"""Shared bench helpers: SD1.5- and SDXL-shaped random K/V weights, a cheap 77 x d encoder, synthetic
+concepts and LoRAs, timing and peak memory, JSON, and the toy world v2 benches' common preamble
+(``toy_v2_parser`` / ``toy_v2_args`` / ``toy_v2_setup``)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
 import os
 import platform
 import resource
@@ -14,7 +17,9 @@ from pathlib import Path
 import torch
 
 from mace_ops.atomic_write import write_bytes_atomic
+from mace_ops.concepts import Concept
 from mace_ops.interfaces import EncodedPrompt
+from mace_ops.lora import LoraFactors
 
 # attn2 output widths of the 16 SD1.x cross-attention layers (input 1,2,4,5,7,8; middle; output 3..11)
 SD15_ATTN2_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)
@@ -75,6 +80,35 @@ class HashTextEncoder:
             x = torch.cumsum(x, 0) / torch.arange(1, self.window + 1)[:, None] + x
             out.append(EncodedPrompt(tuple(ids), len(content) + 2, torch.layer_norm(x, (self.dim,))))
         return out
+
+
+def concepts(n: int) -> list[Concept]:
+    """``n`` synthetic concepts ("concept{i} thing{i}", anchor "ground")."""
+    return [Concept((f"concept{i} thing{i}",), "ground", i + 1) for i in range(n)]
+
+
+def synthetic_lora(i: int, weights) -> dict[str, LoraFactors]:
+    """Concept ``i``'s synthetic rank-1 LoRA on every weight: up ~ N(0, 1e-3²), down ~ N(0, 1), alpha 1
+    (about the size of a trained MACE LoRA); seeded by ``i``."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return {
+        name: LoraFactors(torch.randn(w.shape[0], 1, generator=g) * 1e-3, torch.randn(1, w.shape[1], generator=g), 1.0)
+        for name, w in weights.items()
+    }
+
+
+def stream(cs, weights):
+    """(concept, its ``synthetic_lora``) for each of ``cs``, generated one at a time."""
+    for i, c in enumerate(cs):
+        yield c, synthetic_lora(i, weights)
+
+
+def stats(xs) -> dict:
+    """Mean, its standard error and n of ``xs`` (rounded to 5 places)."""
+    n = len(xs)
+    m = sum(xs) / n
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return {"mean": round(m, 5), "se": round(sd / math.sqrt(n), 5), "n": n}
 
 
 def rss_mb() -> float:
@@ -174,6 +208,58 @@ class PeakRSS:
         self._thread.join()
         self.peak_mb = max(self.peak_mb, rss_mb() - self._start)
         return False
+
+
+def reset_peak() -> bool:
+    """Reset this process's resident high-water mark (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def trim() -> None:
+    """Hand freed heap pages back to the OS so the 'before' resident size is the model's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class Peak:
+    """Peak memory (MB) above the level at entry: CUDA max allocated, else the resident high-water mark."""
+
+    def __init__(self, device: str):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            trim()
+            self.before, self.ok = rss_mb(), reset_peak()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self.before) / 2**20
+        elif self.ok:
+            self.mb = hwm_mb() - self.before
+        self.seconds = time.perf_counter() - self.start
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

@@ -14,7 +14,7 @@ SE of the difference); a confusion table per set (check x scorer); the judge's s
 forwards per image; the close calls (bootstrap p_label in (0.1, 0.9)) and how often they agree.
 
 Methods: none | cfr_prior (CFR + caption prior) | full (the pack's recommended MACE) |
-text_gate (the ACE gate compiled into the last text MLP, units replace, ``bench.gate_compile``).
+text_gate (the ACE gate compiled into the last text MLP, units replace, ``toyworld.v2.text_edit.compile_gate``).
 
     python -m bench.erasure_check --counts 10 --style-counts --n 200 --out bench/results/ec_10.json
     python -m bench.erasure_check --combine bench/results/ec_*.json --out docs/results/erasure_check.json
@@ -33,6 +33,7 @@ from bench.common import check_count, environment, markdown_table, print_table, 
 from mace_ops.diffusion_classifier import JudgeConfig
 from mace_ops.erasure_metrics import mass_row, rate
 from toyworld.v2 import check, erase, evaluate, vocab
+from toyworld.v2.text_edit import compile_gate, with_text_encoder
 
 METHODS = ("none", "cfr_prior", "full", "text_gate")
 SETS = ("e", "g", "s")
@@ -53,9 +54,6 @@ def erased_models(world, task: erase.Task, methods):
         elif method == "full":
             kw = {"kv_weights": erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused}
         elif method == "text_gate":
-            from bench.gate_compile import compile_gate
-            from bench.text_encoder_edit import with_text_encoder
-
             kw = {"model": with_text_encoder(world, compile_gate(world, task, "replace")[0]).model}
         else:
             raise ValueError(f"method: unknown {method!r}")

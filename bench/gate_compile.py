@@ -32,58 +32,14 @@ import torch
 
 from bench.common import (check_count, environment, markdown_table, plotted_kind, print_table, reference_rows,
                           saved_rows, toy_v2_args, toy_v2_parser, toy_v2_setup, write_json)
-from bench.mass_quality import save_grid
+from bench.grid import save_grid
 from bench.plot import save_h_and_acc_s
-from bench.text_encoder_edit import KV_STAGES, kv_stage, with_text_encoder
-from mace_ops.encoding_cache import cached
-from mace_ops.text_gate import TextGateConfig, calibrate_text_gate, compile_text_gate, ramp_units
-from toyworld.v1 import diffusion
-from toyworld.v1.adapters import ToyMlpSite
 from toyworld.v2 import erase, evaluate
+from toyworld.v2.erase import KV_STAGES, kv_stage
+from toyworld.v2.text_edit import compile_gate, with_text_encoder
 
 COLUMNS = ["kind", "concepts", "units", "kv", "dtype", "added", "H", "acc_e", "acc_g", "acc_s", "se_s", "integrity", "fd", "mean_tau", "seconds"]
 UNITS = ("add", "replace")
-
-
-def slot_positions(world, prompts: list[str], word: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids of ``prompts``, the position of ``word`` in each)."""
-    ids = diffusion.ids_tensor(prompts, world.model.vocab)
-    return ids, (ids == world.model.vocab.TOKEN_ID[word]).int().argmax(1)
-
-
-def calibration(task: erase.Task) -> tuple[list[str], list]:
-    """(prompts, groups) the gate is calibrated on: the preserve list by name, then the captions."""
-    prompts, groups = task.preserve_groups()
-    captions = erase.prior_captions()
-    return prompts + captions, groups + [None] * len(captions)
-
-
-def compile_gate(world, task: erase.Task, units: str, config: TextGateConfig = TextGateConfig()):
-    """(a copy of the text encoder whose last MLP carries the compiled gate, the gate): ``units``
-    replace (``mace_ops.text_gate.compile_text_gate``) or add (the same ramp units widen the MLP)."""
-    site = ToyMlpSite(world.model)
-    prompts, groups = calibration(task)
-    # calibration and the units' importance read the same prompts: encode them once
-    site.inputs = cached(site.inputs, max_prompts=len(prompts) + len(task.templates) * (len(task.erase) + 1))
-    gate = calibrate_text_gate(site, task.concepts(), task.templates, task.anchor, prompts, groups, config)
-    if units == "replace":
-        try:
-            mlp = compile_text_gate(site, gate, prompts, config.width)
-        except ValueError as e:
-            raise SystemExit(f"--units replace: {e}") from None
-    else:
-        rows, bias, cols = ramp_units(*site.norm(), gate, site.activation, config.width)
-        old = site.mlp()
-        mlp = {"fc1.weight": torch.cat([old["fc1.weight"], rows]), "fc1.bias": torch.cat([old["fc1.bias"], bias]),
-               "fc2.weight": torch.cat([old["fc2.weight"], cols], 1), "fc2.bias": old["fc2.bias"].clone()}
-    text = copy.deepcopy(world.model.text)
-    ff = text.layers[-1].ff
-    with torch.no_grad():
-        for i, name in ((0, "fc1"), (2, "fc2")):
-            layer = torch.nn.Linear(mlp[f"{name}.weight"].shape[1], mlp[f"{name}.weight"].shape[0])
-            layer.weight.copy_(mlp[f"{name}.weight"]), layer.bias.copy_(mlp[f"{name}.bias"])
-            ff[i] = layer
-    return text.eval().requires_grad_(False), gate
 
 
 class Float16Text(torch.nn.Module):
@@ -153,7 +109,12 @@ def main(argv=None) -> None:
                          "seconds": 0.0})
         for units in args.units:
             t0 = time.perf_counter()
-            text, gate = compile_gate(world, task, units)
+            try:
+                text, gate = compile_gate(world, task, units)
+            except ValueError as e:
+                if units != "replace":
+                    raise
+                raise SystemExit(f"--units replace: {e}") from None     # the MLP has too few units to replace
             seconds = time.perf_counter() - t0
             edited = with_text_encoder(world, text)
             models[f"compiled ({units})"] = edited.model

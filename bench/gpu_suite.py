@@ -1,21 +1,25 @@
 """One benchmark of every stage on random-weight SD1.5, each next to its reference-style baseline.
 
 Nothing is downloaded: the UNet is ComfyUI's own ``UNetModel`` with random N(0, 0.02) weights
-(``bench.train.build_sd15``, loaded as a real ModelPatcher inside ``torch.inference_mode()`` as
+(``bench.sd15.build_sd15``, loaded as a real ModelPatcher inside ``torch.inference_mode()`` as
 the executor loads checkpoints), the text encoder is the 77 x 768 hash encoder, training latents
 are random (image sampling is not timed). Sections, each in the same run as its baseline:
 
 * ``cfr``: ``refine_cross_attention`` (shared d x d sums, one solve per layer) vs the reference's
-  per-layer value tensors and float32 inverses (``bench.cfr.per_layer_baseline``; N <= 10).
+  per-layer value tensors and float32 inverses (``mace_ops.per_layer.per_layer_cfr``; N <= 10).
 * ``fusion``: ``fuse_loras`` streaming synthetic rank-1 LoRAs vs the per-layer reference fusion
-  (``bench.mass.per_layer_fusion``; N <= 10).
+  (``mace_ops.per_layer.per_layer_fusion``; N <= 10).
 * ``lora``: one concept's LoRA at every dtype: ``full`` (backprop through the UNet every step, K
   and V: the reference's way) vs ``cached_queries`` (the pack's default): seconds per step (median
   after the first), seconds per concept (all steps, recording included) and peak memory above
   the loaded model (CUDA: max allocated; CPU: resident high-water mark).
-* ``dynamic``: one LoRA trained with dynamic VRAM on and off from the same file and seed; the
-  largest relative difference of the LoRA deltas (``bench/dynamic_vram.py``; on a ComfyUI without
-  dynamic VRAM, or without CUDA, a row that says so).
+* ``dynamic``: one LoRA trained with dynamic VRAM on and off from the same random UNet file and
+  seed, for both training paths; the largest difference of the deltas ``up @ down`` relative to
+  their size (expected: float noise, < 1e-3) and of the losses. Newer ComfyUI loads checkpoints as
+  ``ModelPatcherDynamic`` on NVIDIA; the pack trains through a legacy private copy
+  (``nodes.comfy_compat.static_patcher``); dynamic VRAM is enabled as upstream's ``main.py`` does
+  (``enable_dynamic_vram``). On a ComfyUI without dynamic VRAM (0.3.64), or without CUDA, a row that
+  says so.
 * ``pipeline``: ``run_mass_erasure`` end to end (CFR -> LoRAs -> fusion) through ``ComfyDenoiser``,
   reference-style (full path, one concept after another) vs the default (cached queries, concepts
   batched).
@@ -27,7 +31,7 @@ are random (image sampling is not timed). Sections, each in the same run as its 
   default (12 images per set, 7 candidates) and for 10 concepts at 12 images per set.
 * ``text_entry`` (``--text-entry``, not in the default run): CFR on a FLUX-sized text-entry projection
   (``txt_in``, 4096 -> 3072, 256-token T5 windows) for 1/10/100 concepts, seconds and peak memory
-  (``bench/text_entry_cfr.py``; ``--small``: 1024 -> 768).
+  (``bench/text_entry_cfr.py``, run as its own script; ``--small``: 1024 -> 768).
 
 Full size (default): SD1.5 UNet, 512 x 512, 50 LoRA steps, CFR/fusion at 1/10/100 concepts, the
 pipeline at 10 concepts, dtypes fp16/bf16/fp32 on CUDA (fp32/bf16 on CPU). ``--small``: ComfyUI's
@@ -41,7 +45,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +56,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import HashTextEncoder, environment, print_table, rss_mb, sd15_kv_weights, write_json
+from bench.common import HashTextEncoder, Peak, concepts, environment, print_table, sd15_kv_weights, stream, write_json
+from bench.sd15 import SD15_UNET, build_sd15, init_comfy
+from mace_ops.per_layer import per_layer_cfr, per_layer_fusion
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -83,54 +92,16 @@ SMALL = Scale("tiny", 64, 6, (1, 2), 2, 2, 2, 4, 256, check_images=1, check_step
 CHECK_SETS, CHECK_IMAGES_PER_SET = 3, 12  # the node's sets (erased, held-out, kept) and default images per set
 
 
-class Peak:
-    """Peak memory (MB) above the level at entry: CUDA max allocated, else the resident high-water mark."""
-
-    def __init__(self, device: str):
-        self.device, self.mb = device, float("nan")
-
-    def __enter__(self):
-        from bench.train import reset_peak, trim
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            trim()
-            self.before, self.ok = rss_mb(), reset_peak()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        from bench.train import hwm_mb
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.mb = (torch.cuda.max_memory_allocated() - self.before) / 2**20
-        elif self.ok:
-            self.mb = hwm_mb() - self.before
-        self.seconds = time.perf_counter() - self.start
-
-
-def _concepts(n: int):
-    from mace_ops.concepts import Concept
-
-    return [Concept((f"concept{i} thing{i}",), "ground", i + 1) for i in range(n)]
-
-
 # ---------------------------------------------------------------------------------------------- closed forms
 
 def closed_forms(scale: Scale) -> list[dict]:
-    from bench.cfr import per_layer_baseline
-    from bench.mass import per_layer_fusion, stream
     from mace_ops.cfr import CFRConfig, refine_cross_attention
     from mace_ops.fusion import fuse_loras
 
     TEMPLATES = scale.template_list()
     enc, original, rows = HashTextEncoder(scale.text_dim), sd15_kv_weights(dim=scale.text_dim), []
     for n in scale.counts:
-        cs = _concepts(n)
+        cs = concepts(n)
         pair = {}
         for method in ("ours", "reference-style"):
             if method != "ours" and n > scale.baseline_max:
@@ -141,7 +112,7 @@ def closed_forms(scale: Scale) -> list[dict]:
                     cfr = refine_cross_attention(enc, original, cs, TEMPLATES, config=CFRConfig(lamb=1.0))
                     refined = cfr.weights
                 else:
-                    per_layer_baseline(enc, original, cs, TEMPLATES, 1.0)
+                    per_layer_cfr(enc, original, cs, TEMPLATES, 1.0)
             pair[method] = p.seconds
             rows.append({"section": "cfr", "case": f"{n} concepts", "method": method, "seconds": round(p.seconds, 3),
                          "peak_mb": round(p.mb, 1)})
@@ -156,7 +127,7 @@ def closed_forms(scale: Scale) -> list[dict]:
                 if method == "ours":
                     fuse_loras(enc, refined, original, stream(cs, refined), TEMPLATES, lamb=1.0, total=n)
                 else:
-                    per_layer_fusion(enc, refined, cs, TEMPLATES, 1.0)
+                    per_layer_fusion(enc, refined, stream(cs, refined), TEMPLATES, 1.0)
             pair[method] = p.seconds
             rows.append({"section": "fusion", "case": f"{n} concepts", "method": method,
                          "seconds": round(p.seconds, 3), "peak_mb": round(p.mb, 1)})
@@ -176,8 +147,6 @@ def _ratio(rows: list[dict], seconds: dict) -> None:
 # ---------------------------------------------------------------------------------------------- LoRA + pipeline
 
 def _unet_config(scale: Scale) -> dict:
-    from bench.train import SD15_UNET
-
     if scale.unet != "tiny":
         return SD15_UNET
     sys.path.insert(0, str(REPO / "tests"))
@@ -187,8 +156,6 @@ def _unet_config(scale: Scale) -> dict:
 
 
 def _model(scale: Scale, dtype: torch.dtype):
-    from bench.train import build_sd15
-
     with torch.inference_mode():  # as the executor loads a checkpoint: inference tensors
         patcher, _ = build_sd15(0, _unet_config(scale), dtype)
     return patcher
@@ -253,7 +220,7 @@ def pipeline_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
 
     patcher = _model(scale, DTYPES[dtype])
     rows, pair = [], {}
-    cs = _concepts(scale.pipeline_concepts)
+    cs = concepts(scale.pipeline_concepts)
     enc = HashTextEncoder()
     for method, path, batch in (("reference-style", "full", 1), ("cached_queries", "cached_queries", 8)):
         lora = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-5, use_masks=False, path=path,
@@ -333,6 +300,114 @@ def check_rows(h, scale: Scale, dtype: str, device: str) -> list[dict]:
     return rows
 
 
+def text_entry_rows(small: bool) -> list[dict]:
+    """The ``text_entry`` section: ``bench.text_entry_cfr`` run as its own script (``--small``: its CPU
+    size), its rows read back from its JSON."""
+    with tempfile.TemporaryDirectory(prefix="mace-text-entry-") as tmp:
+        out = os.path.join(tmp, "text_entry_cfr.json")
+        subprocess.run([sys.executable, "-m", "bench.text_entry_cfr", "--out", out, *(["--small"] if small else [])],
+                       cwd=REPO, check=True)
+        return json.loads(Path(out).read_text())["rows"]
+
+
+# ---------------------------------------------------------------------------------------------- dynamic VRAM
+
+def enable_dynamic_vram() -> str | None:
+    """Switch this process's loaders to dynamic VRAM; None, or why it cannot be done here."""
+    import comfy.model_management as mm
+    import comfy.model_patcher as mp
+
+    dynamic = getattr(mp, "ModelPatcherDynamic", None)
+    if dynamic is None:
+        return "this ComfyUI has no dynamic VRAM (no ModelPatcherDynamic)"
+    if not torch.cuda.is_available():
+        return "dynamic VRAM needs CUDA"
+    import comfy.memory_management as mem
+    try:
+        import comfy_aimdo.control as aimdo
+        devices = list(mm.get_all_torch_devices())
+        try:
+            ok = aimdo.init_devices((d.index, 0) for d in devices)
+        except TypeError:  # older comfy-aimdo protocol
+            ok = aimdo.init_devices(d.index for d in devices)
+    except Exception as err:  # noqa: BLE001 - a row, not a crash
+        return f"comfy_aimdo did not initialise: {err}"
+    if not ok:
+        return "comfy_aimdo found no device"
+    mp.CoreModelPatcher = dynamic
+    mem.aimdo_enabled = True
+    return None
+
+
+def _load(path: str, dynamic: bool):
+    import comfy.model_patcher as mp
+    import comfy.sd
+
+    keep = getattr(mp, "CoreModelPatcher", None)  # absent before dynamic VRAM: every load is legacy
+    if keep is not None and not dynamic:
+        mp.CoreModelPatcher = mp.ModelPatcher
+    try:
+        with torch.inference_mode():
+            return comfy.sd.load_diffusion_model(path)
+    finally:
+        if keep is not None:
+            mp.CoreModelPatcher = keep
+
+
+def _train(h, patcher, path: str, scale, latents, concept, templates, pool: int):
+    ops, nodes = h.pack_module.mace_ops, h.pack_module.nodes
+    cfg = ops.lora_train.LoraTrainConfig(steps=scale.steps, lr=1e-4, use_masks=False, path=path, seed=0,
+                                         query_samples=pool)
+    den = nodes.comfy_denoiser.ComfyDenoiser(patcher, backward=path == "full")
+    try:
+        out = ops.lora_train.train_concept_lora(den, HashTextEncoder(), concept, templates, latents, None, cfg)
+    finally:
+        den.release()
+    deltas = {k: (out.lora.up[k] @ out.lora.down[k]).detach().float().cpu() for k in out.lora.names}
+    return deltas, out.losses
+
+
+def dynamic_rows(h, scale, device: str, latents, pool: int, unet_config: dict | None = None,
+                 enable=enable_dynamic_vram) -> list[dict]:
+    """Rows of the ``dynamic`` section (see the module docstring and ``enable_dynamic_vram``). ``unet_config``: the random UNet's
+    layout (None: full SD1.5); ``enable``: what turns dynamic VRAM on (a test passes a no-op, so
+    that both runs are legacy and must agree exactly)."""
+    import comfy.model_management as mm
+    from safetensors.torch import save_file
+
+    why = enable() if device == "cuda" or enable is not enable_dynamic_vram else "dynamic VRAM needs CUDA"
+    if why is not None:
+        return [{"section": "dynamic", "case": "-", "method": "-", "note": f"skipped: {why}"}]
+    ops = h.pack_module.mace_ops
+    concept = ops.concepts.Concept(("ship",), "ground", 1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mace-dynamic-") as tmp:
+        file = os.path.join(tmp, "unet.safetensors")
+        with torch.inference_mode():
+            patcher, _ = build_sd15(0, unet_config, torch.float16 if device == "cuda" else torch.float32)
+            save_file({k: v.contiguous() for k, v in patcher.model.diffusion_model.state_dict().items()}, file)
+        del patcher
+        for path in ("cached_queries", "full"):
+            got = {}
+            for dynamic in (False, True):
+                try:
+                    model = _load(file, dynamic)
+                    got[dynamic] = _train(h, model, path, scale, latents, concept, scale.template_list(), pool)
+                except Exception as err:  # noqa: BLE001
+                    rows.append({"section": "dynamic", "case": path, "method": "on" if dynamic else "off",
+                                 "note": f"failed: {type(err).__name__}: {err}"[:200]})
+                finally:
+                    mm.unload_all_models()
+            if len(got) == 2:
+                (d_off, l_off), (d_on, l_on) = got[False], got[True]
+                rel = max(float((d_on[k] - d_off[k]).abs().max()) / max(float(d_off[k].abs().max()), 1e-12)
+                          for k in d_off)
+                rows.append({"section": "dynamic", "case": path, "method": "on vs off",
+                             "delta_rel_max": rel, "loss_abs_max": max(abs(a - b) for a, b in zip(l_on, l_off)),
+                             "note": "same within float noise" if rel < 1e-3 else "DIFFERENT: check R1b"})
+    return rows
+
+
 def _pool(ops, scale: Scale) -> int:
     """The nodes' default query pool (never more samples than steps)."""
     return min(ops.lora_train.DEFAULT_QUERY_SAMPLES, scale.steps)
@@ -378,12 +453,8 @@ def main(argv=None) -> None:
     if "closed" in args.sections:
         rows += closed_forms(scale)
     if args.text_entry:
-        from bench.text_entry_cfr import FULL as ENTRY_FULL, SMALL as ENTRY_SMALL, text_entry_rows
-
-        rows += text_entry_rows(ENTRY_SMALL if args.small else ENTRY_FULL)
+        rows += text_entry_rows(args.small)
     if {"lora", "pipeline", "dynamic", "check"} & set(args.sections):
-        from bench.train import init_comfy
-
         with tempfile.TemporaryDirectory(prefix="mace-gpu-suite-") as base:
             h = init_comfy(base, device)
             if "lora" in args.sections:
@@ -393,8 +464,6 @@ def main(argv=None) -> None:
             if "check" in args.sections:
                 rows += check_rows(h, scale, "fp16" if device == "cuda" else "fp32", device)
             if "dynamic" in args.sections:
-                from bench.dynamic_vram import dynamic_rows
-
                 rows += dynamic_rows(h, scale, device, _latents(scale, scale.images, device),
                                      _pool(h.pack_module.mace_ops, scale), _unet_config(scale))
     minutes = (time.perf_counter() - t0) / 60

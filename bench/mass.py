@@ -9,7 +9,7 @@ random weights as W0 and no preserve prompts (the reference's object setting).
 
 ``ours`` measures ``refine_cross_attention`` and ``fuse_loras`` (seconds, and each stage's peak
 resident memory above what the process held before it) and reports the ``FusionAccumulator``
-state size, which does not depend on N. The ``per_layer`` baseline fuses like the reference's
+state size, which does not depend on N. The ``per_layer`` baseline (``mace_ops.per_layer``) fuses like the reference's
 ``fuse_lora_close_form.py``: for every concept it keeps the targets (W' + dW_i) c of all 32
 weights for all 77 positions of its 30 prompts (2,310 vectors, ~230 MB per concept) plus the
 contexts, then per weight sums targets^T c and c c^T and takes one float32 inverse per weight.
@@ -42,54 +42,16 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.common import HashTextEncoder, context_dim, environment, kv_weights, print_table, rss_mb, write_json
-from bench.train import hwm_mb, reset_peak, trim
+from bench.common import (HashTextEncoder, concepts, context_dim, environment, hwm_mb, kv_weights, print_table,
+                          reset_peak, rss_mb, stream, synthetic_lora, trim, write_json)
 from mace_ops.cfr import CFRConfig, refine_cross_attention
-from mace_ops.concepts import Concept
 from mace_ops.fusion import FusionAccumulator, concept_covariance, fuse_loras
-from mace_ops.lora import LoraFactors
-from mace_ops.templates import OBJECT_TEMPLATES, fill
+from mace_ops.per_layer import per_layer_fusion
+from mace_ops.templates import OBJECT_TEMPLATES
 
 BASELINE_MAX_CONCEPTS = {"sd15": 10, "sdxl": 2}
 TRAIN_JSON = "bench/results/train.json"
 LAMB = 1.0
-
-
-def concepts(n: int) -> list[Concept]:
-    return [Concept((f"concept{i} thing{i}",), "ground", i + 1) for i in range(n)]
-
-
-def synthetic_lora(i: int, weights) -> dict[str, LoraFactors]:
-    g = torch.Generator().manual_seed(1000 + i)
-    return {
-        name: LoraFactors(torch.randn(w.shape[0], 1, generator=g) * 1e-3, torch.randn(1, w.shape[1], generator=g), 1.0)
-        for name, w in weights.items()
-    }
-
-
-def stream(cs, weights):
-    for i, c in enumerate(cs):
-        yield c, synthetic_lora(i, weights)
-
-
-def per_layer_fusion(encoder, current, cs, templates, lamb, dtype=torch.float32):
-    """Reference-style fusion: all per-layer targets held in memory, one inverse per layer (float32)."""
-    values = {k: [] for k in current}
-    contexts = []
-    for i, c in enumerate(cs):
-        lora = synthetic_lora(i, current)
-        # all 77 positions of the 30 prompts (all_words=True): 2,310 vectors
-        ctx = torch.cat([e.features for e in encoder.encode([fill(t, c.phrases[0]) for t in templates])]).to(dtype)
-        contexts.append(ctx)
-        for k, w in current.items():  # the LoRA fused into W' once per concept, targets recorded per layer
-            values[k].append(ctx @ (w.to(dtype) + lora[k].delta(dtype)).T)
-        del lora
-    out = {}
-    for k, w in current.items():
-        mat1 = lamb * w.to(dtype) + sum(v.T @ c for v, c in zip(values[k], contexts))
-        mat2 = lamb * torch.eye(w.shape[1], dtype=dtype) + sum(c.T @ c for c in contexts)
-        out[k] = (mat1 @ torch.inverse(mat2)).float()
-    return out
 
 
 def _checksums(new, current) -> dict:
@@ -128,7 +90,8 @@ def run_case(method: str, n: int, dump: str | None = None, shape: str = "sd15") 
         row["accumulator_mb"] = round(acc.state_numel() * 8 / 2**20, 1)
         row["vectors"] = res.n_vectors
     else:
-        new, fuse_s, fuse_mb = _stage(lambda: per_layer_fusion(encoder, current, cs, OBJECT_TEMPLATES, LAMB))
+        new, fuse_s, fuse_mb = _stage(
+            lambda: per_layer_fusion(encoder, current, stream(cs, current), OBJECT_TEMPLATES, LAMB))
     row.update({"fusion_s": round(fuse_s, 2), "fusion_peak_mb": round(fuse_mb, 1), **_checksums(new, current)})
     if dump:  # the fused deltas, for the parent to compare the two methods
         save_file({k: (new[k] - current[k]).contiguous() for k in current}, dump)

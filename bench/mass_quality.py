@@ -34,12 +34,11 @@ from pathlib import Path
 
 from bench.common import (PeakRSS, check_count, environment, markdown_table, print_table, toy_v2_args, toy_v2_parser,
                           toy_v2_setup, write_json)
-from bench.grid import labelled_grid
+from bench.grid import save_grid
 from bench.plot import save_panels
 from mace_ops.ace import ACEConfig
 from mace_ops.fusion import preserve_to_for
 from mace_ops.lora_train import DEFAULT_NULL_SPACE
-from toyworld.v1 import diffusion
 from toyworld.v2 import erase, evaluate, vocab
 
 METHODS = ("none", "cfr", "cfr_prior", "uce", "cfr_lora", "full_ref", "full", "full_current", "full_original", "ace",
@@ -115,24 +114,6 @@ def edit_seconds(run) -> float:
     """A MACE run's edit time: CFR + LoRA stage + fusion."""
     s = run.seconds
     return s.get("cfr", 0) + s.get("lora", 0) + s.get("fusion", 0)
-
-
-def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict, models: dict | None = None) -> None:
-    """Rows: 4 erased names, their nicknames, 4 retained names (one prompt each); columns: methods
-    (``edits_by_method``: method -> (K/V weights, context transform); ``models``: method -> the
-    model it samples from, e.g. one with an edited text encoder; default the world's)."""
-    erased = list(task.erase[:4])
-    rows = ([(f"erased: a photo of {n}", f"a photo of {n}") for n in erased]
-            + [(f"nickname: a photo of {vocab.NICKNAMES[n][0]}", f"a photo of {vocab.NICKNAMES[n][0]}") for n in erased]
-            + [(f"retained: a photo of {n}", f"a photo of {n}") for n in list(retained)[:4]])
-    prompts = [p for _, p in rows]
-    cols = {m: diffusion.sample((models or {}).get(m, world.model), prompts, seed=5, kv_weights=w, context_transform=ct)
-            for m, (w, ct) in edits_by_method.items()}
-    labels = [f"{label}  [{vocab.describe(label.split()[-1]).split(': ')[1]}]" for label, _ in rows]
-    grid = labelled_grid(list(cols), labels, [[cols[m][r] for m in cols] for r in range(len(rows))],
-                         title=f"toy world v2: {len(task.erase)} names erased, same seed per row", label_width=420)
-    grid.save(path)
-    print(f"wrote {path}")
 
 
 def main(argv=None) -> None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from bench.common import toy_v2_args, toy_v2_parser, toy_v2_setup, write_json
-from bench.text_encoder_edit import (SPLITS, jittered_words, named_spacing, nearest_erased, slot_stand_ins, split_names,
-                                     synthetic_words, template_features)
 from toyworld.v2 import erase
+from toyworld.v2.erase import SPLITS, split_names
+from toyworld.v2.text_edit import (jittered_words, named_spacing, nearest_erased, slot_stand_ins, synthetic_words,
+                                   template_features)
 
 QUANTILES = (0.1, 0.5, 0.9)
 

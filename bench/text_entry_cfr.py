@@ -37,8 +37,7 @@ SMALL = EntryScale(dim=1024, out_dim=768)
 
 
 def text_entry_rows(scale: EntryScale = FULL) -> list[dict]:
-    from bench.common import HashTextEncoder
-    from bench.gpu_suite import Peak, _concepts
+    from bench.common import HashTextEncoder, Peak, concepts
     from mace_ops.cfr import CFRConfig, refine_cross_attention
     from mace_ops.templates import STYLE_TEMPLATES
 
@@ -48,7 +47,7 @@ def text_entry_rows(scale: EntryScale = FULL) -> list[dict]:
     rows = []
     for n in scale.counts:
         with Peak("cpu") as p:
-            result = refine_cross_attention(enc, weight, _concepts(n), templates, config=CFRConfig(lamb=1.0))
+            result = refine_cross_attention(enc, weight, concepts(n), templates, config=CFRConfig(lamb=1.0))
         rows.append({"section": "text_entry", "case": f"{n} concepts", "method": "ours",
                      "projection": f"{scale.dim} -> {scale.out_dim}", "seconds": round(p.seconds, 2),
                      "peak_mb": round(p.mb, 1), "token_pairs": result.stats.n_pairs,

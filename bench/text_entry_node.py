@@ -33,8 +33,6 @@ import time
 
 import torch
 
-from bench.text_gate_node import _stats
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFR = {"concepts": "van gogh, vincent van gogh", "concept_type": "style", "anchor": "art",
        "preserve": "claude monet\npablo picasso\nrembrandt", "lambda_": 1.0, "preserve_scale": 1.0,
@@ -53,6 +51,8 @@ def _checkpoint(df, family: str) -> str:
 
 
 def _measure(pack, node, model, clip, family, prior_weight, sets, align) -> dict:
+    from bench.common import stats     # imported late, as main imports the bench helpers after ComfyUI
+
     with torch.inference_mode():
         t0 = time.perf_counter()
         erased, summary = node.execute(model, clip, **CFR, prior_weight=prior_weight).result
@@ -76,7 +76,7 @@ def _measure(pack, node, model, clip, family, prior_weight, sets, align) -> dict
                     toward.append(1.0 - float((c @ W2.T - e @ W.T).norm() / (c @ W.T - e @ W.T).norm()))
                 c = o.features.double()
                 change.append(float((c @ (W2 - W).T).norm() / (c @ W.T + b).norm()))
-            result[name] = {"change": _stats(change), **({"toward_anchor": _stats(toward)} if toward else {})}
+            result[name] = {"change": stats(change), **({"toward_anchor": stats(toward)} if toward else {})}
     row = {"family": family, "config": type(model.model.model_config).__name__, "projection": key,
            "width": [int(W.shape[1]), int(W.shape[0])], "prior_weight": prior_weight, "seconds": seconds,
            "sets": result, "summary": summary.splitlines()[0]}

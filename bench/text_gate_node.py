@@ -22,7 +22,6 @@ mechanism runs and where it opens in these layouts, not what it does on real SD.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -35,13 +34,6 @@ GATE = {"concepts": "van gogh", "concept_type": "style", "anchor": "", "preserve
         "builtin_preserve": False, "quantile": 0.999}
 FAMILIES = {"sd15": {"te_layers": 2}, "sd2": {}, "sdxl": {}}
 CAPTIONS, N = 1000, 30
-
-
-def _stats(xs):
-    n = len(xs)
-    m = sum(xs) / n
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return {"mean": round(m, 5), "se": round(sd / math.sqrt(n), 5), "n": n}
 
 
 def _cond(clip, text):
@@ -63,7 +55,7 @@ def main(argv=None) -> None:
     import comfy_harness as ch
 
     h = ch.init_comfyui()
-    from bench.common import environment, write_json
+    from bench.common import environment, stats, write_json
 
     pack = h.pack_module
     pack.nodes.prior_input.PRIOR_CAPTIONS = CAPTIONS          # the node's default (the harness cuts it for tests)
@@ -87,7 +79,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 gated, summary = node.execute(clip, **GATE).result
                 seconds.append(round(time.perf_counter() - t0, 2))
-            change = {name: _stats([_change(clip, gated, p) for p in prompts]) for name, prompts in sets.items()}
+            change = {name: stats([_change(clip, gated, p) for p in prompts]) for name, prompts in sets.items()}
         row = {"family": family, "seconds_cold": seconds[0], "seconds_warm": seconds[1],
                "cold_over_warm": round(seconds[0] / seconds[1], 1), "change": change,
                "summary": summary.splitlines()[:-1]}

@@ -54,7 +54,7 @@ def test_dynamic_leg_compares_the_two_loads(comfy):
     import dataclasses
 
     from bench import gpu_suite
-    from bench.dynamic_vram import dynamic_rows
+    from bench.gpu_suite import dynamic_rows
 
     comfy.require_pack()
     scale = dataclasses.replace(gpu_suite.SMALL, steps=2, images=1, res=32)

@@ -190,12 +190,12 @@ def test_text_encoder_edit_bench_names_the_bad_flag_before_any_work(argv, flag):
 
 
 def test_text_encoder_edit_bench_fits_only_its_part_and_leaves_the_world(world):
-    """``bench.text_encoder_edit`` (issue 16's locus check): each part (with or without synthetic
+    """``toyworld.v2.text_edit`` (issue 16's locus check, ``bench.text_encoder_edit``): each part (with or without synthetic
     stand-in names) trains only its own parameters, moves the erased prompts' features towards
     the anchor's, and neither the fit nor the edited world touches the shipped model."""
-    from bench.text_encoder_edit import (PARTS, edit_text_encoder, erased_neighbourhood, kv_stage, low_rank,
-                                         nearest_erased, off_erased, slot_stand_ins, split_names, trainable,
-                                         with_text_encoder)
+    from toyworld.v2.erase import kv_stage, split_names
+    from toyworld.v2.text_edit import (PARTS, edit_text_encoder, erased_neighbourhood, low_rank, nearest_erased,
+                                       off_erased, slot_stand_ins, trainable, with_text_encoder)
     from toyworld.v1 import diffusion
 
     before = {k: v.clone() for k, v in world.model.state_dict().items()}
@@ -313,13 +313,13 @@ def test_mace_variants_plot_only_redraws_from_the_json_and_names_a_missing_flag(
 
 
 def test_gate_compiled_into_the_last_mlp_edits_only_what_it_detects(world):
-    """``bench.gate_compile`` on ``mace_ops.text_gate`` (the ACE gate as a weight edit): the toy
+    """``toyworld.v2.text_edit.compile_gate`` on ``mace_ops.text_gate`` (the ACE gate as a weight edit): the toy
     site reads the residual around the last MLP; added units leave the preserve list's features
     as they were and move the erased names' slot features onto the anchor's; replaced units keep
     every shape and change only the MLP's four tensors; the shipped model is untouched; and
     ``bench.attack`` attacks the edited encoder itself."""
     from bench.attack import EDITED_ENCODERS, build
-    from bench.gate_compile import compile_gate, slot_positions
+    from toyworld.v2.text_edit import compile_gate, slot_positions
     from bench.gate_separation import h_bound
     from toyworld.v1 import diffusion
     from toyworld.v1.adapters import ToyMlpSite

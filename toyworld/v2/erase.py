@@ -198,3 +198,33 @@ def preserve_and_retained(kind: str) -> tuple[Sequence[str], Sequence[str], int]
     if kind == "name":
         return vocab.NAMES[100:150], vocab.NAMES[150:200], 100
     return vocab.STYLES[10:15], vocab.STYLES[15:20], 10
+
+
+SPLITS = ("evaluation", "validation")
+
+
+def split_names(split: str, preserve: tuple[str, ...], retained: tuple[str, ...]) -> tuple[tuple, tuple]:
+    """(preserve list, retained set) of ``split``: the benchmark's own, or the validation split that
+    halves its preserve list (the first half preserved, the second scored) so settings are chosen
+    without the retained set."""
+    if split == "evaluation":
+        return preserve, retained
+    half = len(preserve) // 2
+    return preserve[:half], preserve[half:]
+
+
+# The pack's K/V stages, run on a world whose text encoder may be edited (its features are what CFR / fusion see):
+KV_STAGES = {
+    "none": "the text-encoder edit alone",
+    "cfr_prior": "then CFR + caption prior (erase.cfr_erase, prior_weight 1)",
+    "full": "then full MACE, the pack's recommended settings (erase.mace_erase)",
+}
+
+
+def kv_stage(world, task: Task, stage: str):
+    """K/V weights of the pack's ``stage`` fitted on ``world`` (the edited one), or None for "none"."""
+    if stage == "none":
+        return None
+    if stage == "cfr_prior":
+        return cfr_erase(world, task, prior_weight=1.0).weights
+    return mace_erase(world, task, **mace_setting("recommended")).fused
