@@ -24,12 +24,14 @@ anchor word, Adam step 0.3 of its RMS cosine-decayed over ``attack_steps``, batc
 """
 from __future__ import annotations
 
+from functools import partial
 import json
 import time
 
 import torch
 
-from .comfy_compat import io
+from . import presets
+from .comfy_compat import advanced, io
 
 from ..mace_ops.ace import GATE_SHAPES, STATE_KEYS, ACEConfig, GatedErasure, fit_gated_erasure
 from ..mace_ops.attacks import SoftPromptConfig, soft_prompt_attack
@@ -122,6 +124,10 @@ def gate_info(method: str, parsed, default_anchor: str, concept_type: str, prese
     }
 
 
+NODE_ID = "MaceGatedErasure"
+_default = partial(presets.default, NODE_ID)
+
+
 class MaceGatedErasure(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -131,59 +137,85 @@ class MaceGatedErasure(io.ComfyNode):
             display_name="MACE Gated Erasure (ACE)",
             category="MACE",
             description="ACE-style gated erasure: the concept's directions in the text features are nulled out "
-            "only where the prompt carries the concept (a gate), as a cross-attention patch; prompts without it "
-            "are untouched. Seconds, no images. The stock LoRA loader cannot apply the gate (see README).",
+            "only where the prompt carries the concept (a gate calibrated on ordinary prompts), as a "
+            "cross-attention patch, so prompts without it are untouched; seconds, no images (preset 'robust' adds "
+            "the slow adversarial refit). Use it when kept look-alikes must stay exactly as they were or when "
+            "many similar names are erased; its file needs this pack to load (MACE Load Erasure), for a plain "
+            "LoRA file use MACE Text Gate (compiled).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to gate (SD1.x, SD2.x or SDXL family); connect it "
+                               "before any other erasure."),
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
                 c["concepts"], c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
-                io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=4096,
-                             tooltip="Directions nulled out per concept (top singular vectors)."),
-                quantile_input(DEFAULTS.quantile),
-                io.Float.Input("margin", default=DEFAULTS.margin, min=-2.0, max=2.0, step=0.01, optional=True,
-                               tooltip="Added to the threshold (cosine units); > 0 opens the gate less often."),
-                io.Float.Input("temperature", default=DEFAULTS.temperature, min=1e-6, max=10.0, step=0.001,
-                               optional=True, tooltip="How fast the gate opens above its threshold (cosine units): fully "
-                               "open about 2x this above it. Below the threshold the gate is closed, exactly."),
-                io.Int.Input("adversarial_rounds", default=0, min=0, max=20, optional=True,
-                             tooltip="ACE's adversarial refit: each round attacks every concept with a soft prompt "
-                             "(optimised token embeddings, white-box against the gate) and refits the gate with "
-                             "what it found. 0 = off (seconds). Costs attack_images sampled images per concept "
-                             "plus attack_steps backward passes per concept and round."),
-                io.Int.Input("attack_steps", default=ATTACK.steps, min=1, max=10000, optional=True,
-                             tooltip="Adam steps of each soft-prompt attack (batch 4)."),
-                io.Int.Input("attack_images", default=8, min=1, max=64, optional=True,
-                             tooltip="Images of each concept the connected model draws for the attacks (connect "
-                             "the model before any erasure)."),
-                io.Int.Input("image_size", default=512, min=64, max=2048, step=64, optional=True,
-                             tooltip="Side of the attack images (512 for SD1.x, 768 SD2.x, 1024 SDXL)."),
-                io.Int.Input("sampling_steps", default=20, min=1, max=200, optional=True,
-                             tooltip="Sampler steps per attack image (dpmpp_2m karras, cfg 7.5)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
-                             tooltip="Attack image i uses seed + i; attack r of concept i uses seed + 100 r + i."),
-                io.Float.Input("open_rate", default=DEFAULTS.open_rate, min=0.0, max=1.0, step=0.01, optional=True,
-                               tooltip="Shared threshold floor: at most this share of phrases like the preserve "
-                               "list (unseen ones) should open any concept's gate; it matters when many "
-                               "concepts are erased. Set from the preserve phrases (list many for a tight "
-                               "floor: with G phrases it cannot go below 1/(G+1)). 1 = off; use 1 with adversarial_rounds "
-                               "(on the toy world the floor makes the gate easier to undo with an optimised prompt; "
-                               "the robust setting measured there: gate sigmoid, temperature 0.02, open_rate 1, "
-                               "adversarial_rounds 2)."),
-                io.Combo.Input("gate", options=list(GATE_SHAPES), default=DEFAULTS.gate, optional=True,
-                               tooltip="ramp: closed, exactly, below the threshold (prompts without the concept "
-                               "are untouched). sigmoid: the first gate, centred on the threshold (about 1/2 there); "
-                               "its partial gates add up over many concepts, but with temperature 0.02, open_rate 1 and "
-                               "adversarial_rounds 2 it resisted optimised prompts on the toy world, the ramp did not."),
+                advanced(io.Int.Input("rank", default=_default("rank"), min=1, max=4096,
+                                      tooltip="Directions nulled out per concept (top singular vectors); 4-16.")),
+                advanced(quantile_input(_default("quantile"))),
+                advanced(io.Float.Input("margin", default=_default("margin"), min=-2.0, max=2.0, step=0.01, optional=True,
+                                        tooltip="Added to the threshold (cosine units); > 0 opens the gate less "
+                                        "often. -0.05 to 0.05.")),
+                advanced(io.Float.Input("temperature", default=_default("temperature"), min=1e-6, max=10.0, step=0.001,
+                                        optional=True, tooltip="How fast the gate opens above its threshold "
+                                        "(cosine units): fully open about 2x this above it; 0.005-0.02. Below the "
+                                        "threshold the ramp gate is closed, exactly.")),
+                advanced(io.Int.Input("adversarial_rounds", default=_default("adversarial_rounds"), min=0, max=20,
+                                      optional=True,
+                                      tooltip="ACE's adversarial refit: each round attacks every concept with a "
+                                      "soft prompt (optimised token embeddings, white-box against the gate) and "
+                                      "refits the gate with what it found. 0 = off (seconds); 1-3. Costs "
+                                      "attack_images sampled images per concept plus attack_steps backward passes "
+                                      "per concept and round.")),
+                advanced(io.Int.Input("attack_steps", default=_default("attack_steps"), min=1, max=10000, optional=True,
+                                      tooltip="Adam steps of each soft-prompt attack (batch 4); 20-100.")),
+                advanced(io.Int.Input("attack_images", default=_default("attack_images"), min=1, max=64, optional=True,
+                                      tooltip="Images of each concept the connected model draws for the attacks "
+                                      "(connect the model before any erasure); 4-16.")),
+                advanced(io.Int.Input("image_size", default=512, min=64, max=2048, step=64, optional=True,
+                                      tooltip="Side of the attack images (512 for SD1.x, 768 SD2.x, 1024 SDXL). "
+                                      "Applies under every preset.")),
+                advanced(io.Int.Input("sampling_steps", default=_default("sampling_steps"), min=1, max=200, optional=True,
+                                      tooltip="Sampler steps per attack image (dpmpp_2m karras, cfg 7.5); 15-30.")),
+                advanced(io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                                      tooltip="Attack image i uses seed + i; attack r of concept i uses seed + "
+                                      "100 r + i. Applies under every preset.")),
+                advanced(io.Float.Input("open_rate", default=_default("open_rate"), min=0.0, max=1.0, step=0.01,
+                                        optional=True,
+                                        tooltip="Shared threshold floor: at most this share of phrases like the "
+                                        "preserve list (unseen ones) should open any concept's gate; it matters "
+                                        "when many concepts are erased (0.01-0.1). Set from the preserve phrases "
+                                        "(list many for a tight floor: with G phrases it cannot go below "
+                                        "1/(G+1)). 1 = off; use 1 with adversarial_rounds (on the toy world the "
+                                        "floor makes the gate easier to undo with an optimised prompt; the robust "
+                                        "setting measured there: gate sigmoid, temperature 0.02, open_rate 1, "
+                                        "adversarial_rounds 2 = preset 'robust').")),
+                advanced(io.Combo.Input("gate", options=list(GATE_SHAPES), default=_default("gate"), optional=True,
+                                        tooltip="ramp: closed, exactly, below the threshold (prompts without the "
+                                        "concept are untouched). sigmoid: the first gate, centred on the threshold "
+                                        "(about 1/2 there); its partial gates add up over many concepts, but with "
+                                        "temperature 0.02, open_rate 1 and adversarial_rounds 2 it resisted "
+                                        "optimised prompts on the toy world, the ramp did not.")),
+                presets.preset_input(NODE_ID),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the gate as an attn2 patch "
+                                     "(weights unchanged); MACE Save Erasure writes it as a gate file."),
+                     io.String.Output(display_name="summary", tooltip="The gate's thresholds and every setting "
+                                      "used.")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, builtin_preserve, rank, quantile,
                 margin=DEFAULTS.margin, temperature=DEFAULTS.temperature, adversarial_rounds=0,
                 attack_steps=ATTACK.steps, attack_images=8, image_size=512, sampling_steps=20,
-                seed=0, open_rate=DEFAULTS.open_rate, gate=DEFAULTS.gate) -> io.NodeOutput:
+                seed=0, open_rate=DEFAULTS.open_rate, gate=DEFAULTS.gate,
+                preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
+        tuned = presets.resolve(NODE_ID, preset, dict(locals()))
+        rank, quantile, margin, temperature = tuned["rank"], tuned["quantile"], tuned["margin"], tuned["temperature"]
+        adversarial_rounds, attack_steps = tuned["adversarial_rounds"], tuned["attack_steps"]
+        attack_images, sampling_steps = tuned["attack_images"], tuned["sampling_steps"]
+        open_rate, gate = tuned["open_rate"], tuned["gate"]
+        settings_line = presets.settings_text(tuned, {"concept_type": concept_type, "anchor": anchor,
+                                                      "builtin_preserve": builtin_preserve,
+                                                      "image_size": int(image_size), "seed": int(seed)})
         if get_gate(model) is not None:
             raise ValueError("model: already carries an ACE gate; erase every concept in one MACE Gated Erasure "
                              "(ACE) node")
@@ -266,6 +298,6 @@ class MaceGatedErasure(io.ComfyNode):
             f"ACE gate for {len(parsed)} concept(s), rank {int(erasure.bases.shape[2])}, fitted in {seconds:.2f}s{refit} "
             f"on {len(keep) + len(captions)} calibration prompts (thresholds "
             f"{', '.join(f'{t:.3f}' for t in erasure.thresholds.tolist())}). Applied as an attn2 patch; "
-            "the stock LoRA loader cannot apply it.\n" + json.dumps(info["concepts"])
+            "the stock LoRA loader cannot apply it.\n" + settings_line + "\n" + json.dumps(info["concepts"])
         )
         return io.NodeOutput(out, summary)

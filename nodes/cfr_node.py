@@ -2,9 +2,11 @@
 (UNets: the cross-attention K/V weights; FLUX.1 / SD3: the text-entry projection, ``comfy_text_entry``)."""
 from __future__ import annotations
 
+from functools import partial
 import json
 
-from .comfy_compat import io
+from . import presets
+from .comfy_compat import advanced, io
 
 from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
@@ -20,7 +22,8 @@ from .progress import NodeProgress
 from .validation import check_inputs
 
 
-DEFAULT_EDIT_POOLED = False  # bench.pooled: held out, it removes 21 % of the concept's effect at 4x the preserve drift
+NODE_ID = "MaceRefineCrossAttention"
+DEFAULT_EDIT_POOLED = presets.default(NODE_ID, "edit_pooled")  # bench.pooled (see nodes/presets.py)
 POOLED_TOOLTIP = ("Also edit the pooled-text columns of the first layer reading the pooled text embedding (SDXL "
                   "family: label_emb.0.0; FLUX.1: vector_in.in_layer, CLIP-L's; SD3/3.5: y_embedder.mlp.0, CLIP-L|G's), "
                   "closed form, so the concept's pooled embedding acts like the anchor's while the preserve prompts' "
@@ -67,45 +70,68 @@ class MaceRefineCrossAttention(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line (e.g. other artists).",
-                           builtin_tooltip="Also preserve a built-in set of 20 everyday prompts.")
+        c = concept_inputs(preserve_tooltip="Concepts to keep unchanged, one per line (e.g. other artists, the "
+                           "look-alikes you care about); each adds its prompts to the preserve set. Empty is fine "
+                           "(the built-in prompts and the caption prior still preserve).",
+                           builtin_tooltip="Also preserve a built-in set of 20 everyday prompts. Leave on unless "
+                           "you list a large preserve set yourself.")
+        _default = partial(presets.default, NODE_ID)
         return io.Schema(
             node_id="MaceRefineCrossAttention",
             display_name="MACE Refine Cross-Attention (CFR)",
             category="MACE",
-            description="Closed-form erasure: the words around a concept (and the end/padding tokens) stop "
-            "carrying it, while preserved prompts keep their outputs. Seconds, no images needed. UNets (SD1.x, SD2.x, "
-            "SDXL): the cross-attention K/V weights; FLUX.1 and SD3/3.5: the projection their text enters through "
-            "(txt_in, context_embedder).",
+            description="Erases concepts (art styles, people, objects, nudity) in closed form, in seconds and "
+            "without images: the prompt words that carry a concept stop carrying it (UNets: the cross-attention "
+            "K/V weights; FLUX.1 and SD3/3.5: the projection their text enters through) while the preserved "
+            "prompts keep their outputs. Use it to erase one or a few concepts (the robust default), then save "
+            "the result with MACE Save Erasure; for a long list of names use MACE Mass Erase.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to erase from: SD1.x, SD2.x, SDXL family, FLUX.1 or "
+                               "SD3/3.5 (other families are refused with their name)."),
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
                 c["concepts"], c["concept_type"], c["anchor"], c["preserve"],
-                io.Float.Input("lambda_", display_name="lambda", default=1.0, min=0.0, max=1e6, step=0.1,
-                               tooltip="Pull toward the original weights (ridge); larger = gentler edit."),
-                io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1,
-                               tooltip="Weight of the preserve prompts relative to the erase prompts."),
+                advanced(io.Float.Input("lambda_", display_name="lambda", default=_default("lambda_"), min=0.0, max=1e6,
+                                        step=0.1, tooltip="Pull toward the original weights (ridge); larger = "
+                                        "gentler edit. In the reference's raw units: 0.1-1 for a few concepts, "
+                                        "larger for many; 10-1000 for objects with a background anchor ('sky').")),
+                advanced(io.Float.Input("preserve_scale", default=_default("preserve_scale"), min=0.0, max=1e6, step=0.1,
+                                        tooltip="Weight of the preserve prompts relative to the erase prompts; "
+                                        "raise it (1-10) when kept concepts change, lower it (0.1-1) when the "
+                                        "erasure is too weak.")),
                 c["builtin_preserve"],
-                io.Boolean.Input("erase_concept_tokens", default=True, optional=True,
-                                 tooltip="Also remap the concept's own tokens (needed when CFR is used alone). "
-                                 "Turn off before MACE LoRA training + fusion, which handle those tokens."),
-                io.String.Input("erase_from", default="", optional=True,
-                                tooltip="Scope: erase the concepts only in this context (e.g. 'car': red cars lose "
-                                "red, red apples and blue cars stay). Comma separated contexts; '{}' marks where "
-                                "the concept goes ('car painted {}'). The preserve concepts are crossed with it "
-                                "('apple' keeps red apples, 'blue' keeps blue cars). Empty = everywhere."),
-                io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
-                               optional=True, tooltip=TOOLTIP),
-                io.Boolean.Input("edit_pooled", default=DEFAULT_EDIT_POOLED, optional=True, tooltip=POOLED_TOOLTIP),
+                advanced(io.Boolean.Input("erase_concept_tokens", default=_default("erase_concept_tokens"), optional=True,
+                                          tooltip="Also remap the concept's own tokens (needed when CFR is used "
+                                          "alone). Turn off before MACE LoRA training + fusion, which handle those "
+                                          "tokens (preset 'paper').")),
+                advanced(io.String.Input("erase_from", default="", optional=True,
+                                         tooltip="Scope: erase the concepts only in this context (e.g. 'car': red "
+                                         "cars lose red, red apples and blue cars stay). Comma separated contexts; "
+                                         "'{}' marks where the concept goes ('car painted {}'). The preserve "
+                                         "concepts are crossed with it ('apple' keeps red apples, 'blue' keeps blue "
+                                         "cars). Empty = everywhere. Applies under every preset.")),
+                advanced(io.Float.Input("prior_weight", default=_default("prior_weight"), min=0.0, max=1e6, step=0.1,
+                                        optional=True, tooltip=TOOLTIP)),
+                advanced(io.Boolean.Input("edit_pooled", default=_default("edit_pooled"), optional=True,
+                                          tooltip=POOLED_TOOLTIP)),
+                presets.preset_input(NODE_ID),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The erased model (a clone with the edit as "
+                                     "weight patches); connect it to a sampler or MACE Save Erasure."),
+                     io.String.Output(display_name="summary", tooltip="What was erased and every setting used.")],
         )
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
                 builtin_preserve, erase_concept_tokens=True, erase_from="",
-                prior_weight=DEFAULT_PRIOR_WEIGHT, edit_pooled=DEFAULT_EDIT_POOLED) -> io.NodeOutput:
+                prior_weight=DEFAULT_PRIOR_WEIGHT, edit_pooled=DEFAULT_EDIT_POOLED,
+                preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
+        tuned = presets.resolve(NODE_ID, preset, {"lambda_": lambda_, "preserve_scale": preserve_scale,
+                                                  "erase_concept_tokens": erase_concept_tokens,
+                                                  "prior_weight": prior_weight, "edit_pooled": edit_pooled})
+        lambda_, preserve_scale = tuned["lambda_"], tuned["preserve_scale"]
+        erase_concept_tokens, prior_weight = tuned["erase_concept_tokens"], tuned["prior_weight"]
+        edit_pooled = tuned["edit_pooled"]
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
         templates = templates_for(concept_type)
@@ -153,6 +179,10 @@ class MaceRefineCrossAttention(io.ComfyNode):
         summary = (
             f"CFR erased {len(parsed)} concept(s) from {entry.where()} in {result.seconds:.2f}s "
             f"({result.stats.n_pairs} token pairs, {result.stats.n_preserve} preserve tokens, "
-            f"condition {max(result.condition.values()):.3g}).{note}\n" + json.dumps(info["concepts"])
+            f"condition {max(result.condition.values()):.3g}).{note}\n"
+            + presets.settings_text(tuned, {"concept_type": concept_type, "anchor": default_anchor,
+                                            "preserve": info["preserve"], "builtin_preserve": builtin_preserve,
+                                            "erase_from": erase_from})
+            + "\n" + json.dumps(info["concepts"])  # last line: the concepts as JSON
         )
         return io.NodeOutput(out, summary)

@@ -17,6 +17,11 @@
   does for weight hooks and ``torch.compile``: a legacy ``ModelPatcher`` over a second copy of
   the model from the loader's ``cached_patcher_init``, with the same patches); where there is
   none, the node refuses, naming ``--disable-dynamic-vram``. A legacy patcher is cloned as before.
+* :func:`advanced`: marks an input as one only experts change. Newer V3 APIs take an ``advanced``
+  flag on every input (serialised as ``"advanced": true``; newer frontends hide such widgets behind
+  "Show advanced inputs"); 0.3.64's inputs have no such attribute, so the flag goes into the
+  input's ``extra_dict``, which its ``as_dict`` merges into the same JSON. Feature-detected on the
+  input object, never by version.
 
 The executor and cache shapes (headless runner, tests) are handled in ``headless/executor_compat.py``.
 """
@@ -83,6 +88,23 @@ def check_core() -> None:
             f"comfyui-mace needs ComfyUI >= {MIN_COMFYUI}: this ComfyUI lacks {', '.join(problems)} "
             f"(MACE edits cross-attention weights through ModelPatcher 'diff' patches). Update "
             f"ComfyUI, or report the ComfyUI version at the pack's issue tracker.")
+
+
+def advanced(inp):
+    """``inp`` marked advanced (see the module docstring); returns ``inp`` for use inside a list."""
+    if "advanced" in vars(inp):  # newer V3 API: Input(..., advanced=None) sets the attribute
+        inp.advanced = True
+    else:  # 0.3.64: no such field; as_dict() merges extra_dict into the input's options
+        extra = getattr(inp, "extra_dict", None)
+        if extra is None:
+            extra = inp.extra_dict = {}
+        extra["advanced"] = True
+    return inp
+
+
+def is_advanced(inp) -> bool:
+    """Whether ``inp`` was marked by :func:`advanced` (either form)."""
+    return bool(getattr(inp, "advanced", None) or (getattr(inp, "extra_dict", None) or {}).get("advanced"))
 
 
 def plain_weight(weight):

@@ -12,10 +12,13 @@ from .comfy_compat import io
 
 from ..mace_ops.templates import TEMPLATES
 
-CONCEPTS_TOOLTIP = ("One concept per line; synonyms on one line separated by commas; optional per-line anchor "
-                    "after '->' (e.g. 'ship -> ground').")
-TYPE_TOOLTIP = "Chooses the prompt templates the erasure is built from."
-ANCHOR_TOOLTIP = "What the concept becomes (e.g. 'art', 'a person'); empty = neutral."
+CONCEPTS_TOOLTIP = ("What to erase: one concept per line; synonyms on one line separated by commas (all erased "
+                    "together); optional per-line anchor after '->' (e.g. 'ship -> ground'). 1 to 1,000 lines "
+                    "(the server's MACE_MAX_CONCEPTS may allow more).")
+TYPE_TOOLTIP = ("Chooses the prompt templates the erasure is built from: style (art styles, artists), person "
+                "(names), object (things).")
+ANCHOR_TOOLTIP = ("What the concept becomes (e.g. 'art' for styles, 'a person' for names, 'sky' behind an "
+                  "object); empty = neutral. Pick something generic the model draws well.")
 
 
 def concept_inputs(*, concepts_default: str = "van gogh, vincent van gogh", concepts_tooltip: str | None = CONCEPTS_TOOLTIP,

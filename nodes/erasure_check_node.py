@@ -14,6 +14,7 @@ verdict. The judge sees no pooled text: SDXL's ``y`` is zeros (unmeasured there)
 """
 from __future__ import annotations
 
+from functools import partial
 import json
 import os
 import time
@@ -21,7 +22,8 @@ import time
 import torch
 
 import folder_paths
-from .comfy_compat import io
+from . import presets
+from .comfy_compat import advanced, io
 
 from ..mace_ops.atomic_write import write_bytes_atomic
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
@@ -63,20 +65,29 @@ def save_json(payload: dict) -> str:
     return path
 
 
+NODE_ID = "MaceErasureCheck"
+_default = partial(presets.default, NODE_ID)
+
+
 class MaceErasureCheck(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         shared = concept_inputs(concepts_tooltip="The erased concepts, one per line; synonyms (also erased) "
-                                "separated by commas.", type_tooltip="Chooses the prompt templates.",
+                                "separated by commas.", type_tooltip="Chooses the prompt templates: style, person, "
+                                "object (as the erasure used).",
                                 anchor_tooltip="What the erased concepts were mapped to; empty = the type's "
-                                "default ('a person', 'art', nothing for objects). The judge's first candidate.")
+                                "default ('a person', 'art', nothing for objects). The judge's first candidate. "
+                                "Applies under every preset.")
+        sampling = sampling_inputs(default_sampler(), _default("scheduler"), steps=_default("steps"), cfg=_default("cfg"), expert=True)
         return io.Schema(
             node_id="MaceErasureCheck",
             display_name="MACE Erasure Check",
             category="MACE",
-            description="Measures an erasure with the models in the graph: both models sample erased, held-out and "
-            "kept prompts; the base model judges every image (diffusion classifier). Table of Acc_e / Acc_g / Acc_s "
-            "/ H with SEs before and after, a grid of the worst cases, and a JSON under output/mace_checks.",
+            description="Measures an erasure with the models in the graph: both models sample erased, held-out "
+            "(nicknames) and kept prompts, and the base model judges every image as a diffusion classifier, giving "
+            "Acc_e / Acc_g / Acc_s / H with standard errors before and after, a grid of the worst cases and a JSON "
+            "under output/mace_checks. Use it after any erasure to see whether the concept is gone and the "
+            "look-alikes are kept, before you share the result.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before erasure: it samples the 'before' images and "
                                "judges every image."),
@@ -89,34 +100,47 @@ class MaceErasureCheck(io.ComfyNode):
                                 "one line per concept: 'word, word -> erased concept' ('-> ...' may be left out "
                                 "with one erased concept). Empty: no Acc_g."),
                 io.String.Input("keep", multiline=True, default="claude monet\npablo picasso",
-                                tooltip="Concepts that should survive (the look-alikes you care about), one per line."),
+                                tooltip="Concepts that should survive (the look-alikes you care about), one per "
+                                "line; 2-10."),
                 shared["concept_type"],
-                shared["anchor"],
-                io.Int.Input("images_per_set", default=12, min=1, max=1000,
-                             tooltip="Images per set (erased, held-out, kept), for each model."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Image i of a set uses seed + i (both models); the judge's draws too."),
-                *sampling_inputs(default_sampler(), "karras"),
-                io.Int.Input("draws", default=8, min=1, max=256,
-                             tooltip="The judge's shared (t, noise) draws per image, t in the high-noise half: "
-                             "more = surer verdicts, cost grows with it."),
-                io.String.Input("other_candidates", multiline=True, default="",
-                                tooltip="Optional look-alikes the images might drift to, one per line: the judge "
-                                "may answer them (nothing is sampled from them)."),
+                advanced(shared["anchor"]),
+                advanced(io.Int.Input("images_per_set", default=_default("images_per_set"), min=1, max=1000,
+                                      tooltip="Images per set (erased, held-out, kept), for each model; 12 gives "
+                                      "SEs up to 0.14, 50 up to 0.07 (cost grows linearly).")),
+                advanced(io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                                      tooltip="Image i of a set uses seed + i (both models); the judge's draws too. "
+                                      "Applies under every preset.")),
+                *sampling,
+                advanced(io.Int.Input("draws", default=_default("draws"), min=1, max=256,
+                                      tooltip="The judge's shared (t, noise) draws per image, t in the high-noise "
+                                      "half: more = surer verdicts, cost grows with it; 4-32.")),
+                advanced(io.String.Input("other_candidates", multiline=True, default="",
+                                         tooltip="Optional look-alikes the images might drift to, one per line: the "
+                                         "judge may answer them (nothing is sampled from them). Applies under every "
+                                         "preset.")),
                 io.Clip.Input("erased_clip", optional=True,
                               tooltip="The erased model's CLIP when the erasure changed it (MACE Text Gate); "
                               "default: clip."),
+                presets.preset_input(NODE_ID),
             ],
-            outputs=[io.String.Output(display_name="table"), io.Image.Output(display_name="worst_cases"),
-                     io.String.Output(display_name="json_path")],
+            outputs=[io.String.Output(display_name="table", tooltip="Acc_e / Acc_g / Acc_s / H before and after, "
+                                      "with SEs and n, then every setting used."),
+                     io.Image.Output(display_name="worst_cases", tooltip="Labelled before/after grid of the images "
+                                     "the erasure handled worst."),
+                     io.String.Output(display_name="json_path", tooltip="The JSON with every image's verdict.")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, base_model, clip, erased_model, vae, concepts, held_out, keep, concept_type, anchor,
                 images_per_set, seed, steps, cfg, width, height, sampler_name, scheduler, draws,
-                other_candidates="", erased_clip=None) -> io.NodeOutput:
+                other_candidates="", erased_clip=None, preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
+        tuned = presets.resolve(NODE_ID, preset, dict(locals()))
+        images_per_set, steps, cfg, draws = tuned["images_per_set"], tuned["steps"], tuned["cfg"], tuned["draws"]
+        sampler_name, scheduler = tuned["sampler_name"], tuned["scheduler"]
+        settings_line = presets.settings_text(tuned, {"concept_type": concept_type, "anchor": anchor,
+                                                      "seed": int(seed), "width": int(width), "height": int(height)})
         start = time.perf_counter()
         require_clip_vae(clip, vae)
         if base_model is None or erased_model is None:
@@ -168,7 +192,7 @@ class MaceErasureCheck(io.ComfyNode):
         rows = check_rows(concept_type, len(erased), prompts, {k: v.recognised for k, v in judged.items()},
                           **extra_info)
         close = {k: float(((v.p_label > 0.1) & (v.p_label < 0.9)).double().mean()) for k, v in judged.items()}
-        table_text = report(rows, {"before": close["none"], "after": close["erased"]}, seconds)
+        table_text = report(rows, {"before": close["none"], "after": close["erased"]}, seconds) + "\n" + settings_line
         worst = worst_cases(prompts, judged["erased"])
         grid_rows = [(f"{prompts[i].set} ({prompts[i].label}), after: "
                       f"{_judged(cands, int(judged['erased'].winner[i]), float(judged['erased'].p_label[i]))}",
@@ -176,7 +200,7 @@ class MaceErasureCheck(io.ComfyNode):
         before = decode_latents(vae, latents["none"][worst])
         after = decode_latents(vae, latents["erased"][worst])
         grid = compose_grid(grid_rows, before, after)
-        payload = {"bench": "erasure_check", "settings": {"concept_type": concept_type, "anchor": anchor_text,
+        payload = {"bench": "erasure_check", "settings": {"preset": tuned.preset, "concept_type": concept_type, "anchor": anchor_text,
                    "images_per_set": int(images_per_set), "seed": int(seed), "steps": int(steps), "cfg": float(cfg),
                    "width": int(width), "height": int(height), "sampler": sampler_name, "scheduler": scheduler,
                    "judge": {"draws": config.draws, "t_range": [config.t_low, config.t_high],

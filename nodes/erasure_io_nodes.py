@@ -31,19 +31,22 @@ class MaceSaveErasure(io.ComfyNode):
             node_id="MaceSaveErasure",
             display_name="MACE Save Erasure",
             category="MACE",
-            description="Writes only the changed weights (K/V, and the CLIP's MLP for a compiled text gate) as a "
-            "small .safetensors patch that the stock LoraLoader loads (LoraLoaderModelOnly: the model part). To bake "
-            "a full checkpoint instead, use the stock CheckpointSave node.",
+            description="Writes only the weights a MACE erasure changed (K/V or text-entry projection, and the "
+            "CLIP's MLP for a compiled text gate) as a small .safetensors patch that the stock LoraLoader loads "
+            "(an ACE gate as a gate file for MACE Load Erasure). Use it to keep or share an erasure; to bake a full "
+            "checkpoint instead, use the stock CheckpointSave node.",
             inputs=[
                 io.Model.Input("model", optional=True, tooltip="A model that went through MACE nodes (optional when "
                                "clip carries a text gate)."),
                 io.String.Input("filename_prefix", default="loras/mace_erasure",
                                 tooltip="Relative to ComfyUI's output folder; 'loras/...' shows up in LoRA loaders."),
-                io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16"),
+                io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                               tooltip="Precision of the stored weights: fp16 (half the size, what LoRA files use), "
+                               "bf16, or fp32 (exact)."),
                 io.Clip.Input("clip", optional=True, tooltip="A CLIP from MACE Text Gate (compiled): its MLP edits "
                               "go into the same file."),
             ],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path", tooltip="The file written.")],
             is_output_node=True,
         )
 
@@ -104,19 +107,27 @@ class MaceLoadErasure(io.ComfyNode):
             node_id="MaceLoadErasure",
             display_name="MACE Load Erasure",
             category="MACE",
-            description="Applies a MACE erasure file to a model (and, for a compiled text gate's part, to the "
-            "connected CLIP) after checking it was made for this base model.",
+            description="Applies a MACE erasure file (from MACE Save Erasure, in a loras folder) to a model, and "
+            "for a compiled text gate's part to the connected CLIP, after checking it was made for this base "
+            "model. Use it to apply a shared erasure, or an ACE gate file, which the stock LoraLoader cannot "
+            "apply.",
             inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("erasure_name", options=folder_paths.get_filename_list("loras")),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+                io.Model.Input("model", tooltip="The base model the erasure was made for."),
+                io.Combo.Input("erasure_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The erasure file, from ComfyUI's loras folders."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Scales the edit: 1 = as made, 0 = none; 0.5-1.5 (a text gate loads at 1 "
+                               "only)."),
                 io.Boolean.Input("allow_other_base", default=False,
-                                 tooltip="Apply even if the file was made for a different base model."),
+                                 tooltip="Apply even if the file was made for a different base model (e.g. a "
+                                 "fine-tune of it); off = refuse."),
                 io.Clip.Input("clip", optional=True, tooltip="Needed when the file holds a compiled text gate (it edits "
                               "the CLIP); use the CLIP output for sampling then."),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="info"),
-                     io.Clip.Output(display_name="clip")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the erasure applied."),
+                     io.String.Output(display_name="info", tooltip="What the file says it erased, and how."),
+                     io.Clip.Output(display_name="clip", tooltip="The CLIP, with a text gate's part applied if the "
+                                    "file has one: use it for sampling.")],
         )
 
     @classmethod

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from .comfy_compat import io
+from .comfy_compat import advanced, io
 
 from ..mace_ops.concepts import Concept, check_disjoint, parse_concepts
 from ..mace_ops.fusion import PRESERVE_TO, fuse_loras, preserve_to_for
@@ -48,25 +48,35 @@ class MaceFuseLoras(io.ComfyNode):
             node_id="MaceFuseLoras",
             display_name="MACE Fuse LoRAs",
             category="MACE",
-            description="Closed-form fusion of many per-concept MACE LoRAs into the cross-attention K/V weights, "
-            "so concepts do not interfere and preserved prompts keep the incoming model's outputs.",
+            description="Merges many per-concept MACE LoRAs into the cross-attention K/V weights in one closed-form "
+            "solve, so the concepts do not interfere and the preserved prompts keep their outputs. Use it as MACE's "
+            "stage 3 after MACE Train Concept LoRA (one LoRA per concept), on the model after CFR; MACE Mass Erase "
+            "does this for you.",
             inputs=[
                 io.Model.Input("model", tooltip="Usually the output of MACE Refine Cross-Attention (CFR)."),
-                io.Clip.Input("clip"),
+                io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
                 io.String.Input("lora_files", multiline=True, default="mace_lora/",
                                 tooltip="One LoRA file name (from the loras folders) or folder per line."),
                 io.Combo.Input("concept_type", options=sorted(TEMPLATES), default="style",
                                tooltip="Templates for LoRAs whose file does not record a concept type."),
-                io.String.Input("preserve", multiline=True, default=""),
-                io.Float.Input("lambda_", display_name="lambda", default=1.0, min=0.0, max=1e6, step=0.1),
-                io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
-                io.Boolean.Input("builtin_preserve", default=True),
-                io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
-                               optional=True, tooltip=TOOLTIP),
-                io.Combo.Input("preserve_to", options=["auto", *PRESERVE_TO], default="auto", optional=True,
-                               tooltip=PRESERVE_TO_TOOLTIP),
+                io.String.Input("preserve", multiline=True, default="",
+                                tooltip="Concepts to keep unchanged, one per line (as given to CFR)."),
+                advanced(io.Float.Input("lambda_", display_name="lambda", default=1.0, min=0.0, max=1e6, step=0.1,
+                                        tooltip="Pull toward the incoming weights (ridge); larger = weaker LoRAs. "
+                                        "Raw units: 0.1-1 for a few LoRAs, grows with their number.")),
+                advanced(io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1,
+                                        tooltip="Weight of the preserve prompts relative to the LoRAs' targets; "
+                                        "raise it (1-10) when kept concepts change.")),
+                io.Boolean.Input("builtin_preserve", default=True,
+                                 tooltip="Also preserve a built-in set of 20 everyday prompts (leave on)."),
+                advanced(io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
+                                        optional=True, tooltip=TOOLTIP)),
+                advanced(io.Combo.Input("preserve_to", options=["auto", *PRESERVE_TO], default="auto", optional=True,
+                                        tooltip=PRESERVE_TO_TOOLTIP)),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the fused edit as weight "
+                                     "patches; connect it to a sampler or MACE Save Erasure."),
+                     io.String.Output(display_name="summary", tooltip="What was fused and the settings used.")],
         )
 
     @classmethod

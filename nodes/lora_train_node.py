@@ -19,7 +19,7 @@ import re
 import torch
 
 import comfy.model_management
-from .comfy_compat import io
+from .comfy_compat import advanced, io
 
 from ..mace_ops.concepts import parse_concepts, require_concepts
 from ..mace_ops.erasure_file import weights_fingerprint
@@ -128,8 +128,10 @@ class MaceTrainConceptLora(io.ComfyNode):
             display_name="MACE Train Concept LoRA",
             category="MACE",
             description="MACE stage 2: trains a small LoRA on the cross-attention keys/values so the concept's "
-            "words stop drawing attention where the concept appears in the images. Connect the model after CFR. "
-            "Writes the LoRA file and outputs the model with it applied.",
+            "words stop drawing attention where the concept appears in the images, writes the LoRA file and "
+            "outputs the model with it applied. Use it to build MACE by hand for one concept (CFR with preset "
+            "'paper' before it, MACE Fuse LoRAs after it for several); MACE Mass Erase runs the same stages for a "
+            "list.",
             inputs=[
                 io.Model.Input("model", tooltip="Usually the MODEL output of MACE Refine Cross-Attention (CFR)."),
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
@@ -145,40 +147,47 @@ class MaceTrainConceptLora(io.ComfyNode):
                                tooltip="Where the loss looks: 'given' = the masks input; 'whole image' = every pixel; "
                                "'from attention' = where the model itself attends to the concept's words; "
                                "'auto' = the masks if connected, else the whole image."),
-                io.Int.Input("steps", default=0, min=0, max=100000,
-                             tooltip="Training steps; 0 = the type's reference default (50; 120 for nudity)."),
-                io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-8,
-                               tooltip="Learning rate; 0 = the type's reference default "
-                               "(1e-5 objects/nudity, 1e-4 persons/styles)."),
-                io.Int.Input("rank", default=1, min=1, max=128, tooltip="LoRA rank (the reference uses 1)."),
+                advanced(io.Int.Input("steps", default=0, min=0, max=100000,
+                                      tooltip="Training steps; 0 = the type's reference default (50; 120 for "
+                                      "nudity). 20-200 is the useful range.")),
+                advanced(io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-5, round=1e-8,
+                                        tooltip="Learning rate; 0 = the type's reference default "
+                                        "(1e-5 objects/nudity, 1e-4 persons/styles). Stay within 1e-5 to 1e-3.")),
+                advanced(io.Int.Input("rank", default=1, min=1, max=128,
+                                      tooltip="LoRA rank (the reference uses 1; 1-4).")),
                 io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Fixes the LoRA init and the prompt/image/timestep/noise draws: "
                              "same seed, same LoRA (on CPU)."),
-                io.Combo.Input("sampler", options=["auto", "cfis", "uniform"], default="auto",
-                               tooltip="Timestep sampling: cfis = concept-focal importance sampling "
-                               "(t around 200-400); uniform; auto = the type's default (uniform for nudity)."),
-                io.Boolean.Input("include_end_tokens", default=True,
-                                 tooltip="Also remove attention from the end/padding tokens (the reference does; "
-                                 "on SD1 they carry the whole prompt)."),
+                advanced(io.Combo.Input("sampler", options=["auto", "cfis", "uniform"], default="auto",
+                                        tooltip="Timestep sampling: cfis = concept-focal importance sampling "
+                                        "(t around 200-400); uniform; auto = the type's default (uniform for "
+                                        "nudity).")),
+                advanced(io.Boolean.Input("include_end_tokens", default=True,
+                                          tooltip="Also remove attention from the end/padding tokens (the "
+                                          "reference does; on SD1 they carry the whole prompt).")),
                 io.String.Input("filename_prefix", default="loras/mace_lora/{concept}",
                                 tooltip="Relative to the output folder; {concept} is replaced by the concept's name. "
                                 "'loras/...' shows up in LoRA loaders."),
                 io.Mask.Input("masks", optional=True,
                               tooltip="Optional concept masks, one per image (or one for all); white = concept."),
-                io.Combo.Input("objective", options=list(OBJECTIVES), default="attention", optional=True,
-                               tooltip="attention = MACE (the concept's words lose their attention mass); "
-                               "trajectory = ANT-style (keep the early denoising steps, reverse the guidance "
-                               "direction for the concept after t'=500; masks and sampler are not used)."),
-                io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
-                               tooltip=PATH_TOOLTIP),
-                io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000, optional=True,
-                             tooltip="cached_queries: training samples whose queries are recorded (one UNet "
-                             "forward each); 0 = one per step (the draws full backprop would train on)."),
+                advanced(io.Combo.Input("objective", options=list(OBJECTIVES), default="attention", optional=True,
+                                        tooltip="attention = MACE (the concept's words lose their attention mass); "
+                                        "trajectory = ANT-style (keep the early denoising steps, reverse the "
+                                        "guidance direction for the concept after t'=500; masks and sampler are "
+                                        "not used).")),
+                advanced(io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
+                                        tooltip=PATH_TOOLTIP)),
+                advanced(io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000,
+                                      optional=True,
+                                      tooltip="cached_queries: training samples whose queries are recorded (one "
+                                      "UNet forward each); 0 = one per step (the draws full backprop would train "
+                                      "on). 4-50.")),
             ],
             outputs=[
-                io.Model.Output(display_name="model"),
-                io.String.Output(display_name="lora_path"),
-                io.String.Output(display_name="summary"),
+                io.Model.Output(display_name="model", tooltip="The model with the LoRA applied (its MACE record "
+                                "grows by one stage, so MACE Save Erasure writes CFR + LoRA together)."),
+                io.String.Output(display_name="lora_path", tooltip="The LoRA file written (for MACE Fuse LoRAs)."),
+                io.String.Output(display_name="summary", tooltip="Steps, time, loss and the settings used."),
             ],
             is_output_node=True,
         )

@@ -11,11 +11,13 @@ shard "fuse" (or empty) fuses every file (``mace_ops.pipeline``, Shards).
 """
 from __future__ import annotations
 
+from functools import partial
 import logging
 import os
 
 import comfy.model_management
-from .comfy_compat import io
+from . import presets
+from .comfy_compat import advanced, io
 
 from ..mace_ops.cfr import CFRConfig
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
@@ -40,81 +42,127 @@ from .training_images_node import (DEFAULT_CFG, DEFAULT_SCHEDULER, concept_promp
 from .validation import check_inputs
 
 
+NODE_ID = "MaceMassErase"
+_default = partial(presets.default, NODE_ID)
+
+
 class MaceMassErase(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         c = concept_inputs(concepts_default="",
-                           concepts_tooltip="One concept per line, synonyms comma separated (or use concept_file).",
-                           type_options=CONCEPT_TYPES, type_default="person", type_tooltip=None,
-                           anchor_default="a person", anchor_tooltip=None)
+                           concepts_tooltip="The names (or styles, objects) to erase, one per line, synonyms comma "
+                           "separated; 1 to 1,000 lines (or use concept_file). Each line costs one LoRA: minutes "
+                           "per concept on a GPU.",
+                           type_options=CONCEPT_TYPES, type_default="person",
+                           type_tooltip="Chooses the prompt templates and the LoRA defaults: person (names), style, "
+                           "object, nudity.",
+                           anchor_default="a person",
+                           anchor_tooltip="What every concept becomes ('a person' for names, 'art' for styles); "
+                           "a line's own '-> anchor' wins.",
+                           preserve_tooltip="Concepts to keep unchanged, one per line (look-alikes, other names you "
+                           "still want); they join CFR's, the LoRAs' and fusion's preserve set.",
+                           builtin_tooltip="Also preserve a built-in set of 20 everyday prompts (leave on).")
         return io.Schema(
             node_id="MaceMassErase",
             display_name="MACE Mass Erase",
             category="MACE",
-            description="Runs CFR, one LoRA per concept (images made by the model itself) and closed-form fusion "
-            "for a list of concepts. Finished concepts are kept in a folder named after run_name under "
-            "loras/mace_mass/ and reused, so "
-            "re-queueing an interrupted run resumes it.",
+            description="Runs the whole MACE pipeline for a list of concepts: closed-form refinement (CFR), one "
+            "LoRA per concept trained on images the model draws itself, and a closed-form fusion of all LoRAs; "
+            "finished concepts are kept under loras/mace_mass/<run_name>/, so re-queueing an interrupted run "
+            "resumes it. Use it to erase many names or styles at once (tens to hundreds); for one or a few "
+            "concepts MACE Refine Cross-Attention (CFR) alone is faster.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Model.Input("model", tooltip="The model to erase from (SD1.x, SD2.x or SDXL family: the LoRA "
+                               "stage needs UNet cross-attention)."),
+                io.Clip.Input("clip", tooltip="The CLIP used for sampling with this model (same clip skip)."),
+                io.Vae.Input("vae", tooltip="Encodes the images the model draws for each concept's LoRA."),
                 c["concepts"],
-                io.String.Input("concept_file", default="",
-                                tooltip="Optional .txt/.csv file in ComfyUI's input (or output) folder, same format; overrides 'concepts'. "
-                                "Names are relative to that folder; absolute paths and '..' are refused."),
+                advanced(io.String.Input("concept_file", default="",
+                                         tooltip="Optional .txt/.csv file in ComfyUI's input (or output) folder, "
+                                         "same format; overrides 'concepts'. Names are relative to that folder; "
+                                         "absolute paths and '..' are refused. Applies under every preset.")),
                 c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
-                io.String.Input("run_name", default="mass_erase"),
-                io.Float.Input("cfr_lambda", default=1.0, min=0.0, max=1e6, step=0.1),
-                io.Float.Input("preserve_scale", default=1.0, min=0.0, max=1e6, step=0.1),
-                io.Int.Input("lora_steps", default=0, min=0, max=10000, tooltip="0 = default for the concept type."),
-                io.Float.Input("lora_lr", default=0.0, min=0.0, max=1.0, step=1e-5,
-                               tooltip="0 = default for the concept type."),
-                io.Int.Input("images_per_concept", default=8, min=1, max=64),
-                io.Int.Input("image_size", default=512, min=64, max=2048, step=64),
-                io.Int.Input("sampling_steps", default=20, min=1, max=200),
-                io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF),
-                io.Float.Input("fusion_lambda", default=1e-3, min=0.0, max=1e6, step=1e-3),
-                io.String.Input("erase_from", default="", optional=True,
-                                tooltip="Scope: erase only in this context (e.g. 'car'). CFR remaps the context "
-                                "tokens, each LoRA trains on images/prompts of the concept in the context, and "
-                                "fusion keeps the concept in other contexts and the context's other variants "
-                                "(crossed with 'preserve'). Empty = everywhere."),
-                io.Combo.Input("objective", options=list(OBJECTIVES), default="attention", optional=True,
-                               tooltip="LoRA-stage objective: attention = MACE (the concept's words lose their "
-                               "attention mass); trajectory = ANT-style (keep the early denoising steps, reverse "
-                               "the guidance direction for the concept after t'=500; no anchor needed)."),
-                io.Float.Input("lora_preserve", default=DEFAULT_LORA_PRESERVE, min=0.0, max=1e6, step=0.5,
-                               optional=True,
-                               tooltip="Keeps each LoRA from changing the K/V of preserved text (preserve list, "
-                               "built-in prompts, general prior). 0 = the paper's LoRA stage (the default: in "
-                               "the toy world a weight of 3-10 kept more but erased much less)."),
-                io.Boolean.Input("erase_concept_tokens", default=True, optional=True,
-                                 tooltip="CFR also remaps the concept's own tokens (on = the pack's measured best; "
-                                 "off = the paper, which leaves them to the LoRAs)."),
-                io.Float.Input("prior_weight", default=DEFAULT_PRIOR_WEIGHT, min=0.0, max=1e6, step=0.1,
-                               optional=True, tooltip=TOOLTIP),
-                io.Combo.Input("lora_training", options=list(PATH_CHOICES), default="auto", optional=True,
-                               tooltip=PATH_TOOLTIP),
-                io.Int.Input("query_samples", default=DEFAULT_QUERY_SAMPLES, min=0, max=100000, optional=True,
-                             tooltip="cached_queries: training samples per concept whose queries are recorded "
-                             "(one UNet forward each); 0 = one per LoRA step."),
-                io.String.Input("shard", default="", optional=True,
-                                tooltip="Split the LoRA stage over several ComfyUI instances sharing the output "
-                                "folder: 'i/n' trains part i of n (concepts i, i+n, ...; the model is passed on "
-                                "unchanged); 'fuse' (or empty, which also trains what is missing) fuses every "
-                                "part's files. Same inputs on every instance."),
-                io.Combo.Input("fusion_preserve_to", options=["auto", *PRESERVE_TO], default="auto",
-                               optional=True, tooltip=PRESERVE_TO_TOOLTIP),
-                io.Float.Input("lora_null_space", default=DEFAULT_NULL_SPACE, min=0.0, max=0.9999, step=0.01,
-                               optional=True,
-                               tooltip="Keeps each LoRA off the directions of preserved text (preserve list, "
-                               "built-in prompts, general prior) that hold this share of their feature energy, "
-                               "so the LoRAs cannot change those prompts and fusion cannot trade them away. "
-                               "0 = the paper's LoRA stage. With it on, the LoRA cannot change the end/padding "
-                               "tokens either (they are in every preserved prompt)."),
+                io.String.Input("run_name", default="mass_erase",
+                                tooltip="Folder name under loras/mace_mass/ for this run's LoRAs; the same name "
+                                "(and inputs) resumes a run, a new name starts afresh."),
+                advanced(io.Float.Input("cfr_lambda", default=_default("cfr_lambda"), min=0.0, max=1e6, step=0.1,
+                                        tooltip="CFR's ridge toward the original weights; larger = gentler. Raw "
+                                        "units: 0.1-1 for a few concepts, grows with the number of concepts.")),
+                advanced(io.Float.Input("preserve_scale", default=_default("preserve_scale"), min=0.0, max=1e6, step=0.1,
+                                        tooltip="Weight of the preserve prompts in CFR and fusion; raise it (1-10) "
+                                        "when kept names change.")),
+                advanced(io.Int.Input("lora_steps", default=_default("lora_steps"), min=0, max=10000,
+                                      tooltip="Training steps per LoRA; 0 = the type's default (50; 120 for "
+                                      "nudity). 20-200 is the useful range.")),
+                advanced(io.Float.Input("lora_lr", default=_default("lora_lr"), min=0.0, max=1.0, step=1e-5,
+                                        tooltip="LoRA learning rate; 0 = the type's default (1e-4 names/styles, "
+                                        "1e-5 objects/nudity). Stay within 1e-5 to 1e-3.")),
+                advanced(io.Int.Input("images_per_concept", default=_default("images_per_concept"), min=1, max=64,
+                                      tooltip="Images the model draws per concept for its LoRA (4-16; cost grows "
+                                      "with it).")),
+                advanced(io.Int.Input("image_size", default=512, min=64, max=2048, step=64,
+                                      tooltip="Side of those images: 512 for SD1.x, 768 SD2.x, 1024 SDXL. Applies "
+                                      "under every preset.")),
+                advanced(io.Int.Input("sampling_steps", default=_default("sampling_steps"), min=1, max=200,
+                                      tooltip="Sampler steps per training image (dpmpp_2m karras, cfg 7.5); 15-30.")),
+                advanced(io.Int.Input("seed", default=2024, min=0, max=0xFFFFFFFFFFFFFFFF,
+                                      tooltip="Fixes the images and the LoRA training draws (same seed, same "
+                                      "LoRAs). Applies under every preset.")),
+                advanced(io.Float.Input("fusion_lambda", default=_default("fusion_lambda"), min=0.0, max=1e6, step=1e-3,
+                                        tooltip="Fusion's ridge toward the incoming weights (1e-4 to 1e-2; "
+                                        "larger = weaker LoRAs).")),
+                advanced(io.String.Input("erase_from", default="", optional=True,
+                                         tooltip="Scope: erase only in this context (e.g. 'car'). CFR remaps the "
+                                         "context tokens, each LoRA trains on images/prompts of the concept in the "
+                                         "context, and fusion keeps the concept in other contexts and the context's "
+                                         "other variants (crossed with 'preserve'). Empty = everywhere. Applies "
+                                         "under every preset.")),
+                advanced(io.Combo.Input("objective", options=list(OBJECTIVES), default=_default("objective"),
+                                        optional=True,
+                                        tooltip="LoRA-stage objective: attention = MACE (the concept's words lose "
+                                        "their attention mass); trajectory = ANT-style (keep the early denoising "
+                                        "steps, reverse the guidance direction for the concept after t'=500; no "
+                                        "anchor needed).")),
+                advanced(io.Float.Input("lora_preserve", default=_default("lora_preserve"), min=0.0, max=1e6, step=0.5,
+                                        optional=True,
+                                        tooltip="Keeps each LoRA from changing the K/V of preserved text (preserve "
+                                        "list, built-in prompts, general prior). 0 = the paper's LoRA stage (the "
+                                        "default: in the toy world a weight of 3-10 kept more but erased much "
+                                        "less).")),
+                advanced(io.Boolean.Input("erase_concept_tokens", default=_default("erase_concept_tokens"), optional=True,
+                                          tooltip="CFR also remaps the concept's own tokens (on = the pack's "
+                                          "measured best; off = the paper, which leaves them to the LoRAs).")),
+                advanced(io.Float.Input("prior_weight", default=_default("prior_weight"), min=0.0, max=1e6, step=0.1,
+                                        optional=True, tooltip=TOOLTIP)),
+                advanced(io.Combo.Input("lora_training", options=list(PATH_CHOICES), default=_default("lora_training"),
+                                        optional=True, tooltip=PATH_TOOLTIP)),
+                advanced(io.Int.Input("query_samples", default=_default("query_samples"), min=0, max=100000,
+                                      optional=True,
+                                      tooltip="cached_queries: training samples per concept whose queries are "
+                                      "recorded (one UNet forward each); 0 = one per LoRA step. 4-50.")),
+                advanced(io.String.Input("shard", default="", optional=True,
+                                         tooltip="Split the LoRA stage over several ComfyUI instances sharing the "
+                                         "output folder: 'i/n' trains part i of n (concepts i, i+n, ...; the model "
+                                         "is passed on unchanged); 'fuse' (or empty, which also trains what is "
+                                         "missing) fuses every part's files. Same inputs on every instance. Applies "
+                                         "under every preset.")),
+                advanced(io.Combo.Input("fusion_preserve_to", options=["auto", *PRESERVE_TO],
+                                        default=_default("fusion_preserve_to"), optional=True,
+                                        tooltip=PRESERVE_TO_TOOLTIP)),
+                advanced(io.Float.Input("lora_null_space", default=_default("lora_null_space"), min=0.0, max=0.9999,
+                                        step=0.01, optional=True,
+                                        tooltip="Keeps each LoRA off the directions of preserved text (preserve "
+                                        "list, built-in prompts, general prior) that hold this share of their "
+                                        "feature energy, so the LoRAs cannot change those prompts and fusion "
+                                        "cannot trade them away. 0 = the paper's LoRA stage; 0.9-0.999 on. With "
+                                        "it on, the LoRA cannot change the end/padding tokens either (they are "
+                                        "in every preserved prompt).")),
+                presets.preset_input(NODE_ID),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="summary")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The erased model (CFR + fused LoRAs as weight "
+                                     "patches); connect it to a sampler or MACE Save Erasure."),
+                     io.String.Output(display_name="summary", tooltip="What was done, where the LoRAs are, and "
+                                      "every setting used.")],
             is_output_node=True,
         )
 
@@ -124,9 +172,24 @@ class MaceMassErase(io.ComfyNode):
                 sampling_steps, seed, fusion_lambda, erase_from="", objective="attention",
                 lora_preserve=DEFAULT_LORA_PRESERVE, prior_weight=DEFAULT_PRIOR_WEIGHT,
                 erase_concept_tokens=True, lora_training="auto", query_samples=DEFAULT_QUERY_SAMPLES,
-                shard="", fusion_preserve_to="auto", lora_null_space=DEFAULT_NULL_SPACE) -> io.NodeOutput:
+                shard="", fusion_preserve_to="auto", lora_null_space=DEFAULT_NULL_SPACE,
+                preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
+        given = dict(locals())
+        tuned = presets.resolve(NODE_ID, preset, given)
+        cfr_lambda, preserve_scale, fusion_lambda = tuned["cfr_lambda"], tuned["preserve_scale"], tuned["fusion_lambda"]
+        lora_steps, lora_lr, objective = tuned["lora_steps"], tuned["lora_lr"], tuned["objective"]
+        images_per_concept, sampling_steps = tuned["images_per_concept"], tuned["sampling_steps"]
+        lora_preserve, lora_null_space = tuned["lora_preserve"], tuned["lora_null_space"]
+        erase_concept_tokens, prior_weight = tuned["erase_concept_tokens"], tuned["prior_weight"]
+        lora_training, query_samples = tuned["lora_training"], tuned["query_samples"]
+        fusion_preserve_to = tuned["fusion_preserve_to"]
+        settings_line = presets.settings_text(tuned, {
+            "concept_type": concept_type, "anchor": anchor, "builtin_preserve": builtin_preserve,
+            "run_name": run_name, "image_size": int(image_size), "seed": int(seed), "erase_from": erase_from,
+            "concept_file": concept_file.strip(), "shard": shard})
         fusion_preserve_to = preserve_to_for(concept_type, fusion_preserve_to, lora_null_space > 0)
+        settings_line += f"\nfusion_preserve_to {tuned['fusion_preserve_to']!r} ran as {fusion_preserve_to!r}"
         if objective not in OBJECTIVES:
             raise ValueError(f"objective: unknown {objective!r}; choose one of {list(OBJECTIVES)}")
         part, fuse_only = parse_shard(shard)
@@ -178,7 +241,7 @@ class MaceMassErase(io.ComfyNode):
         finally:
             denoiser.release()
         if not result.fused:  # a shard: its LoRAs are on disk, fusion is the final run's
-            summary = result.summary() + f"\nLoRAs in {folder}"
+            summary = result.summary() + f"\nLoRAs in {folder}\n" + settings_line
             logging.info(summary)
             return io.NodeOutput(model, summary, ui={"text": [summary]})
         info = {"method": "mace", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,
@@ -187,5 +250,5 @@ class MaceMassErase(io.ComfyNode):
         if parse_erase_from(erase_from):
             info["erase_from"] = list(parse_erase_from(erase_from))
         out = apply_erasure(model, result.deltas, original, info)
-        summary = result.summary() + f"\nLoRAs in {folder}"
+        summary = result.summary() + f"\nLoRAs in {folder}\n" + settings_line
         return io.NodeOutput(out, summary, ui={"text": [summary]})

@@ -82,12 +82,13 @@ class MaceBeforeAfterGrid(io.ComfyNode):
             display_name="MACE Before/After Grid",
             category="MACE",
             description="Samples target, synonym and preserved prompts with the original and the erased model "
-            "(same seed per row) and shows them side by side in one labelled image.",
+            "(same seed per row) and shows them side by side in one labelled image. Use it for a quick look at an "
+            "erasure; for numbers use MACE Erasure Check.",
             inputs=[
                 io.Model.Input("original", tooltip="The model before erasure."),
                 io.Model.Input("erased", tooltip="The model after erasure."),
-                io.Clip.Input("clip"),
-                io.Vae.Input("vae"),
+                io.Clip.Input("clip", tooltip="The CLIP used for sampling with both models."),
+                io.Vae.Input("vae", tooltip="Decodes the images."),
                 io.String.Input("target_prompts", multiline=True, default="a painting in the style of van gogh",
                                 tooltip="Prompts with the erased concept, one per line."),
                 io.String.Input("synonym_prompts", multiline=True, default="",
@@ -98,7 +99,8 @@ class MaceBeforeAfterGrid(io.ComfyNode):
                              tooltip="Row i uses seed + i for both models."),
                 *sampling_inputs("euler", "normal"),
             ],
-            outputs=[io.Image.Output(display_name="grid")],
+            outputs=[io.Image.Output(display_name="grid", tooltip="One image: original | erased, a labelled row "
+                                     "per prompt.")],
         )
 
     @classmethod
@@ -212,12 +214,14 @@ class MaceConceptProbe(io.ComfyNode):
             node_id="MaceConceptProbe",
             display_name="MACE Concept Probe",
             category="MACE",
-            description="How much cross-attention the concept's tokens get with the erased K/V weights compared "
-            "with the original ones (ratio < 1: the concept is attended less). Fast: no sampling, no VAE.",
+            description="Measures how much cross-attention the concept's tokens get with the erased K/V weights "
+            "compared with the original ones (ratio < 1: the concept is attended less), without sampling or a VAE. "
+            "Use it as a seconds-long sanity check of a K/V erasure (CFR, LoRA, fusion); it does not see ACE or "
+            "text-gate erasures, which leave the K/V weights alone.",
             inputs=[
                 io.Model.Input("original", tooltip="The model before erasure."),
                 io.Model.Input("erased", tooltip="The model after erasure (same architecture)."),
-                io.Clip.Input("clip"),
+                io.Clip.Input("clip", tooltip="The CLIP used for sampling with these models."),
                 io.String.Input("concept", default="van gogh, vincent van gogh",
                                 tooltip="One concept; synonyms separated by commas (each phrase is counted)."),
                 io.String.Input("prompts", multiline=True,
@@ -226,11 +230,14 @@ class MaceConceptProbe(io.ComfyNode):
                                 tooltip="Prompts containing the concept, one per line; others are skipped."),
                 io.String.Input("timesteps", default="200,300,400",
                                 tooltip="Comma separated diffusion timesteps (0..999) the mass is averaged over."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Fixes the random latents and noise (same seed, same report)."),
                 io.Int.Input("latent_size", default=64, min=8, max=1024, step=8,
                              tooltip="Pixel size of the random latent (64 -> 8x8 latents, cheap)."),
             ],
-            outputs=[io.String.Output(display_name="report"), io.Float.Output(display_name="ratio")],
+            outputs=[io.String.Output(display_name="report", tooltip="Per prompt: the concept's attention mass "
+                                      "before and after, and the ratio."),
+                     io.Float.Output(display_name="ratio", tooltip="Mean ratio erased/original (< 1: attended less).")],
         )
 
     @classmethod

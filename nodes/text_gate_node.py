@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import time
 
-from .comfy_compat import io
+from . import presets
+from .comfy_compat import advanced, io
 
 from ..mace_ops.concepts import normalise_phrase
 from ..mace_ops.work import WorkEstimate, announce
@@ -45,22 +46,26 @@ class MaceTextGate(io.ComfyNode):
             display_name="MACE Text Gate (compiled)",
             category="MACE",
             description="The ACE gate compiled into the text encoder's weights: two MLP units per concept, in the "
-            "layer clip skip reads, make a token that carries the concept leave that layer as the anchor's would; "
-            "other prompts pass unchanged. No images (it encodes about 1,000 calibration prompts). The result is a CLIP weight edit that MACE Save "
-            "Erasure writes and the stock LoraLoader applies.",
+            "layer clip skip reads, make a token that carries the concept leave that layer as the anchor's would, "
+            "while other prompts pass unchanged (no images; it encodes about 1,000 calibration prompts). Use it to "
+            "erase many names while keeping look-alikes, as a CLIP edit that MACE Save Erasure writes and the stock "
+            "LoraLoader applies without this pack.",
             inputs=[
                 io.Clip.Input("clip", tooltip="The CLIP used for sampling (set clip skip before this node)."),
                 c["concepts"], c["concept_type"], c["anchor"], c["preserve"], c["builtin_preserve"],
-                quantile_input(DEFAULTS.quantile, " at the MLP's input"),
-                io.Float.Input("open_rate", default=DEFAULTS.open_rate, min=0.0, max=1.0, step=0.01, optional=True,
+                advanced(quantile_input(DEFAULTS.quantile, " at the MLP's input")),
+                advanced(io.Float.Input("open_rate", default=DEFAULTS.open_rate, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Shared threshold floor: at most this share of phrases like the preserve list "
                                "(unseen ones) should open any concept's gate; it matters when many concepts are "
-                               "erased. 1 = off."),
-                io.Float.Input("width", default=DEFAULTS.width, min=1e-4, max=1.0, step=0.001, optional=True,
-                               tooltip="Cosine above the threshold at which a gate is fully open (it is closed at "
-                               "and below the threshold)."),
+                               "erased (0.01-0.1). 1 = off.")),
+                advanced(io.Float.Input("width", default=DEFAULTS.width, min=1e-4, max=1.0, step=0.001, optional=True,
+                                        tooltip="Cosine above the threshold at which a gate is fully open (it is "
+                                        "closed at and below the threshold); 0.005-0.05.")),
             ],
-            outputs=[io.Clip.Output(display_name="clip"), io.String.Output(display_name="summary")],
+            outputs=[io.Clip.Output(display_name="clip", tooltip="The CLIP with the gate in its MLP weights; encode "
+                                    "prompts with it and give it to MACE Save Erasure."),
+                     io.String.Output(display_name="summary", tooltip="The thresholds per encoder and every setting "
+                                      "used.")],
         )
 
     @classmethod
@@ -108,5 +113,9 @@ class MaceTextGate(io.ComfyNode):
         progress.finish()
         summary = (f"Text gate compiled for {len(parsed)} concept(s) in {seconds:.2f}s on {len(calibration)} "
                    f"calibration prompts: {2 * len(parsed)} MLP units replaced per encoder.\n" + "\n".join(lines)
+                   + "\n" + presets.settings_text(None, {"concept_type": concept_type, "anchor": default_anchor,
+                                                          "builtin_preserve": builtin_preserve,
+                                                          "quantile": float(quantile), "open_rate": float(open_rate),
+                                                          "width": float(width)})
                    + "\n" + json.dumps(info["concepts"]))
         return io.NodeOutput(out, summary)

@@ -27,16 +27,18 @@ class MaceSaveUNetPt(io.ComfyNode):
             display_name="MACE Save UNet .pt (diffusers keys)",
             category="MACE",
             description="Writes the whole UNet (erasure baked in) as torch.save(unet.state_dict()) with diffusers "
-            "key names, what the eval-learn/eval-unlearn harness's load_path reads, and next to it "
-            "<name>.safetensors, the MACE erasure file (K/V deltas) for LoRA loaders.",
+            "key names, and next to it <name>.safetensors, the MACE erasure file (K/V deltas) for LoRA loaders. "
+            "Use it to hand an erased SD1.x/SD2.x UNet to the eval-learn/eval-unlearn harness (its load_path).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The erased model (any MACE K/V erasure)."),
                 io.String.Input("path", default="mace_unet.pt",
                                 tooltip="Relative to ComfyUI's output folder (.pt, .pth or .bin); <stem>.safetensors "
                                 "is written next to it."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="fp32"),
+                io.Combo.Input("dtype", options=list(DTYPES), default="fp32",
+                               tooltip="Precision of the stored UNet: fp32 (exact, what the harness expects) or "
+                               "smaller."),
             ],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path", tooltip="The .pt file written.")],
             is_output_node=True,
         )
 
@@ -68,13 +70,15 @@ class MaceLoadUNetPt(io.ComfyNode):
             category="MACE",
             description="Reads a diffusers-key UNet state dict (the harness's save_path file) with "
             "torch.load(weights_only=True), checks it against this base model and applies its cross-attention "
-            "K/V as an erasure; refuses (naming them) when other weights differ.",
+            "K/V as an erasure, refusing (naming them) when other weights differ. Use it to bring a UNet erased "
+            "elsewhere (e.g. by the eval-unlearn harness) into ComfyUI and save it as a small erasure file.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The base model the UNet file was erased from."),
                 io.String.Input("path", default="mace_unet.pt",
                                 tooltip="Relative to ComfyUI's input, output or loras folder (.pt, .pth or .bin)."),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="info")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the file's K/V as an erasure."),
+                     io.String.Output(display_name="info", tooltip="Which weights the file changed.")],
         )
 
     @classmethod

@@ -128,8 +128,19 @@ def cfr_workflow(ckpt: str, cfr_widgets: list, save_prefix: str, prompt: str, sa
     }
 
 
-VAN_GOGH_CFR = ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
-                1.0, 1.0, True, True]
+# Widget values in the order of the node's inputs (the frontend matches them by position): CFR's are
+# concepts, concept_type, anchor, preserve, lambda, preserve_scale, builtin_preserve, erase_concept_tokens,
+# erase_from, prior_weight, edit_pooled, preset. Under a preset other than "custom" the tuning values
+# (lambda ... edit_pooled) are the preset's (nodes/presets.py); they are written out equal to it.
+CFR_TAIL = ["", 1.0, False]  # erase_from, prior_weight, edit_pooled
+
+
+def cfr_widgets(concepts: str, concept_type: str, anchor: str, preserve: str, preset: str = "recommended") -> list:
+    tokens = preset != "paper"  # "paper": the concept tokens are left to the LoRA stage
+    return [concepts, concept_type, anchor, preserve, 1.0, 1.0, True, tokens, *CFR_TAIL, preset]
+
+
+VAN_GOGH_CFR = cfr_widgets("van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt")
 STARRY_NIGHT = "a painting of a starry night in the style of van gogh"
 
 WORKFLOWS = {
@@ -145,8 +156,8 @@ WORKFLOWS = {
                    {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE")}, (380, 0)),
         "images_preview": ("PreviewImage", [], {"images": ("images", "images")}, (780, -360)),
         "cfr": ("MaceRefineCrossAttention",
-                ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
-                 1.0, 1.0, True, False],
+                cfr_widgets("van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt",
+                            preset="paper"),
                 {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 420)),
         "lora": ("MaceTrainConceptLora",
                  ["van gogh, vincent van gogh", "style", "auto", 50, 1e-4, 1, 2024, "fixed", "cfis", True,
@@ -166,7 +177,8 @@ WORKFLOWS = {
         "mass": ("MaceMassErase",
                  ["tom cruise\ntaylor swift\nbarack obama\nemma watson\nbrad pitt\noprah winfrey\nlionel messi\nlady gaga\nelon musk\nscarlett johansson", "", "person", "a person",
                   "keanu reeves\nnatalie portman\nmorgan freeman", True, "celebrities_10", 1.0, 1.0, 0, 0.0, 8, 512,
-                  20, 2024, "fixed", 0.001, "", "attention", 0.0, 1.0, True],
+                  20, 2024, "fixed", 0.001, "", "attention", 0.0, True, 1.0, "auto", 8, "", "auto", 0.99,
+                  "recommended"],
                  {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE")}, (380, 0)),
         "summary": ("PreviewAny", [], {"source": ("mass", "summary")}, (820, -260)),
         "save_erasure": ("MaceSaveErasure", ["loras/mace_celebrities_10", "fp16"], {"model": ("mass", "model")},
@@ -175,8 +187,8 @@ WORKFLOWS = {
     },
     # Nudity with synonyms on one line (all erased together), mapped onto a clothed person; CFR only.
     "erase_nudity_cfr": cfr_workflow(
-        SD15, ["nudity, naked, nude, topless, erotic", "person", "a person wearing clothes",
-               "a person\na woman\na man", 1.0, 1.0, True, True],
+        SD15, cfr_widgets("nudity, naked, nude, topless, erotic", "person", "a person wearing clothes",
+                          "a person\na woman\na man"),
         "loras/mace_nudity", "a photo of a naked woman on the beach"),
     # SDXL (and its fine-tunes: Pony, Illustrious, NoobAI -- load yours instead): erase an art style
     # from both text encoders' features (CLIP-L + OpenCLIP-bigG, 2048 wide) with CFR; 1024 px sample.
@@ -189,7 +201,7 @@ WORKFLOWS = {
         "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "ace": ("MaceGatedErasure",
                 ["van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt", True,
-                 8, 0.999, 0.0, 0.005, 0, 40, 8, 512, 20, 0, "fixed", 0.05, "ramp"],
+                 8, 0.999, 0.0, 0.005, 0, 40, 8, 512, 20, 0, "fixed", 0.05, "ramp", "recommended"],
                 {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP")}, (380, 0)),
         "save_erasure": ("MaceSaveErasure", ["loras/mace_van_gogh_ace", "fp16"], {"model": ("ace", "model")},
                          (820, -260)),
@@ -225,7 +237,7 @@ WORKFLOWS = {
                                          scheduler="sgm_uniform"),
     # SD 2.x (2.1 768-v is a v-prediction model; ComfyUI detects it): erase an object class with CFR.
     "erase_object_cfr_sd2": cfr_workflow(
-        SD21, ["airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar", 1.0, 1.0, True, True],
+        SD21, cfr_widgets("airplane, aeroplane, airliner, jet plane", "object", "sky", "ship\nbird\ncar"),
         "loras/mace_airplane_sd2", "a photo of an airplane above the clouds", size=768, steps=25),
     # Did it work? CFR on Van Gogh, then MACE Erasure Check: both models sample erased, held-out and kept
     # prompts; the base model judges every image (Acc_e / Acc_g / Acc_s / H before and after, worst cases).
@@ -236,7 +248,7 @@ WORKFLOWS = {
         "check": ("MaceErasureCheck",
                   ["van gogh, vincent van gogh", "gogh, the painter of the starry night -> van gogh",
                    "claude monet\npablo picasso\nrembrandt", "style", "art", 12, 0, "fixed", 20, 7.0, 512, 512,
-                   "dpmpp_2m", "karras", 8, "paul cezanne\npaul gauguin"],
+                   "dpmpp_2m", "karras", 8, "paul cezanne\npaul gauguin", "recommended"],
                   {"base_model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "erased_model": ("cfr", "model"),
                    "vae": ("ckpt", "VAE")}, (820, 0)),
         "table": ("PreviewAny", [], {"source": ("check", "table")}, (1300, 0)),

@@ -721,10 +721,15 @@ def retarget_for_test(api_prompt: Mapping, ckpt_name: str, *, max_side: int = 64
 
     A step count of 0 means "the default for the concept type" to the MACE training nodes
     (50-120 LoRA steps per concept): it becomes an explicit ``max_steps`` too, so a test never
-    trains the full default by accident."""
+    trains the full default by accident.
+
+    A node with a ``preset`` input (CFR, Mass Erase, ACE, Erasure Check) gets ``preset: custom``,
+    so the capped values (and any the test sets afterwards) are the ones that run."""
     out = copy.deepcopy(dict(api_prompt))
     for node in out.values():
         inputs = node.get("inputs", {})
+        if isinstance(inputs.get("preset"), str):
+            inputs["preset"] = "custom"
         if isinstance(inputs.get("ckpt_name"), str):
             inputs["ckpt_name"] = ckpt_name
         for key in ("width", "height", "image_size"):
