@@ -7,7 +7,11 @@ nothing is exported.
 """
 import importlib.util
 
+# Served at /extensions/<pack folder>/: web/docs/<node_id>.md are the nodes' help pages (the frontend's
+# node "Info" panel); written by scripts/build_node_docs.py.
+WEB_DIRECTORY = "./web"
+
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -251,6 +251,7 @@ def test_cfr_workflow_runs_from_the_page(page, server):
                 // the general caption prior (1,000 captions through the 12-layer CLIP on CPU: minutes) is
                 // covered by the in-process tests; here the page only has to run the graph
                 if (n.type === 'MaceRefineCrossAttention' && w.name === 'prior_weight') w.value = 0;
+                if (n.type === 'MaceRefineCrossAttention' && w.name === 'preset') w.value = 'custom';
             }
         }""", ckpt_name)
     before = set(_get(url + "/history"))
@@ -273,3 +274,69 @@ def test_cfr_workflow_runs_from_the_page(page, server):
     fit_view(page)
     screenshot(page, "erase_style_cfr_ran", update=REPO / "docs" / "comfyui_erase_style_cfr.jpg",
                size=(1400, 700))
+
+
+# --------------------------------------------------------------------------------------------
+# Node help pages (web/docs/<node_id>.md, scripts/build_node_docs.py)
+# --------------------------------------------------------------------------------------------
+
+def test_help_pages_are_served_where_the_frontend_asks(server, comfy):
+    """The frontend (1.27+) fetches ``/extensions/<pack folder>/docs/<node_id>.md`` for a custom
+    node's help; ComfyUI serves the pack's WEB_DIRECTORY there. The folder name comes from the
+    node's ``python_module`` (``custom_nodes.<folder>``) in /object_info."""
+    url = server[0]
+    info = _get(url + "/object_info")
+    for node_id in comfy.pack_node_ids:
+        module = info[node_id]["python_module"]
+        assert module.split(".")[0] == "custom_nodes", module
+        folder = module.split(".")[1].split("@")[0]
+        with urllib.request.urlopen(f"{url}/extensions/{folder}/docs/{node_id}.md", timeout=10) as r:
+            assert r.read().decode() == (REPO / "web" / "docs" / f"{node_id}.md").read_text(), node_id
+
+
+def test_node_info_button_opens_the_help_page(page):
+    """Select the CFR node, press the selection toolbox's Info button: the node library shows our
+    page (rendered markdown, not the frontend's fallback built from the description)."""
+    from selenium.webdriver.common.by import By
+
+    assert load_template(page, "erase_style_cfr") == "ok"
+    fit_view(page)
+    page.execute_script("""
+        const n = app.graph._nodes.find(n => n.type === 'MaceRefineCrossAttention');
+        app.canvas.deselectAll();
+        app.canvas.selectNode(n);
+        app.canvas.setDirty(true, true);""")
+    deadline = time.time() + 30
+    while True:
+        buttons = page.find_elements(By.CSS_SELECTOR, "[data-testid=info-button]")
+        if buttons and buttons[0].is_displayed():
+            break
+        assert time.time() < deadline, "no Info button in the selection toolbox"
+        time.sleep(0.5)
+    buttons[0].click()
+    deadline, text = time.time() + 30, ""
+    while time.time() < deadline:
+        found = page.find_elements(By.CSS_SELECTOR, ".node-help-content .markdown-content")
+        text = found[0].text if found else ""
+        if "When to use it" in text:
+            break
+        time.sleep(0.5)
+    assert "When to use it" in text and "Presets" in text, text[:500]
+    assert not page.find_elements(By.CSS_SELECTOR, ".node-help-content .fallback-content")
+    screenshot(page, "help_MaceRefineCrossAttention")
+
+
+def test_advanced_flags_reach_the_frontend(page):
+    """The inputs marked advanced (``comfy_compat.advanced``) arrive as ``widget.options.advanced``;
+    the preset combo is there and not advanced. Whether this frontend hides them is recorded, not
+    required (1.27 does not: its LiteGraph reads ``widget.advanced``, which it never sets)."""
+    assert load_template(page, "mass_erase_celebrities") == "ok"
+    state = page.execute_script("""
+        const n = app.graph._nodes.find(n => n.type === 'MaceMassErase');
+        return (n.widgets || []).map(w => ({name: w.name, advanced: !!(w.options && w.options.advanced),
+                                            visible: n.isWidgetVisible ? n.isWidgetVisible(w) : true}));""")
+    by_name = {w["name"]: w for w in state}
+    assert by_name["lora_null_space"]["advanced"] and by_name["cfr_lambda"]["advanced"]
+    assert not by_name["concepts"]["advanced"] and not by_name["preset"]["advanced"]
+    shown = [w["name"] for w in state if w["visible"]]
+    print(f"MaceMassErase: {len(shown)} of {len(state)} widgets shown by this frontend")
