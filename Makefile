@@ -1,7 +1,9 @@
 # comfyui-mace developer / CI entry points.
 #   make venv   create or update .venv (idempotent; see .ci/setup-venv.sh)
 #   make test   run the default (fast) pytest selection
-#   make demo   run scripts/mace_demo.py, e.g. make demo ARGS="--help"
+#   make demo   mass erasure in toy world v2 (scripts/mace_demo.py): 10 names + 2 styles erased on the
+#               recommended path, the before/after table and out/demo_grid.png in ~1 min on 2 cores;
+#               the v1 colour demo: make demo ARGS="--world v1"; options: make demo ARGS="--help"
 # ComfyUI checkout for the integration tests: $COMFYUI_PATH, else ~/ComfyUI.
 
 PYTHON ?= python3
