@@ -2,9 +2,9 @@
 
 Without a checkpoint it runs in toy world v2 (``toyworld/v2``, 200 invented people and 20 styles,
 the shipped weights): it erases the first ``--names`` names (10) and ``--styles`` styles (2) the way
-the README advises for that job — the ACE gate compiled into the text encoder's last MLP for the
-names (``MACE Text Gate (compiled)``), then CFR + the caption prior for the styles (``MACE Refine
-Cross-Attention``), fitted on the gated encoder as the two nodes chain — and prints the before/after
+the README advises for many concepts — the ACE gate (``MACE Gated Erasure (ACE)``), one per kind,
+chained, each with the benchmark's preserve list (``--method text_gate``: the gate compiled into the
+CLIP, a file to share; ``--method cfr``: CFR + the caption prior) — and prints the before/after
 table: Acc_e (the erased words), Acc_g (their nicknames and synonyms, never given to the edit),
 Acc_s (each erased concept's nearest look-alike that is neither erased nor listed to keep, which
 must stay) and H = HM(1 − Acc_e, 1 − Acc_g, Acc_s), each with n and its standard error; then a
@@ -16,7 +16,7 @@ the concepts from a real SD checkpoint through ComfyUI and writes the erasure fi
 loaders read.
 
     .venv/bin/python -m scripts.mace_demo                       # toy world v2: 10 names + 2 styles
-    .venv/bin/python -m scripts.mace_demo --names 20 --styles 5 --n 100
+    .venv/bin/python -m scripts.mace_demo --names 20 --styles 5 --method text_gate
     .venv/bin/python -m scripts.mace_demo --world v1 --concepts "red, crimson; blue" --out out/
     .venv/bin/python -m scripts.mace_demo --checkpoint path/to/sd15.safetensors \\
         --concepts "van gogh; picasso" --type style [--comfyui path/to/ComfyUI]
@@ -135,6 +135,7 @@ def toy_demo(args) -> None:
 def toy_v2_demo(args) -> None:
     """Erase ``args.names`` names and ``args.styles`` styles in toy world v2 on the recommended path,
     print the before/after table and write the labelled grid (see the module docstring)."""
+    from mace_ops.cfr import CFRConfig, refine_cross_attention
     from toyworld.v2 import erase, evaluate, robust, vocab
     from toyworld.v2.text_edit import compile_gate, with_text_encoder
 
@@ -150,15 +151,20 @@ def toy_v2_demo(args) -> None:
     # preserve list (the edit never sees them).
     kept = {kind: tuple(dict.fromkeys(robust.lookalike(c, exclude=t.erase + t.preserve) for c in t.erase))
             for kind, t in tasks.items()}
-    edited, kv, steps = world, None, []
-    t0 = time.perf_counter()
-    if "name" in tasks:       # names: the ACE gate compiled into the last text MLP (MACE Text Gate (compiled))
-        edited = with_text_encoder(world, compile_gate(world, tasks["name"], "replace")[0])
-        steps.append(f"text gate (compiled) on {args.names} names")
-    if "style" in tasks:      # styles: CFR + caption prior on the (gated) encoder (MACE Refine Cross-Attention)
-        kv = erase.cfr_erase(edited, tasks["style"], prior_weight=1.0).weights
-        steps.append(f"CFR + prior on {args.styles} styles")
-    print(f"erased with {' -> '.join(steps)} in {time.perf_counter() - t0:.1f} s; "
+    edited, kv, gates, t0 = world, None, [], time.perf_counter()
+    for task in tasks.values():
+        if args.method == "ace":      # MACE Gated Erasure (ACE), one gate per kind, chained at run time
+            gates.append(erase.ace_erase(world, task))
+        elif args.method == "text_gate":    # MACE Text Gate (compiled), chained: a weight edit of the CLIP
+            edited = with_text_encoder(edited, compile_gate(edited, task, "replace")[0])
+        else:                         # MACE Refine Cross-Attention (CFR) + caption prior, chained: each fit
+            kv = refine_cross_attention(    # starts from the K/V weights the previous one left (erase.cfr_erase)
+                edited.text_encoder, kv or edited.kv_weights(), task.concepts(), task.templates, task.anchor,
+                task.preserve_prompts(), CFRConfig(erase.DEFAULT_LAMBDA, erase.DEFAULT_PRESERVE_SCALE, True),
+                prior=erase.prior_for(edited, 1.0)).weights
+    gate = None if not gates else gates[0] if len(gates) == 1 else chain(gates)
+    steps = ", then ".join(f"{len(t.erase)} {k}s" for k, t in tasks.items())
+    print(f"erased {steps} with {METHODS[args.method]} in {time.perf_counter() - t0:.1f} s; "
           f"preserve lists: {len(tasks.get('name', erase.Task('name', ())).preserve)} names, "
           f"{len(tasks.get('style', erase.Task('style', ())).preserve)} styles")
     print(f"scoring ({args.n} prompts per set, DDIM {evaluate.DEFAULT_STEPS} steps, CFG {evaluate.DEFAULT_CFG:g}, "
@@ -167,16 +173,29 @@ def toy_v2_demo(args) -> None:
     for kind, task in tasks.items():
         base, base_kept = evaluate.mass_metrics(world, kind, task.erase, kept[kind], n_erased=args.n,
                                                 n_retained=args.n)
-        after, _ = evaluate.mass_metrics(edited, kind, task.erase, kept[kind], kv_weights=kv, base_retained=base_kept,
-                                         n_erased=args.n, n_retained=args.n)
+        after, _ = evaluate.mass_metrics(edited, kind, task.erase, kept[kind], kv_weights=kv, context_transform=gate,
+                                         base_retained=base_kept, n_erased=args.n, n_retained=args.n)
         rows += [(kind, "original", base), (kind, "erased", after)]
     print()
     print_v2_table(rows)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "demo_grid.png")
-    save_v2_grid(world, edited, kv, tasks, kept, path)
+    save_v2_grid(world, (edited.model, kv, gate), tasks, kept, path)
     print(f"wrote {path}: columns original | erased, one row per prompt (same seed per row)")
     print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+METHODS = {"ace": "the ACE gate (MACE Gated Erasure)", "text_gate": "the compiled text gate (MACE Text Gate)",
+           "cfr": "CFR + prior (MACE Refine Cross-Attention)"}
+
+
+def chain(transforms):
+    """The context transforms applied one after another (two gated-erasure nodes in a row)."""
+    def apply(ctx):
+        for t in transforms:
+            ctx = t(ctx)
+        return ctx
+    return apply
 
 
 def print_v2_table(rows) -> None:
@@ -196,9 +215,10 @@ def print_v2_table(rows) -> None:
           "(higher is better); SE binomial (H: delta method)")
 
 
-def save_v2_grid(world, edited, kv, tasks, kept, path: str) -> None:
+def save_v2_grid(world, erased, tasks, kept, path: str) -> None:
     """Rows: up to 4 erased names, their first nicknames, their look-alikes, then the erased styles,
-    their synonyms and look-alikes (one prompt each); columns: original | erased."""
+    their synonyms and look-alikes (one prompt each); columns: original | erased (``erased``: the
+    model, its K/V weights and context transform)."""
     from bench.grid import save_sampled_grid
     from toyworld.v2 import vocab
 
@@ -220,7 +240,7 @@ def save_v2_grid(world, edited, kv, tasks, kept, path: str) -> None:
                              ("look-alike kept", list(kept["style"][:4]))):
             rows += [(f"{label}: an artwork in {w} style  [{look(w)}]", f"an artwork in {w} style") for w in words]
     counts = ", ".join(f"{len(t.erase)} {k}s" for k, t in tasks.items())
-    save_sampled_grid(path, rows, {"original": (world.model, None, None), "erased": (edited.model, kv, None)},
+    save_sampled_grid(path, rows, {"original": (world.model, None, None), "erased": erased},
                       f"toy world v2: {counts} erased, same seed per row")
 
 
@@ -324,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="v2: erase the first NAMES names (0-100; default 10)")
     ap.add_argument("--styles", type=count_arg(10), default=2,
                     help="v2: erase the first STYLES styles (0-10; default 2)")
+    ap.add_argument("--method", choices=("ace", "text_gate", "cfr"), default="ace",
+                    help="v2: how the names and styles are erased: ace (MACE Gated Erasure, one gate per kind: "
+                         "the README's path for many concepts; default), text_gate (MACE Text Gate (compiled): "
+                         "a weight edit of the CLIP to share) or cfr (CFR + caption prior, the README's path for "
+                         "one style; chained: the styles' fit starts from the names' K/V weights)")
     ap.add_argument("--concepts", default=None,
                     help="v1 / checkpoint: concepts to erase: ';' between concepts, ',' between synonyms of one "
                          "(v1: colour words, default \"red\"; e.g. \"red, crimson; blue\")")

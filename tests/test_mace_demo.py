@@ -61,15 +61,18 @@ def test_v1_options_in_v2_name_themselves_and_the_way_out():
 
 
 @pytest.mark.skipif(not WEIGHTS_V2.is_dir(), reason="toy-world v2 weights absent")
-def test_default_demo_erases_names_and_styles_and_draws_the_grid(tmp_path, capsys):
+@pytest.mark.parametrize("method, says", [(None, "the ACE gate"), ("text_gate", "the compiled text gate"),
+                                          ("cfr", "CFR + prior")])
+def test_default_demo_erases_names_and_styles_and_draws_the_grid(tmp_path, capsys, method, says):
     """The default demo at a small size (3 names, 1 style, 6 prompts per set; ``make demo`` runs 10
-    names, 2 styles, 100 per set): the recommended path erases the names and the style, the table
-    has both models' rows with n and SE, and the grid has a row per prompt and both columns."""
+    names, 2 styles, 100 per set), and its other two methods: the names and the style are erased,
+    the table has both models' rows with n and SE, and the grid has a row per prompt and both columns."""
     from PIL import Image
 
-    mace_demo.main(["--names", "3", "--styles", "1", "--n", "6", "--out", str(tmp_path)])
+    mace_demo.main(["--names", "3", "--styles", "1", "--n", "6", "--out", str(tmp_path)]
+                   + (["--method", method] if method else []))
     out = capsys.readouterr().out
-    assert "text gate (compiled) on 3 names -> CFR + prior on 1 styles" in out
+    assert f"erased 3 names, then 1 styles with {says}" in out
     rows = {tuple(c.strip() for c in line.split("|")[:2]): line for line in out.splitlines()
             if line.count("|") == 5 and line.startswith(("names", "styles"))}
     assert set(rows) == {("names", "original"), ("names", "erased"), ("styles", "original"), ("styles", "erased")}
