@@ -1,69 +1,28 @@
-"""ACE-style gated erasure (designed from the abstract of "Attentional Concept Erasure",
-arXiv 2504.11850; no code of theirs exists or was used). What we chose:
+"""ACE-style gated erasure: each concept's K/V-input directions nulled out only where a gate detects
+the concept (designed from the abstract of arXiv 2504.11850, "Attentional Concept Erasure"; no code
+of theirs used). Every template is filled with each phrase of concept i and with its anchor and
+aligned (``alignment.align``); U_i (d x r) are the top-r right singular vectors of the aligned K/V
+input differences c − e and m_i = mean U_iᵀ e. The edit (every attn2 K and V at once):
 
-1. **Concept directions.** Every template is filled with each phrase of concept i and with its
-   anchor and aligned (``alignment.align``, concept tokens mapped); the differences d = c - e of
-   the aligned K/V inputs are stacked and their top-r right singular vectors U_i (d x r) are the
-   concept's directions. m_i = mean of U_i^T e over the pairs: where the anchor sits along them.
-2. **Gated low-rank null-out** of the K/V inputs (so of every attn2 K and V at once):
+    c' = c + Σ_i g_i(c) U_i (m_i − U_iᵀ c)
 
-       c'  =  c + sum_i g_i(c) U_i (m_i - U_i^T c)           (rank r per concept)
-       W c' = W c - sum_i g_i W U_i (U_i^T c - m_i)
+    g_i at position j = max over l ≤ j of  tanh(max(0, s_l − τ_i) / T),   s_l = max_q cos(c_l, q)
 
-   with the gate g_i at position j = max over positions l <= j of
-
-       g(s) = tanh(max(0, s - tau_i) / T),   s = max_q cos(c_l, q)      (``gate`` "ramp")
-
-   q over concept i's prototypes (its features at the concept-token positions of every template).
-   The ramp is closed, exactly, at and below tau_i and opens over a few T above it, so a prompt
-   below every threshold is left bit-identical. (The first gate was centred on the threshold,
-   sigmoid((s - tau_i) / T), ``gate`` "sigmoid", what files saved before the ramp hold: it gives
-   every concept up to 1/2 below its threshold, and with n concepts those partial gates add up —
-   on toy world v2 at 100 erased names the retained names' summed gate had mean 0.28 and every
-   prompt over 0.7 was redrawn as someone else: Acc_s 0.86 against 1.00 with the ramp.)
-   The max over earlier positions follows the causal text encoder: once a concept token is read,
-   every later position carries it. tau_i is the ``quantile``, over the calibration prompts (the
-   preserve list and captions), of each prompt's largest similarity (max over its positions) — the same statistic the carried-forward gate
-   compares at a prompt's last position, so ~1 - quantile of ordinary *prompts* open the gate;
-   ``margin`` lifts it further. A calibration prompt that names concept i (one of its phrases, as
-   whole words) is left out of tau_i: it is a concept prompt, not an ordinary one (toy world v2's
-   caption prior names every style; left in, it set the styles' tau at ~1). (The first version took the quantile over positions, which the
-   template words and pads of most prompts dominate; that set tau below the preserved names' own
-   similarity, and on toy world v2 the gate opened on most unseen names from 50 concepts on.)
-
-   **Shared floor, calibrated by identity** (``open_rate`` = alpha). A per-prompt quantile per
-   concept treats the templated prompts of one preserved name as independent draws and each
-   concept on its own; an unseen name, though, is one new draw of an *identity*, and it is
-   damaged when *any* of the n gates opens. So the preserve prompts are grouped by phrase
-   (``calibration_groups``, e.g. ``templates.phrase_groups``), each group scores s_g = max over its prompts and over every concept
-   of the peak similarity, and the floor is the split-conformal quantile of those scores:
-
-       floor = s_(k),  k = ceil((1 - alpha)(G + 1))  (the k-th smallest of the G group scores)
-
-   so a new identity exchangeable with the preserve list opens some gate with probability
-   <= alpha (with G < 1/alpha - 1 groups the floor is their maximum and the bound is 1/(G+1)).
-   tau_i = max(quantile_i, floor) + margin. On toy world v2 at 100 erased names this is what
-   keeps unseen names closed (``bench/gate_separation.py``); at one concept it changes nothing
-   (the floor lies below the per-concept quantile).
-3. **Adversarial augmentation** (``fit_gated_erasure(adversarial=...)``): soft prompts that an
-   attack found against the current edit are filled into the templates; their soft-position
-   features join the prototypes and their pairs join the directions, and the edit is refit. A
-   found prototype that an ordinary calibration prompt (one that does not name the concept) comes
-   as close to as the threshold of the gate fitted without them is dropped: it marks a kept
-   concept, and the preserve list wins (on toy world v2 an attack on a style from ``art`` ended
-   beside a preserved style; that one row lifted the shared floor, so every style's threshold,
-   from 0.92 to 0.997, and the erasure fell apart).
-   The paper fine-tunes; here the refit is the same closed form (no gradient fine-tuning).
-
-Outside the gate nothing changes: a gated erasure is not a weight patch. In ComfyUI it runs as an
-``attn2_patch`` (``attn2_patch``: ComfyUI calls it with (n, context, value, options) before every
-cross-attention and uses the context and value it returns), put on a clone by the node ``MACE
-Gated Erasure (ACE)`` (``nodes/ace_node.py``) and by our Load node from a file
-``save_gated_erasure`` writes; a stock LoRA loader reads only the file's ``.diff`` fallback deltas.
-``linear_part`` is the ungated K/V delta (-W U_i U_i^T summed, the m_i offset dropped), what a
-plain LoRA could carry; it applies the null-out to every prompt, which on toy world v2 erases every
-name from 10 concepts on, so the file's stock-loader part is a caller-chosen fallback instead
-(``save_gated_erasure``).
+q over concept i's prototypes (its features at the concept tokens of every template); the max over
+earlier positions follows the causal encoder. The ramp is closed exactly at and below τ_i, so a
+prompt below every threshold is left bit-identical (``gate`` "sigmoid", sigmoid((s − τ_i) / T), is
+the first gate, read from older files). τ_i = max(quantile_i, floor) + ``margin``: quantile_i is the
+``quantile`` over the calibration prompts (preserve list, captions; those naming concept i left
+out) of each prompt's peak similarity; the floor, shared, is the split-conformal quantile of the
+preserve list's identities (``open_rate`` α; groups by phrase, each scored by its peak over its
+prompts and every concept):  floor = s_(k),  k = ⌈(1 − α)(G + 1)⌉ of the G group scores, so a new
+identity exchangeable with the list opens any gate with probability ≤ α.
+``fit_gated_erasure(adversarial=...)`` adds soft prompts an attack found to the prototypes and
+directions and refits the same closed form, dropping any as close to an ordinary calibration
+prompt as the threshold. Not a weight patch: in ComfyUI an ``attn2_patch`` on a clone (node ``MACE
+Gated Erasure (ACE)``, and the Load node for files ``save_gated_erasure`` writes; a stock loader
+reads their ``.diff`` fallback, e.g. ``linear_part``, the ungated −W U_i U_iᵀ). What was tried and
+the toy-world numbers behind each choice: docs/code-notes.md#mace_opsacepy.
 """
 from __future__ import annotations
 

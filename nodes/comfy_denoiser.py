@@ -1,67 +1,30 @@
-"""Adapter: a ComfyUI MODEL (``ModelPatcher``) as a ``mace_ops`` ``CrossAttentionDenoiser``.
+"""Adapter: a ComfyUI MODEL (``ModelPatcher``) as a ``mace_ops`` ``CrossAttentionDenoiser``, for LoRA
+training and the attacks, without touching the shared model.
 
-What LoRA training needs from the model, and how it is done without touching the shared model:
+* **Weights.** ``kv_weights()``: the attn2 K/V weights as the model computes them now (original +
+  patches on it, e.g. a CFR edit), float32, keyed ``diffusion_model.<...>.attn2.to_k.weight``.
+* **A private patcher.** Everything runs on ``model.clone()`` (a dynamic-VRAM model demoted first,
+  ``comfy_compat.static_patcher``). Weight wrappers (``add_weight_wrapper``) give K/V
+  ``w -> weight_transform(key, w)`` (the trainer's ``W + up @ down``) during a forward with a
+  transform; with ``backward=True`` (full backprop) every other inference-tensor weight is
+  detached per call, so autograd never saves a shared parameter; only the LoRA factors get grads.
+  Each attn2 block gets a *replace* patch that computes ``P = softmax(q kᵀ / sqrt(d_head))`` in
+  float32, reports ``AttentionProbe(layer, P, height, width, q, to_k key)`` and returns ``P v``.
+* **Noise and timesteps.** t in 0..T−1 (T = the model's sigma table), σ_t = ``sigmas[t]``;
 
-* **Weights.** ``kv_weights()`` returns the cross-attention K/V weights as the model currently
-  computes them (original + patches already on it, e.g. a CFR edit), float32, on the device the
-  model runs on, keyed by BaseModel state-dict key (``diffusion_model.<...>.attn2.to_k.weight``,
-  as ``comfy_model.effective_kv_weights``).
-* **A private patcher.** The adapter works on ``model.clone()``: the clone shares the
-  ``nn.Module`` but has its own patch lists (a dynamic-VRAM model is demoted first,
-  ``comfy_compat.static_patcher``: its delegate has its own module with the same patches). On
-  it, every comfy.ops weight and bias of the
-  diffusion model gets a weight wrapper (``add_weight_wrapper``, run by ComfyUI at every forward
-  through the layer's ``weight_function``):
+      x_t = noise_scaling(σ_t, ε, x0)  (= x0 + σ_t ε for eps/v),  UNet input x_t / sqrt(σ_t² + 1)
+          = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε,   ᾱ_t = 1 / (1 + σ_t²)
 
-  - K/V weights: ``w -> weight_transform(key, w)`` while a forward with a transform runs (the
-    trainer's ``W + up @ down``), ``w`` otherwise;
-  - every other weight/bias, only with ``backward=True`` (the full-backprop training path) and
-    only when the parameter is an inference tensor: ``w`` detached (copied when it is an
-    inference tensor). ComfyUI copies a wrapped weight at every call, and autograd keeps those
-    copies until the backward: about one extra copy of the UNet (+3.4 GB fp32 on SD1.5). The
-    cached-query path (``backward=False``) runs its forwards without grad and wraps only K/V.
+  the reference's DDPM ``add_noise``. ``forward_with_attention`` returns ComfyUI's denoised
+  estimate (float32), or with ``prediction="eps"`` the noise it implies, (x_t − denoised) / σ_t
+  (what the attacks' ``||ε̂ − ε||²`` compares). A UNet that needs ``y`` gets zeros.
+* **Devices.** Each forward ``load_models_gpu([clone], force_full_load=True)``; ``release()``
+  unloads the clone and removes its wrappers from the shared modules.
 
-  ComfyUI runs prompts under ``torch.inference_mode()``, so a checkpoint loaded in the same
-  prompt holds inference tensors, and autograd refuses to save them for backward ("Inference
-  tensors cannot be saved for backward"). A wrapped layer computes with a per-call copy of its
-  weight (ComfyUI copies whenever a layer has weight functions), detached from the parameter,
-  so the shared parameters are never saved for backward, never get a ``.grad`` and are never
-  written; only the trainer's LoRA factors carry gradients. A parameter that is not an
-  inference tensor is saved by reference (no copy) and needs no wrapper.
-
-  Every cross-attention block (``attn2``) gets an attn2 *replace* patch (the
-  ``set_model_attn2_replace`` mechanism, ``transformer_options["patches_replace"]["attn2"]``,
-  keyed ``(block, number, transformer_index)``): ComfyUI projects q/k/v (through the wrappers
-  above), the patch computes ``P = softmax(q k^T / sqrt(d_head))`` explicitly in float32,
-  reports ``AttentionProbe(layer, P (B, heads, HW, L), height, width, q per head, to_k key)`` and returns ``P @ v``
-  reshaped to ComfyUI's attention output ``(B, HW, heads * d_head)`` in the model's dtype;
-  ``to_out`` follows as usual. height/width come from ``transformer_options["activations_shape"]``
-  (the feature map entering the spatial transformer), or from the latent size and the
-  block's downsampling factor when that is missing.
-* **Noise and timesteps.** The trainer draws integer timesteps ``t`` in ``0..T-1`` (T = the
-  length of the model's discrete sigma table, 1000 for SD). ``sigma_t = model_sampling.sigmas[t]``
-  (exactly ``model_sampling.sigma(t)`` for ComfyUI's discrete schedules; models without a table
-  use ``model_sampling.sigma(t)``). ``add_noise`` returns ComfyUI's noisy latent
-  ``model_sampling.noise_scaling(sigma_t, noise, x0)`` (eps/v models: ``x0 + sigma_t * noise``),
-  ``x0`` being a latent already scaled by ``latent_format.process_in``. The forward is
-  ``BaseModel.apply_model(x_t, sigma_t, c_crossattn=context, ...)``, which feeds the UNet
-  ``calculate_input(sigma_t, x_t) = x_t / sqrt(sigma_t^2 + 1)`` at timestep
-  ``model_sampling.timestep(sigma_t) = t``. With ``alpha_bar_t = 1 / (1 + sigma_t^2)`` the UNet
-  input is ``sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise``: the DDPM ``add_noise`` of the
-  reference, for eps and v-prediction models alike. ``forward_with_attention`` returns ComfyUI's
-  denoised estimate (``calculate_denoised``), float32; with ``prediction="eps"`` it returns the
-  noise that estimate implies, ``(x_t - denoised) / sigma_t`` (the model's eps for an eps model,
-  the eps-equivalent of a v-prediction model's output): what the soft-prompt attack's
-  textual-inversion loss ``||eps_hat - eps||^2`` compares with the noise. SDXL-style UNets that need a ``y``
-  (pooled text + size) vector get zeros: the pooled embedding is not part of the text-encoder
-  interface. The loss only reads cross-attention maps.
-* **Devices.** Each forward calls ``comfy.model_management.load_models_gpu([clone],
-  force_full_load=True)`` (a no-op once loaded). ``release()`` unloads the clone and removes its
-  wrappers from the shared modules; the training node calls it when it is done.
-
-Gradients are the caller's business: ``mace_ops.lora_train`` runs the forward inside
-``torch.inference_mode(False)`` and ``torch.enable_grad()``. The LoRA factors stay float32; the
-attention probabilities are float32 whatever the model's dtype (fp16/bf16 models work).
+Gradients are the caller's (``mace_ops.lora_train`` runs the forward under
+``torch.inference_mode(False)`` and ``enable_grad()``); attention probabilities are float32 whatever
+the model's dtype. Why each piece is done this way (inference tensors, copies, memory):
+docs/code-notes.md#nodescomfy_denoiserpy.
 """
 from __future__ import annotations
 
