@@ -310,28 +310,22 @@ def checkpoint_demo(args) -> None:
     erase_checkpoint(args)
 
 
-def positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {n}): it is the number of "
-                                         f"prompts sampled per set (v2) or per erased word (v1)")
-    return n
-
-
-def count_arg(most: int):
-    """An argparse type: a whole number in 0..``most``."""
+def whole_number(lo: int, hi: int | None = None, why: str = ""):
+    """An argparse type: a whole number in ``lo``..``hi`` (no upper bound when None); ``why`` follows
+    the refusal."""
     def parse(value: str) -> int:
         try:
             n = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-        if not 0 <= n <= most:
-            raise argparse.ArgumentTypeError(f"must be 0 to {most} (got {n})")
+        if n < lo or hi is not None and n > hi:
+            bound = f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {n}){why}")
         return n
     return parse
+
+
+positive_int = whole_number(1, why=": it is the number of prompts sampled per set (v2) or per erased word (v1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--world", choices=("v2", "v1"), default="v2",
                     help="toy world without --checkpoint: v2 (default) erases --names names and --styles "
                          "styles on the recommended path; v1 erases --concepts colour words with CFR")
-    ap.add_argument("--names", type=count_arg(100), default=10,
+    ap.add_argument("--names", type=whole_number(0, 100), default=10,
                     help="v2: erase the first NAMES names (0-100; default 10)")
-    ap.add_argument("--styles", type=count_arg(10), default=2,
+    ap.add_argument("--styles", type=whole_number(0, 10), default=2,
                     help="v2: erase the first STYLES styles (0-10; default 2)")
     ap.add_argument("--method", choices=("ace", "text_gate", "cfr"), default="ace",
                     help="v2: how the names and styles are erased: ace (MACE Gated Erasure, one gate per kind: "
