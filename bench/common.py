@@ -25,13 +25,18 @@ from mace_ops.lora import LoraFactors
 SD15_ATTN2_WIDTHS = (320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320)
 
 
-def sd15_kv_weights(seed: int = 0, dim: int = 768) -> dict[str, torch.Tensor]:
+def random_kv_weights(widths, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """N(0, 0.02²) K and V weights, one pair per attn2 output width in ``widths``, ``dim`` wide."""
     g = torch.Generator().manual_seed(seed)
     return {
         f"layer{i:02d}.attn2.to_{kind}.weight": torch.randn(c, dim, generator=g) * 0.02
-        for i, c in enumerate(SD15_ATTN2_WIDTHS)
+        for i, c in enumerate(widths)
         for kind in ("k", "v")
     }
+
+
+def sd15_kv_weights(seed: int = 0, dim: int = 768) -> dict[str, torch.Tensor]:
+    return random_kv_weights(SD15_ATTN2_WIDTHS, dim, seed)
 
 
 # attn2 output widths of SDXL base's 70 cross-attention layers: input level 1 (2 blocks x 2) at 640,
@@ -42,13 +47,7 @@ SHAPES = {"sd15": (SD15_ATTN2_WIDTHS, 768), "sdxl": (SDXL_ATTN2_WIDTHS, 2048)}
 
 def kv_weights(shape: str = "sd15", seed: int = 0) -> dict[str, torch.Tensor]:
     """Random K/V weights of ``shape``: "sd15" (32 weights, 768 wide) or "sdxl" (140, 2048 wide)."""
-    widths, dim = SHAPES[shape]
-    g = torch.Generator().manual_seed(seed)
-    return {
-        f"layer{i:02d}.attn2.to_{kind}.weight": torch.randn(c, dim, generator=g) * 0.02
-        for i, c in enumerate(widths)
-        for kind in ("k", "v")
-    }
+    return random_kv_weights(*SHAPES[shape], seed)
 
 
 def context_dim(shape: str) -> int:
