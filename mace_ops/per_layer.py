@@ -15,7 +15,8 @@ with C_i the context rows (token features) of concept i's prompts and V_i their 
 Choices copied from the reference on purpose: every layer's targets V_i are held in memory (memory
 grows with concepts x layers) and each layer takes one ``torch.inverse`` in ``dtype`` (float32), which
 loses most of a small LoRA delta when the system's condition number is ~1e6. The pack instead sums
-d x d statistics once in float64 and factors them once per width (``mace_ops.ridge``).
+d x d statistics once in float64 and factors them once per width (``mace_ops.ridge``). Sizes and
+errors measured: docs/code-notes.md#mace_opsper_layerpy.
 """
 from __future__ import annotations
 
