@@ -94,10 +94,13 @@ class Task:
         return phrase_groups(list(self.preserve) + [self.anchor], self.templates if templated else ("{}",))
 
 
-def prior_captions() -> list[str]:
+def prior_captions(world_vocab=vocab) -> list[str]:
     """The toy world's general caption prior (the analogue of the pack's everyday captions): every
     attribute caption ("a red circle at the middle", half with a style word) and the anchors'
-    own templates. No name or nickname appears in it."""
+    own templates. No name or nickname appears in it. Another world (v3) brings its own
+    (``world_vocab.prior_captions``); the methods below take the world's from its model."""
+    if world_vocab is not vocab:
+        return world_vocab.prior_captions()
     caps = []
     for k, (c, sh, p) in enumerate((c, sh, p) for c in vocab.COLORS for sh in vocab.SHAPES for p in vocab.POSITIONS):
         caps.append(vocab.ATTRIBUTE_TEMPLATES[0].format(c=c, s=sh, p=p))
@@ -112,7 +115,7 @@ _PRIOR = PriorCache()
 
 def prior_for(world, weight: float):
     """(moment, weight) for mace_ops' ``prior`` arguments, or None when weight is 0."""
-    return (_PRIOR.moment(world.text_encoder, prior_captions()), weight) if weight > 0 else None
+    return (_PRIOR.moment(world.text_encoder, prior_captions(world.model.vocab)), weight) if weight > 0 else None
 
 
 def cfr_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
@@ -132,7 +135,7 @@ def ace_erase(world, task: Task, *, config: ACEConfig = ACEConfig(), adversarial
     the toy caption prior (``prior_captions``), its shared floor on the preserve words as groups.
     ``adversarial``: concept index -> soft prompts."""
     prompts, groups = task.preserve_groups()
-    captions = prior_captions()
+    captions = prior_captions(world.model.vocab)
     return fit_gated_erasure(world.text_encoder, task.concepts(), task.templates, task.anchor, prompts + captions,
                              config, adversarial, groups + [None] * len(captions))
 

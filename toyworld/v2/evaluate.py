@@ -65,8 +65,9 @@ def _randint(n: int, gen: torch.Generator) -> int:
 
 
 def name_prompts(names: Sequence[str], per_name: int, seed: int, *, nicknames: bool = False,
-                 p_style: float = 0.5) -> PromptSet:
-    """``per_name`` prompts per name (main word, or its nicknames in turn); half with a random style."""
+                 p_style: float = 0.5, vocab=vocab) -> PromptSet:
+    """``per_name`` prompts per name (main word, or its nicknames in turn); half with a random style.
+    ``vocab``: the world's vocabulary module (v2's by default; v3 shares the templates and styles)."""
     gen = torch.Generator().manual_seed(seed)
     prompts, ids, sts = [], [], []
     for name in names:
@@ -86,7 +87,7 @@ def name_prompts(names: Sequence[str], per_name: int, seed: int, *, nicknames: b
 
 
 def style_prompts(styles: Sequence[str], per_style: int, seed: int, *, synonyms: bool = False,
-                  names: Sequence[str] = ()) -> PromptSet:
+                  names: Sequence[str] = (), vocab=vocab) -> PromptSet:
     """``per_style`` prompts per style word (or its synonym); with ``names``, half name a person."""
     gen = torch.Generator().manual_seed(seed)
     prompts, ids, sts = [], [], []
@@ -119,10 +120,12 @@ class SetScore:
 
 @torch.no_grad()
 def score_set(world: ToyWorld, pset: PromptSet, *, steps: int = DEFAULT_STEPS, cfg: float = DEFAULT_CFG,
-              kv_weights: Optional[Mapping[str, torch.Tensor]] = None, context_transform=None) -> SetScore:
+              kv_weights: Optional[Mapping[str, torch.Tensor]] = None, context_transform=None,
+              score=scorer.score) -> SetScore:
+    """``score(probe, images)``: the world's scorer (v2's by default)."""
     images = diffusion.sample(world.model, pset.prompts, steps=steps, cfg=cfg, seed=pset.seed,
                               kv_weights=kv_weights, context_transform=context_transform)
-    s = scorer.score(world.probe, images)
+    s = score(world.probe, images)
     has_id, has_st = pset.identities >= 0, pset.styles >= 0
     id_acc = (s["identity"] == pset.identities)[has_id].float().mean().item() if has_id.any() else float("nan")
     st_acc = (s["style"] == pset.styles)[has_st].float().mean().item() if has_st.any() else float("nan")
@@ -157,31 +160,36 @@ class MassMetrics:
 
 
 def prompt_sets(kind: str, erased: Sequence[str], retained: Sequence[str], n_erased: int = 200,
-                n_retained: int = 200) -> tuple[PromptSet, PromptSet, PromptSet]:
+                n_retained: int = 200, vocab=vocab) -> tuple[PromptSet, PromptSet, PromptSet]:
     """(erased main words, erased held-out words, retained) prompt sets, fixed seeds."""
     per = max(2, round(n_erased / max(1, len(erased))))
     per_r = max(1, round(n_retained / max(1, len(retained))))
     if kind == "name":
-        return (name_prompts(erased, per, seed=101), name_prompts(erased, per, seed=102, nicknames=True),
-                name_prompts(retained, per_r, seed=103))
+        return (name_prompts(erased, per, seed=101, vocab=vocab),
+                name_prompts(erased, per, seed=102, nicknames=True, vocab=vocab),
+                name_prompts(retained, per_r, seed=103, vocab=vocab))
     if kind == "style":
-        return (style_prompts(erased, per, seed=201), style_prompts(erased, per, seed=202, synonyms=True),
-                style_prompts(retained, per_r, seed=203))
+        return (style_prompts(erased, per, seed=201, vocab=vocab),
+                style_prompts(erased, per, seed=202, synonyms=True, vocab=vocab),
+                style_prompts(retained, per_r, seed=203, vocab=vocab))
     raise ValueError(f"kind: {kind!r}; choose 'name' or 'style'")
 
 
 def mass_metrics(world: ToyWorld, kind: str, erased: Sequence[str], retained: Sequence[str], *,
                  kv_weights: Optional[Mapping[str, torch.Tensor]] = None, base_retained: Optional[SetScore] = None,
-                 n_erased: int = 200, n_retained: int = 200, context_transform=None) -> tuple[MassMetrics, SetScore]:
+                 n_erased: int = 200, n_retained: int = 200, context_transform=None, vocab=vocab,
+                 score=scorer.score) -> tuple[MassMetrics, SetScore]:
     """Acc_e / Acc_g / Acc_s / H (+ SEs, integrity, FD against ``base_retained``); also the retained score.
 
-    ``context_transform``: a gated erasure applied to every text context (``diffusion.sample``)."""
-    e_set, g_set, s_set = prompt_sets(kind, erased, retained, n_erased, n_retained)
+    ``context_transform``: a gated erasure applied to every text context (``diffusion.sample``).
+    ``vocab`` / ``score``: another world's vocabulary and scorer (v3's ``evaluate`` passes them)."""
+    e_set, g_set, s_set = prompt_sets(kind, erased, retained, n_erased, n_retained, vocab)
     acc = (lambda s: s.identity_acc) if kind == "name" else (lambda s: s.style_acc)
-    e, g, s = (score_set(world, p, kv_weights=kv_weights, context_transform=context_transform)
+    e, g, s = (score_set(world, p, kv_weights=kv_weights, context_transform=context_transform, score=score)
                for p in (e_set, g_set, s_set))
     if base_retained is None:
-        base_retained = s if kv_weights is None and context_transform is None else score_set(world, s_set)
+        base_retained = (s if kv_weights is None and context_transform is None
+                         else score_set(world, s_set, score=score))
     fd = scorer.frechet_distance(base_retained.features, s.features)
     m = MassMetrics(kind, len(erased), acc(e), acc(g), acc(s), binomial_se(acc(e), e.n), binomial_se(acc(g), g.n),
                     binomial_se(acc(s), s.n), e.n, g.n, s.n, harmonic(1 - acc(e), 1 - acc(g), acc(s)),

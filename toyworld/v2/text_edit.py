@@ -205,7 +205,7 @@ def edit_text_encoder(world, task: Task, part: str, *, steps: int, beta: float =
     beta_s = beta if synthetic_beta is None else synthetic_beta
     vocab = world.model.vocab
     erase_prompts = [t.format(c) for c in task.erase for t in task.templates]   # template index = i % T
-    keep_prompts = task.preserve_prompts() + prior_captions()
+    keep_prompts = task.preserve_prompts() + prior_captions(vocab)
     x_e, x_p = (diffusion.ids_tensor(p, vocab) for p in (erase_prompts, keep_prompts))
     x_t = diffusion.ids_tensor([t.format(task.anchor) for t in task.templates], vocab)   # the anchor's, once
     with torch.no_grad():
@@ -274,10 +274,11 @@ def slot_positions(world, prompts: list[str], word: str) -> tuple[torch.Tensor, 
     return ids, (ids == world.model.vocab.TOKEN_ID[word]).int().argmax(1)
 
 
-def gate_calibration(task: Task) -> tuple[list[str], list]:
-    """(prompts, groups) the gate is calibrated on: the preserve list by name, then the captions."""
+def gate_calibration(task: Task, world=None) -> tuple[list[str], list]:
+    """(prompts, groups) the gate is calibrated on: the preserve list by name, then the captions
+    (``world``'s caption prior; v2's when None)."""
     prompts, groups = task.preserve_groups()
-    captions = prior_captions()
+    captions = prior_captions() if world is None else prior_captions(world.model.vocab)
     return prompts + captions, groups + [None] * len(captions)
 
 
@@ -285,7 +286,7 @@ def compile_gate(world, task: Task, units: str, config: TextGateConfig = TextGat
     """(a copy of the text encoder whose last MLP carries the compiled gate, the gate): ``units``
     replace (``mace_ops.text_gate.compile_text_gate``) or add (the same ramp units widen the MLP)."""
     site = ToyMlpSite(world.model)
-    prompts, groups = gate_calibration(task)
+    prompts, groups = gate_calibration(task, world)
     # calibration and the units' importance read the same prompts: encode them once
     site.inputs = cached(site.inputs, max_prompts=len(prompts) + len(task.templates) * (len(task.erase) + 1))
     gate = calibrate_text_gate(site, task.concepts(), task.templates, task.anchor, prompts, groups, config)
