@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from toyworld.v1 import diffusion
-from toyworld.v2 import erase, vocab
+from toyworld.v2 import erase
 
 
 def to_pil(image: torch.Tensor, scale: int) -> Image.Image:
@@ -54,11 +54,14 @@ def save_sampled_grid(path: str, rows, columns: dict, title: str, label_width: i
 def save_grid(world, path: str, task: erase.Task, retained, edits_by_method: dict, models: dict | None = None) -> None:
     """Rows: 4 erased names, their nicknames, 4 retained names (one prompt each); columns: methods
     (``edits_by_method``: method -> (K/V weights, context transform); ``models``: method -> the
-    model it samples from, e.g. one with an edited text encoder; default the world's)."""
+    model it samples from, e.g. one with an edited text encoder; default the world's). Any toy
+    world with v2's vocabulary interface (v2, v3): its vocabulary comes with the world's model."""
+    vocab = world.model.vocab
     erased = list(task.erase[:4])
     rows = ([(f"erased: a photo of {n}", f"a photo of {n}") for n in erased]
             + [(f"nickname: a photo of {vocab.NICKNAMES[n][0]}", f"a photo of {vocab.NICKNAMES[n][0]}") for n in erased]
             + [(f"retained: a photo of {n}", f"a photo of {n}") for n in list(retained)[:4]])
     rows = [(f"{label}  [{vocab.describe(label.split()[-1]).split(': ')[1]}]", p) for label, p in rows]
     columns = {m: ((models or {}).get(m, world.model), w, ct) for m, (w, ct) in edits_by_method.items()}
-    save_sampled_grid(path, rows, columns, f"toy world v2: {len(task.erase)} names erased, same seed per row")
+    label = vocab.__name__.split(".")[-2]
+    save_sampled_grid(path, rows, columns, f"toy world {label}: {len(task.erase)} names erased, same seed per row")

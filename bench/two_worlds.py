@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from bench.common import environment, markdown_table, print_table, write_json
+from bench.grid import save_grid
 from bench.plot import save_panels
 from toyworld.v2 import erase
 from toyworld.v2.text_edit import compile_gate, with_text_encoder
@@ -167,6 +168,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/two_worlds.json")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--grid", default=None, help="a labelled grid per world, '{world}' in the path: every method "
+                                                 "at --grid-count names, the first split")
+    ap.add_argument("--grid-count", type=int, default=10)
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                     help="only merge the rows of earlier runs into --out (and --plot)")
     args = ap.parse_args(argv)
@@ -187,17 +191,25 @@ def main(argv=None) -> None:
                     none, base = evaluate.mass_metrics(world, kind, erased, retained, n_erased=args.n,
                                                        n_retained=args.n)
                     results = edits(world, task, [m for m in args.methods if m != "none"])
+                    keep = ({} if args.grid and kind == "name" and count == args.grid_count
+                            and seed == args.splits[0] else None)
                     if "none" in args.methods:
                         results = itertools.chain([("none", world, None, None, 0.0, none)], results)
                     for method, model_world, w, transform, seconds, *given in results:
                         m = given[0] if given else evaluate.mass_metrics(
                             model_world, kind, erased, retained, kv_weights=w, context_transform=transform,
                             base_retained=base, n_erased=args.n, n_retained=args.n)[0]
+                        if keep is not None:
+                            keep[method] = (model_world.model, w, transform)
                         rows.append({"world": world_name, "split": seed, "method": method, **m.row(),
                                      "seconds": round(seconds, 2), "preserve": len(preserve),
                                      "retained": len(retained)})
                         print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]",
                               flush=True)
+                    if keep:
+                        save_grid(world, args.grid.format(world=world_name), task, retained,
+                                  {m: (w, ct) for m, (_, w, ct) in keep.items()},
+                                  {m: model for m, (model, _, _) in keep.items()})
     write(args.out, rows, args.plot, (time.time() - t_start) / 60, vars(args))
 
 
