@@ -36,7 +36,8 @@ EXPECTED = {  # family -> (supported_models class, model_base class, model type,
 
 
 def node_inputs(comfy, class_type: str, **overrides) -> dict:
-    """The node's declared defaults (required + optional widgets), updated with ``overrides``."""
+    """The node's declared defaults (required + optional widgets), updated with ``overrides``; a
+    ``preset`` input is ``custom`` (unless overridden), so the values given here are the ones that run."""
     spec = comfy.nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
     out = {}
     for group in ("required", "optional"):
@@ -46,6 +47,8 @@ def node_inputs(comfy, class_type: str, **overrides) -> dict:
                 out[name] = opts["default"]
             elif isinstance(decl[0], list) and decl[0]:
                 out[name] = decl[0][0]
+    if "preset" in out:
+        out["preset"] = "custom"
     out.update(overrides)
     return out
 
