@@ -206,11 +206,15 @@ def main(argv=None) -> None:
                                      "retained": len(retained)})
                         print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]",
                               flush=True)
+                        write_json(args.out + ".partial", {"bench": "two_worlds", "args": vars(args),
+                                                           "minutes": round((time.time() - t_start) / 60, 1),
+                                                           "rows": rows})   # nothing lost if a long run stops
                     if keep:
                         save_grid(world, args.grid.format(world=world_name), task, retained,
                                   {m: (w, ct) for m, (_, w, ct) in keep.items()},
                                   {m: model for m, (model, _, _) in keep.items()})
     write(args.out, rows, args.plot, (time.time() - t_start) / 60, vars(args))
+    Path(args.out + ".partial").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ value a preset overrode, so a shared workflow documents what ran.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..mace_ops.ace import ACEConfig
@@ -136,6 +137,10 @@ def resolve(node_id: str, preset: str, given: dict) -> Resolved:
         raise ValueError(f"preset: unknown {preset!r}; choose one of {choices(node_id)}")
     values = dict(rows[preset])
     ignored = {k: given[k] for k in values if k in given and given[k] != values[k]}
+    if ignored:   # e.g. a workflow saved before the preset input existed: say so, not only in the summary
+        logging.getLogger("comfyui-mace").warning(
+            "%s: preset %r overrides %s; choose preset 'custom' to apply them", node_id, preset,
+            ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
     return Resolved(preset, values, ignored)
 
 
