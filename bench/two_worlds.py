@@ -13,7 +13,9 @@ the next 100 after the erased ones, inside perm[:1000] (none at 1,000). Styles, 
 erased = perm[:n] (n <= 10), preserve perm[10:15], retained perm[15:20].
 
 Methods: none | cfr | cfr_prior | uce | full_ref (the paper's stages 2/3) | full (the pack's
-defaults, ``erase.RECOMMENDED``) | full_ant (full_ref with ANT's trajectory objective) | ace (the
+defaults, ``erase.RECOMMENDED``) | full_ant (full_ref with ANT's trajectory objective) |
+full_ref_salient (full_ref whose LoRAs may change only the 10% most salient K/V rows, ANT's weight
+saliency: ``mace_ops.saliency``) | ace (the
 run-time gate) | gate (the gate compiled into the last text MLP: ``replace`` units where the MLP has
 2n of them, else ``add``) | gate_full (the compiled gate, then full MACE fitted on the gated encoder).
 
@@ -37,7 +39,9 @@ from bench.plot import save_panels
 from toyworld.v2 import erase
 from toyworld.v2.text_edit import compile_gate, with_text_encoder
 
-METHODS = ("none", "cfr", "cfr_prior", "uce", "full_ref", "full", "full_ant", "ace", "gate", "gate_full")
+METHODS = ("none", "cfr", "cfr_prior", "uce", "full_ref", "full", "full_ant", "full_ref_salient", "ace", "gate",
+           "gate_full")
+SALIENT_SHARE = 0.1   # ANT's weight saliency: the LoRA may change 10% of the K/V rows (fixed before measuring)
 COLUMNS = ["world", "split", "method", "kind", "concepts", "H", "se_H", "acc_e", "acc_g", "acc_s", "n_e", "n_s",
            "integrity", "fd", "seconds"]
 SUMMARY_COLUMNS = ["world", "kind", "concepts", "method", "splits", "H_mean", "H_split_sd", "se_H_mean",
@@ -88,7 +92,9 @@ def edits(world, task: erase.Task, methods):
                      ("full_ref", lambda: erase.mace_erase(world, task, **erase.mace_setting("reference")).fused),
                      ("full", lambda: erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused),
                      ("full_ant", lambda: erase.mace_erase(world, task, **erase.mace_setting(
-                         "reference", lora={"objective": "trajectory"})).fused)):
+                         "reference", lora={"objective": "trajectory"})).fused),
+                     ("full_ref_salient", lambda: erase.mace_erase(world, task, **erase.mace_setting(
+                         "reference", lora={"saliency": SALIENT_SHARE})).fused)):
         if name in methods:
             w, s = timed(fn)
             yield name, world, w, None, s

@@ -41,6 +41,7 @@ from .concepts import Concept
 from .interfaces import AttentionProbe, CrossAttentionDenoiser, TextEncoder
 from .lora import KVLora
 from .null_space import check_energy, null_space_projector, project_down
+from .saliency import mask_up, salient_rows
 from .templates import check_templates, fill
 from .validation import check_number, derive_seed, require_finite
 
@@ -87,6 +88,10 @@ class LoraTrainConfig:
     # > 0: the LoRA's input factor stays off the preserved directions holding this share of the preserve
     # prompts' feature energy (``null_space``; 0: off, the reference)
     null_space: float = 0.0
+    # > 0: ANT's weight saliency (``saliency``): only this share of the K/V output rows, the most salient
+    # for the concept's loss at the base model, may change (0: off, every row)
+    saliency: float = 0.0
+    saliency_samples: int = 8  # (latent, t) draws the saliency is averaged over, every prompt each
 
     def validate(self) -> None:
         """Every number finite and in range (ValueError naming the setting), before any work."""
@@ -113,6 +118,10 @@ class LoraTrainConfig:
             raise ValueError(f"path: unknown {self.path!r}; choose one of {list(PATHS)}")
         check_number(self.query_samples, "query samples", 0, None, integer=True)
         check_energy(self.null_space)
+        check_number(self.saliency, "LoRA saliency share", 0.0, 1.0)
+        check_number(self.saliency_samples, "LoRA saliency samples", 1, None, integer=True)
+        if self.saliency > 0 and self.path != "full":
+            raise ValueError("LoRA saliency restricts the full path's K/V rows; set the path to 'full' or saliency to 0")
         if self.path == "cached_queries" and self.objective != "attention":
             raise ValueError(f"path 'cached_queries' optimises the attention objective only; the {self.objective!r} "
                              "objective needs path 'full'")
@@ -125,6 +134,8 @@ class LoraTrainConfig:
             del out["path"], out["query_samples"]
         if not self.null_space:
             del out["null_space"]
+        if not self.saliency:
+            del out["saliency"], out["saliency_samples"]
         return out
 
     def query_pool(self) -> int:
@@ -250,7 +261,7 @@ def _ignore(_probe: AttentionProbe) -> None:
     pass
 
 
-def _trajectory_loss(denoiser, lora: KVLora, x_t, t, context, uncond, config: LoraTrainConfig) -> torch.Tensor:
+def _trajectory_loss(denoiser, transform, x_t, t, context, uncond, config: LoraTrainConfig) -> torch.Tensor:
     """ANT-style target (see the module docstring) from the frozen model, MSE to the LoRA model's output."""
     with torch.no_grad():
         b = x_t.shape[0]
@@ -259,7 +270,7 @@ def _trajectory_loss(denoiser, lora: KVLora, x_t, t, context, uncond, config: Lo
         cond, unc = both[:b], both[b:]
         late = (t <= config.t_prime).view(-1, *([1] * (x_t.ndim - 1)))
         target = torch.where(late, unc - config.guidance * (cond - unc), cond)
-    pred = denoiser.forward_with_attention(x_t, t, context, _ignore, lora.weight_transform)
+    pred = denoiser.forward_with_attention(x_t, t, context, _ignore, transform)
     return (pred.float() - target.float()).pow(2).mean()
 
 
@@ -307,6 +318,37 @@ class _Run:
         )
         self.batch = config.batch_size
         self.losses: list[float] = []
+        self.rows = self._salient_rows(config) if config.saliency > 0 else None
+
+    def loss(self, config: LoraTrainConfig, pi, li, x_t, t, transform) -> torch.Tensor:
+        """The stage's objective for drawn samples under a K/V ``transform``."""
+        if config.objective == "trajectory":
+            return _trajectory_loss(self.denoiser, transform, x_t, t, self.prompts.contexts[pi], self.uncond, config)
+        collector = AttentionLossCollector(self.prompts.positions[pi], None if self.m_all is None else self.m_all[li])
+        self.denoiser.forward_with_attention(x_t, t, self.prompts.contexts[pi], collector, transform)
+        return collector.loss()
+
+    def _salient_rows(self, config: LoraTrainConfig) -> dict[str, torch.Tensor]:
+        """``saliency.salient_rows`` over every prompt at ``saliency_samples`` seeded draws (own generator:
+        the training draws are those of a run without saliency)."""
+        gen = torch.Generator().manual_seed(derive_seed(config.seed, 3))
+        P = len(self.prompts.texts)
+
+        def loss_of(transform):
+            total = None
+            for _ in range(config.saliency_samples):
+                li = torch.randint(self.x0_all.shape[0], (P,), generator=gen).to(self.device)
+                x0 = self.x0_all[li]
+                noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=self.device, dtype=x0.dtype)
+                t = torch.randint(self.denoiser.num_train_timesteps, (P,), generator=gen).to(self.device)
+                x_t = self.denoiser.add_noise(x0, noise, t)
+                part = self.loss(config, torch.arange(P, device=self.device), li, x_t, t, transform)
+                total = part if total is None else total + part
+            return total
+
+        rows = salient_rows(loss_of, self.weights, config.saliency)
+        mask_up(self.lora.up, rows)
+        return rows
 
     def draw(self):
         """One step's samples: prompt and latent indices, noisy latents, timesteps."""
@@ -336,7 +378,9 @@ class _Run:
             "seed": config.seed,
             "settings": {**config.settings(), "masks_used": self.use_masks, "prompts": len(self.prompts.texts),
                          "images": self.x0_all.shape[0],
-                         **({"null_space_rank": self.null_rank} if self.Q is not None else {})},
+                         **({"null_space_rank": self.null_rank} if self.Q is not None else {}),
+                         **({"salient_rows": int(sum(int(r.sum()) for r in self.rows.values()))}
+                            if self.rows is not None else {})},
             "skipped_prompts": self.prompts.skipped,
             "loss_first": self.losses[0],
             "loss_last": self.losses[-1],
@@ -378,19 +422,14 @@ def train_concept_lora(
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         run = _Run(job, encoder, templates, config, preserve_moment)
-        lora, prompts, m_all, weights = run.lora, run.prompts, run.m_all, run.weights
+        lora, weights = run.lora, run.weights
         params = lora.parameters()
         opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
         for step in range(config.steps):
             if should_stop is not None and should_stop():
                 raise InterruptedError(f"LoRA training for {concept.name!r} stopped at step {step}")
             pi, li, x_t, t = run.draw()
-            if config.objective == "trajectory":
-                loss = _trajectory_loss(denoiser, lora, x_t, t, prompts.contexts[pi], run.uncond, config)
-            else:
-                collector = AttentionLossCollector(prompts.positions[pi], None if m_all is None else m_all[li])
-                denoiser.forward_with_attention(x_t, t, prompts.contexts[pi], collector, lora.weight_transform)
-                loss = collector.loss()
+            loss = run.loss(config, pi, li, x_t, t, lora.weight_transform)
             if run.P is not None:
                 loss = loss + config.preserve * preservation_loss(lora, weights, run.P)
             run.check_loss(loss, step)
@@ -406,6 +445,8 @@ def train_concept_lora(
                 if run.Q is not None:
                     for name in lora.names:
                         project_down(lora.down[name], run.Q)
+                if run.rows is not None:
+                    mask_up(lora.up, run.rows)
             elif run.losses[-1] > 0:
                 raise RuntimeError(
                     "the attention loss does not depend on the LoRA: the denoiser ignored weight_transform"
