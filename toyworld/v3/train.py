@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=evaluate.WEIGHTS_DIR)
     p.add_argument("--state", type=Path, default=ROOT / "out" / "toyworld_v3_state.safetensors")
     p.add_argument("--resume", action="store_true", help="continue from --state")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from these generator weights (an EMA file, text encoder included) with a fresh "
+                        "optimiser, e.g. the shipped ones when the resume state is gone")
     p.add_argument("--note", default="", help="free text stored in the weights' metadata")
     return p.parse_args(argv)
 
@@ -94,8 +97,15 @@ def main(argv=None) -> None:
     model = build_model()
     ema = build_model().requires_grad_(False)
     text_fit = {}
-    if args.resume:
-        pass   # the text encoder comes with the state
+    if args.resume:   # the text encoder comes with the state; its fit with the last weights written
+        if (args.out / evaluate.GENERATOR_FILE).is_file():
+            _, meta = checkpoint.load_state_dict(args.out / evaluate.GENERATOR_FILE, "v3 generator")
+            text_fit = {k[len("text_fit_"):]: v for k, v in meta.items() if k.startswith("text_fit_")}
+    elif args.init_from is not None:
+        sd, meta = checkpoint.load_state_dict(args.init_from, "initial v3 generator weights")
+        model.load_state_dict(sd)
+        text_fit = {k[len("text_fit_"):]: v for k, v in meta.items() if k.startswith("text_fit_")}
+        log(f"initialised from {args.init_from} (step {meta.get('steps')}, text encoder included)")
     elif args.text_init is not None:
         sd, _ = checkpoint.load_state_dict(args.text_init, "pre-trained v3 text encoder")
         model.text.load_state_dict(sd)
