@@ -47,7 +47,13 @@ def _fmt(value) -> str:
     return f"`{value}`"
 
 
-def _range(inp, io_type: str) -> str:
+# combos whose options are the files of a ComfyUI folder: they differ per install, so the page names the folder
+FOLDER_LISTS = {("MaceLoadErasure", "erasure_name"): "the files in ComfyUI's loras folders"}
+
+
+def _range(inp, io_type: str, node_id: str = "") -> str:
+    if (node_id, inp.id) in FOLDER_LISTS:
+        return FOLDER_LISTS[(node_id, inp.id)]
     lo, hi = getattr(inp, "min", None), getattr(inp, "max", None)
     if io_type == "COMBO":
         return ", ".join(f"`{o}`" for o in (getattr(inp, "options", None) or [])[:12]) + \
@@ -101,7 +107,7 @@ def render(node_cls, presets, users: list[str], is_advanced) -> str:
             lines.append(f"| {label} | {_cell(inp.tooltip or '')} | {io_type} socket | |")
         else:
             lines.append(f"| {label} | {_cell(inp.tooltip or '')} | {_cell(_fmt(getattr(inp, 'default', None)))} "
-                         f"| {_cell(_range(inp, io_type))} |")
+                         f"| {_cell(_range(inp, io_type, node_id))} |")
     lines.append("")
     if governed:
         rows = presets.PRESETS[node_id]

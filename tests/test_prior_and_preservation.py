@@ -154,8 +154,8 @@ def test_trajectory_objective_learns_the_reversed_guidance_target():
     t = torch.tensor([200, 300, 700, 900])  # two reversed-guidance steps, two kept ones
     untrained = KVLora({k: tuple(w.shape) for k, w in den.kv_weights().items()}, 1)
     with torch.no_grad():
-        before = float(_trajectory_loss(den, untrained, x_t, t, ctx, uncond, cfg))
-        after = float(_trajectory_loss(den, out.lora, x_t, t, ctx, uncond, cfg))
+        before = float(_trajectory_loss(den, untrained.weight_transform, x_t, t, ctx, uncond, cfg))
+        after = float(_trajectory_loss(den, out.lora.weight_transform, x_t, t, ctx, uncond, cfg))
     assert after < 0.8 * before
     with pytest.raises(ValueError, match="objective"):
         _train(dataclasses.replace(FAST, objective="nonsense"), den)
