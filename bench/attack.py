@@ -1,4 +1,4 @@
-"""How robust is each erasure? Attack success rates in toy world v2, every method side by side.
+"""How robust is each erasure? Attack success rates in toy world v2 (or v3), every method side by side.
 
 ``--kind name`` (default): for 1 and 10 erased names (the first names of the vocabulary;
 preserve list and retained set as in ``bench.mass_quality``), each method's edit is attacked:
@@ -26,6 +26,17 @@ word and its synonym in every style template, 22 prompts, the best 8 redrawn twi
 
 Clean H (the celebrity protocol, ``--n-clean`` prompts per set) is measured in the same run.
 
+``--world v3``: the same attacks in toy world v3 (``robust`` takes the world's vocabulary and
+scorer: identity hits are v3's scorer's, glyph and colour). Split as ``bench.two_worlds.split``
+with seed 0: erased = the first names, preserve list = the next 100, retained =
+``vocab.NAMES[1000:1200]`` (styles: as v2). A name's look-alike is the nearest name not erased of
+the same colour (``vocab.COLOR_OF``) by glyph Hamming distance (``vocab.code_bits``), ties by
+index; paraphrases and styles as v2 (v3 shares v2's templates and style table). Every method runs
+there (the text-encoder edits take the world's vocabulary and caption prior from its model).
+
+``--cfr-lambda``: the CFR ridge of every method with a CFR stage (cfr_prior, cfr_prior_adv, uce,
+full; default ``erase.DEFAULT_LAMBDA``), recorded in each row (None for the others).
+
 Methods: none | cfr_prior (CFR + toy caption prior: the CFR node's defaults) | full (MACE with the
 pack's defaults) | uce (UCE-style) | ace (ACE-style gated null-out, ``mace_ops.ace``) |
 te_edit (``bench.text_encoder_edit``'s default: the last text MLP fitted with 512 synthetic stand-ins
@@ -40,6 +51,7 @@ found without the world's attribute table; the evaluation's look-alike is anothe
 
     nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack       # docs/results/attack.json (~20 min)
     nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack --kind style --out docs/results/attack_styles.json
+    nice -n 10 env OMP_NUM_THREADS=1 python -m bench.attack --world v3 --methods cfr_prior ace gate_compiled
 """
 from __future__ import annotations
 
@@ -59,6 +71,9 @@ from toyworld.v2.text_edit import compile_gate, edit_text_encoder, with_text_enc
 
 METHODS = ("none", "cfr_prior", "full", "uce", "ace", "cfr_prior_adv", "ace_adv", "ace_adv_both", "te_edit",
            "gate_compiled")
+CFR_STAGE = ("cfr_prior", "cfr_prior_adv", "uce", "full")   # the methods --cfr-lambda reaches
+WORLDS = ("v2", "v3")
+SOFT_ATTACKS = ("soft", "soft_lookalike")
 COLUMNS = ["method", "kind", "attack", "concepts", "asr", "se", "n", "n_attacks", "H", "acc_e", "acc_g", "acc_s", "seconds"]
 
 
@@ -80,29 +95,32 @@ EDITED_ENCODERS = {"te_edit": text_encoder_edited, "gate_compiled": gate_compile
 
 
 def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig,
-          ace: ACEConfig = ACEConfig()) -> robust.Edit:
+          ace: ACEConfig = ACEConfig(), lamb: float = erase.DEFAULT_LAMBDA) -> robust.Edit:
+    """The edit of ``method`` for ``task`` on ``world``; ``lamb``: the CFR ridge of the methods with a
+    CFR stage (``CFR_STAGE``)."""
     if method == "none" or method in EDITED_ENCODERS:     # the edit lives in the world
         return robust.Edit()
     if method == "cfr_prior":
-        return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0).weights)
+        return robust.Edit(erase.cfr_erase(world, task, lamb=lamb, prior_weight=1.0).weights)
     if method == "uce":
-        return robust.Edit(erase.uce_erase(world, task).weights)
+        return robust.Edit(erase.uce_erase(world, task, lamb=lamb).weights)
     if method == "full":
-        return robust.Edit(erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused)
+        return robust.Edit(erase.mace_erase(world, task, lamb=lamb, **erase.mace_setting("recommended")).fused)
     if method in ("ace", "ace_adv", "ace_adv_both"):
         fit = lambda found: robust.Edit(None, erase.ace_erase(world, task, config=ace, adversarial=found))  # noqa: E731
     elif method == "cfr_prior_adv":
         def fit(found):
             embs = [v for vs in found.values() for v in vs]
             extra = embedding_pairs(world.text_encoder, embs, task.templates, task.anchor) if embs else None
-            return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0, extra_pairs=extra).weights)
+            return robust.Edit(erase.cfr_erase(world, task, lamb=lamb, prior_weight=1.0, extra_pairs=extra).weights)
     else:
         raise ValueError(f"method: unknown {method!r}")
     if not method.endswith(("_adv", "_adv_both")):
         return fit({})
     both = method.endswith("_both")
     return robust.adversarial_rounds(world, task.erase, fit, rounds, defence, kept=task.preserve,
-                                     lookalike_config=robust.TARGETS[task.kind].lookalike_attack if both else None)[0]
+                                     lookalike_config=robust.targets(world.model.vocab)[task.kind].lookalike_attack
+                                     if both else None)[0]
 
 
 def surrogate(edit: robust.Edit, temperature: float) -> robust.Edit | None:
@@ -158,6 +176,9 @@ def combine(paths: list[str], out: str) -> None:
     kinds = {p["settings"]["kind"] for p in parts}
     if len(kinds) != 1:
         raise SystemExit(f"--combine: the parts attack different kinds {sorted(kinds)}; combine one kind at a time")
+    worlds = {p["settings"].get("world", "v2") for p in parts}
+    if len(worlds) != 1:
+        raise SystemExit(f"--combine: the parts come from different worlds {sorted(worlds)}; combine one at a time")
     order = {m: i for i, m in enumerate(METHODS)}
     rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["concepts"], order.get(r["method"], 99)))
     write_json(out, {"bench": "attack", "env": parts[0]["env"], "world": parts[0]["world"],
@@ -171,8 +192,34 @@ def combine(paths: list[str], out: str) -> None:
     print(readme_table(rows))
 
 
+class Setup:
+    """The world a run attacks: (world, its vocab and evaluate modules) and its split per count."""
+
+    def __init__(self, args, kind: str):
+        self.name, self.kind = args.world, kind
+        if args.world == "v2":             # today's path: bench.common's v2 split
+            self.toy = toy_v2_setup(args, kind)
+            self.world, self.vocab, self.evaluate = self.toy.world, vocab, evaluate
+        else:
+            from toyworld.v3 import evaluate as evaluate_v3
+            from toyworld.v3 import vocab as vocab_v3
+            torch.set_num_threads(args.threads)
+            self.world, self.vocab, self.evaluate = evaluate_v3.load_world(), vocab_v3, evaluate_v3
+
+    def split(self, count: int) -> tuple[tuple, tuple, tuple]:
+        """(erased, preserve list, retained set) for ``count`` concepts."""
+        if self.name == "v2":
+            check_count(count, self.toy.most, "--counts")
+            pool = vocab.NAMES if self.kind == "name" else vocab.STYLES
+            return tuple(pool[:count]), self.toy.preserve, self.toy.retained
+        from bench.two_worlds import split
+        return split(self.name, self.vocab, self.kind, count, 0)
+
+
 def main(argv=None) -> None:
     ap = toy_v2_parser(__doc__)
+    ap.add_argument("--world", choices=WORLDS, default="v2",
+                    help="the toy world attacked (v3: the split of bench.two_worlds, seed 0)")
     ap.add_argument("--kind", choices=("name", "style"), default="name", help="what is erased and attacked")
     ap.add_argument("--counts", type=int, nargs="*", default=None,
                     help="numbers of erased concepts (default 1 10 for names, 1 5 for styles)")
@@ -181,6 +228,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="Adam steps of each evaluation attack")
     ap.add_argument("--rounds", type=int, default=2, help="adversarial augmentation rounds (_adv methods)")
     ap.add_argument("--defence-steps", type=int, default=40, help="Adam steps of the defence's attacks")
+    ap.add_argument("--attacks", nargs="+", choices=SOFT_ATTACKS, default=list(SOFT_ATTACKS),
+                    help="the soft-prompt attacks run (default both; the paraphrase attack: --para-names)")
     ap.add_argument("--para-names", type=int, default=1, help="concepts per cell under the paraphrase attack")
     ap.add_argument("--n-clean", type=int, default=100, help="prompts per clean set (erased, nicknames, retained)")
     ap.add_argument("--ace-open-rate", type=float, default=ACEConfig().open_rate,
@@ -188,6 +237,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ace-gate", choices=GATE_SHAPES, default=ACEConfig().gate, help="the ACE methods' gate shape")
     ap.add_argument("--ace-temperature", type=float, default=ACEConfig().temperature,
                     help="the ACE methods' gate temperature")
+    ap.add_argument("--cfr-lambda", type=float, default=erase.DEFAULT_LAMBDA,
+                    help="the CFR ridge (raw units) of every method with a CFR stage: " + ", ".join(CFR_STAGE))
     ap.add_argument("--surrogate-temperature", type=float, default=0.02,
                     help="a ramp gate is also attacked through the smooth centred gate at this temperature "
                     "(scored on the real one; each attack counts the better of the two); 0 = off")
@@ -196,31 +247,33 @@ def main(argv=None) -> None:
     args = toy_v2_args(ap, argv, out=None)
     kind = args.kind
     counts = args.counts if args.counts is not None else ([1, 10] if kind == "name" else [1, 5])
-    out = args.out or ("bench/results/attack.json" if kind == "name" else "bench/results/attack_styles.json")
+    suffix = "" if args.world == "v2" else f"_{args.world}"
+    out = args.out or (f"bench/results/attack{suffix}.json" if kind == "name"
+                       else f"bench/results/attack_styles{suffix}.json")
     if args.combine:
         return combine(args.combine, out)
-    toy = toy_v2_setup(args, kind)
-    world, preserve, retained = toy.world, toy.preserve, toy.retained
-    tgt = robust.TARGETS[kind]
-    pool = vocab.NAMES if kind == "name" else vocab.STYLES
+    setup = Setup(args, kind)
+    world, wv, ev = setup.world, setup.vocab, setup.evaluate
+    tgt = robust.targets(wv)[kind]
     attack_cfg = replace(tgt.attack, steps=args.steps)
     defence_cfg = replace(tgt.attack, steps=args.defence_steps)
     ace_cfg = ACEConfig(temperature=args.ace_temperature, open_rate=args.ace_open_rate, gate=args.ace_gate)
     t_start, rows = time.time(), []
     for count in counts:
-        check_count(count, toy.most, "--counts")
-        task = erase.Task(kind, tuple(pool[:count]), tuple(preserve))
+        erased, preserve, retained = setup.split(count)
+        task = erase.Task(kind, tuple(erased), tuple(preserve))
         for method in args.methods:
             t0 = time.perf_counter()
             w = EDITED_ENCODERS[method](world, task) if method in EDITED_ENCODERS else world   # where the edit lives
-            edit = build(w, method, task, args.rounds, defence_cfg, ace_cfg)
+            edit = build(w, method, task, args.rounds, defence_cfg, ace_cfg, lamb=args.cfr_lambda)
             seconds = time.perf_counter() - t0
-            base_ret = None if w is world else evaluate.mass_metrics(   # retained set as the original draws it
+            base_ret = None if w is world else ev.mass_metrics(   # retained set as the original draws it
                 world, kind, task.erase, retained, n_erased=args.n_clean, n_retained=args.n_clean)[1]
-            clean, _ = evaluate.mass_metrics(w, kind, task.erase, retained, kv_weights=edit.kv_weights,
-                                             context_transform=edit.context_transform, base_retained=base_ret,
-                                             n_erased=args.n_clean, n_retained=args.n_clean)
-            base = {"method": method, "kind": kind, "concepts": count, "H": round(clean.H, 4),
+            clean, _ = ev.mass_metrics(w, kind, task.erase, retained, kv_weights=edit.kv_weights,
+                                       context_transform=edit.context_transform, base_retained=base_ret,
+                                       n_erased=args.n_clean, n_retained=args.n_clean)
+            base = {"method": method, "world": args.world, "kind": kind, "concepts": count,
+                    "cfr_lambda": args.cfr_lambda if method in CFR_STAGE else None, "H": round(clean.H, 4),
                     "se_H": clean.row()["se_H"], "acc_e": round(clean.acc_e, 4),
                     "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
                     "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
@@ -228,6 +281,8 @@ def main(argv=None) -> None:
             proxy = surrogate(edit, args.surrogate_temperature)
             for attack, inits, cfg in (("soft", (tgt.anchor,), attack_cfg),
                                        ("soft_lookalike", (None,), tgt.lookalike_attack)):
+                if attack not in args.attacks:
+                    continue
                 def scored(through):
                     """Attacks through ``through``, each scored (ASR) on the real edit."""
                     found = robust.soft_attack_runs(w, through, task.erase, args.runs, inits, seed=900, config=cfg,
@@ -244,7 +299,8 @@ def main(argv=None) -> None:
                 rows.append({**base, "attack": attack, "asr": round(sum(per) / len(per), 4),
                              "se": round(cluster_se(per), 4), "n": n_img, "n_attacks": len(per), **extra,
                              "per_attack": [round(p, 3) for p in per], "attack_names": [n for n, _ in runs],
-                             "init_words": [inits[j % len(inits)] or robust.lookalike(n, exclude=task.erase)
+                             "init_words": [inits[j % len(inits)] or robust.lookalike(n, exclude=task.erase,
+                                                                                      world_vocab=wv)
                                             for j, (n, _) in enumerate(runs)]})
                 print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
             if args.para_names <= 0:
@@ -259,15 +315,19 @@ def main(argv=None) -> None:
             rows.append({**base, "attack": "paraphrase", "asr": round(asr, 4),
                          "se": round(evaluate.binomial_se(asr, h.numel()), 4), "n": h.numel(),
                          "n_attacks": len(hits), "mean_over_candidates": round(sum(means) / len(means), 4),
-                         "n_candidates": len(robust.paraphrase_prompts(task.erase[0]))})
+                         "n_candidates": len(robust.paraphrase_prompts(task.erase[0], world_vocab=wv))})
             print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]", flush=True)
     minutes = (time.time() - t_start) / 60
     print()
     print_table(rows, COLUMNS)
     write_json(out, {"bench": "attack", "env": environment(), "world": world.metadata, "minutes": round(minutes, 1),
-                     "settings": {"kind": kind, "attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
+                     "settings": {"world": args.world, "kind": kind, "cfr_lambda": args.cfr_lambda,
+                                  "split": ("bench.common (v2)" if args.world == "v2"
+                                            else "bench.two_worlds.split, seed 0"),
+                                  "attack": attack_cfg.__dict__, "defence_attack": defence_cfg.__dict__,
                                   "lookalike_attack": tgt.lookalike_attack.__dict__,
-                                  "runs": args.runs, "rounds": args.rounds, "para_names": args.para_names,
+                                  "attacks": args.attacks, "runs": args.runs, "rounds": args.rounds,
+                                  "para_names": args.para_names,
                                   "n_clean": args.n_clean, "ace": ace_cfg.__dict__,
                                   "surrogate_temperature": args.surrogate_temperature,
                                   "paraphrase_styles": list(robust.PARAPHRASE_STYLES) if kind == "name" else []},

@@ -362,3 +362,73 @@ def test_soft_attack_runs_aim_at_the_image_worlds_pictures(monkeypatch):
     seen.clear()
     robust.soft_attack_runs("edited", robust.Edit(), ["n0"], 1, ["someone"], 900, cfg)
     assert seen == [("edited", None, 900)]
+
+
+# ----------------------------------------------------------------------------- toy world v3
+def test_v3_lookalike_is_the_nearest_glyph_of_the_same_colour():
+    """In v3 a name's look-alike is the nearest name not erased of the same colour by glyph Hamming
+    distance, ties by index; its target, words and paraphrases are v3's; v2's rule is untouched."""
+    from toyworld.v2 import robust
+    from toyworld.v2 import vocab as v2
+    from toyworld.v3 import vocab as v3
+    erased = tuple(v3.NAMES[:10])
+
+    def gap(i, j):
+        return sum(a != b for a, b in zip(v3.code_bits(i), v3.code_bits(j)))
+    for n in erased:
+        look = robust.lookalike(n, exclude=erased, world_vocab=v3)
+        i, j = v3.NAME_INDEX[n], v3.NAME_INDEX[look]
+        same = [k for k in range(v3.N_NAMES) if k != i and v3.COLOR_OF[k] == v3.COLOR_OF[i]
+                and v3.NAMES[k] not in erased]
+        assert look not in erased and v3.COLOR_OF[j] == v3.COLOR_OF[i]
+        assert (gap(i, j), j) == min((gap(i, k), k) for k in same)
+    t = robust.target(v3.NAMES[0], v3)
+    main = v3.NAMES[0]
+    assert t.index is v3.NAME_INDEX and t.words(v3.NICKNAMES[main][0]) == (main,) + v3.NICKNAMES[main]
+    assert robust.targets(v3)["style"].seed_offset == v3.N_NAMES and robust.targets(v2) is robust.TARGETS
+    assert f"a photo of {v3.NICKNAMES[v3.NAMES[0]][0]}" in robust.paraphrase_prompts(v3.NAMES[0], world_vocab=v3)
+    with pytest.raises(ValueError, match="toy world v2"):
+        robust.target(v3.NAMES[0])                          # a v3 name is no word of v2
+
+
+def test_bench_attack_runs_in_v3(tmp_path, monkeypatch):
+    """``bench.attack --world v3``: one soft attack (3 steps) on CFR + prior at 1 name; the split is
+    bench.two_worlds' (seed 0), the CFR ridge reaches the method and is recorded, the row's fields
+    are in range. The retained set is cut to 4 names here for speed (clean H only)."""
+    import json
+
+    import bench.attack as attack
+    from toyworld.v2 import erase
+    from toyworld.v3 import vocab as v3
+
+    splits, lambdas = [], []
+    real_split, real_cfr = attack.Setup.split, erase.cfr_erase
+
+    def split(self, count):
+        e, p, r = real_split(self, count)
+        splits.append((e, p, r))
+        return e, p, r[:4]
+
+    def cfr(*a, **kw):
+        lambdas.append(kw.get("lamb"))
+        return real_cfr(*a, **kw)
+    monkeypatch.setattr(attack.Setup, "split", split)
+    monkeypatch.setattr(erase, "cfr_erase", cfr)
+    out = tmp_path / "attack_v3.json"
+    attack.main(["--world", "v3", "--methods", "cfr_prior", "--counts", "1", "--runs", "1", "--steps", "3",
+                 "--attacks", "soft", "--para-names", "0", "--n-clean", "2", "--cfr-lambda", "0.2",
+                 "--out", str(out)])
+    (e, p, r), = splits
+    assert e == (v3.NAMES[0],) and p == tuple(v3.NAMES[1:101]) and r == tuple(v3.NAMES[1000:1200])
+    assert lambdas == [0.2]
+    res = json.loads(out.read_text())
+    assert res["settings"]["world"] == "v3" and res["settings"]["cfr_lambda"] == 0.2
+    row, = res["rows"]
+    assert {k: row[k] for k in ("method", "world", "kind", "attack", "concepts", "cfr_lambda", "n_attacks")} == {
+        "method": "cfr_prior", "world": "v3", "kind": "name", "attack": "soft", "concepts": 1, "cfr_lambda": 0.2,
+        "n_attacks": 1}
+    assert row["attack_names"] == [v3.NAMES[0]] and row["init_words"] == [v3.NEUTRAL_NAME]
+    assert row["n"] == 2 * len(v3.NAME_TEMPLATES) and len(row["per_attack"]) == 1
+    assert 0.0 <= row["asr"] <= 1.0 and abs(row["asr"] - row["per_attack"][0]) <= 1e-3
+    for k in ("H", "acc_e", "acc_g", "acc_s"):
+        assert 0.0 <= row[k] <= 1.0, (k, row[k])

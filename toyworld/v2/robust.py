@@ -1,4 +1,9 @@
-"""Robustness of erasures in toy world v2: the attacks of ``mace_ops.attacks``, run and scored.
+"""Robustness of erasures in toy worlds v2 and v3: the attacks of ``mace_ops.attacks``, run and scored.
+
+World-parametric: every function that takes a ``world`` uses that world's vocabulary
+(``world.model.vocab``) and scorer (the ``scorer`` module beside it); those without one
+(``target``, ``lookalike``, ``paraphrase_prompts``) take ``world_vocab`` (default v2's). Toy world
+v3 shares v2's templates, styles and anchors, so the targets differ only in their word tables.
 
 Names and styles alike: a concept word (a name or a style; the vocabulary is closed, so the word
 says which) has a ``Target`` (``target``): the templates its word sits in ("{}" = the word), the
@@ -17,11 +22,12 @@ the unconditional one included, as the ComfyUI patch does).
   nearest look-alike that is not erased (``lookalike``; constant step 0.05, 60 steps): it
   starts where no gate opens and drifts to the erased look. Style attacks weight their loss by
   Min-SNR-1 (``STYLE_ATTACK_CONFIG``: why, there). A name's look-alike has the same
-  shape and place and the nearest hue; a style's has the same background pattern and the
-  nearest grey tone (when every same-pattern style is erased: the nearest tone of any pattern).
+  shape and place and the nearest hue (v3: the same colour, the nearest glyph by Hamming
+  distance, ties by index); a style's has the same background pattern and the nearest grey tone
+  (when every same-pattern style is erased: the nearest tone of any pattern).
 * ``soft_asr``: the probe's accuracy for the concept (identity, or style) on images sampled from
-  the soft prompt in the target's templates with fresh noise (ASR; chance is 1/200 for a name,
-  1/20 for a style).
+  the soft prompt in the target's templates with fresh noise (ASR; chance is 1/200 for a name in
+  v2, 1/1200 in v3, 1/20 for a style).
 * ``adversarial_rounds``: adversarial augmentation, the defence's loop (anchor-start attacks with
   seeds of their own; optionally also from the nearest preserve-list word, ``nearest_kept``).
 * ``paraphrase_asr``: every other word for the concept in its templates is searched on one seed
@@ -31,7 +37,9 @@ the unconditional one included, as the ComfyUI patch does).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -68,30 +76,69 @@ class Target:
     seed_offset: int                   # keeps the attacker's image seeds apart across kinds
     attack: SoftPromptConfig           # the anchor-start attack's budget
     lookalike_attack: SoftPromptConfig  # the look-alike-start attack's budget
+    vocab: ModuleType = vocab          # the world's vocabulary module (v2's, or v3's)
 
     def words(self, concept: str) -> tuple[str, ...]:
         """The concept's main word and its other words (nicknames / the style's synonym)."""
         if self.kind == "name":
-            main = vocab.NAMES[self.index[concept]]
-            return (main,) + vocab.NICKNAMES[main]
-        main = vocab.STYLES[self.index[concept]]
-        return (main,) + vocab.STYLE_SYNONYMS[main]
+            main = self.vocab.NAMES[self.index[concept]]
+            return (main,) + self.vocab.NICKNAMES[main]
+        main = self.vocab.STYLES[self.index[concept]]
+        return (main,) + self.vocab.STYLE_SYNONYMS[main]
 
 
-TARGETS = {
-    "name": Target("name", ASR_TEMPLATES, vocab.NEUTRAL_NAME, "identity", vocab.NAME_INDEX, 0,
-                   ATTACK_CONFIG, LOOKALIKE_CONFIG),
-    "style": Target("style", STYLE_ASR_TEMPLATES, vocab.NEUTRAL_STYLE, "style", vocab.STYLE_INDEX, vocab.N_NAMES,
-                    STYLE_ATTACK_CONFIG, STYLE_LOOKALIKE_CONFIG),
-}
+def _targets(world_vocab: ModuleType) -> dict[str, Target]:
+    return {
+        "name": Target("name", ASR_TEMPLATES, world_vocab.NEUTRAL_NAME, "identity", world_vocab.NAME_INDEX, 0,
+                       ATTACK_CONFIG, LOOKALIKE_CONFIG, world_vocab),
+        "style": Target("style", STYLE_ASR_TEMPLATES, world_vocab.NEUTRAL_STYLE, "style", world_vocab.STYLE_INDEX,
+                        world_vocab.N_NAMES, STYLE_ATTACK_CONFIG, STYLE_LOOKALIKE_CONFIG, world_vocab),
+    }
 
 
-def target(concept: str) -> Target:
-    """The target of a name or a style word (or a nickname / synonym)."""
-    for t in TARGETS.values():
+TARGETS = _targets(vocab)                # toy world v2's
+_WORLD_TARGETS: dict[str, dict[str, Target]] = {vocab.__name__: TARGETS}
+
+
+def world_name(world_vocab: ModuleType) -> str:
+    """"v2" / "v3": the world a vocabulary module belongs to (its package's last part)."""
+    return world_vocab.__name__.rsplit(".", 2)[-2]
+
+
+def targets(world_vocab: ModuleType = vocab) -> dict[str, Target]:
+    """kind -> ``Target`` in the world of ``world_vocab`` (v2's ``TARGETS`` by default). The templates,
+    anchors and budgets are v2's in every world (v3 reuses them); the word tables are the world's."""
+    key = world_vocab.__name__
+    if key not in _WORLD_TARGETS:
+        if tuple(world_vocab.NAME_TEMPLATES) != tuple(vocab.NAME_TEMPLATES) or \
+                tuple(world_vocab.STYLE_TEMPLATES) != tuple(vocab.STYLE_TEMPLATES):
+            raise ValueError(f"world_vocab: {key} has templates of its own; robust's targets assume v2's")
+        _WORLD_TARGETS[key] = _targets(world_vocab)
+    return _WORLD_TARGETS[key]
+
+
+def vocab_of(world) -> ModuleType:
+    """The vocabulary module of a loaded world (its model's)."""
+    return world.model.vocab
+
+
+def scorer_of(world) -> ModuleType:
+    """The scorer module of a loaded world: the ``scorer`` beside its vocabulary (v2's, v3's)."""
+    v = vocab_of(world)
+    return scorer if v is vocab else importlib.import_module(v.__package__ + ".scorer")
+
+
+def target(concept: str, world_vocab: ModuleType = vocab) -> Target:
+    """The target of a name or a style word (or a nickname / synonym) of the world of ``world_vocab``."""
+    for t in targets(world_vocab).values():
         if concept in t.index:
             return t
-    raise ValueError(f"concept: {concept!r} is neither a name nor a style of toy world v2")
+    raise ValueError(f"concept: {concept!r} is neither a name nor a style of toy world {world_name(world_vocab)}")
+
+
+def target_of(world, concept: str) -> Target:
+    """``target`` in the world ``world``."""
+    return target(concept, vocab_of(world))
 
 
 @dataclass
@@ -129,17 +176,18 @@ def sample_prompts(world, prompts: Sequence[str], edit: Edit, seed: int) -> torc
 
 
 def identity_hits(world, images: torch.Tensor, identity: int) -> torch.Tensor:
-    return (scorer.score(world.probe, images)["identity"] == identity).float()
+    """Per image: 1 where the world's scorer sees identity ``identity``."""
+    return (scorer_of(world).score(world.probe, images)["identity"] == identity).float()
 
 
 def concept_hits(world, images: torch.Tensor, concept: str) -> torch.Tensor:
-    """Per image: 1 where the probe sees ``concept`` (its identity, or its style)."""
-    t = target(concept)
-    return (scorer.score(world.probe, images)[t.head] == t.index[concept]).float()
+    """Per image: 1 where the world's scorer sees ``concept`` (its identity, or its style)."""
+    t = target_of(world, concept)
+    return (scorer_of(world).score(world.probe, images)[t.head] == t.index[concept]).float()
 
 
 def attacker_images(world, concept: str, n: int = 8) -> torch.Tensor:
-    t = target(concept)
+    t = target_of(world, concept)
     prompts = [t.templates[(5 * i) % len(t.templates)].replace("{}", concept) for i in range(n)]
     return diffusion.sample(world.model, prompts, seed=ATTACKER_IMAGE_SEED + t.seed_offset + t.index[concept])
 
@@ -148,7 +196,7 @@ def soft_attack(world, edit: Edit, concept: str, config: SoftPromptConfig | None
                 images: torch.Tensor | None = None, init_word: str | None = None) -> SoftPrompt:
     """The soft-prompt attack on ``concept`` from ``init_word`` (default: the anchor), with ``config``
     (default: the target's anchor-start budget)."""
-    t = target(concept)
+    t = target_of(world, concept)
     imgs = attacker_images(world, concept) if images is None else images
     return soft_prompt_attack(world.text_encoder, world.denoiser, imgs, t.templates, init_word or t.anchor,
                               config or t.attack,
@@ -159,7 +207,7 @@ def soft_attack(world, edit: Edit, concept: str, config: SoftPromptConfig | None
 def soft_asr(world, edit: Edit, concept: str, embeddings: torch.Tensor, per_template: int = 2,
              seed: int = EVAL_SEED) -> torch.Tensor:
     """Per-image hits (1 = the erased concept) of the soft prompt in every template of its target."""
-    templates = [tp for tp in target(concept).templates for _ in range(per_template)]
+    templates = [tp for tp in target_of(world, concept).templates for _ in range(per_template)]
     ctx = torch.stack([e.features for e in world.text_encoder.encode_embeddings(templates, embeddings)])
     return concept_hits(world, sample_contexts(world, ctx, edit, seed), concept)
 
@@ -169,55 +217,71 @@ def _hue_gap(a: int, b: int) -> float:
     return min(d, 360 - d)
 
 
-def lookalike(concept: str, exclude: Sequence[str] = ()) -> str:
+def _glyph_gap(world_vocab: ModuleType, a: int, b: int) -> int:
+    return bin(world_vocab.CODES[a] ^ world_vocab.CODES[b]).count("1")   # = Hamming distance of code_bits
+
+
+def lookalike(concept: str, exclude: Sequence[str] = (), world_vocab: ModuleType = vocab) -> str:
     """The attacker's "similar celebrity" to start from, among the concepts of its kind not in
-    ``exclude`` (the erased ones); first on ties. A name: the same shape and place, the nearest
-    hue. A style: the same background pattern, the nearest grey tone (the world's styles are
+    ``exclude`` (the erased ones); first on ties. A name in v2: the same shape and place, the
+    nearest hue; in v3 (``world_vocab`` v3's): the same colour, the nearest glyph by Hamming
+    distance of the codes (when every same-colour name is excluded: the nearest glyph of any
+    colour). A style: the same background pattern, the nearest grey tone (the world's styles are
     pattern x tone, and a tone step is the smaller change to the background)."""
-    t = target(concept)
+    v = world_vocab
+    t = target(concept, v)
     i = t.index[concept]
-    pool = vocab.NAMES if t.kind == "name" else vocab.STYLES
+    pool = v.NAMES if t.kind == "name" else v.STYLES
     pool = [w for w in pool if w != pool[i] and w not in set(exclude)]
-    if t.kind == "name":
+    if t.kind == "name" and hasattr(v, "CODES"):                # v3: identity = colour + glyph
+        colour = v.COLOR_OF[i]
+
+        def key(n):
+            j = v.NAME_INDEX[n]
+            return (v.COLOR_OF[j] != colour, _glyph_gap(v, i, j), j)
+    elif t.kind == "name":
         c, sh, p = vocab.APPEARANCE[i]
 
         def key(n):
             c2, sh2, p2 = vocab.APPEARANCE[vocab.NAME_INDEX[n]]
             return (-(sh2 == sh) - (p2 == p), _hue_gap(c, c2), vocab.NAME_INDEX[n])
     else:
-        pt, tn = vocab.STYLE_LOOK[i]
+        pt, tn = v.STYLE_LOOK[i]
 
         def key(s):
-            pt2, tn2 = vocab.STYLE_LOOK[vocab.STYLE_INDEX[s]]
-            return (pt2 != pt, abs(tn2 - tn), vocab.STYLE_INDEX[s])   # TONES are evenly spaced
+            pt2, tn2 = v.STYLE_LOOK[v.STYLE_INDEX[s]]
+            return (pt2 != pt, abs(tn2 - tn), v.STYLE_INDEX[s])   # TONES are evenly spaced
     return min(pool, key=key)
 
 
 def soft_attack_runs(world, edit: Edit, concepts: Sequence[str], runs: int, inits: Sequence[str | None], seed: int,
                      config: SoftPromptConfig, image_world=None) -> list[tuple[str, SoftPrompt]]:
     """``runs`` attacks: run j on concepts[j % len], from init word inits[j % len] (None: the
-    concept's look-alike among those not erased), attack seed seed + j. The attacker's images come
-    from ``image_world`` (default ``world``): the original model, when ``world`` is itself edited
-    (a text-encoder edit), so the attack aims at what the concept looked like before."""
+    concept's look-alike among those not erased, in ``world``'s vocabulary), attack seed seed + j.
+    The attacker's images come from ``image_world`` (default ``world``): the original model, when
+    ``world`` is itself edited (a text-encoder edit), so the attack aims at what the concept looked
+    like before."""
     out = []
     for j in range(runs):
         concept = concepts[j % len(concepts)]
-        init = inits[j % len(inits)] or lookalike(concept, exclude=concepts)
+        init = inits[j % len(inits)] or lookalike(concept, exclude=concepts, world_vocab=vocab_of(world))
         images = attacker_images(image_world, concept) if image_world is not None else None
         sp = soft_attack(world, edit, concept, replace(config, seed=seed + j), images=images, init_word=init)
         out.append((concept, sp))
     return out
 
 
-def paraphrase_prompts(concept: str, styles: Sequence[str] = PARAPHRASE_STYLES) -> list[str]:
+def paraphrase_prompts(concept: str, styles: Sequence[str] = PARAPHRASE_STYLES,
+                       world_vocab: ModuleType = vocab) -> list[str]:
     """Every word for the concept in its templates. A name: the main word and nicknames in every
     name template and every name+style template with each of ``styles`` (default every 5th of the
     20: style is independent of identity). A style: the style word and its synonym in every style
-    template."""
-    t = target(concept)
+    template. ``world_vocab``: the world's vocabulary (v2's by default)."""
+    t = target(concept, world_vocab)
     templates = list(t.templates)
     if t.kind == "name":
-        templates += [tp.replace("{n}", "{}").replace("{st}", st) for tp in vocab.NAME_STYLE_TEMPLATES for st in styles]
+        templates += [tp.replace("{n}", "{}").replace("{st}", st) for tp in t.vocab.NAME_STYLE_TEMPLATES
+                      for st in styles]
     return paraphrase_candidates(t.words(concept), templates)
 
 
@@ -225,7 +289,7 @@ def paraphrase_prompts(concept: str, styles: Sequence[str] = PARAPHRASE_STYLES) 
 def paraphrase_asr(world, edit: Edit, concept: str, keep: int = 8, repeats: int = 2,
                    seed: int = EVAL_SEED) -> tuple[torch.Tensor, float]:
     """(hits of the best ``keep`` paraphrases on fresh seeds, mean success over all candidates)."""
-    cands = paraphrase_prompts(concept)
+    cands = paraphrase_prompts(concept, world_vocab=vocab_of(world))
     search = {}
 
     def success(prompts):
@@ -246,7 +310,7 @@ def nearest_kept(world, concept: str, kept: Sequence[str], template: str | None 
     it needs only the text encoder and the method's own inputs, as a defence on a real model would."""
     if not kept:
         raise ValueError("kept: the preserve list is empty; the look-alike start needs kept words")
-    template = template or target(concept).templates[0]
+    template = template or target_of(world, concept).templates[0]
     enc = world.text_encoder.encode([template.replace("{}", w) for w in (concept, *kept)])
     pos = template.split().index("{}") + 1                      # + the start token
     feats = torch.nn.functional.normalize(torch.stack([e.features[pos].float() for e in enc]), dim=-1)
