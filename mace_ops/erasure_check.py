@@ -10,7 +10,8 @@
 * ``parse_held_out``: ``nickname, paraphrase -> concept`` lines (the concept may be left out when
   one concept is erased).
 * ``check_rows`` / ``report``: Acc_e, Acc_g, Acc_s and H with binomial SEs and n, before and after
-  (``erasure_metrics.mass_row``), and the table the node prints.
+  (``erasure_metrics.mass_row``), and the table the node prints (with a second judge's lines when
+  there is one: ``clip_judge``).
 """
 from __future__ import annotations
 
@@ -113,18 +114,31 @@ def _fmt(acc: Optional[float], se: Optional[float], n: int) -> str:
     return "-" if acc is None else f"{acc:.3f} ± {se:.3f} (n={n})"
 
 
-def report(rows: Sequence[dict], close: dict[str, float], seconds: dict[str, float]) -> str:
-    """The table: one line per component, before and after; close calls and time below."""
-    before, after = rows[0], rows[1]
-    lines = ["MACE erasure check (judge: the base model, diffusion classifier)",
-             f"{'':24}{'before (base model)':28}after (erased model)"]
+def _judge_lines(before: dict, after: dict) -> list[str]:
+    lines = []
     for key, label in (("e", "Acc_e erased (lower)"), ("g", "Acc_g held-out (lower)"), ("s", "Acc_s kept (higher)")):
         lines.append(f"{label:24}{_fmt(before[f'acc_{key}'], before[f'se_{key}'], before[f'n_{key}']):28}"
                      f"{_fmt(after[f'acc_{key}'], after[f'se_{key}'], after[f'n_{key}'])}")
     h = [("-" if r["H"] is None else f"{r['H']:.3f}" + ("" if r["se_H"] is None else f" ± {r['se_H']:.3f}"))
          for r in (before, after)]
     lines.append(f"{'H':24}{h[0]:28}{h[1]}")
+    return lines
+
+
+HEADER = f"{'':24}{'before (base model)':28}after (erased model)"
+
+
+def report(rows: Sequence[dict], close: dict[str, float], seconds: dict[str, float],
+           second: Optional[dict] = None) -> str:
+    """The table: one line per component, before and after; close calls and time below.
+
+    ``second``: another judge's ``{"title": str, "rows": [before, after], "notes": [str, ...]}``,
+    printed the same way after the first judge's lines."""
+    before, after = rows[0], rows[1]
+    lines = ["MACE erasure check (judge: the base model, diffusion classifier)", HEADER] + _judge_lines(before, after)
     lines.append("close calls (bootstrap p between 0.1 and 0.9): "
                  + ", ".join(f"{k} {v:.0%}" for k, v in close.items()))
+    if second is not None:
+        lines += [second["title"], HEADER] + _judge_lines(*second["rows"][:2]) + list(second.get("notes", ()))
     lines.append("seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items()))
     return "\n".join(lines)

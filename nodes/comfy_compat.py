@@ -33,7 +33,7 @@ MIN_COMFYUI = "0.3.64"
 API_CANDIDATES = ("comfy_api.latest", "comfy_api.v0_0_3", "comfy_api.v0_0_2")
 # What the nodes take from the API module (io.X) -- checked before a candidate is accepted.
 IO_NAMES = ("ComfyNode", "Schema", "NodeOutput", "Model", "Clip", "Vae", "Image", "Mask", "String",
-            "Int", "Float", "Boolean", "Combo")
+            "Int", "Float", "Boolean", "Combo", "ClipVision")
 PATCHER_METHODS = ("clone", "add_patches", "get_key_patches", "model_state_dict", "get_attachment",
                    "set_attachments", "set_model_attn2_replace", "set_model_attn2_patch", "add_weight_wrapper",
                    "get_model_object")

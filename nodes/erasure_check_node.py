@@ -11,6 +11,11 @@ and after), a labelled grid of the worst cases (the erased / held-out images the
 recognises most surely, the kept images it recognises least), and a JSON under
 ``<output>/mace_checks/`` with rows in ``bench/mass_quality.py``'s schema and every image's
 verdict. The judge sees no pooled text: SDXL's ``y`` is zeros (unmeasured there).
+
+Optional second judge (``clip_vision``): every image is also decoded and classified by CLIP
+zero-shot among the same candidate prompts (``mace_ops.clip_judge``; the encoders and their checks
+in ``comfy_clip_judge``): the table and the JSON add its Acc_e / Acc_g / Acc_s / H and the
+per-image agreement of the two judges. JSON rows carry ``judge``: "diffusion" or "clip".
 """
 from __future__ import annotations
 
@@ -27,9 +32,11 @@ from .comfy_compat import advanced, io
 
 from ..mace_ops.atomic_write import write_bytes_atomic
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts, require_concepts
+from ..mace_ops.clip_judge import ALIGNED_BELOW, agreement, clip_classify
 from ..mace_ops.diffusion_classifier import JudgeConfig, classify
 from ..mace_ops.erasure_check import candidates, check_prompts, check_rows, judge_table, parse_held_out, report
 from ..mace_ops.templates import DEFAULT_ANCHORS, templates_for
+from .comfy_clip_judge import ClipJudgeEncoders
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_text_encoder import ComfyTextEncoder
 from .concept_inputs import concept_inputs
@@ -45,6 +52,12 @@ JSON_PREFIX = "mace_checks/erasure_check"
 
 def _judged(cands, winner: int, p: float) -> str:
     return f"judged {cands[winner] or '(anchor)'!r}, p {p:.2f}"
+
+
+def _num(x: float, digits: int = 4):
+    """A JSON-safe float (None for inf/nan)."""
+    x = float(x)
+    return round(x, digits) if x == x and abs(x) != float("inf") else None
 
 
 def worst_cases(prompts, judgement, k: int = WORST) -> list[int]:
@@ -87,7 +100,8 @@ class MaceErasureCheck(io.ComfyNode):
             "(nicknames) and kept prompts, and the base model judges every image as a diffusion classifier, giving "
             "Acc_e / Acc_g / Acc_s / H with standard errors before and after, a grid of the worst cases and a JSON "
             "under output/mace_checks. Use it after any erasure to see whether the concept is gone and the "
-            "look-alikes are kept, before you share the result.",
+            "look-alikes are kept, before you share the result. Connect a CLIP vision model to add CLIP zero-shot "
+            "as a second judge.",
             inputs=[
                 io.Model.Input("base_model", tooltip="The model before erasure: it samples the 'before' images and "
                                "judges every image."),
@@ -121,6 +135,15 @@ class MaceErasureCheck(io.ComfyNode):
                 io.Clip.Input("erased_clip", optional=True,
                               tooltip="The erased model's CLIP when the erasure changed it (MACE Text Gate); "
                               "default: clip."),
+                advanced(io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="Optional second judge: a CLIP vision model (stock Load CLIP Vision) of "
+                                    "the same CLIP as the checkpoint's text tower: ViT-L/14 for SD1.x, ViT-H/14 for "
+                                    "SD2.x, ViT-bigG/14 for SDXL. Every image is then decoded and also classified by "
+                                    "CLIP zero-shot among the same candidates; the table and JSON add its Acc_e / "
+                                    "Acc_g / Acc_s / H and its per-image agreement with the diffusion judge. SD1.x "
+                                    "checkpoints carry no text projection: connect as clip the text encoder loaded "
+                                    "from a file that has one (stock Load CLIP). Cost: a VAE decode and a vision "
+                                    "forward per image.")),
                 presets.preset_input(NODE_ID),
             ],
             outputs=[io.String.Output(display_name="table", tooltip="Acc_e / Acc_g / Acc_s / H before and after, "
@@ -134,7 +157,7 @@ class MaceErasureCheck(io.ComfyNode):
     @classmethod
     def execute(cls, base_model, clip, erased_model, vae, concepts, held_out, keep, concept_type, anchor,
                 images_per_set, seed, steps, cfg, width, height, sampler_name, scheduler, draws,
-                other_candidates="", erased_clip=None, preset=presets.CUSTOM) -> io.NodeOutput:
+                other_candidates="", erased_clip=None, clip_vision=None, preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
         tuned = presets.resolve(NODE_ID, preset, dict(locals()))
         images_per_set, steps, cfg, draws = tuned["images_per_set"], tuned["steps"], tuned["cfg"], tuned["draws"]
@@ -158,9 +181,11 @@ class MaceErasureCheck(io.ComfyNode):
         prompts = check_prompts(erased, held, kept, templates, int(images_per_set))
         texts = [p.prompt for p in prompts]
         config = JudgeConfig(draws=int(draws), screen_draws=min(2, int(draws)), seed=int(seed), batch=8)
+        second = ClipJudgeEncoders(clip, clip_vision) if clip_vision is not None else None  # refused before sampling
         sample_units = 2 * len(texts) * int(steps)
         n_judge = 2 * len(texts) * len(cands) * int(draws)
-        total = sample_units + n_judge
+        n_clip = (2 * len(texts) + 1) * int(steps) if second is not None else 0  # a decode + forward ~ a step
+        total = sample_units + n_judge + n_clip
         bar = NodeProgress(total)
         args = (int(steps), float(cfg), int(seed), int(width), int(height), sampler_name, scheduler, "")
         latents, seconds = {}, {}
@@ -187,15 +212,49 @@ class MaceErasureCheck(io.ComfyNode):
         n = len(texts)
         for j, name in enumerate(("none", "erased")):
             judged[name] = both.select(slice(j * n, (j + 1) * n))
-        extra_info = {"judge": "diffusion classifier (base model)", "candidates": len(cands), "draws": int(draws),
+        clip_judged, clip_rows, agree, clip_section, clip_settings = {}, [], {}, None, None
+        if second is not None:
+            t0 = time.perf_counter()
+            start_units = sample_units + n_judge
+            both_clip = clip_classify(
+                2 * n, second.image_encoder(vae, torch.cat([latents["none"], latents["erased"]])), second.encode_texts,
+                unique, torch.cat([table, table]), torch.cat([labels, labels]), batch=8,
+                progress=lambda d, t: bar(start_units + d * n_clip // max(t, 1), total))
+            seconds["clip judging"] = (time.perf_counter() - t0) / (2 * n)
+            for j, name in enumerate(("none", "erased")):
+                clip_judged[name] = both_clip.select(slice(j * n, (j + 1) * n))
+        extra_info = {"judge": "diffusion", "candidates": len(cands), "draws": int(draws),
                       "seconds": round(time.perf_counter() - start, 2), "peak_mb": None}
         rows = check_rows(concept_type, len(erased), prompts, {k: v.recognised for k, v in judged.items()},
                           **extra_info)
+        if second is not None:
+            clip_rows = check_rows(concept_type, len(erased), prompts, {k: v.recognised for k, v in clip_judged.items()},
+                                   judge="clip", candidates=len(cands), seconds=extra_info["seconds"], peak_mb=None)
+            for k in ("none", "erased"):
+                agree[k] = {"verdict": _num(agreement(judged[k].recognised, clip_judged[k].recognised)),
+                            "answer": _num(agreement(judged[k].winner, clip_judged[k].winner)), "n": n}
+            best = {k: float(v.best_cosine.mean()) for k, v in clip_judged.items()}
+            aligned = min(best.values()) >= ALIGNED_BELOW
+            notes = [f"judges agree (same verdict per image): before {agree['none']['verdict']:.0%}, after "
+                     f"{agree['erased']['verdict']:.0%} (n={n} each); same answer {agree['none']['answer']:.0%}, "
+                     f"{agree['erased']['answer']:.0%}",
+                     f"mean best cosine: before {best['none']:.3f}, after {best['erased']:.3f}"
+                     + ("" if aligned else f" -- below {ALIGNED_BELOW}: the vision model and the text tower do not "
+                        "look like one CLIP (projection missing or wrong vision model?); do not trust the CLIP judge")]
+            if second.note:
+                notes.append(second.note)
+            clip_section = {"title": f"CLIP judge (zero-shot, {second.tower_name} text tower + clip_vision, "
+                                     f"{second.width}-wide embeddings)", "rows": clip_rows, "notes": notes}
+            clip_settings = {"text_tower": second.tower_name, "width": second.width, "image_size": second.image_size,
+                             "projection_used_by_comfyui": second.projected_by_comfy,
+                             "mean_best_cosine": {k: _num(v) for k, v in best.items()}, "aligned_hint": aligned}
         close = {k: float(((v.p_label > 0.1) & (v.p_label < 0.9)).double().mean()) for k, v in judged.items()}
-        table_text = report(rows, {"before": close["none"], "after": close["erased"]}, seconds) + "\n" + settings_line
+        table_text = report(rows, {"before": close["none"], "after": close["erased"]}, seconds,
+                            second=clip_section) + "\n" + settings_line
         worst = worst_cases(prompts, judged["erased"])
         grid_rows = [(f"{prompts[i].set} ({prompts[i].label}), after: "
-                      f"{_judged(cands, int(judged['erased'].winner[i]), float(judged['erased'].p_label[i]))}",
+                      f"{_judged(cands, int(judged['erased'].winner[i]), float(judged['erased'].p_label[i]))}"
+                      + (f"; CLIP {cands[int(clip_judged['erased'].winner[i])] or '(anchor)'!r}" if clip_judged else ""),
                       prompts[i].prompt) for i in worst]
         before = decode_latents(vae, latents["none"][worst])
         after = decode_latents(vae, latents["erased"][worst])
@@ -205,12 +264,16 @@ class MaceErasureCheck(io.ComfyNode):
                    "width": int(width), "height": int(height), "sampler": sampler_name, "scheduler": scheduler,
                    "judge": {"draws": config.draws, "t_range": [config.t_low, config.t_high],
                              "shortlist": config.shortlist, "screen_draws": config.screen_draws,
-                             "bootstrap": config.bootstrap}},
-                   "candidates": cands, "rows": rows, "seconds_per_image": seconds,
+                             "bootstrap": config.bootstrap},
+                   "clip_judge": clip_settings},
+                   "candidates": cands, "rows": rows + clip_rows, "seconds_per_image": seconds,
+                   **({"agreement": agree} if agree else {}),
                    "images": [{"set": p.set, "prompt": p.prompt, "label": p.label,
                                **{f"judged_{k}": cands[int(v.winner[i])] for k, v in judged.items()},
                                **{f"p_label_{k}": round(float(v.p_label[i]), 3) for k, v in judged.items()},
-                               **{f"margin_{k}": float(v.margin[i]) for k, v in judged.items()}}
+                               **{f"margin_{k}": float(v.margin[i]) for k, v in judged.items()},
+                               **{f"clip_judged_{k}": cands[int(v.winner[i])] for k, v in clip_judged.items()},
+                               **{f"clip_margin_{k}": _num(v.margin[i]) for k, v in clip_judged.items()}}
                               for i, p in enumerate(prompts)]}
         path = save_json(payload)
         return io.NodeOutput(table_text, grid, path, ui={"text": [table_text + "\n" + path]})

@@ -47,7 +47,7 @@ SOCKETS: dict[str, tuple[list, list]] = {
                               ("masks", "MASK")],
                              [("model", "MODEL"), ("lora_path", "STRING"), ("summary", "STRING")]),
     "MaceErasureCheck": ([("base_model", "MODEL"), ("clip", "CLIP"), ("erased_model", "MODEL"), ("vae", "VAE"),
-                          ("erased_clip", "CLIP")],
+                          ("erased_clip", "CLIP"), ("clip_vision", "CLIP_VISION")],
                          [("table", "STRING"), ("worst_cases", "IMAGE"), ("json_path", "STRING")]),
 }
 

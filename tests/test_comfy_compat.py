@@ -41,7 +41,7 @@ def _load_compat(monkeypatch):
 
 
 _ALL_NAMES = ("ComfyNode", "Schema", "NodeOutput", "Model", "Clip", "Vae", "Image", "Mask", "String",
-              "Int", "Float", "Boolean", "Combo")
+              "Int", "Float", "Boolean", "Combo", "ClipVision")
 _IO_NAMES = _ALL_NAMES
 
 

@@ -2,7 +2,9 @@
 
 Values in range with binomial SEs and n, the JSON in ``mass_quality``'s row schema under the output
 folder, the worst-case grid, the shared models left without the judge's patches, Cancel, and the
-errors that name the field.
+errors that name the field. The optional CLIP judge with a tiny random-weight CLIP vision model:
+both judges in the table and the JSON, and the refusals of a vision model that is not the text
+tower's CLIP and of a text tower without its projection (what SD1.x checkpoints give).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tiny_models import tiny_sd15_clip1
+from tiny_models import tiny_clip_vision, tiny_sd15_clip1
 
 pytestmark = pytest.mark.integration
 SCHEMA = ("kind", "concepts", "H", "se_H", "acc_e", "se_e", "acc_g", "se_g", "acc_s", "se_s", "n_e", "n_g", "n_s",
@@ -116,3 +118,90 @@ def test_cancel_while_sampling_and_while_judging(env):
 def test_bad_inputs_name_the_field(env, field, kw, match):
     with pytest.raises(ValueError, match=match):
         _check(env, **kw)
+
+
+@pytest.fixture()
+def projected(env):
+    """The tiny CLIP's clip_l with a loaded text projection (as the stock Load CLIP gives for a text-encoder
+    file that has one; an SD1.x checkpoint has none), restored afterwards."""
+    w = env.clip.cond_stage_model.clip_l.transformer.text_projection.weight
+    old = w.detach().clone()
+    with torch.inference_mode():
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * 0.02)
+    yield env
+    with torch.inference_mode():
+        w.copy_(old)
+
+
+def test_clip_judge_rows_agreement_and_json(projected, tmp_path):
+    env = projected
+    out = _check(env, clip_vision=tiny_clip_vision(tmp_path, 768))
+    table, grid, path = out.result
+    assert "CLIP judge (zero-shot, clip_l text tower" in table and "judges agree (same verdict per image)" in table
+    assert table.count("Acc_e erased") == 2 and "clip judging" in table
+    assert "ComfyUI does not use" in table           # SD1.x: the projection is flagged
+    assert grid.shape[0] == 1
+    data = json.loads(open(path).read())
+    assert [(r["judge"], r["method"]) for r in data["rows"]] == [("diffusion", "none"), ("diffusion", "erased"),
+                                                                 ("clip", "none"), ("clip", "erased")]
+    for row in data["rows"]:
+        assert set(SCHEMA) <= set(row) and row["n_e"] == row["n_g"] == row["n_s"] == 2
+        for c in "egs":
+            assert 0.0 <= row[f"acc_{c}"] <= 1.0
+            assert row[f"se_{c}"] == pytest.approx(math.sqrt(row[f"acc_{c}"] * (1 - row[f"acc_{c}"]) / 2), abs=1e-3)
+        assert row["H"] is None or 0.0 <= row["H"] <= 1.0
+    for k in ("none", "erased"):
+        a = data["agreement"][k]
+        assert a["n"] == 6 and 0.0 <= a["verdict"] <= 1.0 and 0.0 <= a["answer"] <= 1.0
+    cj = data["settings"]["clip_judge"]
+    assert cj["text_tower"] == "clip_l" and cj["width"] == 768 and cj["projection_used_by_comfyui"] is False
+    assert all(-1.0 <= v <= 1.0 for v in cj["mean_best_cosine"].values())
+    for img in data["images"]:
+        assert img["clip_judged_none"] in data["candidates"] and img["clip_judged_erased"] in data["candidates"]
+        assert img["clip_margin_none"] is None or -2.0 <= img["clip_margin_none"] <= 2.0
+    # the verdicts in the JSON are the ones the rows count
+    kept = [i for i in data["images"] if i["set"] == "kept"]
+    row = data["rows"][3]
+    assert row["acc_s"] == pytest.approx(sum(i["clip_judged_erased"] == i["label"] for i in kept) / len(kept))
+    assert _no_patches_left(env.model) and _no_patches_left(env.erased)
+
+
+def test_clip_judge_refusals_name_clip_vision(projected, tmp_path):
+    env = projected
+    with pytest.raises(ValueError, match=r"clip_vision: this vision model's image embeddings are 32 wide, but the "
+                       r"checkpoint's text tower \(CLIP ViT-L/14's text tower \(SD1.x\)\) projects to 768: .*Connect "
+                       r"the CLIP ViT-L/14 vision model"):
+        _check(env, clip_vision=tiny_clip_vision(tmp_path, 32))
+    w = env.clip.cond_stage_model.clip_l.transformer.text_projection.weight
+    with torch.inference_mode():
+        w.zero_()                                     # an SD1.x checkpoint's CLIP: no projection loaded
+    with pytest.raises(ValueError, match=r"clip_vision: the text tower's projection \(clip_l.transformer."
+                       r"text_projection\) is not loaded .* SD1.x checkpoints do not carry it"):
+        _check(env, clip_vision=tiny_clip_vision(tmp_path, 768))
+    with pytest.raises(ValueError, match=r"clip_vision: not a CLIP vision model"):
+        _check(env, clip_vision=object())
+
+
+def test_clip_judge_text_embeddings_are_comfyuis_projected_pooled_where_it_projects(env, tmp_path):
+    """SD2.x's clip_h (a 3-layer, random-weight tower): ComfyUI projects its pooled output itself, and the
+    judge's text embedding is exactly that projection; the matching vision width is 1024."""
+    import comfy.sd
+    import comfy.supported_models_base as smb
+    from comfy.text_encoders import sd2_clip
+
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(smb.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel),
+                             model_options={"clip_h_model_config": {"num_hidden_layers": 3}})
+        gen = torch.Generator().manual_seed(0)
+        clip.cond_stage_model.load_state_dict(
+            {k: torch.randn(v.shape, generator=gen) * 0.02 if v.ndim > 1 else torch.ones(v.shape)
+             for k, v in clip.cond_stage_model.state_dict().items()}, strict=False)
+        enc = env.pack.nodes.comfy_clip_judge.ClipJudgeEncoders(clip, tiny_clip_vision(tmp_path, 1024))
+        assert (enc.tower_name, enc.width, enc.projected_by_comfy, enc.note) == ("clip_h", 1024, True, None)
+        texts = ["a photo of a ship", "a photo of a dog"]
+        ours = enc.encode_texts(texts)
+        theirs = torch.cat([clip.encode_from_tokens(clip.tokenize(t, disable_weights=True), return_pooled=True)[1]
+                            for t in texts])
+        assert ours.shape == (2, 1024) and torch.allclose(ours, theirs.float(), atol=1e-5)
+        with pytest.raises(ValueError, match=r"clip_vision: .* projects to 1024: .*OpenCLIP ViT-H/14 vision model"):
+            env.pack.nodes.comfy_clip_judge.ClipJudgeEncoders(clip, tiny_clip_vision(tmp_path, 768))
