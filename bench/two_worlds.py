@@ -41,10 +41,11 @@ from toyworld.v2.text_edit import compile_gate, with_text_encoder
 
 METHODS = ("none", "cfr", "cfr_prior", "uce", "full_ref", "full", "full_ant", "full_ref_salient", "ace", "gate",
            "gate_full")
+NO_CFR_STAGE = ("none", "ace", "gate")
 SALIENT_SHARE = 0.1   # ANT's weight saliency: the LoRA may change 10% of the K/V rows (fixed before measuring)
-COLUMNS = ["world", "split", "method", "kind", "concepts", "H", "se_H", "acc_e", "acc_g", "acc_s", "n_e", "n_s",
+COLUMNS = ["world", "split", "method", "cfr_lambda", "kind", "concepts", "H", "se_H", "acc_e", "acc_g", "acc_s", "n_e", "n_s",
            "integrity", "fd", "seconds"]
-SUMMARY_COLUMNS = ["world", "kind", "concepts", "method", "splits", "H_mean", "H_split_sd", "se_H_mean",
+SUMMARY_COLUMNS = ["world", "kind", "concepts", "method", "cfr_lambda", "splits", "H_mean", "H_split_sd", "se_H_mean",
                    "acc_e", "acc_g", "acc_s", "seconds"]
 
 
@@ -79,22 +80,27 @@ def split(world_name: str, vocab, kind: str, count: int, seed: int) -> tuple[tup
 
 
 # ----------------------------------------------------------------------------- methods
-def edits(world, task: erase.Task, methods):
-    """Yield (method, world to sample, kv weights or None, context transform or None, seconds)."""
+def edits(world, task: erase.Task, methods, lamb: float = erase.DEFAULT_LAMBDA, relative: bool = False):
+    """Yield (method, world to sample, kv weights or None, context transform or None, seconds); ``lamb``
+    is the CFR ridge of every method with a CFR stage (cfr, cfr_prior, uce, full*, gate_full), in
+    units of the mean token energy when ``relative`` (``mace_ops.cfr.CFRConfig.relative_lambda``)."""
+    ridge_kw = {"lamb": lamb, "relative_lambda": relative}
     def timed(fn):
         t0 = time.perf_counter()
         out = fn()
         return out, time.perf_counter() - t0
 
-    for name, fn in (("cfr", lambda: erase.cfr_erase(world, task).weights),
-                     ("cfr_prior", lambda: erase.cfr_erase(world, task, prior_weight=1.0).weights),
-                     ("uce", lambda: erase.uce_erase(world, task).weights),
-                     ("full_ref", lambda: erase.mace_erase(world, task, **erase.mace_setting("reference")).fused),
-                     ("full", lambda: erase.mace_erase(world, task, **erase.mace_setting("recommended")).fused),
-                     ("full_ant", lambda: erase.mace_erase(world, task, **erase.mace_setting(
-                         "reference", lora={"objective": "trajectory"})).fused),
-                     ("full_ref_salient", lambda: erase.mace_erase(world, task, **erase.mace_setting(
-                         "reference", lora={"saliency": SALIENT_SHARE})).fused)):
+    def mace(setting, **lora):
+        return erase.mace_erase(world, task, **ridge_kw, **erase.mace_setting(setting, **(
+            {"lora": lora} if lora else {}))).fused
+
+    for name, fn in (("cfr", lambda: erase.cfr_erase(world, task, **ridge_kw).weights),
+                     ("cfr_prior", lambda: erase.cfr_erase(world, task, prior_weight=1.0, **ridge_kw).weights),
+                     ("uce", lambda: erase.uce_erase(world, task, **ridge_kw).weights),
+                     ("full_ref", lambda: mace("reference")),
+                     ("full", lambda: mace("recommended")),
+                     ("full_ant", lambda: mace("reference", objective="trajectory")),
+                     ("full_ref_salient", lambda: mace("reference", saliency=SALIENT_SHARE))):
         if name in methods:
             w, s = timed(fn)
             yield name, world, w, None, s
@@ -109,24 +115,39 @@ def edits(world, task: erase.Task, methods):
         if "gate" in methods:
             yield "gate", gated, None, None, s
         if "gate_full" in methods:
-            w, s2 = timed(lambda: erase.mace_erase(gated, task, **erase.mace_setting("recommended")).fused)
+            w, s2 = timed(lambda: erase.mace_erase(gated, task, **ridge_kw, **erase.mace_setting("recommended")).fused)
             yield "gate_full", gated, w, None, s + s2
 
 
 # ----------------------------------------------------------------------------- summary
+def _ridge_order(label: str | None) -> tuple:
+    if label is None:
+        return (0, 0.0)
+    return (1 + label.endswith("/token"), float(label.split("/")[0]))
+
+
+def ridge(row: dict) -> str | None:
+    """The CFR ridge a row ran with, e.g. "0.1" (raw) or "10/token" (relative; rows written before it
+    was recorded ran at 0.1 raw); None for the methods without a CFR stage."""
+    if row["method"] in NO_CFR_STAGE:
+        return None
+    return f"{row.get('cfr_lambda', erase.DEFAULT_LAMBDA):g}" + ("/token" if row.get("cfr_lambda_relative") else "")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["world"], r["kind"], r["concepts"], r["method"]), []).append(r)
+        groups.setdefault((r["world"], r["kind"], r["concepts"], r["method"], ridge(r)), []).append(r)
     out = []
-    for (world, kind, count, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
-                                                                                   METHODS.index(kv[0][3]))):
+    for (world, kind, count, method, lamb), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], METHODS.index(kv[0][3]), _ridge_order(kv[0][4]))):
         hs = [r["H"] for r in rs]
         mean = sum(hs) / len(hs)
         sd = math.sqrt(sum((h - mean) ** 2 for h in hs) / (len(hs) - 1)) if len(hs) > 1 else None
         ses = [r["se_H"] for r in rs if r["se_H"] is not None]
         avg = lambda k: round(sum(r[k] for r in rs) / len(rs), 4)  # noqa: E731
-        out.append({"world": world, "kind": kind, "concepts": count, "method": method, "splits": len(rs),
+        out.append({"world": world, "kind": kind, "concepts": count, "method": method, "cfr_lambda": lamb,
+                    "splits": len(rs),
                     "H_mean": round(mean, 4), "H_split_sd": None if sd is None else round(sd, 4),
                     "se_H_mean": round(sum(ses) / len(ses), 4) if ses else None,
                     "acc_e": avg("acc_e"), "acc_g": avg("acc_g"), "acc_s": avg("acc_s"), "seconds": avg("seconds")})
@@ -135,13 +156,16 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def save_plot(path: str, summary: list[dict]) -> None:
     panels = []
+    lambdas = {s["cfr_lambda"] for s in summary if s["cfr_lambda"] is not None}
     for world in sorted({s["world"] for s in summary}):
         for kind, label in (("name", "erased names"), ("style", "erased styles")):
             series = {}
             for s in summary:
                 if s["world"] == world and s["kind"] == kind and s["method"] != "none":
                     bar = max(s["H_split_sd"] or 0.0, s["se_H_mean"] or 0.0)
-                    series.setdefault(s["method"], []).append((s["concepts"], s["H_mean"], bar))
+                    label = s["method"] if len(lambdas) < 2 or s["cfr_lambda"] is None else \
+                        f"{s['method']} λ={s['cfr_lambda']}"
+                    series.setdefault(label, []).append((s["concepts"], s["H_mean"], bar))
             if series:
                 panels.append({"title": f"toy world {world}: H vs {label} (mean over splits; bar: max(split SD, SE))",
                                "x_label": f"number of {label}", "y_label": "H (higher is better)", "series": series})
@@ -170,6 +194,10 @@ def main(argv=None) -> None:
     ap.add_argument("--style-counts", type=int, nargs="*", default=[1, 5, 10], help="numbers of erased styles")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--splits", type=int, nargs="+", default=[0, 1, 2], help="split seeds (0 = vocabulary order)")
+    ap.add_argument("--cfr-lambda", type=float, default=erase.DEFAULT_LAMBDA,
+                    help="the CFR ridge (raw units: a sum over token vectors) of every method with a CFR stage")
+    ap.add_argument("--relative-lambda", action="store_true",
+                    help="count --cfr-lambda in units of the mean token energy (CFRConfig.relative_lambda)")
     ap.add_argument("--n", type=int, default=200, help="prompts per set (erased, held-out words, retained)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/two_worlds.json")
@@ -196,7 +224,8 @@ def main(argv=None) -> None:
                     task = erase.Task(kind, erased, preserve)
                     none, base = evaluate.mass_metrics(world, kind, erased, retained, n_erased=args.n,
                                                        n_retained=args.n)
-                    results = edits(world, task, [m for m in args.methods if m != "none"])
+                    results = edits(world, task, [m for m in args.methods if m != "none"], args.cfr_lambda,
+                                    args.relative_lambda)
                     keep = ({} if args.grid and kind == "name" and count == args.grid_count
                             and seed == args.splits[0] else None)
                     if "none" in args.methods:
@@ -207,10 +236,13 @@ def main(argv=None) -> None:
                             base_retained=base, n_erased=args.n, n_retained=args.n)[0]
                         if keep is not None:
                             keep[method] = (model_world.model, w, transform)
-                        rows.append({"world": world_name, "split": seed, "method": method, **m.row(),
+                        rows.append({"world": world_name, "split": seed, "method": method,
+                                     "cfr_lambda": None if method in NO_CFR_STAGE else args.cfr_lambda,
+                                     "cfr_lambda_relative": args.relative_lambda and method not in NO_CFR_STAGE,
+                                     **m.row(),
                                      "seconds": round(seconds, 2), "preserve": len(preserve),
                                      "retained": len(retained)})
-                        print({k: rows[-1][k] for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]",
+                        print({k: rows[-1].get(k) for k in COLUMNS}, f"[{(time.time() - t_start) / 60:.1f} min]",
                               flush=True)
                         write_json(args.out + ".partial", {"bench": "two_worlds", "args": vars(args),
                                                            "minutes": round((time.time() - t_start) / 60, 1),

@@ -54,6 +54,10 @@ class CFRConfig:
     concept_tokens: bool = False
     """Also map the concept's own tokens onto the anchor's (needed when CFR runs without the
     LoRA stage; MACE proper leaves the concept tokens to the LoRAs)."""
+    relative_lambda: bool = False
+    """Count ``lamb`` in units of the erase side's mean token energy, trace(B) / n_pairs, so that
+    one value means the same on text encoders of different scales (toy v2's token vectors carry
+    ~1.4, toy v3's ~380): the ridge then weighs like ``lamb`` average token vectors per direction."""
 
     def validate(self) -> None:
         check_number(self.lamb, "lambda", 0.0, 1e12)
@@ -162,14 +166,23 @@ def preserve_weight(stats: PairStats, preserve_scale: float) -> float:
     return preserve_scale * stats.n_pairs / stats.n_preserve if stats.n_preserve else 0.0
 
 
+def token_energy(stats: PairStats) -> float:
+    """The erase side's mean squared token norm, trace(B) / n_pairs: the unit of a relative lambda."""
+    if not stats.n_pairs:
+        raise ValueError("relative lambda: no erase pairs to measure the token scale on; give concepts")
+    return float(stats.B.trace()) / stats.n_pairs
+
+
 def cfr_transform(stats: PairStats, config: CFRConfig) -> tuple[torch.Tensor, float]:
-    """M = (lamb I + G + sP)(lamb I + B + sP)^-1, the right factor every weight is multiplied by."""
+    """M = (lamb I + G + sP)(lamb I + B + sP)^-1, the right factor every weight is multiplied by
+    (lamb times ``token_energy`` under ``relative_lambda``)."""
     if config.lamb < 0:
         raise ValueError(f"lambda must be >= 0, got {config.lamb}")
     s = preserve_weight(stats, config.preserve_scale)
     eye = torch.eye(stats.dim, dtype=torch.float64)
-    A = config.lamb * eye + stats.B + s * stats.P
-    R = config.lamb * eye + stats.G + s * stats.P
+    lamb = config.lamb * (token_energy(stats) if config.relative_lambda else 1.0)
+    A = lamb * eye + stats.B + s * stats.P
+    R = lamb * eye + stats.G + s * stats.P
     return solve_right(R, A, hint="raise lambda or add preserve prompts")
 
 

@@ -232,3 +232,18 @@ def test_concept_tokens_option_moves_concept_token_outputs():
         w = W0["block.0.attn2.to_k.weight"]
         err = float((res.weights["block.0.attn2.to_k.weight"] @ c - w @ e).norm() / (w @ e).norm())
         assert (err < 1e-3) == flag, (flag, err)
+
+
+def test_relative_lambda_is_scale_free():
+    """A relative lambda counts in mean token energies: scaling every text feature by k leaves M
+    unchanged, as a raw lambda scaled by k^2 does."""
+    stats = build_stats(ENC, parse_concepts("ship\ncar"), OBJECT_TEMPLATES, "ground", ["a dog on the grass"])
+    k = 7.0
+    scaled = build_stats(ENC, parse_concepts("ship\ncar"), OBJECT_TEMPLATES, "ground", ["a dog on the grass"])
+    scaled.G, scaled.B, scaled.P = stats.G * k * k, stats.B * k * k, stats.P * k * k
+    energy = float(stats.B.trace()) / stats.n_pairs
+    rel, _ = cfr_transform(stats, CFRConfig(lamb=0.5, relative_lambda=True))
+    rel_scaled, _ = cfr_transform(scaled, CFRConfig(lamb=0.5, relative_lambda=True))
+    raw, _ = cfr_transform(stats, CFRConfig(lamb=0.5 * energy))
+    assert (rel - rel_scaled).abs().max() < 1e-8
+    assert (rel - raw).abs().max() < 1e-8

@@ -119,15 +119,19 @@ def prior_for(world, weight: float):
 
 
 def cfr_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
-              concept_tokens: bool = True, prior_weight: float = 0.0, extra_pairs=None):
+              concept_tokens: bool = True, prior_weight: float = 0.0, extra_pairs=None,
+              relative_lambda: bool = False):
     return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), task.templates,
-                                  task.anchor, task.preserve_prompts(), CFRConfig(lamb, preserve_scale, concept_tokens),
+                                  task.anchor, task.preserve_prompts(),
+                                  CFRConfig(lamb, preserve_scale, concept_tokens, relative_lambda),
                                   prior=prior_for(world, prior_weight), extra_pairs=extra_pairs)
 
 
-def uce_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE):
+def uce_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scale: float = DEFAULT_PRESERVE_SCALE,
+              relative_lambda: bool = False):
     return refine_cross_attention(world.text_encoder, world.kv_weights(), task.concepts(), ("{}",), task.anchor,
-                                  task.preserve_prompts(templated=False), CFRConfig(lamb, preserve_scale, True))
+                                  task.preserve_prompts(templated=False),
+                                  CFRConfig(lamb, preserve_scale, True, relative_lambda))
 
 
 def ace_erase(world, task: Task, *, config: ACEConfig = ACEConfig(), adversarial=None) -> GatedErasure:
@@ -172,11 +176,12 @@ def mace_erase(world, task: Task, *, lamb: float = DEFAULT_LAMBDA, preserve_scal
                lora: LoraTrainConfig = DEFAULT_LORA, fusion_lambda: float = DEFAULT_FUSION_LAMBDA,
                fusion_preserve_scale: float = DEFAULT_PRESERVE_SCALE, fusion_positions: str = "all",
                prior_weight: float = 0.0, cfr_concept_tokens: bool = False, fusion_preserve_to: str = "original",
-               lora_dir: str | None = None,
+               lora_dir: str | None = None, relative_lambda: bool = False,
                log=lambda s: None) -> MaceRun:
     concepts = task.concepts()
     fusion_preserve_to = preserve_to_for(task.kind, fusion_preserve_to, lora.null_space > 0)
-    settings = PipelineSettings(task.kind, task.anchor, CFRConfig(lamb, preserve_scale, cfr_concept_tokens),
+    settings = PipelineSettings(task.kind, task.anchor,
+                                CFRConfig(lamb, preserve_scale, cfr_concept_tokens, relative_lambda),
                                 replace(lora),
                                 fusion_lambda, fusion_preserve_scale, fusion_positions, prior_weight,
                                 fusion_preserve_to)

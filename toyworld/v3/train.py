@@ -101,10 +101,12 @@ def main(argv=None) -> None:
         if (args.out / evaluate.GENERATOR_FILE).is_file():
             _, meta = checkpoint.load_state_dict(args.out / evaluate.GENERATOR_FILE, "v3 generator")
             text_fit = {k[len("text_fit_"):]: v for k, v in meta.items() if k.startswith("text_fit_")}
+            args.text_steps = int(meta.get("text_steps", args.text_steps))   # the encoder's, not today's default
     elif args.init_from is not None:
         sd, meta = checkpoint.load_state_dict(args.init_from, "initial v3 generator weights")
         model.load_state_dict(sd)
         text_fit = {k[len("text_fit_"):]: v for k, v in meta.items() if k.startswith("text_fit_")}
+        args.text_steps = int(meta.get("text_steps", args.text_steps))
         log(f"initialised from {args.init_from} (step {meta.get('steps')}, text encoder included)")
     elif args.text_init is not None:
         sd, _ = checkpoint.load_state_dict(args.text_init, "pre-trained v3 text encoder")
