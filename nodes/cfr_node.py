@@ -24,6 +24,10 @@ from .validation import check_inputs
 
 NODE_ID = "MaceRefineCrossAttention"
 DEFAULT_EDIT_POOLED = presets.default(NODE_ID, "edit_pooled")  # bench.pooled (see nodes/presets.py)
+RELATIVE_TOOLTIP = ("Count lambda in units of the text encoder's mean token energy, so one value means the same "
+                    "on SD1.x, SDXL and the toy worlds (their features differ in scale by 100x or more). Off: raw "
+                    "units as in the paper's code, whose SD1.x object configs used 10-1000. Workflows saved "
+                    "before this input ran with it off.")
 POOLED_TOOLTIP = ("Also edit the pooled-text columns of the first layer reading the pooled text embedding (SDXL "
                   "family: label_emb.0.0; FLUX.1: vector_in.in_layer, CLIP-L's; SD3/3.5: y_embedder.mlp.0, CLIP-L|G's), "
                   "closed form, so the concept's pooled embedding acts like the anchor's while the preserve prompts' "
@@ -92,8 +96,9 @@ class MaceRefineCrossAttention(io.ComfyNode):
                 c["concepts"], c["concept_type"], c["anchor"], c["preserve"],
                 advanced(io.Float.Input("lambda_", display_name="lambda", default=_default("lambda_"), min=0.0, max=1e6,
                                         step=0.1, tooltip="Pull toward the original weights (ridge); larger = "
-                                        "gentler edit. In the reference's raw units: 0.1-1 for a few concepts, "
-                                        "larger for many; 10-1000 for objects with a background anchor ('sky').")),
+                                        "gentler edit, smaller = stronger erasure that moves other concepts too. "
+                                        "With relative_lambda on (default) in mean token energies: 1 measured "
+                                        "best in both toy worlds, 0.1-10 sensible; off: the paper's raw units.")),
                 advanced(io.Float.Input("preserve_scale", default=_default("preserve_scale"), min=0.0, max=1e6, step=0.1,
                                         tooltip="Weight of the preserve prompts relative to the erase prompts; "
                                         "raise it (1-10) when kept concepts change, lower it (0.1-1) when the "
@@ -114,6 +119,9 @@ class MaceRefineCrossAttention(io.ComfyNode):
                 advanced(io.Boolean.Input("edit_pooled", default=_default("edit_pooled"), optional=True,
                                           tooltip=POOLED_TOOLTIP)),
                 presets.preset_input(NODE_ID),
+                # after the preset, so that workflows saved before it keep their widgets' order
+                advanced(io.Boolean.Input("relative_lambda", default=_default("relative_lambda"), optional=True,
+                                          tooltip=RELATIVE_TOOLTIP)),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The erased model (a clone with the edit as "
                                      "weight patches); connect it to a sampler or MACE Save Erasure."),
@@ -124,12 +132,14 @@ class MaceRefineCrossAttention(io.ComfyNode):
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, lambda_, preserve_scale,
                 builtin_preserve, erase_concept_tokens=True, erase_from="",
                 prior_weight=DEFAULT_PRIOR_WEIGHT, edit_pooled=DEFAULT_EDIT_POOLED,
-                preset=presets.CUSTOM) -> io.NodeOutput:
+                relative_lambda=False, preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
         tuned = presets.resolve(NODE_ID, preset, {"lambda_": lambda_, "preserve_scale": preserve_scale,
                                                   "erase_concept_tokens": erase_concept_tokens,
-                                                  "prior_weight": prior_weight, "edit_pooled": edit_pooled})
+                                                  "prior_weight": prior_weight, "edit_pooled": edit_pooled,
+                                                  "relative_lambda": relative_lambda})
         lambda_, preserve_scale = tuned["lambda_"], tuned["preserve_scale"]
+        relative_lambda = bool(tuned["relative_lambda"])
         erase_concept_tokens, prior_weight = tuned["erase_concept_tokens"], tuned["prior_weight"]
         edit_pooled = tuned["edit_pooled"]
         parsed = require_concepts(parse_concepts(concepts, "concepts"), "concepts")
@@ -144,7 +154,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
                                                                                       default_anchor)))
         result = refine_cross_attention(
             encoder, base, parsed, templates, default_anchor, keep,
-            CFRConfig(lambda_, preserve_scale, erase_concept_tokens), NodeProgress(len(parsed) + 1),
+            CFRConfig(lambda_, preserve_scale, erase_concept_tokens, relative_lambda), NodeProgress(len(parsed) + 1),
             erase_from=erase_from or None, preserve_phrases=preserve_phrases(preserve),
             prior=prior_for(encoder, float(prior_weight)),
         )
@@ -154,6 +164,7 @@ class MaceRefineCrossAttention(io.ComfyNode):
                          for c in parsed],
             "concept_type": concept_type,
             "lambda": lambda_,
+            "relative_lambda": relative_lambda,
             "preserve_scale": preserve_scale,
             "preserve": [p for c in parse_concepts(preserve, "preserve", False) for p in c.phrases],
             "builtin_preserve": builtin_preserve,
@@ -167,7 +178,8 @@ class MaceRefineCrossAttention(io.ComfyNode):
         deltas, note = dict(result.deltas), ""
         if edit_pooled:
             pooled, weight, why = pooled_edit(model, encoder, parsed, templates, default_anchor, keep,
-                                      CFRConfig(lambda_, preserve_scale), parse_erase_from(erase_from))
+                                      CFRConfig(lambda_, preserve_scale, relative_lambda=relative_lambda),
+                                      parse_erase_from(erase_from))
             if pooled is None:
                 note = f"\npooled text: not edited ({why})."
             else:

@@ -27,7 +27,7 @@ from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_NULL_SPACE, DE
 from ..mace_ops.pipeline import PipelineSettings, load_concept_list, parse_shard, run_mass_erasure
 from ..mace_ops.scope import parse_erase_from
 from ..mace_ops.work import WorkEstimate, announce, encodes_for
-from .cfr_node import preserve_phrases, preserve_prompts
+from .cfr_node import RELATIVE_TOOLTIP, preserve_phrases, preserve_prompts
 from .comfy_denoiser import ComfyDenoiser
 from .comfy_model import apply_erasure, effective_kv_weights
 from .comfy_text_encoder import ComfyTextEncoder
@@ -86,8 +86,9 @@ class MaceMassErase(io.ComfyNode):
                                 tooltip="Folder name under loras/mace_mass/ for this run's LoRAs; the same name "
                                 "(and inputs) resumes a run, a new name starts afresh."),
                 advanced(io.Float.Input("cfr_lambda", default=_default("cfr_lambda"), min=0.0, max=1e6, step=0.1,
-                                        tooltip="CFR's ridge toward the original weights; larger = gentler. Raw "
-                                        "units: 0.1-1 for a few concepts, grows with the number of concepts.")),
+                                        tooltip="CFR's ridge toward the original weights; larger = gentler. With "
+                                        "relative_lambda on (default) in mean token energies (1 measured best in "
+                                        "both toy worlds); off: the paper's raw units.")),
                 advanced(io.Float.Input("preserve_scale", default=_default("preserve_scale"), min=0.0, max=1e6, step=0.1,
                                         tooltip="Weight of the preserve prompts in CFR and fusion; raise it (1-10) "
                                         "when kept names change.")),
@@ -158,6 +159,9 @@ class MaceMassErase(io.ComfyNode):
                                         "it on, the LoRA cannot change the end/padding tokens either (they are "
                                         "in every preserved prompt).")),
                 presets.preset_input(NODE_ID),
+                # after the preset, so that workflows saved before it keep their widgets' order
+                advanced(io.Boolean.Input("relative_lambda", default=_default("relative_lambda"), optional=True,
+                                          tooltip=RELATIVE_TOOLTIP)),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The erased model (CFR + fused LoRAs as weight "
                                      "patches); connect it to a sampler or MACE Save Erasure."),
@@ -173,7 +177,7 @@ class MaceMassErase(io.ComfyNode):
                 lora_preserve=DEFAULT_LORA_PRESERVE, prior_weight=DEFAULT_PRIOR_WEIGHT,
                 erase_concept_tokens=True, lora_training="auto", query_samples=DEFAULT_QUERY_SAMPLES,
                 shard="", fusion_preserve_to="auto", lora_null_space=DEFAULT_NULL_SPACE,
-                preset=presets.CUSTOM) -> io.NodeOutput:
+                relative_lambda=False, preset=presets.CUSTOM) -> io.NodeOutput:
         check_inputs(cls, locals())
         given = dict(locals())
         tuned = presets.resolve(NODE_ID, preset, given)
@@ -203,7 +207,7 @@ class MaceMassErase(io.ComfyNode):
         lora.validate()
         anchor = normalise_phrase(anchor)
         check_disjoint(parsed, parse_concepts(preserve, "preserve", allow_anchor=False))
-        cfr = CFRConfig(cfr_lambda, preserve_scale, bool(erase_concept_tokens))
+        cfr = CFRConfig(cfr_lambda, preserve_scale, bool(erase_concept_tokens), bool(tuned["relative_lambda"]))
         settings = PipelineSettings(concept_type, anchor, cfr, lora, fusion_lambda, preserve_scale,
                                     prior_weight=float(prior_weight), fusion_preserve_to=fusion_preserve_to)
         keep = preserve_prompts(preserve, templates, builtin_preserve)

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from ..mace_ops.ace import ACEConfig
+from ..mace_ops.cfr import PACK_LAMBDA, PACK_RELATIVE_LAMBDA
 from ..mace_ops.lora_train import DEFAULT_LORA_PRESERVE, DEFAULT_NULL_SPACE, DEFAULT_QUERY_SAMPLES
 from .comfy_compat import io
 from .prior_input import DEFAULT_PRIOR_WEIGHT
@@ -30,7 +31,8 @@ _ACE = ACEConfig()
 # node id -> preset -> {input id: value}; rows other than "recommended" hold only their differences.
 _ROWS: dict[str, dict[str, dict]] = {
     "MaceRefineCrossAttention": {
-        RECOMMENDED: {"lambda_": 1.0, "preserve_scale": 1.0, "erase_concept_tokens": True,
+        RECOMMENDED: {"lambda_": PACK_LAMBDA, "relative_lambda": PACK_RELATIVE_LAMBDA, "preserve_scale": 1.0,
+                      "erase_concept_tokens": True,
                       "prior_weight": DEFAULT_PRIOR_WEIGHT,
                       # bench.pooled: held out, it removes 21 % of the concept's effect at 4x the preserve drift
                       "edit_pooled": False},
@@ -39,7 +41,8 @@ _ROWS: dict[str, dict[str, dict]] = {
         "paper": {"erase_concept_tokens": False},
     },
     "MaceMassErase": {
-        RECOMMENDED: {"cfr_lambda": 1.0, "preserve_scale": 1.0, "lora_steps": 0, "lora_lr": 0.0,
+        RECOMMENDED: {"cfr_lambda": PACK_LAMBDA, "relative_lambda": PACK_RELATIVE_LAMBDA, "preserve_scale": 1.0,
+                      "lora_steps": 0, "lora_lr": 0.0,
                       "images_per_concept": 8, "sampling_steps": 20, "fusion_lambda": 1e-3,
                       "objective": "attention", "lora_preserve": DEFAULT_LORA_PRESERVE,
                       "erase_concept_tokens": True, "prior_weight": DEFAULT_PRIOR_WEIGHT,

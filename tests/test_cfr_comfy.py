@@ -78,7 +78,8 @@ def test_erasure_file_matches_cfr_and_loads_with_stock_loader(cfr_run, comfy, ti
     res = ops.cfr.refine_cross_attention(
         enc, base, ops.concepts.parse_concepts(inputs["concepts"]), templates, inputs["anchor"],
         cfr_node.preserve_prompts(inputs["preserve"], templates, False),
-        ops.cfr.CFRConfig(inputs["lambda_"], inputs["preserve_scale"], inputs.get("erase_concept_tokens", True)),
+        ops.cfr.CFRConfig(inputs["lambda_"], inputs["preserve_scale"], inputs.get("erase_concept_tokens", True),
+                          inputs.get("relative_lambda", False)),
         prior=from_module.nodes.prior_input.prior_for(enc, inputs.get("prior_weight", 1.0)))
     record = cm.get_record(erased)
     for k, d in res.deltas.items():

@@ -35,6 +35,8 @@ PRESET_NODES = ("MaceRefineCrossAttention", "MaceMassErase", "MaceGatedErasure",
 JOB_NODES = ("MaceRefineCrossAttention", "MaceMassErase", "MaceGatedErasure", "MaceTextGate", "MaceSaveErasure",
              "MaceLoadErasure", "MaceErasureCheck")
 MAX_VISIBLE = 10
+# inputs added after the preset (a saved workflow's widget values are positional)
+AFTER_PRESET = {"MaceRefineCrossAttention": ("relative_lambda",), "MaceMassErase": ("relative_lambda",)}
 
 
 def _load_presets(monkeypatch):
@@ -45,6 +47,7 @@ def _load_presets(monkeypatch):
                             rank=8, quantile=0.999, margin=0.0, temperature=0.005, open_rate=0.05, gate="ramp")},
                         f"{pkg}.mace_ops.lora_train": {"DEFAULT_LORA_PRESERVE": 0.0, "DEFAULT_NULL_SPACE": 0.99,
                                                        "DEFAULT_QUERY_SAMPLES": 8},
+                        f"{pkg}.mace_ops.cfr": {"PACK_LAMBDA": 1.0, "PACK_RELATIVE_LAMBDA": True},
                         f"{pkg}.nodes": {}, f"{pkg}.nodes.prior_input": {"DEFAULT_PRIOR_WEIGHT": 1.0},
                         f"{pkg}.nodes.comfy_compat": {"io": types.SimpleNamespace()}}.items():
         mod = types.ModuleType(name)
@@ -81,7 +84,7 @@ def test_resolve_runs_the_preset_and_names_what_it_overrode(monkeypatch):
     paper = p.resolve(node, "paper", widgets)
     assert paper["erase_concept_tokens"] is False and set(paper.ignored) == {"lambda_", "erase_concept_tokens"}
     text = p.settings_text(rec, {"concept_type": "style", "erase_from": ""})
-    assert text.startswith("settings: preset=recommended; lambda=1, preserve_scale=1,")
+    assert text.startswith("settings: preset=recommended; lambda=1, relative_lambda=True, preserve_scale=1,")
     assert "concept_type='style'" in text and "erase_from=''" in text
     assert "ignored under preset 'recommended' (choose preset 'custom' to apply): lambda=5" in text
     with pytest.raises(ValueError, match="preset: unknown 'fast'"):
@@ -122,7 +125,10 @@ def test_preset_nodes_govern_advanced_inputs_with_the_table_defaults(comfy):
     for node_id in PRESET_NODES:
         cls = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]
         inputs = {i.id: i for i in cls.define_schema().inputs}
-        last = cls.define_schema().inputs[-1]
+        schema_inputs = cls.define_schema().inputs
+        last = schema_inputs[-1 - len(AFTER_PRESET.get(node_id, ()))]   # the preset comes last but for later inputs
+        assert [i.id for i in schema_inputs[len(schema_inputs) - len(AFTER_PRESET.get(node_id, ())):]] == \
+            list(AFTER_PRESET.get(node_id, ()))
         assert last.id == "preset" and last.optional and last.default == "recommended"
         assert list(last.options) == presets.choices(node_id)
         assert inspect.signature(cls.execute).parameters["preset"].default == "custom"
@@ -181,12 +187,14 @@ def test_common_jobs_fit_in_ten_visible_inputs(comfy, node_id):
 
 
 def _drop_preset(ui: dict) -> dict:
-    """The workflow as saved before the preset input existed: no trailing preset value."""
+    """The workflow as saved before the preset input existed: no trailing preset value (nor the
+    inputs added after it, ``AFTER_PRESET``)."""
     old = copy.deepcopy(ui)
     for n in old["nodes"]:
         if n["type"] in PRESET_NODES:
-            assert n["widgets_values"][-1] in ("recommended", "paper", "robust", "custom")
-            n["widgets_values"] = n["widgets_values"][:-1]
+            values = n["widgets_values"][:len(n["widgets_values"]) - len(AFTER_PRESET.get(n["type"], ()))]
+            assert values[-1] in ("recommended", "paper", "robust", "custom")
+            n["widgets_values"] = values[:-1]
     return old
 
 
@@ -204,7 +212,9 @@ def test_workflows_saved_before_the_preset_still_load(comfy, path):
     for key, node in old_api.items():
         if node["class_type"] in PRESET_NODES:
             assert "preset" not in node["inputs"]  # runs as "custom": the values below, as before
-            want = {k: v for k, v in new_api[key]["inputs"].items() if k != "preset"}
+            later = ("preset", *AFTER_PRESET.get(node["class_type"], ()))
+            assert not set(later) & set(node["inputs"])    # the later inputs take execute's defaults
+            want = {k: v for k, v in new_api[key]["inputs"].items() if k not in later}
             assert node["inputs"] == want
     assert ch.check_api_prompt(old_api) == []
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mace_ops.cfr import PACK_LAMBDA, PACK_RELATIVE_LAMBDA
 from toyworld.v2 import erase
 from toyworld.v3 import data, evaluate, scorer, text, vocab
 
@@ -125,14 +126,15 @@ FLOORS = {"name": 0.90, "nickname": 0.85, "style": 0.90}   # the world's targets
 
 def test_cfr_on_ten_names_erases_them_while_retained_names_hold(world):
     measured = json.loads(REPORT.read_text())["prompt_following"]
-    short = {k: measured[k] for k, floor in FLOORS.items() if measured[k] < floor}
+    short = {k: measured[k] for k, floor in FLOORS.items() if k != "style" and measured[k] < floor}
     if short:
         pytest.skip(f"toy world v3 is still training: its base model is below its floors {FLOORS} on {short} "
                     "(docs/results/toyworld_v3.json)")
     erased, retained = list(vocab.NAMES[:10]), list(vocab.NAMES[1100:1130])
     task = erase.Task("name", tuple(erased), tuple(vocab.NAMES[10:60]))
     before = world.kv_weights()
-    weights = erase.cfr_erase(world, task, prior_weight=1.0).weights
+    weights = erase.cfr_erase(world, task, prior_weight=1.0, lamb=PACK_LAMBDA,       # the nodes' defaults
+                              relative_lambda=PACK_RELATIVE_LAMBDA).weights
     assert all(torch.equal(world.kv_weights()[k], before[k]) for k in before)      # edited on a copy
     base, base_ret = evaluate.mass_metrics(world, "name", erased, retained, n_erased=40, n_retained=60)
     after, _ = evaluate.mass_metrics(world, "name", erased, retained, kv_weights=weights, base_retained=base_ret,
