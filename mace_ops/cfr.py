@@ -43,10 +43,9 @@ from .validation import check_number, require_finite
 
 Progress = Callable[[int, int], None]
 PRESERVE_BATCH = 64
-# The nodes' ridge (presets' "recommended"): lambda 1 in units of the mean token energy. Chosen by the
-# worse of toy worlds v2 and v3 (docs/decisions.md, "Defaults in two worlds"); on SD1.x's CLIP it is a
-# raw ridge of the order of the paper's object configs (10-1000).
-PACK_LAMBDA, PACK_RELATIVE_LAMBDA = 1.0, True
+# The nodes' ridge (presets' "recommended"): lambda 0.1 in units of the mean token energy, chosen by the
+# worse of toy worlds v2 and v3 (docs/decisions.md, "Defaults in two worlds"; docs/results/cfr_ridge.json).
+PACK_LAMBDA, PACK_RELATIVE_LAMBDA = 0.1, True
 
 
 @dataclass(frozen=True)

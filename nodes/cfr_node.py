@@ -97,8 +97,8 @@ class MaceRefineCrossAttention(io.ComfyNode):
                 advanced(io.Float.Input("lambda_", display_name="lambda", default=_default("lambda_"), min=0.0, max=1e6,
                                         step=0.1, tooltip="Pull toward the original weights (ridge); larger = "
                                         "gentler edit, smaller = stronger erasure that moves other concepts too. "
-                                        "With relative_lambda on (default) in mean token energies: 1 measured "
-                                        "best in both toy worlds, 0.1-10 sensible; off: the paper's raw units.")),
+                                        "With relative_lambda on (default) in mean token energies: 0.1 measured "
+                                        "best over both toy worlds, 0.1-1 sensible; off: the paper's raw units.")),
                 advanced(io.Float.Input("preserve_scale", default=_default("preserve_scale"), min=0.0, max=1e6, step=0.1,
                                         tooltip="Weight of the preserve prompts relative to the erase prompts; "
                                         "raise it (1-10) when kept concepts change, lower it (0.1-1) when the "

@@ -19,7 +19,7 @@ import comfy.model_management
 from . import presets
 from .comfy_compat import advanced, io
 
-from ..mace_ops.cfr import CFRConfig
+from ..mace_ops.cfr import CFRConfig, refine_cross_attention
 from ..mace_ops.concepts import check_disjoint, normalise_phrase, parse_concepts
 from ..mace_ops.fusion import PRESERVE_TO, preserve_to_for
 from ..mace_ops.lora_train import (DEFAULT_LORA_PRESERVE, DEFAULT_NULL_SPACE, DEFAULT_QUERY_SAMPLES, DEFAULTS_BY_TYPE,
@@ -44,6 +44,42 @@ from .validation import check_inputs
 
 NODE_ID = "MaceMassErase"
 _default = partial(presets.default, NODE_ID)
+
+
+LORA_OFF = "off"
+LORA_CHOICES = (LORA_OFF, *PATH_CHOICES)
+OFF_TOOLTIP = ("off = skip the LoRA stage (and fusion): CFR with the caption prior only, no images, seconds -- "
+               "the 'recommended' preset's choice, because the stage bought no quality in either toy world "
+               "(docs/decisions.md, 'Defaults in two worlds'); preset 'paper' runs it. ")
+
+
+def _cfr_only(model, clip, parsed, templates, anchor, keep, cfr, prior_weight, erase_from, preserve, concept_type,
+              shard, settings_line):
+    """Mass Erase with its LoRA stage off: the CFR stage alone (what fusion would start from)."""
+    if shard:
+        raise ValueError(f"shard: {shard!r} splits the LoRA stage, which lora_training 'off' skips; clear shard "
+                         "or choose lora_training 'auto'")
+    encoder = ComfyTextEncoder(clip)
+    original = effective_kv_weights(model)
+    announce("MACE Mass Erase (LoRA stage off)", WorkEstimate(len(parsed), encodes_for(parsed, len(templates),
+                                                                                        len(keep), anchor)))
+    result = refine_cross_attention(encoder, original, parsed, templates, anchor, keep, cfr,
+                                    NodeProgress(len(parsed) + 1), erase_from=erase_from or None,
+                                    preserve_phrases=preserve_phrases(preserve),
+                                    prior=prior_for(encoder, float(prior_weight)))
+    info = {"method": "cfr", "concepts": [list(c.phrases) for c in parsed], "concept_type": concept_type,
+            "anchor": anchor, "lora_stage": "off", "lambda": cfr.lamb, "relative_lambda": cfr.relative_lambda,
+            "preserve_scale": cfr.preserve_scale, "erase_concept_tokens": cfr.concept_tokens,
+            "prior_weight": float(prior_weight)}
+    if parse_erase_from(erase_from):
+        info["erase_from"] = list(parse_erase_from(erase_from))
+    out = apply_erasure(model, dict(result.deltas), original, info)
+    summary = (f"Mass Erase, LoRA stage off: CFR erased {len(parsed)} concept(s) in {result.seconds:.2f}s "
+               f"({result.stats.n_pairs} token pairs, {result.stats.n_preserve} preserve tokens, condition "
+               f"{max(result.condition.values()):.3g}); no images, no LoRAs, no fusion. lora_training 'auto' "
+               "(or preset 'paper') runs the LoRA stage.\n" + settings_line)
+    logging.info(summary)
+    return io.NodeOutput(out, summary, ui={"text": [summary]})
 
 
 class MaceMassErase(io.ComfyNode):
@@ -87,8 +123,8 @@ class MaceMassErase(io.ComfyNode):
                                 "(and inputs) resumes a run, a new name starts afresh."),
                 advanced(io.Float.Input("cfr_lambda", default=_default("cfr_lambda"), min=0.0, max=1e6, step=0.1,
                                         tooltip="CFR's ridge toward the original weights; larger = gentler. With "
-                                        "relative_lambda on (default) in mean token energies (1 measured best in "
-                                        "both toy worlds); off: the paper's raw units.")),
+                                        "relative_lambda on (default) in mean token energies (0.1 measured best "
+                                        "over both toy worlds); off: the paper's raw units.")),
                 advanced(io.Float.Input("preserve_scale", default=_default("preserve_scale"), min=0.0, max=1e6, step=0.1,
                                         tooltip="Weight of the preserve prompts in CFR and fusion; raise it (1-10) "
                                         "when kept names change.")),
@@ -135,8 +171,8 @@ class MaceMassErase(io.ComfyNode):
                                           "measured best; off = the paper, which leaves them to the LoRAs).")),
                 advanced(io.Float.Input("prior_weight", default=_default("prior_weight"), min=0.0, max=1e6, step=0.1,
                                         optional=True, tooltip=TOOLTIP)),
-                advanced(io.Combo.Input("lora_training", options=list(PATH_CHOICES), default=_default("lora_training"),
-                                        optional=True, tooltip=PATH_TOOLTIP)),
+                advanced(io.Combo.Input("lora_training", options=list(LORA_CHOICES), default=_default("lora_training"),
+                                        optional=True, tooltip=OFF_TOOLTIP + PATH_TOOLTIP)),
                 advanced(io.Int.Input("query_samples", default=_default("query_samples"), min=0, max=100000,
                                       optional=True,
                                       tooltip="cached_queries: training samples per concept whose queries are "
@@ -200,9 +236,11 @@ class MaceMassErase(io.ComfyNode):
         parsed = load_concept_list(concepts, concept_file.strip(), text_roots())
         templates = concept_templates(concept_type)
         defaults = DEFAULTS_BY_TYPE[concept_type]
+        lora_off = lora_training == LORA_OFF
         lora = config_for(concept_type, steps=int(lora_steps) or defaults.steps, lr=float(lora_lr) or defaults.lr,
                           seed=int(seed), use_masks=False, objective=objective, preserve=float(lora_preserve),
-                          path=training_path(lora_training, objective), query_samples=int(query_samples),
+                          path=training_path("auto" if lora_off else lora_training, objective),
+                          query_samples=int(query_samples),
                           null_space=float(lora_null_space))
         lora.validate()
         anchor = normalise_phrase(anchor)
@@ -211,6 +249,9 @@ class MaceMassErase(io.ComfyNode):
         settings = PipelineSettings(concept_type, anchor, cfr, lora, fusion_lambda, preserve_scale,
                                     prior_weight=float(prior_weight), fusion_preserve_to=fusion_preserve_to)
         keep = preserve_prompts(preserve, templates, builtin_preserve)
+        if lora_off:
+            return _cfr_only(model, clip, parsed, templates, anchor, keep, cfr, prior_weight, erase_from, preserve,
+                             concept_type, shard, settings_line)
         folder = run_folder(run_name)
         n, images = len(parsed), len(parsed) * int(images_per_concept)
         announce("MACE Mass Erase", WorkEstimate(  # CFR and fusion each encode the prompts; one LoRA per concept

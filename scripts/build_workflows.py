@@ -137,7 +137,7 @@ CFR_TAIL = ["", 1.0, False]  # erase_from, prior_weight, edit_pooled
 
 def cfr_widgets(concepts: str, concept_type: str, anchor: str, preserve: str, preset: str = "recommended") -> list:
     tokens = preset != "paper"  # "paper": the concept tokens are left to the LoRA stage
-    return [concepts, concept_type, anchor, preserve, 1.0, 1.0, True, tokens, *CFR_TAIL, preset, True]
+    return [concepts, concept_type, anchor, preserve, 0.1, 1.0, True, tokens, *CFR_TAIL, preset, True]
 
 
 VAN_GOGH_CFR = cfr_widgets("van gogh, vincent van gogh", "style", "art", "claude monet\npablo picasso\nrembrandt")
@@ -176,7 +176,7 @@ WORKFLOWS = {
         "ckpt": ("CheckpointLoaderSimple", [SD15], {}, (0, 0)),
         "mass": ("MaceMassErase",
                  ["tom cruise\ntaylor swift\nbarack obama\nemma watson\nbrad pitt\noprah winfrey\nlionel messi\nlady gaga\nelon musk\nscarlett johansson", "", "person", "a person",
-                  "keanu reeves\nnatalie portman\nmorgan freeman", True, "celebrities_10", 1.0, 1.0, 0, 0.0, 8, 512,
+                  "keanu reeves\nnatalie portman\nmorgan freeman", True, "celebrities_10", 0.1, 1.0, 0, 0.0, 8, 512,
                   20, 2024, "fixed", 0.001, "", "attention", 0.0, True, 1.0, "auto", 8, "", "auto", 0.99,
                   "recommended", True],
                  {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE")}, (380, 0)),

@@ -199,3 +199,23 @@ def test_mass_erase_on_the_gated_clip_saves_one_file_with_both_parts(env):
         b = gated.encode_from_tokens(gated.tokenize(text)).float()
         base = env.clip.encode_from_tokens(env.clip.tokenize(text)).float()
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4) and not torch.allclose(a, base, atol=1e-4)
+
+
+def test_mass_erase_with_the_lora_stage_off_is_the_cfr_stage_alone(env):
+    """lora_training 'off': the CFR node's edit with the same settings, no images, no LoRA files;
+    a shard with the stage off is refused."""
+    cm = env.pack.nodes.comfy_model
+    off = mass_erase(env, "t_off", lora_training="off", relative_lambda=True)
+    folder = os.path.join(env.comfy.output_dir, "loras", "mace_mass", "t_off")
+    assert not os.path.exists(folder)
+    assert "LoRA stage off" in off.result[1]
+    cfr = env.pack.nodes.cfr_node.MaceRefineCrossAttention
+    with torch.inference_mode():   # Mass Erase's CFR: prior 1 (its default), concept tokens on, no builtin set
+        alone = cfr.execute(env.model, env.clip, CONCEPTS, "object", "", "", 1.0, 1.0, False, True,
+                            prior_weight=1.0, relative_lambda=True).result[0]
+    got, want = cm.get_record(off.result[0]), cm.get_record(alone)
+    assert got.stages[-1]["lora_stage"] == "off"
+    for k in want.deltas:
+        assert torch.allclose(got.deltas[k], want.deltas[k], atol=1e-6), k
+    with pytest.raises(ValueError, match="shard: .* lora_training 'off'"):
+        mass_erase(env, "t_off", lora_training="off", shard="1/2")

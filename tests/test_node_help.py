@@ -47,7 +47,7 @@ def _load_presets(monkeypatch):
                             rank=8, quantile=0.999, margin=0.0, temperature=0.005, open_rate=0.05, gate="ramp")},
                         f"{pkg}.mace_ops.lora_train": {"DEFAULT_LORA_PRESERVE": 0.0, "DEFAULT_NULL_SPACE": 0.99,
                                                        "DEFAULT_QUERY_SAMPLES": 8},
-                        f"{pkg}.mace_ops.cfr": {"PACK_LAMBDA": 1.0, "PACK_RELATIVE_LAMBDA": True},
+                        f"{pkg}.mace_ops.cfr": {"PACK_LAMBDA": 0.1, "PACK_RELATIVE_LAMBDA": True},
                         f"{pkg}.nodes": {}, f"{pkg}.nodes.prior_input": {"DEFAULT_PRIOR_WEIGHT": 1.0},
                         f"{pkg}.nodes.comfy_compat": {"io": types.SimpleNamespace()}}.items():
         mod = types.ModuleType(name)
@@ -78,13 +78,13 @@ def test_resolve_runs_the_preset_and_names_what_it_overrode(monkeypatch):
     node = "MaceRefineCrossAttention"
     widgets = {**p.PRESETS[node][p.RECOMMENDED], "lambda_": 5.0}
     rec = p.resolve(node, "recommended", widgets)
-    assert rec["lambda_"] == 1.0 and rec.ignored == {"lambda_": 5.0}
+    assert rec["lambda_"] == 0.1 and rec.ignored == {"lambda_": 5.0}
     custom = p.resolve(node, "custom", widgets)
     assert custom["lambda_"] == 5.0 and custom.ignored == {}
     paper = p.resolve(node, "paper", widgets)
     assert paper["erase_concept_tokens"] is False and set(paper.ignored) == {"lambda_", "erase_concept_tokens"}
     text = p.settings_text(rec, {"concept_type": "style", "erase_from": ""})
-    assert text.startswith("settings: preset=recommended; lambda=1, relative_lambda=True, preserve_scale=1,")
+    assert text.startswith("settings: preset=recommended; lambda=0.1, relative_lambda=True, preserve_scale=1,")
     assert "concept_type='style'" in text and "erase_from=''" in text
     assert "ignored under preset 'recommended' (choose preset 'custom' to apply): lambda=5" in text
     with pytest.raises(ValueError, match="preset: unknown 'fast'"):
