@@ -46,7 +46,8 @@ _ROWS: dict[str, dict[str, dict]] = {
                       "images_per_concept": 8, "sampling_steps": 20, "fusion_lambda": 1e-3,
                       "objective": "attention", "lora_preserve": DEFAULT_LORA_PRESERVE,
                       "erase_concept_tokens": True, "prior_weight": DEFAULT_PRIOR_WEIGHT,
-                      "lora_training": "auto", "query_samples": DEFAULT_QUERY_SAMPLES,
+                      # the LoRA stage off: it bought nothing in toy world v2 and cost H in v3 (decisions.md)
+                      "lora_training": "off", "query_samples": DEFAULT_QUERY_SAMPLES,
                       "fusion_preserve_to": "auto", "lora_null_space": DEFAULT_NULL_SPACE},
         # the paper's pipeline: CFR leaves the concept tokens to the LoRAs, LoRAs by full backprop with
         # no preservation term or null space, fusion keeps the preserve set at the original weights
@@ -72,7 +73,8 @@ NOTES = {  # one line per preset for the preset input's tooltip and the help pag
     ("MaceRefineCrossAttention", RECOMMENDED): "the pack's measured defaults (CFR alone)",
     ("MaceRefineCrossAttention", "paper"): "MACE's stage 1 as in the paper (concept tokens left to the LoRA "
                                           "stage; use before MACE Train Concept LoRA)",
-    ("MaceMassErase", RECOMMENDED): "the pack's measured defaults (null-space LoRAs, fusion at the current weights)",
+    ("MaceMassErase", RECOMMENDED): "the pack's measured defaults: the LoRA stage off (CFR + caption prior only, "
+                                    "seconds, no images), because it bought no quality in either toy world",
     ("MaceMassErase", "paper"): "the paper's pipeline (full-backprop LoRAs, no LoRA preservation, fusion at the "
                                "original weights)",
     ("MaceGatedErasure", RECOMMENDED): "the measured defaults (ramp gate; seconds, no images)",

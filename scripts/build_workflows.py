@@ -177,7 +177,7 @@ WORKFLOWS = {
         "mass": ("MaceMassErase",
                  ["tom cruise\ntaylor swift\nbarack obama\nemma watson\nbrad pitt\noprah winfrey\nlionel messi\nlady gaga\nelon musk\nscarlett johansson", "", "person", "a person",
                   "keanu reeves\nnatalie portman\nmorgan freeman", True, "celebrities_10", 0.1, 1.0, 0, 0.0, 8, 512,
-                  20, 2024, "fixed", 0.001, "", "attention", 0.0, True, 1.0, "auto", 8, "", "auto", 0.99,
+                  20, 2024, "fixed", 0.001, "", "attention", 0.0, True, 1.0, "off", 8, "", "auto", 0.99,
                   "recommended", True],
                  {"model": ("ckpt", "MODEL"), "clip": ("ckpt", "CLIP"), "vae": ("ckpt", "VAE")}, (380, 0)),
         "summary": ("PreviewAny", [], {"source": ("mass", "summary")}, (820, -260)),
