@@ -95,24 +95,25 @@ EDITED_ENCODERS = {"te_edit": text_encoder_edited, "gate_compiled": gate_compile
 
 
 def build(world, method: str, task: erase.Task, rounds: int, defence: robust.SoftPromptConfig,
-          ace: ACEConfig = ACEConfig(), lamb: float = erase.DEFAULT_LAMBDA) -> robust.Edit:
+          ace: ACEConfig = ACEConfig(), lamb: float = erase.DEFAULT_LAMBDA, relative: bool = False) -> robust.Edit:
     """The edit of ``method`` for ``task`` on ``world``; ``lamb``: the CFR ridge of the methods with a
-    CFR stage (``CFR_STAGE``)."""
+    CFR stage (``CFR_STAGE``), in mean token energies when ``relative``."""
+    ridge = {"lamb": lamb, "relative_lambda": relative}
     if method == "none" or method in EDITED_ENCODERS:     # the edit lives in the world
         return robust.Edit()
     if method == "cfr_prior":
-        return robust.Edit(erase.cfr_erase(world, task, lamb=lamb, prior_weight=1.0).weights)
+        return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0, **ridge).weights)
     if method == "uce":
-        return robust.Edit(erase.uce_erase(world, task, lamb=lamb).weights)
+        return robust.Edit(erase.uce_erase(world, task, **ridge).weights)
     if method == "full":
-        return robust.Edit(erase.mace_erase(world, task, lamb=lamb, **erase.mace_setting("recommended")).fused)
+        return robust.Edit(erase.mace_erase(world, task, **ridge, **erase.mace_setting("recommended")).fused)
     if method in ("ace", "ace_adv", "ace_adv_both"):
         fit = lambda found: robust.Edit(None, erase.ace_erase(world, task, config=ace, adversarial=found))  # noqa: E731
     elif method == "cfr_prior_adv":
         def fit(found):
             embs = [v for vs in found.values() for v in vs]
             extra = embedding_pairs(world.text_encoder, embs, task.templates, task.anchor) if embs else None
-            return robust.Edit(erase.cfr_erase(world, task, lamb=lamb, prior_weight=1.0, extra_pairs=extra).weights)
+            return robust.Edit(erase.cfr_erase(world, task, prior_weight=1.0, extra_pairs=extra, **ridge).weights)
     else:
         raise ValueError(f"method: unknown {method!r}")
     if not method.endswith(("_adv", "_adv_both")):
@@ -239,6 +240,8 @@ def main(argv=None) -> None:
                     help="the ACE methods' gate temperature")
     ap.add_argument("--cfr-lambda", type=float, default=erase.DEFAULT_LAMBDA,
                     help="the CFR ridge (raw units) of every method with a CFR stage: " + ", ".join(CFR_STAGE))
+    ap.add_argument("--relative-lambda", action="store_true",
+                    help="count --cfr-lambda in mean token energies (mace_ops.cfr.CFRConfig.relative_lambda)")
     ap.add_argument("--surrogate-temperature", type=float, default=0.02,
                     help="a ramp gate is also attacked through the smooth centred gate at this temperature "
                     "(scored on the real one; each attack counts the better of the two); 0 = off")
@@ -265,7 +268,8 @@ def main(argv=None) -> None:
         for method in args.methods:
             t0 = time.perf_counter()
             w = EDITED_ENCODERS[method](world, task) if method in EDITED_ENCODERS else world   # where the edit lives
-            edit = build(w, method, task, args.rounds, defence_cfg, ace_cfg, lamb=args.cfr_lambda)
+            edit = build(w, method, task, args.rounds, defence_cfg, ace_cfg, lamb=args.cfr_lambda,
+                         relative=args.relative_lambda)
             seconds = time.perf_counter() - t0
             base_ret = None if w is world else ev.mass_metrics(   # retained set as the original draws it
                 world, kind, task.erase, retained, n_erased=args.n_clean, n_retained=args.n_clean)[1]
@@ -273,7 +277,8 @@ def main(argv=None) -> None:
                                        context_transform=edit.context_transform, base_retained=base_ret,
                                        n_erased=args.n_clean, n_retained=args.n_clean)
             base = {"method": method, "world": args.world, "kind": kind, "concepts": count,
-                    "cfr_lambda": args.cfr_lambda if method in CFR_STAGE else None, "H": round(clean.H, 4),
+                    "cfr_lambda": args.cfr_lambda if method in CFR_STAGE else None,
+                    "cfr_lambda_relative": args.relative_lambda and method in CFR_STAGE, "H": round(clean.H, 4),
                     "se_H": clean.row()["se_H"], "acc_e": round(clean.acc_e, 4),
                     "acc_g": round(clean.acc_g, 4), "acc_s": round(clean.acc_s, 4), "se_e": round(clean.se_e, 4),
                     "se_g": round(clean.se_g, 4), "se_s": round(clean.se_s, 4), "n_clean": clean.n_e,
