@@ -163,9 +163,9 @@ def save_plot(path: str, summary: list[dict]) -> None:
             for s in summary:
                 if s["world"] == world and s["kind"] == kind and s["method"] != "none":
                     bar = max(s["H_split_sd"] or 0.0, s["se_H_mean"] or 0.0)
-                    label = s["method"] if len(lambdas) < 2 or s["cfr_lambda"] is None else \
-                        f"{s['method']} λ={s['cfr_lambda']}"
-                    series.setdefault(label, []).append((s["concepts"], s["H_mean"], bar))
+                    name = s["method"] if len(lambdas) < 2 or s["cfr_lambda"] is None else \
+                        f"{s['method']} (ridge {s['cfr_lambda'].replace('/token', ' rel')})"
+                    series.setdefault(name, []).append((s["concepts"], s["H_mean"], bar))
             if series:
                 panels.append({"title": f"toy world {world}: H vs {label} (mean over splits; bar: max(split SD, SE))",
                                "x_label": f"number of {label}", "y_label": "H (higher is better)", "series": series})
