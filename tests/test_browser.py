@@ -182,7 +182,7 @@ def expected_labels(comfy, node_type: str) -> list[str]:
     schema = comfy.nodes.NODE_CLASS_MAPPINGS[node_type].GET_SCHEMA()
     out = []
     for inp in schema.inputs:
-        if inp.get_io_type() in ("MODEL", "CLIP", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING"):
+        if inp.get_io_type() in ("MODEL", "CLIP", "CLIP_VISION", "VAE", "IMAGE", "MASK", "LATENT", "CONDITIONING"):
             continue
         out.append(labels.get(node_type, {}).get("inputs", {}).get(inp.id, {}).get("name", inp.id))
     return out
